@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Build all Go binaries into $CACHE_DIR/bin-<pins>/ from the Go module proxy.
+# Usage: build-go.sh   (env from ./cluster: CACHE_DIR, pins from versions.env)
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=../versions.env
+. "$HERE/versions.env"
+CACHE_DIR=${CRUCIBLE_CLUSTER_CACHE:-/var/cache/crucible-cluster}
+export PATH=/usr/local/go/bin:$PATH
+export GOMODCACHE=$CACHE_DIR/gomodcache GOCACHE=$CACHE_DIR/gocache
+export GOFLAGS=-mod=mod CGO_ENABLED=0 GOTOOLCHAIN=local
+export GOMAXPROCS=${GOMAXPROCS:-$(nproc)}
+BIN=$CACHE_DIR/bin/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION-kr-$KUBE_ROUTER_VERSION
+LDFLAGS="-s -w"
+mkdir -p "$BIN" "$CACHE_DIR/src"
+
+log() { echo "[build-go $(date +%T)] $*" >&2; }
+
+need=0
+for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl helm kube-router; do
+  [ -x "$BIN/$b" ] || need=1
+done
+if [ $need = 0 ]; then echo "$BIN"; exit 0; fi
+
+# --- wrapper module for k8s.io/kubernetes (+ etcd server, helm) -------------
+W=$CACHE_DIR/src/k8s-wrapper-$K8S_VERSION
+mkdir -p "$W"
+cd "$W"
+minor=${K8S_VERSION#v1.}   # e.g. 34.4
+staging_ver=v0.$minor
+if [ ! -f go.mod ] || ! grep -q "k8s.io/kubernetes $K8S_VERSION" go.mod || ! grep -q "helm.sh/helm/v3 $HELM_VERSION" go.mod; then
+  log "generating wrapper go.mod for k8s.io/kubernetes@$K8S_VERSION"
+  rm -f go.mod go.sum
+  modfile=$(cd /tmp && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)",*/\1/p')
+  [ -f "$modfile" ] || { log "cannot download k8s.io/kubernetes@$K8S_VERSION"; exit 1; }
+  # Staging modules: every "k8s.io/X v0.0.0" requirement of the tag's go.mod.
+  staging=$(awk '$1 ~ /^k8s\.io\// && $2 == "v0.0.0" {print $1}' "$modfile" | sort -u)
+  [ -n "$staging" ] || { log "no staging modules found in $modfile"; exit 1; }
+  {
+    echo "module crucible.local/k8s-wrapper"
+    echo
+    echo "go $(awk '$1=="go"{print $2; exit}' "$modfile")"
+    echo
+    echo "require ("
+    echo "	k8s.io/kubernetes $K8S_VERSION"
+    echo "	go.etcd.io/etcd/server/v3 $ETCD_VERSION"
+    echo "	helm.sh/helm/v3 $HELM_VERSION"
+    echo ")"
+    echo
+    echo "replace ("
+    for m in $staging; do echo "	$m => $m $staging_ver"; done
+    echo ")"
+  } > go.mod
+  echo "package wrapper" > wrapper.go
+  log "$(echo "$staging" | wc -l) staging modules pinned to $staging_ver"
+fi
+
+build() { # build <out> <pkg>
+  local out=$1 pkg=$2
+  [ -x "$BIN/$out" ] && return 0
+  log "go build $pkg"
+  go build -trimpath -ldflags="$LDFLAGS" -o "$BIN/$out.tmp" "$pkg"
+  mv "$BIN/$out.tmp" "$BIN/$out"
+}
+for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
+  build "$c" "k8s.io/kubernetes/cmd/$c"
+done
+build etcd go.etcd.io/etcd/server/v3
+build helm helm.sh/helm/v3/cmd/helm
+
+# --- kube-router (own module, own dependency versions) ----------------------
+KR=$CACHE_DIR/src/kube-router-$KUBE_ROUTER_VERSION
+if [ ! -x "$BIN/kube-router" ]; then
+  mkdir -p "$KR"; cd "$KR"
+  if [ ! -f go.mod ]; then
+    printf 'module crucible.local/kube-router-wrapper\n\ngo 1.22\n\nrequire github.com/cloudnativelabs/kube-router/v2 %s\n' "$KUBE_ROUTER_VERSION" > go.mod
+    echo "package wrapper" > wrapper.go
+  fi
+  build kube-router github.com/cloudnativelabs/kube-router/v2/cmd/kube-router
+fi
+echo "$BIN"
