@@ -1,0 +1,36 @@
+"""crucible_jupyter: run notebook cells as isolated, recorded, live-streaming executions.
+
+Extension points:
+
+- Jupyter server extension ``crucible`` (:class:`crucible_jupyter.server.CrucibleApp`),
+  enabled on install through ``jupyter_server_config.d``.
+- IPython extension: ``%load_ext crucible_jupyter`` registers the ``%%crucible`` cell magic
+  and the ``%crucible`` line magic (:mod:`crucible_jupyter.magic`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def _jupyter_server_extension_points() -> list[dict[str, Any]]:
+    """The server extension this package provides (read by jupyter_server)."""
+    from .server import CrucibleApp
+
+    return [{"module": "crucible_jupyter.server", "app": CrucibleApp}]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register the ``%%crucible`` / ``%crucible`` magics in ``ipython``."""
+    from .magic import load_ipython_extension as _load
+
+    _load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """Stop the embedded dispatcher (if one was started) when the extension is unloaded."""
+    from .magic import unload_ipython_extension as _unload
+
+    _unload(ipython)
