@@ -10,14 +10,14 @@ export PATH=/usr/local/go/bin:$PATH
 export GOMODCACHE=$CACHE_DIR/gomodcache GOCACHE=$CACHE_DIR/gocache
 export GOFLAGS=-mod=mod CGO_ENABLED=0 GOTOOLCHAIN=local
 export GOMAXPROCS=${GOMAXPROCS:-$(nproc)}
-BIN=$CACHE_DIR/bin/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION-kr-$KUBE_ROUTER_VERSION
+BIN=$CACHE_DIR/bin/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION-kr-$KUBE_ROUTER_VERSION-crictl-$CRICTL_VERSION
 LDFLAGS="-s -w"
 mkdir -p "$BIN" "$CACHE_DIR/src"
 
 log() { echo "[build-go $(date +%T)] $*" >&2; }
 
 need=0
-for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl helm kube-router; do
+for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl helm kube-router crictl; do
   [ -x "$BIN/$b" ] || need=1
 done
 if [ $need = 0 ]; then echo "$BIN"; exit 0; fi
@@ -77,5 +77,16 @@ if [ ! -x "$BIN/kube-router" ]; then
     echo "package wrapper" > wrapper.go
   fi
   build kube-router github.com/cloudnativelabs/kube-router/v2/cmd/kube-router
+fi
+
+# --- crictl (own module: keeps the wrapper's dependency graph unchanged) -----
+CR=$CACHE_DIR/src/cri-tools-$CRICTL_VERSION
+if [ ! -x "$BIN/crictl" ]; then
+  mkdir -p "$CR"; cd "$CR"
+  if [ ! -f go.mod ]; then
+    printf 'module crucible.local/cri-tools-wrapper\n\ngo 1.24\n\nrequire sigs.k8s.io/cri-tools %s\n' "$CRICTL_VERSION" > go.mod
+    echo "package wrapper" > wrapper.go
+  fi
+  build crictl sigs.k8s.io/cri-tools/cmd/crictl
 fi
 echo "$BIN"
