@@ -92,13 +92,22 @@ def clean_text(value: str) -> str:
     return value
 
 
-def _clean_json(value: Any) -> Any:
+def _clean_json(value: Any, clean: Any = clean_text) -> Any:
     if isinstance(value, str):
-        return clean_text(value)
+        return clean(value)
     if isinstance(value, dict):
-        return {clean_text(str(k)): _clean_json(v) for k, v in value.items()}
+        return {clean(str(k)): _clean_json(v, clean) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean_json(v) for v in value]
+        return [_clean_json(v, clean) for v in value]
+    return value
+
+
+def _fix_surrogates(value: str) -> str:
+    # JSON escapes NUL itself (\u0000); only lone surrogates need rewriting.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
     return value
 
 
@@ -108,7 +117,12 @@ def _dump_payload(data: dict[str, Any]) -> str:
     try:
         out.encode("utf-8")
     except UnicodeEncodeError:
-        out = json.dumps(_clean_json(data), ensure_ascii=False, separators=(",", ":"), default=str)
+        out = json.dumps(
+            _clean_json(data, _fix_surrogates),
+            ensure_ascii=False,
+            separators=(",", ":"),
+            default=str,
+        )
     return out
 
 
@@ -379,7 +393,8 @@ class Storage:
         unknown = sorted(set(fields) - UPDATABLE_FIELDS)
         if unknown:
             raise TypeError(
-                f"cannot update {', '.join(unknown)}; updatable: {', '.join(sorted(UPDATABLE_FIELDS))}"
+                f"cannot update {', '.join(unknown)};"
+                f" updatable: {', '.join(sorted(UPDATABLE_FIELDS))}"
             )
         if not _valid_id(execution_id):
             raise _not_found(execution_id)

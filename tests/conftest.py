@@ -1,0 +1,136 @@
+"""Shared database fixtures: a throwaway real PostgreSQL, and ``storage`` on both databases.
+
+``postgres_url`` (session) uses ``CRUCIBLE_TEST_POSTGRES_URL`` when set (its role must be
+allowed to CREATE DATABASE); otherwise it starts a private PostgreSQL server from
+``/usr/lib/postgresql/*/bin`` in a temporary directory, listening on 127.0.0.1 only, and
+removes it at the end. Missing server binaries are a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from crucible_jupyter.storage import Storage
+
+
+def _pg_bindir() -> Path | None:
+    """The newest ``/usr/lib/postgresql/<version>/bin`` that holds a server, if any."""
+    found = [Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin") if Path(p, "pg_ctl").exists()]
+    found.sort(key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    return found[-1] if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _admin(url: str, *statements: str) -> None:
+    """Run SQL statements outside a transaction (CREATE/DROP DATABASE) against ``url``."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        for sql in statements:
+            conn.execute(sql)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """URL (``postgresql+psycopg://``) of the ``crucible_test`` database on a throwaway server."""
+    given = os.environ.get("CRUCIBLE_TEST_POSTGRES_URL")
+    if given:
+        yield given
+        return
+    bindir = _pg_bindir()
+    if bindir is None:
+        pytest.fail(
+            "PostgreSQL server binaries not found in /usr/lib/postgresql/*/bin: install them"
+            " with `apt-get install postgresql` (or set CRUCIBLE_TEST_POSTGRES_URL)",
+            pytrace=False,
+        )
+    base = Path(tempfile.mkdtemp(prefix="crucible-pg-"))
+    data, sock, log = base / "data", base / "sock", base / "postgres.log"
+    sock.mkdir()
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(base, "postgres", "postgres")
+        shutil.chown(sock, "postgres", "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+
+    def run(*cmd: str) -> None:
+        proc = subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=120)
+        if proc.returncode:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            pytest.fail(
+                f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}{tail}",
+                pytrace=False,
+            )
+
+    started = False
+    try:
+        run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+            "-E", "UTF8", "--no-locale", "--no-sync")  # fmt: skip
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {port} -k {sock}"
+            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w",
+            "-t", "60", "start")  # fmt: skip
+        started = True
+        server = f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+        _admin(f"{server}/postgres", "CREATE DATABASE crucible_test")
+        yield f"{server}/crucible_test"
+    finally:
+        if started:
+            subprocess.run(
+                [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                capture_output=True,
+                timeout=120,
+            )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_db(postgres_url: str) -> Iterator[str]:
+    """URL of a new, empty PostgreSQL database for one test (dropped afterwards)."""
+    from sqlalchemy.engine import make_url
+
+    name = f"crucible_t_{uuid.uuid4().hex[:16]}"
+    _admin(postgres_url, f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        _admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """URL of an empty database, once per backend: a SQLite file, then PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'crucible.db'}"
+    return request.getfixturevalue("postgres_db")
+
+
+@pytest.fixture
+def storage(db_url: str) -> Iterator[Storage]:
+    """A migrated :class:`Storage` on a fresh database (closed after the test)."""
+    s = Storage(db_url)
+    s.migrate()
+    try:
+        yield s
+    finally:
+        s.close()
