@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# CI entry point: bring the dev cluster up (reusing the build cache when
+# present), run the cluster tests (pytest marker `cluster`), bring it down.
+#   CRUCIBLE_CLUSTER_KEEP=1  leave the cluster running afterwards
+#   extra arguments are passed to pytest
+set -uo pipefail
+HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+cd "$REPO"
+t0=$(date +%s%3N)
+if ! "$HERE/cluster" up; then
+  echo "cluster up failed; logs:" >&2
+  for f in "${CRUCIBLE_CLUSTER_STATE:-/var/lib/crucible-cluster}"/logs/*.log; do
+    echo "===== $f" >&2; tail -40 "$f" >&2
+  done
+  "$HERE/cluster" down || true
+  exit 1
+fi
+echo "cluster up after $(( ($(date +%s%3N) - t0) / 1000 ))s" >&2
+export CRUCIBLE_CLUSTER_REQUIRED=1
+python3 -m pytest -m cluster -v -p no:cacheprovider "$REPO/tests/cluster" "$@"
+rc=$?
+if [ "${CRUCIBLE_CLUSTER_KEEP:-0}" != 1 ]; then
+  "$HERE/cluster" down || rc=1
+fi
+exit $rc

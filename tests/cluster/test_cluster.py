@@ -1,0 +1,175 @@
+"""Behaviour of the dev/CI cluster that the executor backend relies on."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+
+def _pod(name, image, command, labels=None, **spec):
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "automountServiceAccountToken": False,
+            "containers": [{
+                "name": "main", "image": image, "imagePullPolicy": "Never",
+                "command": command,
+            }],
+            **spec,
+        },
+    }
+
+
+def _phase(kube, ns, name):
+    return kube.get_json("pod", name, "-n", ns).get("status", {}).get("phase")
+
+
+def _wait_running(kube, ns, *names, timeout=120):
+    for n in names:
+        kube.wait_for(lambda n=n: _phase(kube, ns, n) == "Running", timeout, what=f"pod {n} Running")
+
+
+def _pod_ip(kube, ns, name):
+    return kube.get_json("pod", name, "-n", ns)["status"]["podIP"]
+
+
+def test_node_ready_and_runtimeclass(kube):
+    nodes = kube.get_json("nodes")["items"]
+    assert len(nodes) == 1
+    conds = {c["type"]: c["status"] for c in nodes[0]["status"]["conditions"]}
+    assert conds["Ready"] == "True"
+    rcs = {rc["metadata"]["name"]: rc["handler"] for rc in kube.get_json("runtimeclass")["items"]}
+    assert rcs.get("runc") == "runc"
+
+
+def test_job_prints_completes_and_logs_readable(kube, namespace, images):
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "hello"},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {"spec": {
+                "restartPolicy": "Never",
+                "runtimeClassName": "runc",
+                "automountServiceAccountToken": False,
+                "containers": [{
+                    "name": "main", "image": images["executor"], "imagePullPolicy": "Never",
+                    "command": ["python3", "-c",
+                                "import sys; print('hello from crucible', sys.version_info[:2])"],
+                }],
+            }},
+        },
+    }
+    t0 = time.monotonic()
+    kube.apply(job, namespace)
+    kube.run("wait", "-n", namespace, "--for=condition=complete", "job/hello", "--timeout=120s",
+             timeout=130)
+    elapsed_ms = int((time.monotonic() - t0) * 1000)
+    print(f"job completed in {elapsed_ms} ms")
+    # Logs stay readable after the pod finished.
+    out = kube.run("logs", "-n", namespace, "job/hello").stdout
+    assert "hello from crucible (3, 11)" in out
+    pods = kube.get_json("pods", "-n", namespace, "-l", "job-name=hello")["items"]
+    assert [p["status"]["phase"] for p in pods] == ["Succeeded"]
+
+
+def test_ml_image_has_numpy(kube, namespace, images):
+    kube.apply(_pod("np", images["ml"], ["python3", "-c", "import numpy; print('numpy', numpy.__version__)"]),
+               namespace)
+    kube.wait_for(lambda: _phase(kube, namespace, "np") in ("Succeeded", "Failed"), 120, what="np done")
+    assert _phase(kube, namespace, "np") == "Succeeded"
+    assert "numpy 1." in kube.run("logs", "-n", namespace, "np").stdout
+
+
+PROBE = r"""
+import socket, sys, json
+res = {}
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+        res[target] = True
+    except OSError as e:
+        res[target] = False
+print(json.dumps(res))
+"""
+
+
+def _probe(kube, ns, pod, *targets):
+    p = kube.run("exec", "-n", ns, pod, "--", "python3", "-c", PROBE, *targets, timeout=60)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_networkpolicy_deny_all(kube, namespace, images):
+    img = images["executor"]
+    kube.apply({"apiVersion": "v1", "kind": "List", "items": [
+        _pod("server", img, ["python3", "-m", "http.server", "8080"], {"app": "server"}),
+        _pod("isolated", img, ["sleep", "3600"], {"role": "isolated"}),
+        _pod("free", img, ["sleep", "3600"], {"role": "free"}),
+    ]}, namespace)
+    _wait_running(kube, namespace, "server", "isolated", "free")
+    server = _pod_ip(kube, namespace, "server") + ":8080"
+    node = kube.get_json("nodes")["items"][0]
+    node_ip = next(a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP")
+    host = node_ip + ":6443"  # the API server, listening on the host
+    targets = [server, host]
+
+    # Before any policy both clients reach the server pod and the host.
+    kube.wait_for(lambda: all(_probe(kube, namespace, "isolated", *targets).values()), 60,
+                  what="isolated pod reaches targets before policy")
+    assert all(_probe(kube, namespace, "free", *targets).values())
+
+    kube.apply({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "deny-all"},
+        "spec": {"podSelector": {"matchLabels": {"role": "isolated"}},
+                 "policyTypes": ["Ingress", "Egress"]},
+    }, namespace)
+    t0 = time.monotonic()
+    kube.wait_for(lambda: not any(_probe(kube, namespace, "isolated", *targets).values()), 60,
+                  what="deny-all enforced on isolated pod")
+    print(f"policy enforced within {int((time.monotonic() - t0) * 1000)} ms")
+    # Stays denied, and the unselected pod is unaffected.
+    assert _probe(kube, namespace, "isolated", *targets) == {server: False, host: False}
+    assert _probe(kube, namespace, "free", *targets) == {server: True, host: True}
+
+
+def test_resourcequota_refuses_over_quota_pod(kube, namespace, images):
+    kube.apply({
+        "apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "small"},
+        "spec": {"hard": {"requests.memory": "64Mi", "limits.memory": "64Mi", "pods": "2"}},
+    }, namespace)
+    # Admission only enforces a quota once the controller has computed its status.
+    kube.wait_for(lambda: kube.get_json("resourcequota", "small", "-n", namespace)
+                  .get("status", {}).get("hard"), 60, what="quota status")
+    pod = _pod("big", images["executor"], ["sleep", "10"])
+    pod["spec"]["containers"][0]["resources"] = {
+        "requests": {"memory": "128Mi"}, "limits": {"memory": "128Mi"}}
+    p = kube.run("create", "-n", namespace, "-f", "-", input=json.dumps(pod), check=False)
+    assert p.returncode != 0
+    assert "exceeded quota" in p.stderr, p.stderr
+    # A pod within quota is accepted.
+    pod = _pod("small", images["executor"], ["true"])
+    pod["spec"]["containers"][0]["resources"] = {
+        "requests": {"memory": "32Mi"}, "limits": {"memory": "32Mi"}}
+    kube.run("create", "-n", namespace, "-f", "-", input=json.dumps(pod))
+
+
+def test_active_deadline_ends_sleeping_pod(kube, namespace, images):
+    kube.apply(_pod("sleeper", images["executor"], ["sleep", "600"], activeDeadlineSeconds=5),
+               namespace)
+    t0 = time.monotonic()
+    kube.wait_for(lambda: _phase(kube, namespace, "sleeper") == "Failed", 90,
+                  what="sleeper Failed")
+    status = kube.get_json("pod", "sleeper", "-n", namespace)["status"]
+    assert status.get("reason") == "DeadlineExceeded", status
+    print(f"deadline pod failed after {int((time.monotonic() - t0) * 1000)} ms")
