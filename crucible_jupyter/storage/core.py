@@ -38,6 +38,9 @@ _EX = ExecutionRow.__table__
 _TAGS = ExecutionTagRow.__table__
 _EVENTS = EventRow.__table__
 _EX_COLUMNS = tuple(_EX.c)
+_EX_NAMES = tuple(c.name for c in _EX_COLUMNS)
+assert _EX_NAMES[0] == "id"  # rows are read positionally: r[0] is the id
+_SELECT_EX = select(*_EX_COLUMNS)  # built once; .where() etc. copy it
 
 #: Fields :meth:`Storage.update` accepts.
 UPDATABLE_FIELDS = frozenset(
@@ -475,7 +478,7 @@ class Storage:
         if not _valid_id(execution_id):
             raise _not_found(execution_id)
         with self._session(f"reading execution {execution_id}") as s:
-            row = s.execute(select(*_EX_COLUMNS).where(_EX.c.id == execution_id)).first()
+            row = s.execute(_SELECT_EX.where(_EX.c.id == execution_id)).first()
             if row is None:
                 raise _not_found(execution_id)
             return self._build(s, [row])[0]
@@ -524,7 +527,7 @@ class Storage:
         """
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= _MAX_PAGE:
             raise InvalidRequest(f"limit must be between 1 and {_MAX_PAGE}", field="limit")
-        q = select(*_EX_COLUMNS)
+        q = _SELECT_EX
         if user is not None:
             q = q.where(_EX.c.user == user)
         if status is not None:
@@ -597,11 +600,7 @@ class Storage:
 
         After a crash the dispatcher reconciles these with what the backend reports.
         """
-        q = (
-            select(*_EX_COLUMNS)
-            .where(_EX.c.status.in_(_UNFINISHED))
-            .order_by(_EX.c.created_at, _EX.c.id)
-        )
+        q = _SELECT_EX.where(_EX.c.status.in_(_UNFINISHED)).order_by(_EX.c.created_at, _EX.c.id)
         with self._session("listing unfinished executions") as s:
             return self._build(s, s.execute(q).all())
 
@@ -633,7 +632,7 @@ class Storage:
         if not rows:
             return []
         tags: dict[str, list[str]] = {}
-        ids = [r.id for r in rows]
+        ids = [r[0] for r in rows]
         for start in range(0, len(ids), _CHUNK):
             for eid, tag in session.execute(
                 select(_TAGS.c.execution_id, _TAGS.c.tag)
@@ -641,41 +640,44 @@ class Storage:
                 .order_by(_TAGS.c.execution_id, _TAGS.c.position)
             ):
                 tags.setdefault(eid, []).append(tag)
-        return [_execution(r, tuple(tags.get(r.id, ()))) for r in rows]
+        return [_execution(r, tuple(tags.get(r[0], ()))) for r in rows]
 
 
 def _opt_text(value: str | None) -> str | None:
     return None if value is None else clean_text(value)
 
 
-def _execution(r: Any, tags: tuple[str, ...]) -> Execution:
+def _execution(row: Any, tags: tuple[str, ...]) -> Execution:
+    r = dict(zip(_EX_NAMES, row, strict=True))  # dict access: much cheaper than Row attributes
     request = ExecutionRequest(
-        code=r.code,
-        language=r.language,
-        timeout=r.timeout,
-        priority=Priority(r.priority),
-        resources=Resources(cpu=r.cpu, memory=r.memory),
+        code=r["code"],
+        language=r["language"],
+        timeout=r["timeout"],
+        priority=Priority(r["priority"]),
+        resources=Resources(cpu=r["cpu"], memory=r["memory"]),
         tags=tags,
-        env=dict(r.env or {}),
-        notebook=NotebookRef(path=r.notebook_path, cell_id=r.cell_id, kernel_id=r.kernel_id),
-        name=r.name,
-        backend=r.requested_backend,
-        image=r.image,
+        env=dict(r["env"] or {}),
+        notebook=NotebookRef(
+            path=r["notebook_path"], cell_id=r["cell_id"], kernel_id=r["kernel_id"]
+        ),
+        name=r["name"],
+        backend=r["requested_backend"],
+        image=r["image"],
     )
     return Execution(
-        id=r.id,
+        id=r["id"],
         request=request,
-        user=r.user,
-        status=Status(r.status),
-        created_at=r.created_at,
-        started_at=r.started_at,
-        finished_at=r.finished_at,
-        exit_code=r.exit_code,
-        reason=r.reason,
-        backend=r.backend,
-        isolation=r.isolation,
-        output_bytes=r.output_bytes,
-        truncated=bool(r.truncated),
-        dropped_bytes=r.dropped_bytes,
-        dispatcher_id=r.dispatcher_id,
+        user=r["user"],
+        status=Status(r["status"]),
+        created_at=r["created_at"],
+        started_at=r["started_at"],
+        finished_at=r["finished_at"],
+        exit_code=r["exit_code"],
+        reason=r["reason"],
+        backend=r["backend"],
+        isolation=r["isolation"],
+        output_bytes=r["output_bytes"],
+        truncated=bool(r["truncated"]),
+        dropped_bytes=r["dropped_bytes"],
+        dispatcher_id=r["dispatcher_id"],
     )
