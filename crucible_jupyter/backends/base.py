@@ -1,0 +1,163 @@
+"""The contract every execution backend fulfils.
+
+A backend turns one :class:`~crucible_jupyter.models.Execution` into something running
+somewhere (a bubblewrap sandbox, a Kubernetes Job) and hands back a :class:`Sandbox`: the
+runner's output as raw lines, and an :class:`Outcome` decided by the orchestrator (exit
+code, OOM kill, limits), never by what user code printed.
+
+Backends are chosen by short name through the ``crucible_jupyter.backends`` entry point
+group, so a third party can add one without forking.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+
+from traitlets.config import LoggingConfigurable
+
+from ..errors import InvalidRequest
+from ..models import Execution
+
+#: Where a raw line came from: the runner's frame channel, or raw stderr of the sandbox.
+FRAMES = "frames"
+STDERR = "stderr"
+
+
+@dataclass
+class Outcome:
+    """How an execution ended, as the orchestrator saw it.
+
+    ``exit_code`` is the process's exit status (128+N for a signal N). ``reason`` is a
+    human-readable cause when the orchestrator knows one ("memory limit exceeded").
+    """
+
+    exit_code: int | None
+    reason: str | None = None
+
+
+@dataclass
+class Check:
+    """One line of a health report: what was checked, whether it is fine, how to fix it."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+    severity: str = "error"  # "error" or "warning" when not ok
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {
+            "name": self.name,
+            "ok": self.ok,
+            "detail": self.detail,
+            "fix": self.fix,
+            "severity": self.severity,
+        }
+
+
+@dataclass
+class Sandbox(abc.ABC):
+    """A running execution. The dispatcher reads :meth:`lines` until they end, then :meth:`wait`."""
+
+    isolation: str
+    notes: list[str] = field(default_factory=list)
+
+    @abc.abstractmethod
+    def lines(self) -> AsyncIterator[tuple[str, bytes, int]]:
+        """Yield ``(FRAMES|STDERR, line, dropped)`` in arrival order until the output ends.
+
+        A line longer than the backend's limit is cut and ``dropped`` counts the bytes cut
+        from it (0 for whole lines), so memory stays bounded whatever the code prints.
+        """
+
+    @abc.abstractmethod
+    async def wait(self) -> Outcome:
+        """Wait for the sandbox to end and say how it ended; releases its resources."""
+
+    @abc.abstractmethod
+    async def interrupt(self) -> None:
+        """Ask the user code to stop (KeyboardInterrupt); it may ignore the request."""
+
+    @abc.abstractmethod
+    async def kill(self) -> None:
+        """End everything in the sandbox at once. Safe to call more than once."""
+
+
+class Backend(LoggingConfigurable):
+    """Base class of backends: start an execution, report health, close."""
+
+    #: short name used in configuration, requests and records
+    name = "base"
+
+    @abc.abstractmethod
+    async def start(self, execution: Execution) -> Sandbox:
+        """Start ``execution``; raise a CrucibleError with a clear message if it cannot."""
+
+    def checks(self) -> list[Check]:
+        """What ``crucible doctor`` reports for this backend."""
+        return []
+
+    async def close(self) -> None:
+        """Release what the backend holds (connections, watches)."""
+
+
+def load_backend_class(name: str) -> type[Backend]:
+    """The backend class registered under ``name`` in the ``crucible_jupyter.backends`` group."""
+    found = {ep.name: ep for ep in entry_points(group="crucible_jupyter.backends")}
+    if name == "local" and name not in found:  # running from a source tree without install
+        from .local import CrucibleLocalBackend
+
+        return CrucibleLocalBackend
+    if name not in found:
+        raise InvalidRequest(
+            f"backend {name!r} is not installed; available: {', '.join(sorted(found)) or 'local'}",
+            field="backend",
+        )
+    return found[name].load()
+
+
+async def read_lines(
+    reader: asyncio.StreamReader, max_line: int, chunk: int = 1 << 16
+) -> AsyncIterator[tuple[bytes, int]]:
+    """Yield complete lines (without the newline) from ``reader`` with bounded memory.
+
+    A line longer than ``max_line`` is yielded cut to ``max_line`` bytes, and the number of
+    bytes dropped from it is the second item (0 for whole lines). A last line without a
+    newline is yielded at EOF.
+    """
+    buf = bytearray()
+    dropping = 0  # >0 while skipping the rest of an overlong line
+    while True:
+        data = await reader.read(chunk)
+        if not data:
+            break
+        start = 0
+        while True:
+            nl = data.find(b"\n", start)
+            if nl < 0:
+                piece = data[start:]
+                if dropping:
+                    dropping += len(piece)
+                else:
+                    room = max_line - len(buf)
+                    buf += piece[:room]
+                    if len(piece) > room:
+                        dropping = len(piece) - room
+                break
+            piece = data[start:nl]
+            if dropping:
+                yield bytes(buf), dropping + len(piece)
+            else:
+                room = max_line - len(buf)
+                buf += piece[:room]
+                yield bytes(buf), max(0, len(piece) - room)
+            buf.clear()
+            dropping = 0
+            start = nl + 1
+    if buf or dropping:
+        yield bytes(buf), dropping

@@ -1,0 +1,190 @@
+"""Per-execution control groups: memory, process-count and CPU limits, and what they saw.
+
+Works with cgroup v2 (a unified hierarchy with the controllers delegated to us) and with
+cgroup v1 (one hierarchy per controller). Each execution gets a child group nested under
+the group this process already lives in, so whoever manages this process keeps control.
+When nothing is writable, :func:`probe` says why and the caller falls back to rlimits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where to create groups: ``version`` 1 or 2 and, per controller, the parent folder."""
+
+    version: int
+    parents: dict[str, str]  # controller -> parent directory for our groups
+
+
+def _own_paths() -> dict[str, str]:
+    """Map controller name (or '' for v2) to this process's group path."""
+    out: dict[str, str] = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            for c in ctrls.split(",") if ctrls else [""]:
+                out[c] = path
+    return out
+
+
+def probe(base: str = "crucible") -> tuple[Layout | None, str]:
+    """Find a writable cgroup layout with memory and pids control.
+
+    Returns ``(layout, description)``; layout is None when limits must fall back to
+    rlimits, and the description then says why.
+    """
+    try:
+        own = _own_paths()
+    except OSError as e:
+        return None, f"cannot read /proc/self/cgroup: {e}"
+    # cgroup v2 mounted at the root with memory and pids enabled
+    v2_ctl = os.path.join(CGROUP_ROOT, "cgroup.controllers")
+    if os.path.exists(v2_ctl):
+        with open(v2_ctl) as f:
+            ctrls = set(f.read().split())
+        if {"memory", "pids"} <= ctrls:
+            parent = os.path.join(CGROUP_ROOT, own.get("", "/").lstrip("/"), base)
+            try:
+                os.makedirs(parent, exist_ok=True)
+                wanted = [c for c in ("memory", "pids", "cpu") if c in ctrls]
+                with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
+                    f.write(" ".join("+" + c for c in wanted))
+                return Layout(2, {c: parent for c in wanted}), f"cgroup v2 at {parent}"
+            except OSError as e:
+                return None, f"cgroup v2 found but {parent} is not usable: {e}"
+    parents = {}
+    problems = []
+    for ctrl in ("memory", "pids", "cpu"):
+        mount = os.path.join(CGROUP_ROOT, ctrl)
+        if not os.path.isdir(mount):
+            problems.append(f"no {ctrl} controller mounted at {mount}")
+            continue
+        parent = os.path.join(mount, own.get(ctrl, "/").lstrip("/"), base)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            probe_dir = os.path.join(parent, f"probe-{os.getpid()}")
+            os.makedirs(probe_dir, exist_ok=True)
+            os.rmdir(probe_dir)
+            parents[ctrl] = parent
+        except OSError as e:
+            problems.append(f"{parent} is not writable: {e.strerror}")
+    if "memory" in parents and "pids" in parents:
+        return Layout(1, parents), "cgroup v1 (" + ", ".join(sorted(parents)) + ")"
+    return None, "; ".join(problems) or "no usable cgroup controllers"
+
+
+class Group:
+    """One execution's control group(s). Create with :meth:`create`, always :meth:`remove`."""
+
+    def __init__(self, layout: Layout, name: str) -> None:
+        self.layout = layout
+        self.dirs = {c: os.path.join(p, name) for c, p in layout.parents.items()}
+
+    @classmethod
+    def create(cls, layout: Layout, name: str, *, memory: int, cpu: float, pids: int) -> Group:
+        """Make the group(s) and set memory (bytes, no swap), CPU (cores) and pids limits."""
+        g = cls(layout, name)
+        for d in set(g.dirs.values()):
+            os.makedirs(d, exist_ok=True)
+        if layout.version == 2:
+            d = g.dirs["memory"]
+            g._write(d, "memory.max", str(memory))
+            g._write(d, "memory.swap.max", "0", optional=True)
+            g._write(d, "pids.max", str(pids))
+            if "cpu" in g.dirs:
+                g._write(d, "cpu.max", f"{max(1000, int(cpu * 100_000))} 100000", optional=True)
+        else:
+            g._write(g.dirs["memory"], "memory.limit_in_bytes", str(memory))
+            g._write(g.dirs["memory"], "memory.memsw.limit_in_bytes", str(memory), optional=True)
+            g._write(g.dirs["pids"], "pids.max", str(pids))
+            if "cpu" in g.dirs:
+                g._write(g.dirs["cpu"], "cpu.cfs_period_us", "100000", optional=True)
+                g._write(
+                    g.dirs["cpu"], "cpu.cfs_quota_us", str(max(1000, int(cpu * 100_000))), True
+                )
+        return g
+
+    @staticmethod
+    def _write(d: str, name: str, value: str, optional: bool = False) -> None:
+        try:
+            with open(os.path.join(d, name), "w") as f:
+                f.write(value)
+        except OSError:
+            if not optional:
+                raise
+
+    def procs_files(self) -> list[str]:
+        """The ``cgroup.procs`` files a new process must write its pid into."""
+        return [os.path.join(d, "cgroup.procs") for d in sorted(set(self.dirs.values()))]
+
+    def pids(self) -> list[int]:
+        """Host pids of every process currently in the group."""
+        out: set[int] = set()
+        for f in self.procs_files():
+            with contextlib.suppress(OSError), open(f) as fh:
+                out.update(int(x) for x in fh.read().split())
+        return sorted(out)
+
+    def kill(self) -> None:
+        """SIGKILL every process in the group."""
+        d = self.dirs["memory"]
+        if self.layout.version == 2 and os.path.exists(os.path.join(d, "cgroup.kill")):
+            with contextlib.suppress(OSError):
+                self._write(d, "cgroup.kill", "1")
+                return
+        for _ in range(3):  # a fork racing with the kill may add a process
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def _read_kv(self, ctrl: str, name: str) -> dict[str, int]:
+        try:
+            with open(os.path.join(self.dirs[ctrl], name)) as f:
+                return {
+                    k: int(v) for k, v in (ln.split() for ln in f if len(ln.split()) == 2)
+                }
+        except (OSError, ValueError, KeyError):
+            return {}
+
+    def oom_killed(self) -> bool:
+        """True if the kernel's OOM killer ended a process of this group."""
+        if self.layout.version == 2:
+            return self._read_kv("memory", "memory.events").get("oom_kill", 0) > 0
+        ctl = self._read_kv("memory", "memory.oom_control")
+        if "oom_kill" in ctl:
+            return ctl["oom_kill"] > 0
+        try:  # old kernels: failcnt only says the limit was hit
+            with open(os.path.join(self.dirs["memory"], "memory.failcnt")) as f:
+                return int(f.read()) > 0
+        except (OSError, ValueError):
+            return False
+
+    def pids_exhausted(self) -> int:
+        """How many forks the process limit refused."""
+        return self._read_kv("pids", "pids.events").get("max", 0)
+
+    def remove(self) -> None:
+        """Kill what is left and delete the group(s)."""
+        self.kill()
+        for d in sorted(set(self.dirs.values())):
+            for _ in range(50):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    self.kill()
+                    time.sleep(0.01)

@@ -1,0 +1,403 @@
+"""Run each execution in a local bubblewrap sandbox (the embedded default).
+
+Isolation, when bubblewrap works: every namespace unshared (no network at all, not even
+the host's loopback; own pids, IPC, UTS, user), a read-only minimal root (``/usr`` and the
+Python installation only), a private size-limited ``/tmp``, no host home directories or
+secrets, ``--new-session``, ``--die-with-parent``, all capabilities dropped, no nested user
+namespaces. Memory, process-count and CPU limits come from a per-execution cgroup when the
+machine allows it, from rlimits otherwise; file size and open files from rlimits.
+
+Where bubblewrap is missing or broken, executions run as a plain subprocess with limits,
+a loud warning is logged once, and ``isolation`` is recorded as ``"none"`` on each one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from functools import cached_property
+from pathlib import Path
+
+from traitlets import Bool, Integer, List, Unicode, default
+
+from ..errors import Unavailable
+from ..models import Execution, format_bytes
+from . import cgroups
+from .base import FRAMES, STDERR, Backend, Check, Outcome, Sandbox, read_lines
+
+RUNNER = Path(__file__).resolve().parent.parent / "runner.py"
+SANDBOX_DIR = "/opt/crucible"
+SANDBOX_UID = 65534
+PASSWD = "sandbox:x:65534:65534:crucible sandbox:/tmp:/usr/sbin/nologin\n"
+GROUP = "sandbox:x:65534:\n"
+ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives", "/etc/fonts")
+
+
+class CrucibleLocalBackend(Backend):
+    """Runs executions on this machine, each in its own bubblewrap sandbox."""
+
+    name = "local"
+
+    bwrap = Unicode(
+        help="Path of the bubblewrap executable; empty to look for `bwrap` on PATH.",
+    ).tag(config=True)
+
+    python = Unicode(
+        help="""Python interpreter that runs cells inside the sandbox. Defaults to the
+        interpreter running crucible, so cells see the same installed packages (read-only).""",
+    ).tag(config=True)
+
+    @default("python")
+    def _default_python(self) -> str:
+        return sys.executable
+
+    allow_unisolated = Bool(
+        True,
+        help="""When bubblewrap is unavailable, run cells as plain subprocesses with limits
+        (recorded as isolation "none", with a loud warning). Set False to refuse instead.""",
+    ).tag(config=True)
+
+    tmp_size = Integer(
+        256 << 20, help="Size limit of the private /tmp of each sandbox, in bytes."
+    ).tag(config=True)
+
+    max_processes = Integer(
+        256, help="Most processes and threads one execution may have at once (cgroup pids.max)."
+    ).tag(config=True)
+
+    max_file_size = Integer(
+        256 << 20, help="Largest file one execution may write, in bytes (RLIMIT_FSIZE)."
+    ).tag(config=True)
+
+    max_open_files = Integer(1024, help="Most open files per process (RLIMIT_NOFILE).").tag(
+        config=True
+    )
+
+    max_line_bytes = Integer(
+        16 << 20, help="Longest single frame accepted from the runner; longer ones are cut."
+    ).tag(config=True)
+
+    extra_ro_binds = List(
+        Unicode(),
+        help="Extra host paths to expose read-only inside every sandbox (e.g. a data set).",
+    ).tag(config=True)
+
+    use_cgroups = Bool(
+        True, help="Use per-execution cgroups for memory, pids and CPU when available."
+    ).tag(config=True)
+
+    _warned = False
+
+    # ----- discovery (cached, done once) -------------------------------------------------
+
+    @cached_property
+    def bwrap_path(self) -> str | None:
+        """The bubblewrap executable, or None."""
+        return self.bwrap or shutil.which("bwrap")
+
+    @cached_property
+    def bwrap_problem(self) -> str | None:
+        """None when bubblewrap works here; otherwise what went wrong when trying it."""
+        if not self.bwrap_path:
+            return "bubblewrap (bwrap) is not installed"
+        try:
+            probe = subprocess.run(
+                [self.bwrap_path, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/",
+                 "--cap-drop", "ALL", "true"],
+                capture_output=True, timeout=20, text=True,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"bubblewrap could not start: {e}"
+        if probe.returncode != 0:
+            return f"bubblewrap cannot create namespaces here: {probe.stderr.strip()}"
+        return None
+
+    @cached_property
+    def cgroup_layout(self) -> tuple[cgroups.Layout | None, str]:
+        """The cgroup layout in use (None → rlimits only) and a description of it."""
+        if not self.use_cgroups:
+            return None, "disabled by configuration (CrucibleLocalBackend.use_cgroups)"
+        return cgroups.probe()
+
+    @cached_property
+    def python_paths(self) -> list[str]:
+        """Host folders the sandboxed interpreter needs: its prefixes, read-only."""
+        out = subprocess.run(
+            [self.python, "-I", "-c",
+             "import sys, os; print(os.path.realpath(sys.executable)); print(sys.prefix);"
+             " print(sys.base_prefix); print(sys.exec_prefix)"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout.split("\n")  # fmt: skip
+        paths = {str(Path(out[0]).parent.parent), *out[1:4]}
+        return sorted(p for p in paths if p and not p.startswith("/usr"))
+
+    @cached_property
+    def _state_dir(self) -> str:
+        d = tempfile.mkdtemp(prefix="crucible-local-")
+        Path(d, "passwd").write_text(PASSWD)
+        Path(d, "group").write_text(GROUP)
+        return d
+
+    @property
+    def isolation(self) -> str:
+        """``bubblewrap`` when sandboxes are isolated, else ``none``."""
+        return "none" if self.bwrap_problem else "bubblewrap"
+
+    # ----- starting ----------------------------------------------------------------------
+
+    def _bwrap_argv(self, code_fd: int | None) -> list[str]:
+        argv = [
+            self.bwrap_path or "bwrap",
+            "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--disable-userns", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+            "--hostname", "crucible", "--clearenv",
+            "--ro-bind", "/usr", "/usr",
+        ]  # fmt: skip
+        for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+            if os.path.islink(top):
+                argv += ["--symlink", os.readlink(top), top]
+            elif os.path.isdir(top):
+                argv += ["--ro-bind", top, top]
+        for path in ETC_FILES:
+            argv += ["--ro-bind-try", path, path]
+        argv += [
+            "--ro-bind", f"{self._state_dir}/passwd", "/etc/passwd",
+            "--ro-bind", f"{self._state_dir}/group", "/etc/group",
+        ]  # fmt: skip
+        for path in [*self.python_paths, *self.extra_ro_binds]:
+            argv += ["--ro-bind", path, path]
+        argv += [
+            "--proc", "/proc", "--dev", "/dev",
+            "--size", str(self.tmp_size), "--tmpfs", "/tmp",
+            "--ro-bind", str(RUNNER), f"{SANDBOX_DIR}/runner.py",
+        ]  # fmt: skip
+        if code_fd is not None:
+            argv += ["--ro-bind-data", str(code_fd), f"{SANDBOX_DIR}/cell.py"]
+        argv += ["--chdir", "/tmp"]
+        return argv
+
+    def _env(self, execution: Execution) -> dict[str, str]:
+        return {
+            "HOME": "/tmp",
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "TMPDIR": "/tmp",
+            "MPLBACKEND": "Agg",
+            "MPLCONFIGDIR": "/tmp/.matplotlib",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            **execution.request.env,
+            "CRUCIBLE_EXECUTION_ID": execution.id,
+        }
+
+    def checks(self) -> list[Check]:
+        """Report bubblewrap, cgroups and the interpreter, with how to fix what is missing."""
+        out = []
+        problem = self.bwrap_problem
+        if problem:
+            out.append(Check(
+                "bubblewrap", False, problem + "; cells would run WITHOUT isolation",
+                fix="install it: apt-get install bubblewrap (and allow unprivileged user"
+                " namespaces: sysctl kernel.unprivileged_userns_clone=1)",
+            ))  # fmt: skip
+        else:
+            out.append(Check("bubblewrap", True, f"{self.bwrap_path}: isolation 'bubblewrap'"))
+        layout, detail = self.cgroup_layout
+        out.append(Check(
+            "cgroups", layout is not None, detail if layout else
+            f"{detail}; memory falls back to RLIMIT_AS and process count is not limited",
+            fix=None if layout else "run as root or delegate a cgroup subtree to this user",
+            severity="warning",
+        ))  # fmt: skip
+        try:
+            out.append(Check("python", True, f"{self.python} ({', '.join(self.python_paths)})"))
+        except (OSError, subprocess.SubprocessError) as e:
+            out.append(Check("python", False, f"cannot run {self.python}: {e}",
+                             fix="set c.CrucibleLocalBackend.python to a working interpreter"))  # fmt: skip
+        return out
+
+    async def start(self, execution: Execution) -> Sandbox:
+        """Start the runner for ``execution`` in a fresh sandbox."""
+        isolated = self.bwrap_problem is None
+        if not isolated:
+            if not self.allow_unisolated:
+                raise Unavailable(
+                    f"cannot isolate this cell: {self.bwrap_problem}. Install bubblewrap"
+                    " (apt-get install bubblewrap) or allow unisolated runs with"
+                    " c.CrucibleLocalBackend.allow_unisolated = True"
+                )
+            if not CrucibleLocalBackend._warned:
+                CrucibleLocalBackend._warned = True
+                self.log.warning(
+                    "!!! crucible: %s. Cells run WITHOUT isolation (isolation='none'). "
+                    "Install bubblewrap to isolate them: apt-get install bubblewrap",
+                    self.bwrap_problem,
+                )
+        req = execution.request
+        layout, _ = self.cgroup_layout
+        group = None
+        if layout is not None:
+            try:
+                group = cgroups.Group.create(
+                    layout, execution.id, memory=req.resources.memory,
+                    cpu=req.resources.cpu, pids=self.max_processes,
+                )  # fmt: skip
+            except OSError as e:
+                self.log.warning("crucible: cgroup for %s failed (%s); using rlimits", execution.id, e)
+                group = None
+        runner_args = [
+            "--rlimit-fsize", str(self.max_file_size),
+            "--rlimit-nofile", str(self.max_open_files),
+        ]  # fmt: skip
+        if group is None:
+            runner_args += ["--rlimit-as", str(req.resources.memory)]
+
+        code_fd = os.memfd_create("crucible-cell", 0) if isolated else None
+        workdir = None
+        if isolated:
+            os.write(code_fd, req.code.encode("utf-8"))
+            os.lseek(code_fd, 0, os.SEEK_SET)
+            argv = [*self._bwrap_argv(code_fd), "--", self.python, "-I",
+                    f"{SANDBOX_DIR}/runner.py", "--code-file", f"{SANDBOX_DIR}/cell.py"]  # fmt: skip
+            env = {}
+            pass_fds = (code_fd,)
+        else:
+            workdir = tempfile.mkdtemp(prefix=f"crucible-{execution.id[:8]}-")
+            Path(workdir, "cell.py").write_text(req.code, encoding="utf-8")
+            argv = [self.python, "-I", str(RUNNER), "--code-file", f"{workdir}/cell.py"]
+            env = {**self._env(execution), "HOME": workdir, "TMPDIR": workdir}
+            pass_fds = ()
+        argv += runner_args
+        if isolated:
+            for k, v in self._env(execution).items():
+                argv[1:1] = ["--setenv", k, v]
+        if group is not None:  # join the group before exec'ing anything of the cell
+            env["CRUCIBLE_CGROUP_PROCS"] = " ".join(group.procs_files())
+            argv = ["/bin/sh", "-c",
+                    'for f in $CRUCIBLE_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done;'
+                    ' unset CRUCIBLE_CGROUP_PROCS; exec "$@"', "crucible-sandbox", *argv]  # fmt: skip
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                pass_fds=pass_fds,
+                start_new_session=True,
+                cwd=workdir or "/",
+                limit=1 << 16,
+            )
+        except OSError as e:
+            if group:
+                group.remove()
+            raise Unavailable(f"could not start the sandbox: {e}") from e
+        finally:
+            if code_fd is not None:
+                os.close(code_fd)
+        return LocalSandbox(
+            isolation="bubblewrap" if isolated else "none",
+            proc=proc,
+            group=group,
+            memory=req.resources.memory,
+            max_processes=self.max_processes,
+            max_line=self.max_line_bytes,
+            workdir=workdir,
+        )
+
+    async def close(self) -> None:
+        """Remove the backend's scratch folder."""
+        if "_state_dir" in self.__dict__:
+            shutil.rmtree(self._state_dir, ignore_errors=True)
+            del self.__dict__["_state_dir"]
+
+
+class LocalSandbox(Sandbox):
+    """One running bubblewrap (or plain) process tree."""
+
+    def __init__(
+        self,
+        *,
+        isolation: str,
+        proc: asyncio.subprocess.Process,
+        group: cgroups.Group | None,
+        memory: int,
+        max_processes: int,
+        max_line: int,
+        workdir: str | None,
+    ) -> None:
+        super().__init__(isolation=isolation)
+        self.proc = proc
+        self.group = group
+        self.memory = memory
+        self.max_processes = max_processes
+        self.max_line = max_line
+        self.workdir = workdir
+        self._killed = False
+
+    async def lines(self) -> AsyncIterator[tuple[str, bytes, int]]:
+        """Frames from the runner's stdout and raw text from stderr, as they arrive."""
+        queue: asyncio.Queue = asyncio.Queue(maxsize=64)  # back-pressure on a flood
+
+        async def pump(kind: str, reader: asyncio.StreamReader) -> None:
+            async for line, dropped in read_lines(reader, self.max_line):
+                await queue.put((kind, line, dropped))
+
+        tasks = [
+            asyncio.create_task(pump(FRAMES, self.proc.stdout)),
+            asyncio.create_task(pump(STDERR, self.proc.stderr)),
+        ]
+        done = asyncio.gather(*tasks)
+        try:
+            while not (done.done() and queue.empty()):
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait([getter, done], return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+        finally:
+            for t in tasks:
+                t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await done
+
+    async def wait(self) -> Outcome:
+        """Wait for exit; say whether a limit ended it; remove the cgroup."""
+        rc = await self.proc.wait()
+        code = 128 - rc if rc < 0 else rc
+        reason = None
+        if self.group is not None:
+            if self.group.oom_killed():
+                reason = f"memory limit exceeded ({format_bytes(self.memory)})"
+            elif forks := self.group.pids_exhausted():
+                reason = (f"process limit reached ({self.max_processes} processes;"
+                          f" {forks} forks refused)")  # fmt: skip
+            await asyncio.to_thread(self.group.remove)
+        if code == 125 and self.group is not None and reason is None:
+            reason = "could not place the sandbox in its cgroup"
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return Outcome(exit_code=code, reason=reason)
+
+    async def interrupt(self) -> None:
+        """Send ``interrupt`` to the runner, which raises KeyboardInterrupt in the cell."""
+        if self.proc.stdin and not self.proc.stdin.is_closing():
+            with contextlib.suppress(OSError, RuntimeError):
+                self.proc.stdin.write(b"interrupt\n")
+                await self.proc.stdin.drain()
+
+    async def kill(self) -> None:
+        """SIGKILL the whole tree: the cgroup if any, and the sandbox's process group."""
+        self._killed = True
+        if self.group is not None:
+            self.group.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)

@@ -1,0 +1,323 @@
+"""The ``crucible`` command: run a cell, look at history, cancel, check the machine.
+
+Every subcommand uses an embedded :class:`~crucible_jupyter.dispatcher.Dispatcher` on the
+same database as the Jupyter server (SQLite in the Jupyter data dir unless
+``--db-url``/``CRUCIBLE_DB_URL`` says otherwise), so what the CLI runs shows up in the
+server's history and the other way round. Settings come from ``crucible_config.py`` (or
+``.json``) in the Jupyter config path, as ``c.CrucibleDispatcher...`` and
+``c.CrucibleLocalBackend...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+from traitlets.config import Config
+
+from .errors import CrucibleError
+from .models import Event, Execution, Status, format_bytes
+
+EXIT_TIMED_OUT = 124
+EXIT_CANCELLED = 130
+
+
+def load_config(db_url: str | None) -> Config:
+    """Configuration from ``crucible_config.{py,json}`` on the Jupyter config path."""
+    from jupyter_core.paths import jupyter_config_path
+    from traitlets.config.loader import JSONFileConfigLoader, PyFileConfigLoader
+
+    config = Config()
+    for path in reversed(jupyter_config_path()):
+        for name, loader in (("crucible_config.json", JSONFileConfigLoader),
+                             ("crucible_config.py", PyFileConfigLoader)):  # fmt: skip
+            if os.path.isfile(os.path.join(path, name)):
+                config.merge(loader(name, path=path).load_config())
+    if db_url:
+        config.CrucibleDispatcher.db_url = db_url
+    return config
+
+
+def make_dispatcher(args: argparse.Namespace):
+    """A dispatcher configured from files, env and the command line."""
+    from .dispatcher import Dispatcher
+
+    return Dispatcher(config=load_config(args.db_url))
+
+
+def exit_code_for(execution: Execution) -> int:
+    """The shell exit status mirroring an execution's outcome."""
+    if execution.status is Status.SUCCEEDED:
+        return 0
+    if execution.status is Status.TIMED_OUT:
+        return EXIT_TIMED_OUT
+    if execution.status is Status.CANCELLED:
+        return EXIT_CANCELLED
+    code = execution.exit_code
+    return code if code and 0 < code < 256 else 1
+
+
+def render(event: Event, out=sys.stdout, err=sys.stderr, quiet: bool = False) -> None:
+    """Print one event the way a terminal user expects."""
+    d = event.data
+    if event.type == "stream":
+        (err if d.get("name") == "stderr" else out).write(d.get("text", ""))
+    elif event.type in ("display_data", "execute_result"):
+        data = d.get("data", {})
+        text = data.get("text/plain")
+        others = [k for k in data if k != "text/plain"]
+        if text is not None:
+            out.write(str(text) + "\n")
+        if others and not quiet:
+            err.write(f"[crucible] rich output ({', '.join(others)}): open it in Jupyter to view\n")
+    elif event.type == "error":
+        err.write("\n".join(d.get("traceback") or [f"{d.get('ename')}: {d.get('evalue')}"]) + "\n")
+    elif event.type == "status" and not quiet:
+        status = d.get("status")
+        extra = ""
+        if status == "queued" and d.get("position"):
+            extra = f" (position {d['position']})"
+        elif d.get("reason"):
+            extra = f": {d['reason']}"
+        if d.get("duration_ms") is not None:
+            extra += f" in {d['duration_ms'] / 1000:.2f} s"
+        err.write(f"[crucible] {status}{extra}\n")
+    out.flush()
+    err.flush()
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    """Run one cell from a file (or stdin), streaming its output; exit like the cell."""
+    if args.file == "-":
+        code = sys.stdin.read()
+    else:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                code = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"crucible: cannot read {args.file}: {e}", file=sys.stderr)
+            return 2
+    request: dict[str, Any] = {"code": code, "priority": args.priority, "tags": args.tag or []}
+    for key in ("timeout", "cpu", "memory", "name", "backend", "image"):
+        if getattr(args, key) is not None:
+            request[key] = getattr(args, key)
+    env = {}
+    for item in args.env or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            print(f"crucible: --env takes NAME=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        env[name] = value
+    request["env"] = env
+    dispatcher = make_dispatcher(args)
+    await dispatcher.start()
+    try:
+        execution = await dispatcher.submit(request, user=os.environ.get("USER", "local"))
+        if not args.quiet and not args.json:
+            print(f"[crucible] execution {execution.id}", file=sys.stderr)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+        async def follow() -> None:
+            async for event in dispatcher.subscribe(execution.id):
+                if args.json:
+                    print(json.dumps(event.to_dict()), flush=True)
+                else:
+                    render(event, quiet=args.quiet)
+
+        follower = asyncio.create_task(follow())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([follower, stopper], return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set() and not follower.done():
+            print("\n[crucible] cancelling…", file=sys.stderr)
+            with contextlib.suppress(CrucibleError):
+                await dispatcher.cancel(execution.id)
+            await follower
+        stopper.cancel()
+        final = await dispatcher.wait(execution.id)
+        if final.isolation == "none" and not args.quiet:
+            print("[crucible] WARNING: this cell ran WITHOUT isolation; see `crucible doctor`",
+                  file=sys.stderr)  # fmt: skip
+        return exit_code_for(final)
+    finally:
+        await dispatcher.stop()
+
+
+def _short(text: str, width: int) -> str:
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _when(ms: int | None) -> str:
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+
+async def cmd_history(args: argparse.Namespace) -> int:
+    """List recorded executions, newest first."""
+    dispatcher = make_dispatcher(args)
+    await dispatcher.start(schedule=False)
+    try:
+        page, cursor = await dispatcher.list(
+            user=args.user, status=args.status, tag=args.tag, limit=args.limit, cursor=args.cursor
+        )
+    finally:
+        await dispatcher.stop()
+    if args.json:
+        print(json.dumps({"executions": [e.to_dict() for e in page], "next_cursor": cursor}))
+        return 0
+    print(f"{'ID':36}  {'STATUS':9}  {'CREATED':19}  {'TIME':>8}  CODE")
+    for e in page:
+        dur = f"{e.duration_ms / 1000:.2f}s" if e.duration_ms is not None else "-"
+        print(f"{e.id:36}  {e.status.value:9}  {_when(e.created_at):19}  {dur:>8}  "
+              f"{_short(e.request.name or e.request.code, 40)}")  # fmt: skip
+    if cursor:
+        print(f"(more: crucible history --cursor {cursor})")
+    return 0
+
+
+async def cmd_show(args: argparse.Namespace) -> int:
+    """Show one execution: its record and its output."""
+    dispatcher = make_dispatcher(args)
+    await dispatcher.start(schedule=False)
+    try:
+        execution = await dispatcher.get(args.id)
+        events = await dispatcher.events(args.id)
+    finally:
+        await dispatcher.stop()
+    if args.json:
+        print(json.dumps({**execution.to_dict(), "events": [e.to_dict() for e in events]}))
+        return 0
+    d = execution.to_dict()
+    for key in ("id", "status", "reason", "exit_code", "user", "backend", "isolation"):
+        if d.get(key) is not None:
+            print(f"{key + ':':12} {d[key]}")
+    print(f"{'created:':12} {_when(execution.created_at)}")
+    if execution.duration_ms is not None:
+        print(f"{'duration:':12} {execution.duration_ms / 1000:.3f} s")
+    print(f"{'output:':12} {format_bytes(execution.output_bytes)}"
+          + (f" (truncated, {format_bytes(execution.dropped_bytes)} dropped)"
+             if execution.truncated else ""))  # fmt: skip
+    print("--- code ---")
+    print(execution.request.code.rstrip("\n"))
+    print("--- output ---")
+    for event in events:
+        render(event, quiet=True) if event.type != "status" else None
+    return 0
+
+
+async def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel a queued or running execution, wherever it runs on this machine."""
+    dispatcher = make_dispatcher(args)
+    await dispatcher.start(schedule=False)
+    try:
+        execution = await dispatcher.cancel(args.id)
+    finally:
+        await dispatcher.stop()
+    print(f"{execution.id}: {execution.status.value}"
+          + (f" ({execution.reason})" if execution.reason else ""))  # fmt: skip
+    return 0 if execution.status.terminal else 1
+
+
+async def cmd_doctor(args: argparse.Namespace) -> int:
+    """Say which isolation is available and, if not, why and how to get it."""
+    dispatcher = make_dispatcher(args)
+    checks = []
+    try:
+        await dispatcher.start(schedule=False)
+        checks.append({"name": "storage", "ok": True, "detail": str(dispatcher.storage)})
+        backend = dispatcher.get_backend(dispatcher.backend)
+        checks += [c.to_dict() for c in backend.checks()]
+        isolation = getattr(backend, "isolation", backend.name)
+    except CrucibleError as e:
+        checks.append({"name": "dispatcher", "ok": False, "detail": e.message})
+        isolation = "unknown"
+    finally:
+        await dispatcher.stop()
+    failed = [c for c in checks if not c["ok"] and c.get("severity", "error") == "error"]
+    if args.json:
+        print(json.dumps({"isolation": isolation, "checks": checks, "ok": not failed}))
+    else:
+        for c in checks:
+            mark = "ok  " if c["ok"] else ("WARN" if c.get("severity") == "warning" else "FAIL")
+            print(f"[{mark}] {c['name']}: {c['detail']}")
+            if not c["ok"] and c.get("fix"):
+                print(f"       fix: {c['fix']}")
+        print(f"isolation: {isolation}")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``crucible`` command."""
+    parser = argparse.ArgumentParser(
+        prog="crucible", description="Run notebook cells as isolated, recorded executions."
+    )
+    parser.add_argument("--db-url", help="database URL (default: CRUCIBLE_DB_URL or SQLite)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a cell from FILE (or - for stdin), streaming output")
+    run.add_argument("file", help="file with the cell's code, or - to read stdin")
+    run.add_argument("--timeout", type=float, help="seconds before the cell is killed")
+    run.add_argument("--priority", default="normal", choices=["high", "normal", "low"])
+    run.add_argument("--cpu", help="CPU cores, e.g. 0.5 or 500m")
+    run.add_argument("--memory", help="memory limit, e.g. 256Mi")
+    run.add_argument("--tag", action="append", help="tag the execution (repeatable)")
+    run.add_argument("--env", action="append", metavar="NAME=VALUE", help="environment (repeatable)")
+    run.add_argument("--name", help="a name for the execution")
+    run.add_argument("--backend", help="backend to run on (default: configured)")
+    run.add_argument("--image", help="image (Kubernetes backend)")
+    run.add_argument("--json", action="store_true", help="print events as JSON lines")
+    run.add_argument("-q", "--quiet", action="store_true", help="print only the cell's output")
+    run.set_defaults(func=cmd_run)
+
+    hist = sub.add_parser("history", help="list recorded executions, newest first")
+    hist.add_argument("--user")
+    hist.add_argument("--status", choices=[s.value for s in Status])
+    hist.add_argument("--tag")
+    hist.add_argument("--limit", type=int, default=20)
+    hist.add_argument("--cursor")
+    hist.add_argument("--json", action="store_true")
+    hist.set_defaults(func=cmd_history)
+
+    show = sub.add_parser("show", help="show one execution and its output")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_show)
+
+    cancel = sub.add_parser("cancel", help="cancel a queued or running execution")
+    cancel.add_argument("id")
+    cancel.set_defaults(func=cmd_cancel)
+
+    doctor = sub.add_parser("doctor", help="check isolation, limits and storage")
+    doctor.add_argument("--json", action="store_true")
+    doctor.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``crucible`` command."""
+    args = build_parser().parse_args(argv)
+    started = time.monotonic()
+    try:
+        return asyncio.run(args.func(args))
+    except CrucibleError as e:
+        print(f"crucible: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return EXIT_CANCELLED
+    finally:
+        if os.environ.get("CRUCIBLE_CLI_TIMING"):
+            print(f"[crucible] {time.monotonic() - started:.3f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

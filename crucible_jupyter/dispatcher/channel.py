@@ -1,0 +1,61 @@
+"""Live event fan-out for one execution, with resume from a given seq.
+
+A :class:`Channel` numbers events densely from 0, keeps those not yet written to storage
+in ``pending``, and pushes each new event to every subscriber's queue. A subscriber that
+joins late first reads what it missed (storage + pending), then the live queue; seq
+numbers remove the overlap, so nothing is missed and nothing is repeated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from ..models import Event, now_ms
+
+
+class Channel:
+    """The ordered event stream of one live execution."""
+
+    def __init__(self, execution_id: str, next_seq: int = 0) -> None:
+        self.execution_id = execution_id
+        self.next_seq = next_seq
+        self.pending: list[Event] = []
+        self.subscribers: set[asyncio.Queue] = set()
+        self.closed = False
+        self.finished = asyncio.Event()
+
+    def publish(self, type_: str, data: dict) -> Event:
+        """Number a new event, keep it until stored, and hand it to every subscriber."""
+        event = Event(seq=self.next_seq, t=now_ms(), type=type_, data=data)
+        self.next_seq += 1
+        self.pending.append(event)
+        for q in self.subscribers:
+            q.put_nowait(event)
+        return event
+
+    def take_pending(self, limit: int) -> list[Event]:
+        """The oldest pending events (up to ``limit``); call :meth:`stored` once written."""
+        return self.pending[:limit]
+
+    def stored(self, count: int) -> None:
+        """Forget the first ``count`` pending events: storage has them now."""
+        del self.pending[:count]
+
+    def subscribe(self) -> asyncio.Queue:
+        """A queue receiving every event published from now on, then ``None`` at close."""
+        q: asyncio.Queue = asyncio.Queue()
+        self.subscribers.add(q)
+        if self.closed:
+            q.put_nowait(None)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        """Stop delivering to ``q``."""
+        self.subscribers.discard(q)
+
+    def close(self) -> None:
+        """Mark the stream finished and wake every subscriber."""
+        self.closed = True
+        self.finished.set()
+        for q in self.subscribers:
+            q.put_nowait(None)

@@ -1,0 +1,706 @@
+"""The dispatcher: accepts requests, persists them, schedules, runs, streams and records.
+
+One instance lives in the process that serves users (the Jupyter server, the CLI, the
+standalone service) and is the only way anything runs. Its promises:
+
+* A request is stored as ``queued`` before anything runs; nothing accepted is lost — a
+  queued execution left by a dead dispatcher is adopted by the next one to start.
+* Status is decided from what the backend saw (exit code, OOM kill, limits, timeout,
+  cancel), never from frames the cell could forge.
+* Every execution reaches a terminal status: errors inside the dispatcher fail the
+  execution with a reason instead of leaving it ``running``.
+* Output is streamed to any number of subscribers as it arrives (late ones resume from a
+  seq) and written to storage in batches while the cell runs; past the output limit it is
+  dropped and counted, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from traitlets import Bool, Float, Integer, List, Unicode, default
+from traitlets.config import LoggingConfigurable
+
+from ..backends.base import FRAMES, Backend, Sandbox, load_backend_class
+from ..errors import Conflict, CrucibleError, NotFound, StorageError, Unavailable
+from ..models import (
+    Event,
+    Execution,
+    ExecutionRequest,
+    Limits,
+    Status,
+    format_bytes,
+    new_execution_id,
+    now_ms,
+    owner_tag,
+)
+from ..storage import Storage
+from . import frames
+from .channel import Channel
+from .queue import WaitQueue
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Run:
+    """Book-keeping for one execution that has left the queue."""
+
+    execution: Execution
+    sandbox: Sandbox | None = None
+    cancelled: bool = False
+    timed_out: bool = False
+    last_error: dict | None = None
+    task: asyncio.Task | None = None
+    stopper: asyncio.Task | None = None
+    notices: set = field(default_factory=set)
+
+
+class CrucibleDispatcher(LoggingConfigurable):
+    """Runs execution requests on a backend, streams their events, records everything."""
+
+    # ----- configuration -------------------------------------------------------------
+
+    db_url = Unicode(
+        None,
+        allow_none=True,
+        help="""Database URL (SQLAlchemy form). Default: SQLite in the Jupyter data dir
+        (`jupyter --data-dir`/crucible/crucible.db). PostgreSQL:
+        postgresql+psycopg://user:password@host/dbname. Env: CRUCIBLE_DB_URL.""",
+    ).tag(config=True)
+
+    @default("db_url")
+    def _default_db_url(self) -> str | None:
+        return os.environ.get("CRUCIBLE_DB_URL") or None
+
+    backend = Unicode(
+        help="Backend that runs executions unless a request names another. Env: CRUCIBLE_BACKEND.",
+    ).tag(config=True)
+
+    @default("backend")
+    def _default_backend(self) -> str:
+        return os.environ.get("CRUCIBLE_BACKEND", "local")
+
+    enabled_backends = List(
+        Unicode(),
+        help="Backends a request may choose with its `backend` field (default: just `backend`).",
+    ).tag(config=True)
+
+    max_concurrency = Integer(
+        help="Most executions running at once on this dispatcher (default: number of CPUs).",
+    ).tag(config=True)
+
+    @default("max_concurrency")
+    def _default_max_concurrency(self) -> int:
+        return max(2, os.cpu_count() or 2)
+
+    max_concurrency_per_user = Integer(
+        0, help="Most executions one user may have running at once (0: no per-user limit)."
+    ).tag(config=True)
+
+    aging_seconds = Float(
+        30.0,
+        help="""Seconds of waiting that raise a queued execution by one priority level, so
+        low priority work cannot starve behind a stream of high priority work.""",
+    ).tag(config=True)
+
+    cancel_grace_seconds = Float(
+        2.0, help="After a cancel interrupts a running cell, seconds before it is killed."
+    ).tag(config=True)
+
+    output_limit = Integer(
+        10 << 20,
+        help="Bytes of output kept per execution; the rest is dropped and counted (`truncated`).",
+    ).tag(config=True)
+
+    flush_interval = Float(
+        0.05, help="Seconds between batched writes of output events to storage."
+    ).tag(config=True)
+
+    single_dispatcher = Bool(
+        False,
+        help="""This dispatcher is the only one using the database (the standalone service):
+        at start it takes over every unfinished execution, whichever process left it.""",
+    ).tag(config=True)
+
+    max_code_bytes = Integer(1 << 20, help="Largest accepted cell source, in bytes.").tag(
+        config=True
+    )
+    default_timeout = Float(60.0, help="Timeout in seconds when a request gives none.").tag(
+        config=True
+    )
+    max_timeout = Float(3600.0, help="Largest timeout a request may ask for, in seconds.").tag(
+        config=True
+    )
+    default_cpu = Float(1.0, help="CPU cores granted when a request gives none.").tag(config=True)
+    max_cpu = Float(4.0, help="Most CPU cores a request may ask for.").tag(config=True)
+    default_memory = Integer(512 << 20, help="Memory in bytes granted when a request gives none.").tag(
+        config=True
+    )
+    max_memory = Integer(8 << 30, help="Most memory in bytes a request may ask for.").tag(
+        config=True
+    )
+    allowed_images = List(
+        Unicode(), help="Images a request may name (Kubernetes backend); empty: any."
+    ).tag(config=True)
+
+    # ----- life cycle ----------------------------------------------------------------
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.owner = owner_tag()
+        self.storage: Storage | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._backends: dict[str, Backend] = {}
+        self._queue = WaitQueue(self.aging_seconds)
+        self._channels: dict[str, Channel] = {}
+        self._live: dict[str, Execution] = {}
+        self._runs: dict[str, _Run] = {}
+        self._per_user: Counter = Counter()
+        self._flush_locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._loops: list[asyncio.Task] = []
+        self._wake: asyncio.Event | None = None
+        self._started = False
+        self._scheduling = False
+
+    @property
+    def limits(self) -> Limits:
+        """The bounds requests are validated against, from this dispatcher's settings."""
+        return Limits(
+            max_code_bytes=self.max_code_bytes,
+            default_timeout=self.default_timeout,
+            max_timeout=self.max_timeout,
+            default_cpu=self.default_cpu,
+            max_cpu=self.max_cpu,
+            default_memory=self.default_memory,
+            max_memory=self.max_memory,
+            images=tuple(self.allowed_images),
+            backends=tuple(self.enabled_backends or [self.backend]),
+        )
+
+    @property
+    def busy(self) -> bool:
+        """True while anything is queued or running here."""
+        return bool(self._live)
+
+    async def start(self, *, schedule: bool = True) -> None:
+        """Open storage (migrating it), reconcile what a crash left, start scheduling.
+
+        With ``schedule=False`` only storage is opened: enough to read and cancel, and
+        nothing left by another process is touched (what read-only commands use).
+        """
+        if self._started:
+            return
+        self.storage = Storage(self.db_url)
+        sqlite = self.storage.dialect == "sqlite"
+        self._executor = ThreadPoolExecutor(1 if sqlite else 4, thread_name_prefix="crucible-db")
+        self._wake = asyncio.Event()
+        await self._db(self.storage.migrate)
+        self.get_backend(self.backend)  # fail early on a misconfigured default backend
+        self._started = True
+        self._scheduling = schedule
+        if not schedule:
+            return
+        await self._reconcile()
+        self._loops = [
+            asyncio.create_task(self._schedule_loop(), name="crucible-scheduler"),
+            asyncio.create_task(self._flush_loop(), name="crucible-flusher"),
+            asyncio.create_task(self._cancel_watch_loop(), name="crucible-cancel-watch"),
+        ]
+        self.log.info(
+            "crucible dispatcher started: backend=%s storage=%s concurrency=%d",
+            self.backend, self.storage, self.max_concurrency,
+        )  # fmt: skip
+
+    async def stop(self) -> None:
+        """Stop scheduling; fail running executions with a reason; flush; close everything.
+
+        Queued executions stay queued in storage and are adopted by the next start.
+        """
+        if not self._started:
+            return
+        self._started = False
+        for run in list(self._runs.values()):
+            if run.task:
+                run.task.cancel()
+        await asyncio.gather(*(r.task for r in list(self._runs.values()) if r.task),
+                             return_exceptions=True)  # fmt: skip
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        for execution_id in list(self._channels):
+            await self._flush(execution_id)
+        for backend in self._backends.values():
+            with contextlib.suppress(Exception):
+                await backend.close()
+        if self.storage:
+            await self._db(self.storage.close)
+        if self._executor:
+            self._executor.shutdown(wait=True)
+
+    def get_backend(self, name: str) -> Backend:
+        """The backend instance for ``name``, created on first use."""
+        if name not in self._backends:
+            self._backends[name] = load_backend_class(name)(parent=self, log=self.log)
+        return self._backends[name]
+
+    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    def _require_started(self) -> None:
+        if not self._started:
+            raise Unavailable("the crucible dispatcher is not running; start it (or the server) first")
+
+    # ----- the public API ------------------------------------------------------------
+
+    async def submit(self, request: dict | ExecutionRequest, user: str = "local") -> Execution:
+        """Validate, persist as ``queued``, and enqueue a request. Returns the new record."""
+        self._require_started()
+        if not self._scheduling:
+            raise Unavailable("this dispatcher was started read-only (schedule=False)")
+        if not isinstance(request, ExecutionRequest):
+            request = ExecutionRequest.from_dict(request, self.limits)
+        backend = request.backend or self.backend
+        self.get_backend(backend)
+        execution = Execution(
+            id=new_execution_id(), request=request, user=user or "local",
+            backend=backend, dispatcher_id=self.owner,
+        )  # fmt: skip
+        await self._db(self.storage.create, execution)
+        self._enqueue(execution, Channel(execution.id))
+        return execution
+
+    def _enqueue(self, execution: Execution, channel: Channel) -> None:
+        self._channels[execution.id] = channel
+        self._flush_locks[execution.id] = asyncio.Lock()
+        self._live[execution.id] = execution
+        self._queue.push(execution)
+        channel.publish(
+            "status", {"status": "queued", "position": self._queue.position(execution.id)}
+        )
+        self._wake.set()
+
+    async def get(self, execution_id: str) -> Execution:
+        """The current record of an execution; NotFound if there is none."""
+        self._require_started()
+        if execution_id in self._live:
+            return self._live[execution_id]
+        return await self._db(self.storage.get, execution_id)
+
+    async def events(self, execution_id: str, after: int = -1) -> list[Event]:
+        """Every event of an execution with seq > ``after``, stored or still pending."""
+        self._require_started()
+        channel = self._channels.get(execution_id)
+        snapshot = list(channel.pending) if channel else []
+        stored = await self._db(self.storage.events, execution_id, after)
+        if not stored and not snapshot and execution_id not in self._live:
+            await self.get(execution_id)  # NotFound for unknown ids
+        return _merge(stored, snapshot, after)
+
+    async def subscribe(self, execution_id: str, after: int = -1) -> AsyncIterator[Event]:
+        """Yield the events after ``after``, then live ones, ending with the terminal status."""
+        self._require_started()
+        channel = self._channels.get(execution_id)
+        if channel is None:
+            async for event in self._follow_stored(execution_id, after):
+                yield event
+            return
+        queue = channel.subscribe()
+        try:
+            last = after
+            for event in await self.events(execution_id, after):
+                yield event
+                last = event.seq
+                if _is_terminal(event):
+                    return
+            while True:
+                event = await queue.get()
+                if event is None:
+                    break
+                if event.seq <= last:
+                    continue
+                yield event
+                last = event.seq
+                if _is_terminal(event):
+                    return
+            # closed before we saw the end: whatever is left is in storage now
+            for event in await self._db(self.storage.events, execution_id, last):
+                yield event
+        finally:
+            channel.unsubscribe(queue)
+
+    async def _follow_stored(self, execution_id: str, after: int) -> AsyncIterator[Event]:
+        """Events of an execution this process does not run, read from storage."""
+        last = after
+        while True:
+            execution = await self.get(execution_id)
+            for event in await self._db(self.storage.events, execution_id, last):
+                yield event
+                last = event.seq
+                if _is_terminal(event):
+                    return
+            if execution.status.terminal:
+                return
+            await asyncio.sleep(0.1)
+
+    async def wait(self, execution_id: str) -> Execution:
+        """Wait until the execution is finished and return its final record."""
+        self._require_started()
+        channel = self._channels.get(execution_id)
+        if channel is not None:
+            await channel.finished.wait()
+            return await self.get(execution_id)
+        while not (execution := await self.get(execution_id)).status.terminal:
+            await asyncio.sleep(0.1)
+        return execution
+
+    async def cancel(self, execution_id: str) -> Execution:
+        """Cancel: a queued execution at once; a running one by SIGINT, then SIGKILL.
+
+        Returns the record once it is terminal (or after the grace period). Conflict if
+        the execution had already finished.
+        """
+        execution = await self.get(execution_id)
+        if execution.status.terminal:
+            raise Conflict(
+                f"execution {execution_id} already {execution.status.value}; nothing to cancel"
+            )
+        if self._queue.remove(execution_id):
+            await self._finish(execution, Status.CANCELLED, reason="cancelled while queued")
+            return execution
+        run = self._runs.get(execution_id)
+        if run is None:  # another dispatcher runs it: ask it through storage
+            await self._db(self.storage.request_cancel, execution_id)
+            if not _owner_alive(execution.dispatcher_id):
+                return await self._cancel_orphan(execution)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wait(execution_id), self.cancel_grace_seconds + 3)
+            return await self.get(execution_id)
+        if not run.cancelled:
+            run.cancelled = True
+            run.stopper = asyncio.create_task(self._stop_sandbox(run))
+        channel = self._channels.get(execution_id)
+        if channel is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(channel.finished.wait(), self.cancel_grace_seconds + 3)
+        return await self.get(execution_id)
+
+    async def _cancel_orphan(self, execution: Execution) -> Execution:
+        events = await self._db(self.storage.events, execution.id, -1)
+        seq = events[-1].seq + 1 if events else 0
+        fields = {"status": Status.CANCELLED, "finished_at": now_ms(),
+                  "reason": "cancelled; the dispatcher that ran it is gone"}  # fmt: skip
+        await self._db(self.storage.update, execution.id, **fields)
+        await self._db(self.storage.append_events, execution.id, [Event(
+            seq, fields["finished_at"], "status",
+            {"status": "cancelled", "reason": fields["reason"], "exit_code": None},
+        )])  # fmt: skip
+        return await self._db(self.storage.get, execution.id)
+
+    async def list(self, **filters: Any) -> tuple[list[Execution], str | None]:
+        """A page of stored executions, newest first: ``(executions, next_cursor)``.
+
+        Filters: user, status, tag, since, until (ms), cursor, limit.
+        """
+        self._require_started()
+        page, cursor = await self._db(self.storage.list, **filters)
+        return [self._live.get(e.id, e) for e in page], cursor
+
+    async def stats(self, **filters: Any) -> dict:
+        """Counts by status and p50/p95 durations (filters: user, since)."""
+        self._require_started()
+        return await self._db(self.storage.stats, **filters)
+
+    def queue_status(self, execution_id: str | None = None) -> dict:
+        """Depth per priority, running count, capacity, and ``execution_id``'s position."""
+        return {
+            "depth": self._queue.depth(),
+            "queued": len(self._queue),
+            "running": len(self._runs),
+            "capacity": self.max_concurrency,
+            "per_user_limit": self.max_concurrency_per_user,
+            "position": self._queue.position(execution_id) if execution_id else None,
+        }
+
+    # ----- running -------------------------------------------------------------------
+
+    async def _schedule_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while len(self._runs) < self.max_concurrency:
+                execution = self._queue.pop_next(self._per_user, self.max_concurrency_per_user)
+                if execution is None:
+                    break
+                run = _Run(execution)
+                self._runs[execution.id] = run
+                self._per_user[execution.user] += 1
+                run.task = asyncio.create_task(self._run(run), name=f"crucible-{execution.id}")
+
+    async def _run(self, run: _Run) -> None:
+        execution = run.execution
+        try:
+            await self._transition(execution, Status.STARTING)
+            backend = self.get_backend(execution.backend)
+            try:
+                run.sandbox = await backend.start(execution)
+            except CrucibleError as e:
+                await self._finish(execution, Status.FAILED, reason=e.message)
+                return
+            sandbox = run.sandbox
+            if run.cancelled:
+                await sandbox.kill()
+            await self._transition(
+                execution, Status.RUNNING, isolation=sandbox.isolation, started_at=now_ms()
+            )
+            outcome = await self._supervise(run, sandbox)
+            status, reason = self._decide(run, outcome)
+            await self._finish(execution, status, reason=reason, exit_code=outcome.exit_code)
+        except asyncio.CancelledError:
+            if run.sandbox is not None:
+                await run.sandbox.kill()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(run.sandbox.wait(), 5)
+            await self._finish(execution, Status.FAILED,
+                               reason="dispatcher stopped while the cell was running")  # fmt: skip
+            raise
+        except Exception as e:  # never leave an execution stuck
+            self.log.exception("crucible: execution %s failed inside the dispatcher", execution.id)
+            if run.sandbox is not None:
+                await run.sandbox.kill()
+            await self._finish(execution, Status.FAILED, reason=f"internal error: {e!r}")
+        finally:
+            self._runs.pop(execution.id, None)
+            self._per_user[execution.user] -= 1
+            if self._per_user[execution.user] <= 0:
+                del self._per_user[execution.user]
+            if self._wake is not None:
+                self._wake.set()
+
+    async def _supervise(self, run: _Run, sandbox: Sandbox):
+        """Pump output until the sandbox ends, enforcing the wall-clock timeout."""
+        pump = asyncio.create_task(self._pump(run, sandbox))
+        ended = asyncio.create_task(sandbox.wait())
+        both = asyncio.gather(pump, ended)
+        try:
+            await asyncio.wait_for(asyncio.shield(both), run.execution.request.timeout)
+        except asyncio.TimeoutError:
+            run.timed_out = True
+            await sandbox.kill()
+            try:
+                await asyncio.wait_for(asyncio.shield(both), 10)
+            except asyncio.TimeoutError:
+                pump.cancel()
+                self.log.warning("crucible: %s output did not end after kill", run.execution.id)
+        except BaseException:
+            pump.cancel()
+            ended.cancel()
+            raise
+        with contextlib.suppress(asyncio.CancelledError):
+            await pump
+        return await ended
+
+    async def _pump(self, run: _Run, sandbox: Sandbox) -> None:
+        execution = run.execution
+        channel = self._channels[execution.id]
+        limit = self.output_limit
+        async for kind, line, dropped in sandbox.lines():
+            if dropped:
+                execution.truncated = True
+                execution.dropped_bytes += len(line) + dropped
+                self._notice(run, "frame", f"a single output of {format_bytes(len(line) + dropped)}"
+                             " was too large and was dropped")  # fmt: skip
+                continue
+            size = len(line) + 1
+            if execution.output_bytes + size > limit:
+                execution.truncated = True
+                execution.dropped_bytes += size
+                self._notice(run, "limit", f"output limit of {format_bytes(limit)} reached;"
+                             " further output is dropped")  # fmt: skip
+                continue
+            parsed = frames.parse(line) if kind == FRAMES else frames.raw_stderr(line)
+            if parsed is None:
+                continue
+            execution.output_bytes += size
+            if parsed[0] == "error":
+                run.last_error = parsed[1]
+            channel.publish(*parsed)
+
+    def _notice(self, run: _Run, key: str, text: str) -> None:
+        if key not in run.notices:
+            run.notices.add(key)
+            self._channels[run.execution.id].publish(
+                "stream", {"name": "stderr", "text": f"\n[crucible] {text}\n"}
+            )
+
+    def _decide(self, run: _Run, outcome) -> tuple[Status, str | None]:
+        timeout = run.execution.request.timeout
+        if run.cancelled:
+            return Status.CANCELLED, "cancelled by request"
+        if run.timed_out:
+            return Status.TIMED_OUT, f"timed out after {timeout:g} s"
+        if outcome.reason:
+            return Status.FAILED, outcome.reason
+        code = outcome.exit_code
+        if code == 0:
+            return Status.SUCCEEDED, None
+        if code is not None and code > 128:
+            with contextlib.suppress(ValueError):
+                return Status.FAILED, f"killed by {signal.Signals(code - 128).name}"
+        if run.last_error and code == 1:
+            err = run.last_error
+            return Status.FAILED, f"{err['ename']}: {err['evalue']}"[:500]
+        return Status.FAILED, f"exited with code {code}"
+
+    async def _stop_sandbox(self, run: _Run) -> None:
+        """Interrupt, then kill after the grace period."""
+        while run.sandbox is None and run.task and not run.task.done():
+            await asyncio.sleep(0.01)
+        if run.sandbox is None:
+            return
+        await run.sandbox.interrupt()
+        try:
+            await asyncio.wait_for(self._channels[run.execution.id].finished.wait(),
+                                   self.cancel_grace_seconds)  # fmt: skip
+        except (asyncio.TimeoutError, KeyError):
+            await run.sandbox.kill()
+
+    # ----- status and storage --------------------------------------------------------
+
+    async def _transition(self, execution: Execution, status: Status, **fields: Any) -> None:
+        execution.status = status
+        for k, v in fields.items():
+            setattr(execution, k, v)
+        await self._db(self.storage.update, execution.id, status=status, **fields)
+        self._channels[execution.id].publish("status", {"status": status.value})
+
+    async def _finish(self, execution: Execution, status: Status, *, reason: str | None,
+                      exit_code: int | None = None) -> None:  # fmt: skip
+        """Record a terminal status, publish it, store every event, close the stream."""
+        execution.status = status
+        execution.reason = reason
+        execution.exit_code = exit_code
+        execution.finished_at = now_ms()
+        fields = {
+            "status": status, "reason": reason, "exit_code": exit_code,
+            "finished_at": execution.finished_at, "output_bytes": execution.output_bytes,
+            "truncated": execution.truncated, "dropped_bytes": execution.dropped_bytes,
+        }  # fmt: skip
+        if execution.isolation:
+            fields["isolation"] = execution.isolation
+        for attempt in range(5):
+            try:
+                await self._db(self.storage.update, execution.id, **fields)
+                break
+            except StorageError:
+                if attempt == 4:
+                    self.log.exception("crucible: could not record the end of %s", execution.id)
+                await asyncio.sleep(0.2 * 2**attempt)
+        channel = self._channels.get(execution.id)
+        if channel is not None:
+            channel.publish("status", {
+                "status": status.value, "reason": reason, "exit_code": exit_code,
+                "duration_ms": execution.duration_ms,
+            })  # fmt: skip
+            await self._flush(execution.id)
+            channel.close()
+            self._channels.pop(execution.id, None)
+            self._flush_locks.pop(execution.id, None)
+        self._live.pop(execution.id, None)
+
+    async def _flush(self, execution_id: str) -> None:
+        channel = self._channels.get(execution_id)
+        lock = self._flush_locks.get(execution_id)
+        if channel is None or lock is None:
+            return
+        async with lock:
+            while channel.pending:
+                batch = channel.take_pending(500)
+                try:
+                    await self._db(self.storage.append_events, execution_id, batch)
+                except StorageError:
+                    self.log.exception("crucible: could not store output of %s", execution_id)
+                    return
+                channel.stored(len(batch))
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            for execution_id in [i for i, c in self._channels.items() if c.pending]:
+                await self._flush(execution_id)
+
+    async def _cancel_watch_loop(self) -> None:
+        """Honour cancels requested through storage by other processes (`crucible cancel`)."""
+        while True:
+            await asyncio.sleep(0.5)
+            if not self._live:
+                continue
+            try:
+                wanted = await self._db(self.storage.cancel_requested, list(self._live))
+            except StorageError:
+                continue
+            for execution_id in wanted:
+                with contextlib.suppress(CrucibleError):
+                    asyncio.create_task(self.cancel(execution_id))
+
+    async def _reconcile(self) -> None:
+        """Adopt queued work a dead dispatcher left; fail what it left running."""
+        for execution in await self._db(self.storage.unfinished):
+            owner = execution.dispatcher_id
+            if owner != self.owner and not self.single_dispatcher and _owner_alive(owner):
+                continue
+            events = await self._db(self.storage.events, execution.id, -1)
+            next_seq = events[-1].seq + 1 if events else 0
+            if execution.status is Status.QUEUED:
+                await self._db(self.storage.update, execution.id, dispatcher_id=self.owner)
+                execution.dispatcher_id = self.owner
+                self._enqueue(execution, Channel(execution.id, next_seq))
+                self.log.info("crucible: adopted queued execution %s", execution.id)
+            else:
+                channel = Channel(execution.id, next_seq)
+                self._channels[execution.id] = channel
+                self._flush_locks[execution.id] = asyncio.Lock()
+                await self._finish(execution, Status.FAILED, reason="dispatcher restarted",
+                                   exit_code=execution.exit_code)  # fmt: skip
+                self.log.warning("crucible: %s was running when its dispatcher died", execution.id)
+
+
+def _merge(stored: list[Event], pending: list[Event], after: int) -> list[Event]:
+    by_seq = {e.seq: e for e in stored}
+    by_seq.update({e.seq: e for e in pending})
+    return [by_seq[s] for s in sorted(by_seq) if s > after]
+
+
+def _is_terminal(event: Event) -> bool:
+    return event.type == "status" and Status(event.data.get("status")).terminal
+
+
+def _owner_alive(owner: str | None) -> bool:
+    """Whether the dispatcher ``host:pid`` may still be running (unknown hosts count as alive)."""
+    if not owner or ":" not in owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != os.uname().nodename:
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+Dispatcher = CrucibleDispatcher
+
+__all__ = ["CrucibleDispatcher", "Dispatcher", "NotFound"]

@@ -1,0 +1,78 @@
+"""Turn raw runner lines into event payloads, trusting nothing in them.
+
+The runner writes one JSON object per line. User code may write anything, so each line is
+checked: a known frame type with fields of the right types becomes an event payload; any
+other line (a crash before the runner started, forged junk) is kept as raw stderr text.
+Lifecycle frames (``start``, ``end``) are dropped: the dispatcher decides status itself.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+OUTPUT_TYPES = ("stream", "display_data", "execute_result", "error", "clear_output")
+IGNORED_TYPES = ("start", "end")
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _clean(text: str) -> str:
+    """Text that is always valid UTF-8 (lone surrogates become visible escapes)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _bundle(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): v for k, v in value.items() if isinstance(k, str)}
+
+
+def raw_stderr(line: bytes) -> tuple[str, dict[str, Any]]:
+    """A line that is not a frame, as stderr text."""
+    return "stream", {"name": "stderr", "text": line.decode("utf-8", "replace") + "\n"}
+
+
+def parse(line: bytes) -> tuple[str, dict[str, Any]] | None:
+    """``(type, payload)`` for one runner line, or None for a frame to ignore."""
+    if not line.strip():
+        return None
+    try:
+        frame = json.loads(line)
+    except (ValueError, RecursionError):
+        return raw_stderr(line)
+    if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+        return raw_stderr(line)
+    kind = frame["type"]
+    if kind in IGNORED_TYPES:
+        return None
+    if kind == "stream":
+        name = frame.get("name")
+        return kind, {
+            "name": name if name in ("stdout", "stderr") else "stdout",
+            "text": _clean(_text(frame.get("text"))),
+        }
+    if kind in ("display_data", "execute_result"):
+        payload = {"data": _bundle(frame.get("data")), "metadata": _bundle(frame.get("metadata"))}
+        transient = frame.get("transient")
+        if isinstance(transient, dict):
+            payload["transient"] = transient
+        return kind, payload
+    if kind == "error":
+        tb = frame.get("traceback")
+        return kind, {
+            "ename": _clean(_text(frame.get("ename"))) or "Error",
+            "evalue": _clean(_text(frame.get("evalue"))),
+            "traceback": [_clean(x) for x in tb if isinstance(x, str)]
+            if isinstance(tb, list)
+            else [],
+        }
+    if kind == "clear_output":
+        return kind, {"wait": bool(frame.get("wait", False))}
+    return raw_stderr(line)

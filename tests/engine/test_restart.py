@@ -1,0 +1,90 @@
+"""Nothing is lost or stuck when a dispatcher dies: reconciliation at start-up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from crucible_jupyter.models import Execution, ExecutionRequest, Status, new_execution_id
+from crucible_jupyter.storage import Storage
+
+from .conftest import stream_text
+
+
+def _dead_owner() -> str:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return f"{os.uname().nodename}:{proc.pid}"
+
+
+async def test_restart_fails_running_and_adopts_queued(make_dispatcher, tmp_path, db_url):
+    storage = Storage(db_url)
+    storage.migrate()
+    owner = _dead_owner()
+    running = Execution(id=new_execution_id(), request=ExecutionRequest(code="print(1)"),
+                        status=Status.RUNNING, dispatcher_id=owner)  # fmt: skip
+    queued = Execution(id=new_execution_id(), request=ExecutionRequest(code="print('adopted')"),
+                       dispatcher_id=owner)  # fmt: skip
+    storage.create(running)
+    storage.create(queued)
+    storage.close()
+
+    d = await make_dispatcher(db_url=db_url)
+    failed = await d.get(running.id)
+    assert failed.status is Status.FAILED
+    assert failed.reason == "dispatcher restarted"
+    adopted = await d.wait(queued.id)
+    assert adopted.status is Status.SUCCEEDED
+    assert stream_text(await d.events(queued.id)) == "adopted\n"
+    stuck, _ = await d.list(status=["queued", "starting", "running"])
+    assert stuck == []
+
+
+async def test_live_owner_is_left_alone(make_dispatcher, tmp_path):
+    url = f"sqlite:///{tmp_path}/crucible.db"
+    storage = Storage(url)
+    storage.migrate()
+    other = Execution(id=new_execution_id(), request=ExecutionRequest(code="print(1)"),
+                      status=Status.RUNNING, dispatcher_id=f"{os.uname().nodename}:1")  # fmt: skip
+    storage.create(other)
+    storage.close()
+    d = await make_dispatcher(db_url=url)
+    assert (await d.get(other.id)).status is Status.RUNNING
+
+
+def test_sigkilled_cli_leaves_nothing_running(tmp_path):
+    """`crucible run` killed with SIGKILL mid-cell: the next dispatcher fails it with a reason."""
+    url = f"sqlite:///{tmp_path}/crucible.db"
+    cell = tmp_path / "cell.py"
+    cell.write_text("import time\nprint('working', flush=True)\ntime.sleep(100)\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crucible_jupyter.cli", "--db-url", url, "run", str(cell)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout.readline() == "working\n"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.2)
+    left = subprocess.run(["pgrep", "-f", "time.sleep\\(100\\)|crucible/cell.py"],
+                          capture_output=True, text=True).stdout  # fmt: skip
+    assert left.strip() == "", "the sandbox outlived its dispatcher"
+    out = subprocess.run(
+        [sys.executable, "-m", "crucible_jupyter.cli", "--db-url", url, "run", "-"],
+        input="print('next')", capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.stdout == "next\n"
+    hist = subprocess.run(
+        [sys.executable, "-m", "crucible_jupyter.cli", "--db-url", url, "history", "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    import json
+
+    records = json.loads(hist.stdout)["executions"]
+    assert sorted(r["status"] for r in records) == ["failed", "succeeded"]
+    failed = next(r for r in records if r["status"] == "failed")
+    assert failed["reason"] == "dispatcher restarted"
+    assert textwrap.dedent(failed["code"]).startswith("import time")
