@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import heapq
 import json
 import math
 import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import islice
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,7 @@ _EX_COLUMNS = tuple(_EX.c)
 _EX_NAMES = tuple(c.name for c in _EX_COLUMNS)
 assert _EX_NAMES[0] == "id"  # rows are read positionally: r[0] is the id
 _SELECT_EX = select(*_EX_COLUMNS)  # built once; .where() etc. copy it
+_ORDER_KEY = itemgetter(_EX_NAMES.index("created_at"), 0)  # (created_at, id) of a row
 
 #: Fields :meth:`Storage.update` accepts.
 UPDATABLE_FIELDS = frozenset(
@@ -530,9 +534,7 @@ class Storage:
         q = _SELECT_EX
         if user is not None:
             q = q.where(_EX.c.user == user)
-        if status is not None:
-            values = _statuses(status)
-            q = q.where(_EX.c.status == values[0] if len(values) == 1 else _EX.c.status.in_(values))
+        statuses = [None] if status is None else list(dict.fromkeys(_statuses(status)))
         if tag is not None:
             q = q.where(exists().where(_TAGS.c.tag == tag, _TAGS.c.execution_id == _EX.c.id))
         if since is not None:
@@ -547,7 +549,15 @@ class Storage:
             )
         q = q.order_by(_EX.c.created_at.desc(), _EX.c.id.desc()).limit(limit + 1)
         with self._session("listing executions") as s:
-            rows = s.execute(q).all()
+            if len(statuses) == 1:
+                if statuses[0] is not None:
+                    q = q.where(_EX.c.status == statuses[0])
+                rows = s.execute(q).all()
+            else:
+                # One index range scan per status (status, created_at, id), merged here:
+                # "status IN (...)" would make the database sort every matching row.
+                parts = [s.execute(q.where(_EX.c.status == v)).all() for v in statuses]
+                rows = list(islice(heapq.merge(*parts, key=_ORDER_KEY, reverse=True), limit + 1))
             more = len(rows) > limit
             rows = rows[:limit]
             page = self._build(s, rows)
