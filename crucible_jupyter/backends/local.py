@@ -155,8 +155,9 @@ class CrucibleLocalBackend(Backend):
     def _bwrap_argv(self, code_fd: int | None) -> list[str]:
         argv = [
             self.bwrap_path or "bwrap",
-            "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--disable-userns", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+            "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
+            "--cap-drop", "ALL", "--disable-userns",
+            "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
             "--hostname", "crucible", "--clearenv",
             "--ro-bind", "/usr", "/usr",
         ]  # fmt: skip
