@@ -492,6 +492,7 @@ class Storage:
 
         An unknown execution simply has no events (an empty list).
         """
+        _check_ms(after=after)
         if not _valid_id(execution_id):
             return []
         q = (
@@ -531,11 +532,13 @@ class Storage:
         """
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= _MAX_PAGE:
             raise InvalidRequest(f"limit must be between 1 and {_MAX_PAGE}", field="limit")
+        _check_ms(since=since, until=until)
         q = _SELECT_EX
         if user is not None:
-            q = q.where(_EX.c.user == user)
+            q = q.where(_EX.c.user == clean_text(str(user)))
         statuses = [None] if status is None else list(dict.fromkeys(_statuses(status)))
         if tag is not None:
+            tag = clean_text(str(tag))
             q = q.where(exists().where(_TAGS.c.tag == tag, _TAGS.c.execution_id == _EX.c.id))
         if since is not None:
             q = q.where(_EX.c.created_at >= since)
@@ -572,9 +575,10 @@ class Storage:
         over terminal executions with both started_at and finished_at. ``user`` and
         ``since`` (created_at >= since, ms) filter everything. One consistent snapshot.
         """
+        _check_ms(since=since)
         where = []
         if user is not None:
-            where.append(_EX.c.user == user)
+            where.append(_EX.c.user == clean_text(str(user)))
         if since is not None:
             where.append(_EX.c.created_at >= since)
         finished = [
@@ -651,6 +655,12 @@ class Storage:
             ):
                 tags.setdefault(eid, []).append(tag)
         return [_execution(r, tuple(tags.get(r[0], ()))) for r in rows]
+
+
+def _check_ms(**values: Any) -> None:
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InvalidRequest(f"{name} must be an integer, not {value!r}", field=name)
 
 
 def _opt_text(value: str | None) -> str | None:

@@ -203,6 +203,9 @@ def test_list_filters(storage: Storage) -> None:
     assert page[1].request.tags == ("x", "y")
     with pytest.raises(InvalidRequest, match="status"):
         storage.list(status="bogus")
+    with pytest.raises(InvalidRequest, match="since"):
+        storage.list(since="yesterday")
+    assert storage.list(user="\udc80 \x00", tag="\ud800") == ([], None)
     for bad in (0, -1, 1001, True):
         with pytest.raises(InvalidRequest, match="limit"):
             storage.list(limit=bad)
@@ -394,6 +397,13 @@ def test_unusable_sqlite_file_is_storage_error(tmp_path: Path) -> None:
     (tmp_path / "dir.db").mkdir()
     with Storage(f"sqlite:///{tmp_path / 'dir.db'}") as s, pytest.raises(StorageError):
         s.migrate()
+
+
+@pytest.mark.parametrize("url", ["mysql://u:pw@h/db", "not a url", "nosuchdb://x"])
+def test_unsupported_url_is_storage_error(url: str) -> None:
+    with pytest.raises(StorageError) as info:
+        Storage(url)
+    assert "pw" not in str(info.value)
 
 
 def test_default_url_in_jupyter_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
