@@ -172,11 +172,12 @@ class CrucibleLocalBackend(Backend):
             "--ro-bind", f"{self._state_dir}/passwd", "/etc/passwd",
             "--ro-bind", f"{self._state_dir}/group", "/etc/group",
         ]  # fmt: skip
+        # /tmp first: an interpreter (a venv) that lives under /tmp is bound on top of it
+        argv += ["--size", str(self.tmp_size), "--tmpfs", "/tmp"]
         for path in [*self.python_paths, *self.extra_ro_binds]:
             argv += ["--ro-bind", path, path]
         argv += [
             "--proc", "/proc", "--dev", "/dev",
-            "--size", str(self.tmp_size), "--tmpfs", "/tmp",
             "--ro-bind", str(RUNNER), f"{SANDBOX_DIR}/runner.py",
         ]  # fmt: skip
         if code_fd is not None:
