@@ -114,6 +114,7 @@ def fill(storage: Storage, n: int) -> float:
 
 
 def count(storage: Storage) -> int:
+    """Number of stored executions."""
     with storage._sessions() as s:
         return s.execute(text("SELECT count(*) FROM executions")).scalar_one()
 
@@ -170,6 +171,7 @@ def measure(storage: Storage, calls: int) -> list[tuple[str, float, float]]:
 
 
 def run(label: str, storage: Storage, rows: int, fresh: bool, calls: int) -> None:
+    """Migrate, (re)fill unless already holding ``rows`` rows, measure and print one table."""
     storage.migrate()
     have = count(storage)
     if fresh or have != rows:

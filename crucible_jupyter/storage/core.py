@@ -228,7 +228,8 @@ class Storage:
     Every method is synchronous, thread-safe (one session per call from a shared
     engine) and runs in one transaction. Database failures are raised as
     :class:`~crucible_jupyter.errors.StorageError` naming what failed, with the
-    database password masked. ``url`` is the database URL with its password masked.
+    database password masked. ``url`` is the database URL with its password masked;
+    ``dialect`` is ``"sqlite"`` or ``"postgresql"``.
     """
 
     def __init__(self, url: str | URL | None = None, *, echo: bool = False) -> None:
@@ -321,6 +322,8 @@ class Storage:
             try:
                 with self._engine.connect() as conn:
                     conn.execution_options(crucible_write=True)
+                    if self.dialect == "sqlite":  # wait longer for another migrator
+                        conn.connection.driver_connection.execute("PRAGMA busy_timeout = 60000")
                     with conn.begin():
                         if self.dialect == "postgresql":
                             conn.execute(
@@ -329,6 +332,8 @@ class Storage:
                             )
                         cfg.attributes["connection"] = conn
                         command.upgrade(cfg, "head")
+                    if self.dialect == "sqlite":
+                        conn.connection.driver_connection.execute("PRAGMA busy_timeout = 5000")
             except SQLAlchemyError as e:
                 raise self._error("migrating the database schema", e) from e
 

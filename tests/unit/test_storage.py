@@ -419,6 +419,7 @@ def test_default_url_in_jupyter_data_dir(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_sqlite_pragmas(tmp_path: Path) -> None:
     with Storage(f"sqlite:///{tmp_path / 'p.db'}") as s:
+        s.migrate()  # raises busy_timeout while migrating, then puts it back
         with s._engine.connect() as conn:
             values = [
                 conn.exec_driver_sql(f"PRAGMA {p}").scalar()
