@@ -1,0 +1,505 @@
+"""The cell runner, run as a real subprocess exactly as sandboxes and pods run it."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUNNER = Path(__file__).resolve().parents[2] / "crucible_jupyter" / "runner.py"
+TIMEOUT = 60
+
+
+def parse_frames(raw: bytes) -> list[dict]:
+    """Every line must be strict UTF-8 JSON; returns the frames."""
+    assert raw.endswith(b"\n")
+    return [json.loads(line.decode("utf-8")) for line in raw.split(b"\n")[:-1]]
+
+
+def check_frames(frames: list[dict], exit_code: int) -> None:
+    assert [f["seq"] for f in frames] == list(range(len(frames)))
+    assert all(f["v"] == 1 and isinstance(f["t"], int) for f in frames)
+    assert frames[0]["type"] == "start"
+    assert frames[-1] == {**frames[-1], "type": "end", "exit_code": exit_code}
+    assert [f["type"] for f in frames].count("end") == 1
+
+
+class Result:
+    def __init__(self, frames: list[dict], returncode: int, stderr: bytes):
+        self.frames = frames
+        self.returncode = returncode
+        self.stderr = stderr
+
+    def of(self, type_: str) -> list[dict]:
+        return [f for f in self.frames if f["type"] == type_]
+
+    def text(self, name: str) -> str:
+        return "".join(f["text"] for f in self.of("stream") if f["name"] == name)
+
+    def streams(self) -> list[tuple[str, str]]:
+        """(name, line) for every line of stream output, in frame order."""
+        out: list[tuple[str, str]] = []
+        for f in self.of("stream"):
+            out.extend((f["name"], line) for line in f["text"].splitlines())
+        return out
+
+    @property
+    def exit_code(self) -> int:
+        return self.frames[-1]["exit_code"]
+
+
+def write_cell(tmp_path: Path, code: str) -> Path:
+    path = tmp_path / "cell.py"
+    path.write_text(code, encoding="utf-8")
+    return path
+
+
+def run_cell(tmp_path: Path, code: str, *args: str) -> Result:
+    cmd = [sys.executable, str(RUNNER), "--code-file", str(write_cell(tmp_path, code)), *args]
+    proc = subprocess.run(
+        cmd, stdin=subprocess.PIPE, capture_output=True, timeout=TIMEOUT, cwd=tmp_path
+    )
+    frames = parse_frames(proc.stdout)
+    check_frames(frames, proc.returncode)
+    return Result(frames, proc.returncode, proc.stderr)
+
+
+class LiveRunner:
+    """The runner with frames read one line at a time while it runs."""
+
+    def __init__(self, tmp_path: Path, code: str):
+        cmd = [sys.executable, str(RUNNER), "--code-file", str(write_cell(tmp_path, code))]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.frames: list[dict] = []
+
+    def next_frame(self) -> dict:
+        line = self.proc.stdout.readline()
+        assert line, "the runner ended early"
+        self.frames.append(json.loads(line.decode("utf-8")))
+        return self.frames[-1]
+
+    def wait_for(self, type_: str) -> dict:
+        while True:
+            frame = self.next_frame()
+            if frame["type"] == type_:
+                return frame
+
+    def finish(self) -> int:
+        rest, _ = self.proc.communicate(timeout=TIMEOUT)
+        if rest:
+            self.frames.extend(parse_frames(rest))
+        check_frames(self.frames, self.proc.returncode)
+        return self.proc.returncode
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+@pytest.fixture
+def live(tmp_path):
+    runners: list[LiveRunner] = []
+
+    def start(code: str) -> LiveRunner:
+        runners.append(LiveRunner(tmp_path, code))
+        return runners[-1]
+
+    yield start
+    for runner in runners:
+        runner.close()
+
+
+# --- basics ---------------------------------------------------------------------------------
+
+
+def test_print_becomes_a_stream_frame(tmp_path):
+    result = run_cell(tmp_path, "print(1)\n")
+    assert result.returncode == 0
+    assert [(f["type"], f.get("name"), f.get("text")) for f in result.frames] == [
+        ("start", None, None),
+        ("stream", "stdout", "1\n"),
+        ("end", None, None),
+    ]
+    start = result.frames[0]
+    assert start["python"] == "%d.%d.%d" % sys.version_info[:3]
+    assert isinstance(start["pid"], int)
+    assert result.stderr == b""
+
+
+def test_runner_parses_as_python_3_8():
+    source = RUNNER.read_text(encoding="utf-8")
+    ast.parse(source, feature_version=(3, 8))
+    assert "import crucible_jupyter" not in source
+    assert "from crucible_jupyter" not in source
+
+
+def test_bad_command_line_exits_2_without_frames(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), "--code-file", str(tmp_path / "missing.py")],
+        capture_output=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == b""
+    assert b"missing.py" in proc.stderr
+
+
+def test_stdin_devnull_is_fine(tmp_path):
+    path = write_cell(tmp_path, "print('ok')\n")
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), "--code-file", str(path)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=TIMEOUT,
+    )
+    frames = parse_frames(proc.stdout)
+    check_frames(frames, 0)
+    assert frames[1]["text"] == "ok\n"
+
+
+def test_cell_environment(tmp_path):
+    code = (
+        "import os, sys\n"
+        "print(__name__, sys.argv, os.environ['MPLBACKEND'])\n"
+        "print(sys.stdout.isatty(), sys.stdout.fileno(), sys.stderr.fileno())\n"
+        "print(sys.stdout.encoding, sys.stdout.writable(), sys.stdout.write('x'))\n"
+        "print(len(sys.stdin.read()))\n"
+    )
+    result = run_cell(tmp_path, code)
+    assert result.text("stdout") == "__main__ ['<cell>'] Agg\nFalse 1 2\nxutf-8 True 1\n0\n"
+
+
+def test_frame_channel_does_not_leak_into_the_cell(tmp_path):
+    code = (
+        "import os\n"
+        "for fd in sorted(int(n) for n in os.listdir('/proc/self/fd')):\n"
+        "    try:\n"
+        "        print(fd, os.readlink('/proc/self/fd/%d' % fd))\n"
+        "    except OSError:\n"
+        "        pass\n"
+    )
+    path = write_cell(tmp_path, code)
+    proc = subprocess.Popen(
+        [sys.executable, str(RUNNER), "--code-file", str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    frame_pipe = "pipe:[%d]" % os.fstat(proc.stdout.fileno()).st_ino
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    frames = parse_frames(out)
+    check_frames(frames, 0)
+    listing = "".join(f["text"] for f in frames if f["type"] == "stream")
+    assert frame_pipe not in listing
+    assert listing.startswith("0 /dev/null\n")
+
+
+# --- ordering -------------------------------------------------------------------------------
+
+
+def test_stdout_and_stderr_keep_their_order(tmp_path):
+    code = (
+        "import sys\n"
+        "for i in range(100):\n"
+        "    print('out', i)\n"
+        "    print('err', i, file=sys.stderr)\n"
+    )
+    result = run_cell(tmp_path, code)
+    expected = []
+    for i in range(100):
+        expected += [("stdout", f"out {i}"), ("stderr", f"err {i}")]
+    assert result.streams() == expected
+
+
+def test_subprocess_and_os_write_are_captured_in_order(tmp_path):
+    code = (
+        "import os, subprocess, sys\n"
+        "for i in range(20):\n"
+        "    print('print', i)\n"
+        "    subprocess.run(['echo', 'echo %d' % i])\n"
+        "    print('print-after', i)\n"
+        "    os.write(1, b'write %d\\n' % i)\n"
+        "    sys.stderr.write('err %d\\n' % i)\n"
+        "    os.write(2, b'write-err %d\\n' % i)\n"
+    )
+    result = run_cell(tmp_path, code)
+    expected = []
+    for i in range(20):
+        expected += [
+            ("stdout", f"print {i}"),
+            ("stdout", f"echo {i}"),
+            ("stdout", f"print-after {i}"),
+            ("stdout", f"write {i}"),
+            ("stderr", f"err {i}"),
+            ("stderr", f"write-err {i}"),
+        ]
+    assert result.streams() == expected
+
+
+def test_c_level_output_is_captured(tmp_path):
+    code = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.puts(b'from C')\n"
+        "libc.fflush(None)\n"
+        "os.system('echo from shell >&2')\n"
+        "libc.puts(b'unflushed at exit')\n"
+    )
+    result = run_cell(tmp_path, code)
+    assert result.text("stdout") == "from C\nunflushed at exit\n"
+    assert result.text("stderr") == "from shell\n"
+
+
+def test_output_arrives_while_the_cell_still_runs(live):
+    runner = live("import time\nprint('early')\ntime.sleep(3)\nprint('late')\n")
+    frame = runner.wait_for("stream")
+    assert frame["text"] == "early\n"
+    assert runner.proc.poll() is None  # read before the process ended
+    assert runner.finish() == 0
+    assert runner.frames[-2]["text"] == "late\n"
+
+
+def test_partial_lines_are_sent_without_waiting_for_a_newline(live):
+    runner = live("import time\nprint('50%', end='\\r')\ntime.sleep(3)\nprint('done')\n")
+    frame = runner.wait_for("stream")
+    assert frame["text"] == "50%\r"
+    assert runner.proc.poll() is None
+    assert runner.finish() == 0
+
+
+def test_big_write_is_split_and_complete(tmp_path):
+    code = (
+        "import os, sys\n"
+        "sys.stdout.write('x' * 5_000_000)\n"
+        "sys.stdout.flush()\n"
+        "os.write(2, 'é'.encode() * 2_500_000)\n"
+    )
+    result = run_cell(tmp_path, code, "--max-frame-text", "100000")
+    streams = result.of("stream")
+    assert all(len(f["text"]) <= 100_000 for f in streams)
+    assert result.text("stdout") == "x" * 5_000_000
+    assert result.text("stderr") == "é" * 2_500_000
+
+
+# --- rich output ----------------------------------------------------------------------------
+
+
+def test_last_expression_becomes_execute_result(tmp_path):
+    result = run_cell(tmp_path, "x = 20\nx * 2 + 2\n")
+    assert [f["data"] for f in result.of("execute_result")] == [{"text/plain": "42"}]
+
+
+def test_semicolon_and_none_suppress_the_result(tmp_path):
+    assert run_cell(tmp_path, "1 + 1;\n").of("execute_result") == []
+    assert run_cell(tmp_path, "None\n").of("execute_result") == []
+
+
+def test_top_level_await(tmp_path):
+    code = "import asyncio\nawait asyncio.sleep(0)\nasync def f():\n    return 7\nawait f()\n"
+    result = run_cell(tmp_path, code)
+    assert result.returncode == 0
+    assert result.of("execute_result")[0]["data"] == {"text/plain": "7"}
+
+
+def test_display_uses_repr_html(tmp_path):
+    code = (
+        "class Fancy:\n"
+        "    def _repr_html_(self):\n"
+        "        return '<i>fancy</i>'\n"
+        "    def __repr__(self):\n"
+        "        return 'Fancy()'\n"
+        "display(Fancy())\n"
+        "clear_output(wait=True)\n"
+    )
+    result = run_cell(tmp_path, code)
+    [shown] = result.of("display_data")
+    assert shown["data"]["text/html"] == "<i>fancy</i>"
+    assert shown["data"]["text/plain"] == "Fancy()"
+    assert [f["wait"] for f in result.of("clear_output")] == [True]
+
+
+def test_ipython_display_is_routed_to_frames(tmp_path):
+    pytest.importorskip("IPython")
+    code = (
+        "from IPython.display import display, HTML, Markdown\n"
+        "display(HTML('<b>x</b>'))\n"
+        "import IPython.display\n"
+        "IPython.display.display(Markdown('*y*'))\n"
+        "HTML('<p>last</p>')\n"
+    )
+    result = run_cell(tmp_path, code)
+    assert result.returncode == 0, result.frames
+    html, markdown = result.of("display_data")
+    assert html["data"]["text/html"] == "<b>x</b>"
+    assert markdown["data"]["text/markdown"] == "*y*"
+    assert result.of("execute_result")[0]["data"]["text/html"] == "<p>last</p>"
+    assert result.text("stdout") == ""
+
+
+def test_matplotlib_figures_become_png(tmp_path):
+    try:
+        subprocess.run(
+            [sys.executable, "-c", "import matplotlib.pyplot"], check=True, capture_output=True
+        )
+    except subprocess.CalledProcessError:
+        pytest.skip("matplotlib cannot be imported by %s" % sys.executable)
+    code = (
+        "import matplotlib.pyplot as plt\n"
+        "plt.plot([1, 2, 3])\n"
+        "plt.show()\n"
+        "fig, ax = plt.subplots()\n"
+        "ax.bar([1, 2], [3, 4])\n"
+    )
+    result = run_cell(tmp_path, code)
+    assert result.returncode == 0
+    assert result.of("stream") == []  # no warnings
+    figures = result.of("display_data")
+    assert len(figures) == 2
+    for fig in figures:
+        assert base64.b64decode(fig["data"]["image/png"]).startswith(b"\x89PNG\r\n\x1a\n")
+        assert fig["data"]["text/plain"].startswith("<Figure size ")
+        assert fig["data"]["text/plain"].endswith(" with 1 Axes>")
+
+
+# --- exits and errors -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ending", "exit_code"),
+    [("sys.exit(0)", 0), ("sys.exit(3)", 3), ("os._exit(1)", 1), ("sys.exit()", 0)],
+)
+def test_exits_keep_all_output(tmp_path, ending, exit_code):
+    code = f"import os, sys\nprint('printed')\nos.write(1, b'written\\n')\n{ending}\nprint('no')\n"
+    result = run_cell(tmp_path, code)
+    assert result.returncode == exit_code
+    assert result.text("stdout") == "printed\nwritten\n"
+    assert result.of("error") == []
+
+
+def test_sys_exit_with_a_message(tmp_path):
+    result = run_cell(tmp_path, "import sys\nsys.exit('giving up')\n")
+    assert result.returncode == 1
+    assert result.text("stderr") == "giving up\n"
+    assert result.of("error") == []
+
+
+def test_syntax_error(tmp_path):
+    result = run_cell(tmp_path, "x = 1\ny = (2 +\n")
+    assert result.returncode == 1
+    [error] = result.of("error")
+    assert error["ename"] == "SyntaxError"
+    text = "\n".join(error["traceback"])
+    assert 'File "<cell>", line 2' in text
+    assert "y = (2 +" in text
+    assert "^" in text
+    assert "runner.py" not in text
+    assert "\x1b[" not in text
+
+
+def test_import_error_shows_the_cell_line(tmp_path):
+    result = run_cell(tmp_path, "print('before')\nimport no_such_module_here\n")
+    assert result.returncode == 1
+    assert result.text("stdout") == "before\n"
+    [error] = result.of("error")
+    assert error["ename"] == "ModuleNotFoundError"
+    assert error["evalue"] == "No module named 'no_such_module_here'"
+    tb = error["traceback"]
+    assert tb[0] == "Traceback (most recent call last):"
+    assert 'File "<cell>", line 2, in <module>' in tb[1]
+    assert "import no_such_module_here" in "\n".join(tb)
+    assert "runner.py" not in "\n".join(tb)
+
+
+def test_exception_in_a_function_and_traceback_module(tmp_path):
+    code = (
+        "import traceback\n"
+        "def f():\n"
+        "    raise ValueError('bad')\n"
+        "try:\n"
+        "    f()\n"
+        "except ValueError:\n"
+        "    traceback.print_exc()\n"
+        "f()\n"
+    )
+    result = run_cell(tmp_path, code)
+    assert "    raise ValueError('bad')" in result.text("stderr")
+    [error] = result.of("error")
+    text = "\n".join(error["traceback"])
+    assert "line 8, in <module>" in text
+    assert "line 3, in f" in text
+    assert text.endswith("ValueError: bad")
+
+
+def test_interrupt_raises_keyboard_interrupt(live):
+    runner = live("import time\nprint('ready')\ntime.sleep(100)\n")
+    runner.wait_for("stream")
+    runner.proc.stdin.write(b"interrupt\n")
+    runner.proc.stdin.flush()
+    error = runner.wait_for("error")
+    assert error["ename"] == "KeyboardInterrupt"
+    assert any("time.sleep(100)" in line for line in error["traceback"])
+    assert runner.finish() == 130
+    assert runner.frames[-1]["exit_code"] == 130
+
+
+def test_rlimit_fsize_gives_an_error_frame(tmp_path):
+    code = "with open('big.bin', 'wb') as f:\n    f.write(b'x' * 2_000_000)\n"
+    result = run_cell(tmp_path, code, "--rlimit-fsize", "1000000")
+    assert result.returncode == 1
+    [error] = result.of("error")
+    assert error["ename"] in ("OSError", "IOError")
+    assert "File too large" in error["evalue"]
+
+
+def test_rlimit_nofile_applies(tmp_path):
+    code = "import resource\nprint(resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    result = run_cell(tmp_path, code, "--rlimit-nofile", "64")
+    assert result.text("stdout") == "(64, 64)\n"
+
+
+def test_killed_by_a_signal(tmp_path):
+    result = run_cell(tmp_path, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    assert result.returncode == 128 + 9
+
+
+def test_background_grandchild_does_not_hold_the_cell(tmp_path):
+    code = "import subprocess\nsubprocess.Popen(['sleep', '30'])\nprint('left it running')\n"
+    result = run_cell(tmp_path, code)  # returns within TIMEOUT, well before sleep ends
+    assert result.text("stdout") == "left it running\n"
+
+
+# --- text that is not plain ASCII -----------------------------------------------------------
+
+
+def test_unicode_survives(tmp_path):
+    text = "emoji 🎉👩‍👩‍👧 rtl שלום مرحبا combining e\u0301 a\u0308"
+    code = (
+        "import os, sys\n"
+        f"print({text!r})\n"
+        "print('\\ud800 lone')\n"
+        "sys.stdout.buffer.write(b'bytes \\xff\\n')\n"
+        "os.write(1, b'raw \\xff\\xfe\\n')\n"
+        "'\\udcff'\n"
+    )
+    result = run_cell(tmp_path, code)
+    assert result.returncode == 0
+    assert result.text("stdout") == (
+        f"{text}\n\\ud800 lone\nbytes \ufffd\nraw \ufffd\ufffd\n"
+    )
+    assert result.of("execute_result")[0]["data"]["text/plain"] == "'\\udcff'"
+
+
+def test_multibyte_characters_are_not_split(tmp_path):
+    code = "import os\nfor b in '€'.encode() * 3:\n    os.write(1, bytes([b]))\n"
+    result = run_cell(tmp_path, code)
+    assert result.text("stdout") == "€€€"
+    assert "\ufffd" not in result.text("stdout")
