@@ -82,7 +82,7 @@ def _json_default(obj):
         return binascii.b2a_base64(bytes(obj), newline=False).decode("ascii")
     if isinstance(obj, (set, frozenset)):
         return list(obj)
-    raise TypeError("not JSON serializable: %s" % type(obj).__name__)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
 _dumps = json.JSONEncoder(
@@ -117,7 +117,7 @@ def _clean(obj, depth=0):
     try:
         text = str(obj)
     except Exception:
-        text = "<unprintable %s object>" % type(obj).__name__
+        text = f"<unprintable {type(obj).__name__} object>"
     return _clean_text(text)
 
 
@@ -156,11 +156,11 @@ def parse_args(argv):
             raise UsageError(_USAGE)
         name, sep, value = arg.partition("=")
         if name not in _OPTIONS:
-            raise UsageError("unknown argument %r\n%s" % (arg, _USAGE))
+            raise UsageError(f"unknown argument {arg!r}\n{_USAGE}")
         if not sep:
             i += 1
             if i >= len(argv):
-                raise UsageError("%s needs a value\n%s" % (name, _USAGE))
+                raise UsageError(f"{name} needs a value\n{_USAGE}")
             value = argv[i]
         key = _OPTIONS[name]
         if key == "code_file":
@@ -169,9 +169,9 @@ def parse_args(argv):
             try:
                 number = int(value)
             except ValueError:
-                raise UsageError("%s needs an integer, got %r" % (name, value)) from None
+                raise UsageError(f"{name} needs an integer, got {value!r}") from None
             if number < (1 if key == "max_frame_text" else 0):
-                raise UsageError("%s is out of range: %d" % (name, number))
+                raise UsageError(f"{name} is out of range: {number}")
             opts[key] = number
         i += 1
     if not opts["code_file"]:
@@ -495,7 +495,7 @@ def main(argv=None):
         with open(opts["code_file"], "rb") as f:
             source = f.read()
     except (UsageError, OSError) as exc:
-        sys.stderr.write("runner: %s\n" % exc)
+        sys.stderr.write(f"runner: {exc}\n")
         sys.stderr.flush()
         os._exit(_EXIT_USAGE)
     if not _ensure_std_fds():
@@ -513,7 +513,7 @@ def main(argv=None):
     _prctl(_PR_SET_DUMPABLE, 0)
     writer = FrameWriter(1, opts["max_frame_text"])
     supervisor_pid = os.getpid()
-    writer.add("start", {"python": "%d.%d.%d" % sys.version_info[:3], "pid": supervisor_pid})
+    writer.add("start", {"python": ".".join(map(str, sys.version_info[:3])), "pid": supervisor_pid})
     try:
         writer.flush()
     except _FrameChannelGone:
@@ -698,7 +698,7 @@ class _EventChannel:
 
 def _stream_event_lines(name, text, out):
     """Append stream events for *text* to *out*, each (when possible) within PIPE_BUF bytes."""
-    prefix = '{"type":"stream","name":"%s","text":' % name
+    prefix = '{"type":"stream","name":"' + name + '","text":'
     for start in range(0, len(text), _STREAM_PIECE):
         _stream_piece(prefix, text[start : start + _STREAM_PIECE], out)
 
@@ -733,7 +733,7 @@ class CellStream(io.TextIOBase):
 
     @property
     def name(self):
-        return "<%s>" % self._stream_name
+        return f"<{self._stream_name}>"
 
     @property
     def encoding(self):
@@ -753,7 +753,7 @@ class CellStream(io.TextIOBase):
 
     def write(self, s):
         if not isinstance(s, str):
-            raise TypeError("write() argument must be str, not %s" % type(s).__name__)
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         if s:
             self._channel.write_text(self._stream_name, s)
         return len(s)
@@ -1348,7 +1348,7 @@ def _system_exit_code(exc):
     if isinstance(code, int):
         return code
     try:
-        sys.stderr.write("%s\n" % (code,))
+        sys.stderr.write(f"{code}\n")
     except Exception:
         pass
     return 1
@@ -1358,14 +1358,14 @@ def _safe_str(obj):
     try:
         return str(obj)
     except BaseException:
-        return "<unprintable %s object>" % type(obj).__name__
+        return f"<unprintable {type(obj).__name__} object>"
 
 
 def _send_error(exc, note=None):
     try:
         lines = format_traceback(exc)
     except BaseException:
-        lines = ["%s: %s" % (type(exc).__name__, _safe_str(exc))]
+        lines = [f"{type(exc).__name__}: {_safe_str(exc)}"]
     if note:
         lines.insert(0, note)
     _send(

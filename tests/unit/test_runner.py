@@ -130,7 +130,7 @@ def test_print_becomes_a_stream_frame(tmp_path):
         ("end", None, None),
     ]
     start = result.frames[0]
-    assert start["python"] == "%d.%d.%d" % sys.version_info[:3]
+    assert start["python"] == ".".join(map(str, sys.version_info[:3]))
     assert isinstance(start["pid"], int)
     assert result.stderr == b""
 
@@ -194,7 +194,7 @@ def test_frame_channel_does_not_leak_into_the_cell(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    frame_pipe = "pipe:[%d]" % os.fstat(proc.stdout.fileno()).st_ino
+    frame_pipe = f"pipe:[{os.fstat(proc.stdout.fileno()).st_ino}]"
     out, _ = proc.communicate(timeout=TIMEOUT)
     frames = parse_frames(out)
     check_frames(frames, 0)
@@ -351,7 +351,7 @@ def test_matplotlib_figures_become_png(tmp_path):
             [sys.executable, "-c", "import matplotlib.pyplot"], check=True, capture_output=True
         )
     except subprocess.CalledProcessError:
-        pytest.skip("matplotlib cannot be imported by %s" % sys.executable)
+        pytest.skip(f"matplotlib cannot be imported by {sys.executable}")
     code = (
         "import matplotlib.pyplot as plt\n"
         "plt.plot([1, 2, 3])\n"
@@ -492,9 +492,7 @@ def test_unicode_survives(tmp_path):
     )
     result = run_cell(tmp_path, code)
     assert result.returncode == 0
-    assert result.text("stdout") == (
-        f"{text}\n\\ud800 lone\nbytes \ufffd\nraw \ufffd\ufffd\n"
-    )
+    assert result.text("stdout") == (f"{text}\n\\ud800 lone\nbytes \ufffd\nraw \ufffd\ufffd\n")
     assert result.of("execute_result")[0]["data"]["text/plain"] == "'\\udcff'"
 
 
