@@ -182,7 +182,7 @@ class CrucibleLocalBackend(Backend):
         ]  # fmt: skip
         if code_fd is not None:
             argv += ["--ro-bind-data", str(code_fd), f"{SANDBOX_DIR}/cell.py"]
-        argv += ["--chdir", "/tmp"]
+        argv += ["--remount-ro", "/", "--chdir", "/tmp"]
         return argv
 
     def _env(self, execution: Execution) -> dict[str, str]:
@@ -266,7 +266,8 @@ class CrucibleLocalBackend(Backend):
         if isolated:
             os.write(code_fd, req.code.encode("utf-8"))
             os.lseek(code_fd, 0, os.SEEK_SET)
-            argv = [*self._bwrap_argv(code_fd), "--", self.python, "-I",
+            setenv = [a for k, v in self._env(execution).items() for a in ("--setenv", k, v)]
+            argv = [*self._bwrap_argv(code_fd), *setenv, "--", self.python, "-I",
                     f"{SANDBOX_DIR}/runner.py", "--code-file", f"{SANDBOX_DIR}/cell.py"]  # fmt: skip
             env = {}
             pass_fds = (code_fd,)
@@ -277,9 +278,6 @@ class CrucibleLocalBackend(Backend):
             env = {**self._env(execution), "HOME": workdir, "TMPDIR": workdir}
             pass_fds = ()
         argv += runner_args
-        if isolated:
-            for k, v in self._env(execution).items():
-                argv[1:1] = ["--setenv", k, v]
         if group is not None:  # join the group before exec'ing anything of the cell
             env["CRUCIBLE_CGROUP_PROCS"] = " ".join(group.procs_files())
             argv = ["/bin/sh", "-c",

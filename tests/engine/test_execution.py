@@ -145,8 +145,8 @@ async def test_timeout_kills(dispatcher, code):
 async def test_timeout_kills_the_whole_process_tree(dispatcher):
     code = textwrap.dedent("""
         import subprocess
-        subprocess.Popen(["sleep", "1000"])
-        subprocess.Popen(["sh", "-c", "sleep 1000 & sleep 1000"])
+        subprocess.Popen(["sleep", "987654"])
+        subprocess.Popen(["sh", "-c", "sleep 987655 & sleep 987656"])
         import time; time.sleep(1000)
     """)
     execution, _ = await run_cell(dispatcher, code, timeout=1)
@@ -154,7 +154,7 @@ async def test_timeout_kills_the_whole_process_tree(dispatcher):
     await asyncio.sleep(0.3)
     import subprocess
 
-    left = subprocess.run(["pgrep", "-f", "sleep 1000"], capture_output=True, text=True).stdout
+    left = subprocess.run(["pgrep", "-f", "sleep 98765[456]"], capture_output=True, text=True).stdout
     assert left.strip() == ""
 
 

@@ -15,6 +15,19 @@ from crucible_jupyter.storage import Storage
 from .conftest import stream_text
 
 
+def _processes_with(marker: str) -> list[int]:
+    """Pids of live processes whose environment contains ``marker``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
 def _dead_owner() -> str:
     proc = subprocess.Popen(["true"])
     proc.wait()
@@ -61,17 +74,20 @@ def test_sigkilled_cli_leaves_nothing_running(tmp_path):
     url = f"sqlite:///{tmp_path}/crucible.db"
     cell = tmp_path / "cell.py"
     cell.write_text("import time\nprint('working', flush=True)\ntime.sleep(100)\n")
+    marker = f"MARK{os.getpid()}x{time.time_ns()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "crucible_jupyter.cli", "--db-url", url, "run", str(cell)],
+        [sys.executable, "-m", "crucible_jupyter.cli", "--db-url", url, "run",
+         "--env", f"MARK={marker}", str(cell)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
-    assert proc.stdout.readline() == "working\n"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(0.2)
-    left = subprocess.run(["pgrep", "-f", "time.sleep\\(100\\)|crucible/cell.py"],
-                          capture_output=True, text=True).stdout  # fmt: skip
-    assert left.strip() == "", "the sandbox outlived its dispatcher"
+    with proc:
+        assert proc.stdout.readline() == "working\n"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 5
+    while (left := _processes_with(marker)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == [], "the sandbox outlived its dispatcher"
     out = subprocess.run(
         [sys.executable, "-m", "crucible_jupyter.cli", "--db-url", url, "run", "-"],
         input="print('next')", capture_output=True, text=True, timeout=60,
