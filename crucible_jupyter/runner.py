@@ -511,6 +511,11 @@ def main(argv=None):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Cell code runs as the same user: without this it could open /proc/<us>/fd/1 and forge frames.
     _prctl(_PR_SET_DUMPABLE, 0)
+    for fd in (0, 1):  # a non-blocking pipe from the dispatcher would make writes fail
+        try:
+            os.set_blocking(fd, True)
+        except OSError:
+            pass
     writer = FrameWriter(1, opts["max_frame_text"])
     supervisor_pid = os.getpid()
     writer.add("start", {"python": ".".join(map(str, sys.version_info[:3])), "pid": supervisor_pid})
@@ -1254,10 +1259,10 @@ def execute_cell(source, namespace):
     """
     import builtins
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     loop = []
     try:
         try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             body, last = _compile_cell(source)
             _run_code(body, namespace, loop)
             if last is not None:

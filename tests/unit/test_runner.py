@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import functools
 import json
 import os
 import subprocess
@@ -13,7 +14,16 @@ from pathlib import Path
 import pytest
 
 RUNNER = Path(__file__).resolve().parents[2] / "crucible_jupyter" / "runner.py"
+# The runner must work on any Python >= 3.8: point this at another interpreter to check one.
+PYTHON = os.environ.get("CRUCIBLE_RUNNER_PYTHON") or sys.executable
 TIMEOUT = 60
+
+
+@functools.cache
+def runner_python_has(module: str) -> bool:
+    """Whether the interpreter that runs the runner can import *module*."""
+    proc = subprocess.run([PYTHON, "-c", f"import {module}"], capture_output=True)
+    return proc.returncode == 0
 
 
 def parse_frames(raw: bytes) -> list[dict]:
@@ -61,7 +71,7 @@ def write_cell(tmp_path: Path, code: str) -> Path:
 
 
 def run_cell(tmp_path: Path, code: str, *args: str) -> Result:
-    cmd = [sys.executable, str(RUNNER), "--code-file", str(write_cell(tmp_path, code)), *args]
+    cmd = [PYTHON, str(RUNNER), "--code-file", str(write_cell(tmp_path, code)), *args]
     proc = subprocess.run(
         cmd, stdin=subprocess.PIPE, capture_output=True, timeout=TIMEOUT, cwd=tmp_path
     )
@@ -74,7 +84,7 @@ class LiveRunner:
     """The runner with frames read one line at a time while it runs."""
 
     def __init__(self, tmp_path: Path, code: str):
-        cmd = [sys.executable, str(RUNNER), "--code-file", str(write_cell(tmp_path, code))]
+        cmd = [PYTHON, str(RUNNER), "--code-file", str(write_cell(tmp_path, code))]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
@@ -130,7 +140,7 @@ def test_print_becomes_a_stream_frame(tmp_path):
         ("end", None, None),
     ]
     start = result.frames[0]
-    assert start["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert start["python"].count(".") == 2
     assert isinstance(start["pid"], int)
     assert result.stderr == b""
 
@@ -144,7 +154,7 @@ def test_runner_parses_as_python_3_8():
 
 def test_bad_command_line_exits_2_without_frames(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(RUNNER), "--code-file", str(tmp_path / "missing.py")],
+        [PYTHON, str(RUNNER), "--code-file", str(tmp_path / "missing.py")],
         capture_output=True,
         timeout=TIMEOUT,
     )
@@ -156,7 +166,7 @@ def test_bad_command_line_exits_2_without_frames(tmp_path):
 def test_stdin_devnull_is_fine(tmp_path):
     path = write_cell(tmp_path, "print('ok')\n")
     proc = subprocess.run(
-        [sys.executable, str(RUNNER), "--code-file", str(path)],
+        [PYTHON, str(RUNNER), "--code-file", str(path)],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         timeout=TIMEOUT,
@@ -189,7 +199,7 @@ def test_frame_channel_does_not_leak_into_the_cell(tmp_path):
     )
     path = write_cell(tmp_path, code)
     proc = subprocess.Popen(
-        [sys.executable, str(RUNNER), "--code-file", str(path)],
+        [PYTHON, str(RUNNER), "--code-file", str(path)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -328,7 +338,8 @@ def test_display_uses_repr_html(tmp_path):
 
 
 def test_ipython_display_is_routed_to_frames(tmp_path):
-    pytest.importorskip("IPython")
+    if not runner_python_has("IPython.display"):
+        pytest.skip(f"IPython cannot be imported by {PYTHON}")
     code = (
         "from IPython.display import display, HTML, Markdown\n"
         "display(HTML('<b>x</b>'))\n"
@@ -346,12 +357,8 @@ def test_ipython_display_is_routed_to_frames(tmp_path):
 
 
 def test_matplotlib_figures_become_png(tmp_path):
-    try:
-        subprocess.run(
-            [sys.executable, "-c", "import matplotlib.pyplot"], check=True, capture_output=True
-        )
-    except subprocess.CalledProcessError:
-        pytest.skip(f"matplotlib cannot be imported by {sys.executable}")
+    if not runner_python_has("matplotlib.pyplot"):
+        pytest.skip(f"matplotlib cannot be imported by {PYTHON}")
     code = (
         "import matplotlib.pyplot as plt\n"
         "plt.plot([1, 2, 3])\n"
@@ -446,7 +453,9 @@ def test_interrupt_raises_keyboard_interrupt(live):
     runner.proc.stdin.flush()
     error = runner.wait_for("error")
     assert error["ename"] == "KeyboardInterrupt"
-    assert any("time.sleep(100)" in line for line in error["traceback"])
+    text = "\n".join(error["traceback"])
+    assert 'File "<cell>", line ' in text  # usually line 3, the sleep; it may land sooner
+    assert "runner.py" not in text
     assert runner.finish() == 130
     assert runner.frames[-1]["exit_code"] == 130
 
