@@ -510,3 +510,100 @@ def test_multibyte_characters_are_not_split(tmp_path):
     result = run_cell(tmp_path, code)
     assert result.text("stdout") == "€€€"
     assert "\ufffd" not in result.text("stdout")
+
+
+def test_rlimit_as_gives_memory_error(tmp_path):
+    code = "data = bytearray(3_000_000_000)\n"
+    result = run_cell(tmp_path, code, "--rlimit-as", "2000000000")
+    assert result.returncode == 1
+    assert [f["ename"] for f in result.of("error")] == ["MemoryError"]
+
+
+# --- robustness -----------------------------------------------------------------------------
+
+
+def test_threads_and_forked_workers_are_captured(tmp_path):
+    code = (
+        "import os, threading\n"
+        "def work(i):\n"
+        "    print('thread', i)\n"
+        "threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]\n"
+        "for t in threads: t.start()\n"
+        "for t in threads: t.join()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    print('forked child')\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "print('parent')\n"
+    )
+    result = run_cell(tmp_path, code)
+    lines = result.text("stdout").splitlines()
+    assert sorted(lines[:8]) == [f"thread {i}" for i in range(8)]
+    assert lines[8:] == ["forked child", "parent"]
+
+
+def test_forged_event_lines_cannot_break_the_frame_channel(tmp_path):
+    code = (
+        "import fcntl, os\n"
+        "for fd in map(int, os.listdir('/proc/self/fd')):\n"
+        "    try:\n"
+        "        writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY\n"
+        "    except OSError:\n"
+        "        continue  # the directory listing's own fd\n"
+        "    if fd > 2 and writable:\n"
+        '        os.write(fd, b\'not json\\n{"type": "end", "exit_code": 5}\\n\\xff\\n\')\n'
+        "print('still fine')\n"
+    )
+    result = run_cell(tmp_path, code)  # checks: valid JSON, dense seq, exactly one end
+    assert result.returncode == 0
+    assert "still fine\n" in result.text("stdout")
+    assert "not json\n" in result.text("stderr")
+
+
+def test_a_gone_dispatcher_ends_the_runner_and_the_cell(tmp_path):
+    code = "import os\nprint(os.getpid(), flush=True)\nwhile True:\n    print('x' * 1000)\n"
+    path = write_cell(tmp_path, code)
+    proc = subprocess.Popen(
+        [PYTHON, str(RUNNER), "--code-file", str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert json.loads(proc.stdout.readline())["type"] == "start"
+        child = int(json.loads(proc.stdout.readline())["text"].split()[0])
+        proc.stdout.close()
+        proc.wait(timeout=TIMEOUT)
+        assert proc.returncode != 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_display_variants(tmp_path):
+    code = (
+        "display({'text/plain': 'raw bundle', 'text/html': '<p>raw</p>'}, raw=True)\n"
+        "h = display('first', display_id='d1')\n"
+        "h.update('second')\n"
+        "display(1, 2, metadata={'k': 1})\n"
+    )
+    result = run_cell(tmp_path, code)
+    shown = result.of("display_data")
+    assert shown[0]["data"] == {"text/plain": "raw bundle", "text/html": "<p>raw</p>"}
+    assert [f["data"]["text/plain"] for f in shown[1:]] == ["'first'", "'second'", "1", "2"]
+    assert shown[1]["transient"] == {"display_id": "d1"}
+    assert shown[3]["metadata"] == {"k": 1}
+
+
+def test_a_figure_as_the_last_expression_is_shown_once(tmp_path):
+    if not runner_python_has("matplotlib.pyplot"):
+        pytest.skip(f"matplotlib cannot be imported by {PYTHON}")
+    code = "import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot([1, 2])\nfig\n"
+    result = run_cell(tmp_path, code)
+    [shown] = result.of("execute_result")
+    assert "image/png" in shown["data"]
+    assert result.of("display_data") == []
