@@ -528,7 +528,13 @@ def main(argv=None):
     ev_r, ev_w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        _child_main(opts, source, supervisor_pid, out_r, out_w, err_r, err_w, ev_r, ev_w)
+        try:
+            _child_main(opts, source, supervisor_pid, out_r, out_w, err_r, err_w, ev_r, ev_w)
+        except BaseException:  # a bug of the runner: say so on the cell's stderr
+            import traceback
+
+            os.write(2, _clean_text("runner: " + traceback.format_exc()).encode("utf-8"))
+        os._exit(_EXIT_RUNNER_FAILURE)
     for fd in (out_w, err_w, ev_w):
         os.close(fd)
     try:
