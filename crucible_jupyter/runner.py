@@ -68,7 +68,14 @@ _RLIMITS = (
     ("rlimit_as", "RLIMIT_AS"),
     ("rlimit_nofile", "RLIMIT_NOFILE"),
 )
-_EVENT_TYPES = ("stream", "display_data", "execute_result", "clear_output", "error")
+_ASYNC_SIGNALS = {
+    getattr(signal, name)
+    for name in (
+        "SIGINT SIGTERM SIGHUP SIGQUIT SIGALRM SIGVTALRM SIGPROF SIGCHLD SIGUSR1 SIGUSR2 "
+        "SIGWINCH SIGPIPE SIGXFSZ SIGXCPU SIGIO SIGURG"
+    ).split()
+    if hasattr(signal, name)
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,7 +604,7 @@ class _EventChannel:
             elif not self._timer_running:
                 self._timer_running = True
                 try:
-                    self._thread.start_new_thread(self._timer, ())
+                    self._start_timer()
                 except Exception:
                     self._timer_running = False
                     self._flush_locked()
@@ -619,6 +626,18 @@ class _EventChannel:
     def _after_fork(self):
         self._lock = self._thread.RLock()
         self._timer_running = False
+
+    def _start_timer(self):
+        # The timer thread must never receive a signal meant for the cell: an interrupt taken
+        # by it would not wake the main thread from time.sleep().
+        if not hasattr(signal, "pthread_sigmask"):
+            self._thread.start_new_thread(self._timer, ())
+            return
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+        try:
+            self._thread.start_new_thread(self._timer, ())
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def _timer(self):
         try:

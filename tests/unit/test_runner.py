@@ -460,6 +460,24 @@ def test_interrupt_raises_keyboard_interrupt(live):
     assert runner.frames[-1]["exit_code"] == 130
 
 
+def test_the_runner_thread_never_takes_the_interrupt(tmp_path):
+    # A partial line starts the runner's flush timer thread for a moment; SIGINT must go to
+    # the main thread, or time.sleep() would not be interrupted.
+    code = (
+        "import os, sys\n"
+        "sys.stdout.write('partial')\n"
+        "tids = [t for t in os.listdir('/proc/self/task') if int(t) != os.getpid()]\n"
+        "masks = []\n"
+        "for tid in tids:\n"
+        "    with open('/proc/self/task/%s/status' % tid) as f:\n"
+        "        masks += [int(l.split()[1], 16) for l in f if l.startswith('SigBlk')]\n"
+        "print()\n"
+        "print(len(tids), all(mask & (1 << 1) for mask in masks))\n"
+    )
+    result = run_cell(tmp_path, code)
+    assert result.text("stdout").splitlines()[-1] in ("1 True", "0 True")
+
+
 def test_rlimit_fsize_gives_an_error_frame(tmp_path):
     code = "with open('big.bin', 'wb') as f:\n    f.write(b'x' * 2_000_000)\n"
     result = run_cell(tmp_path, code, "--rlimit-fsize", "1000000")
