@@ -1,0 +1,387 @@
+"""The "Python (Crucible isolated)" kernel: every cell is sent to a crucible dispatcher.
+
+A wrapper kernel in the manner of sparkmagic's: it evaluates nothing itself. Each cell becomes
+one isolated execution in a fresh process, so **no state carries between cells** (variables,
+imports, files in /tmp): put everything a cell needs in that cell.
+
+Promises:
+
+- output frames become Jupyter messages unchanged: ``stream`` (stdout/stderr),
+  ``display_data``, ``execute_result`` (with this kernel's execution count), ``error``
+  (remote traceback), ``clear_output``; they are published as they arrive;
+- a status line (display id, updated in place) says queued/running/finished and the
+  execution id, unless ``CrucibleKernel.status_line`` is off
+  (env ``CRUCIBLE_KERNEL_STATUS_LINE=0``);
+- interrupt (``interrupt_mode: message``) cancels the running execution, which is recorded
+  ``cancelled``; the cell then fails with ``KeyboardInterrupt``;
+- a first line ``%%crucible --timeout 5 --memory 1Gi ...`` sets that cell's options (the
+  magic's options);
+- notebook path, cell id and kernel id are recorded when known;
+- it reaches the Jupyter server that started it (``CRUCIBLE_SERVER_URL``/``CRUCIBLE_TOKEN``),
+  else runs an in-process dispatcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+import time
+from typing import Any
+
+from ipykernel.kernelbase import Kernel
+from traitlets import Bool, default
+
+from .. import __version__
+from ..client import ThreadedClient, client_from_env, is_terminal
+from ..errors import Conflict, CrucibleError
+
+BANNER = (
+    f"Python (Crucible isolated) {__version__} - Python {sys.version.split()[0]}\n"
+    "Every cell runs as a separate, isolated, recorded execution in a fresh process:\n"
+    "no variables, imports or files carry over from one cell to the next.\n"
+    "Options for one cell: first line '%%crucible --timeout 30 --memory 1Gi --tag x'."
+)
+
+_ICONS = {"succeeded": "✔", "failed": "✘", "timed_out": "⏱", "cancelled": "■"}
+
+
+class CrucibleKernel(Kernel):
+    """ipykernel ``Kernel`` that runs every cell through a crucible dispatcher (stateless)."""
+
+    implementation = "crucible"
+    implementation_version = __version__
+    language = "python"
+    language_version = sys.version.split()[0]
+    language_info = {
+        "name": "python",
+        "version": sys.version.split()[0],
+        "mimetype": "text/x-python",
+        "file_extension": ".py",
+        "pygments_lexer": "ipython3",
+        "codemirror_mode": {"name": "ipython", "version": 3},
+        "nbconvert_exporter": "python",
+    }
+    banner = BANNER
+
+    status_line = Bool(
+        config=True,
+        help="""Show a status line (queued/running/finished, execution id) in each cell's
+        output, updated in place. Default from env CRUCIBLE_KERNEL_STATUS_LINE (on unless 0).""",
+    )
+
+    @default("status_line")
+    def _default_status_line(self) -> bool:
+        return os.environ.get("CRUCIBLE_KERNEL_STATUS_LINE", "1").lower() not in (
+            "0",
+            "false",
+            "no",
+        )
+
+    @default("help_links")
+    def _default_help_links(self) -> list[dict[str, str]]:
+        return [{"text": "Python Reference", "url": "https://docs.python.org/3/"}]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._client: ThreadedClient | None = None
+        self._current: str | None = None
+        self._interrupted = False
+
+    @property
+    def client(self) -> ThreadedClient:
+        """The dispatcher client: the Jupyter server that started us, or embedded."""
+        if self._client is None:
+            self._client = ThreadedClient(client_from_env())
+        return self._client
+
+    # -- execute -------------------------------------------------------------------------------
+
+    async def do_execute(  # type: ignore[override]
+        self,
+        code: str,
+        silent: bool,
+        store_history: bool = True,
+        user_expressions: dict | None = None,
+        allow_stdin: bool = False,
+        *,
+        cell_meta: dict | None = None,
+        cell_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Run ``code`` as one isolated execution and relay its output."""
+        expressions = {
+            name: _error_content(
+                "NotSupported", "user_expressions need kernel state; this kernel has none"
+            )
+            for name in (user_expressions or {})
+        }
+        if not code.strip():
+            return self._ok(expressions)
+        try:
+            request = self._request(code, cell_meta, cell_id)
+        except (CrucibleError, SystemExit, Exception) as e:
+            return self._fail("UsageError", str(e) or "bad %%crucible options", [], silent)
+        try:
+            execution = await asyncio.wrap_future(
+                self.client.run(self.client.client.submit(request))
+            )
+        except CrucibleError as e:
+            return self._fail(type(e).__name__, str(e), [], silent)
+        execution_id = execution["id"]
+        self._current = execution_id
+        self._interrupted = False
+        try:
+            return await self._relay(execution_id, silent, expressions)
+        finally:
+            self._current = None
+
+    def _request(self, code: str, cell_meta: dict | None, cell_id: str | None) -> dict[str, Any]:
+        request: dict[str, Any] = {"code": code}
+        first, _, rest = code.partition("\n")
+        if first.startswith("%%crucible"):
+            from IPython.core.magic_arguments import parse_argstring
+
+            from ..magic import CrucibleMagics
+
+            args = parse_argstring(CrucibleMagics.crucible_cell, first[len("%%crucible") :])
+            for key in ("timeout", "priority", "cpu", "memory", "image", "backend", "name"):
+                if getattr(args, key) is not None:
+                    request[key] = getattr(args, key)
+            if args.tag:
+                request["tags"] = args.tag
+            request["code"] = rest
+        notebook: dict[str, str] = {}
+        if os.environ.get("JPY_SESSION_NAME"):
+            notebook["path"] = os.environ["JPY_SESSION_NAME"]
+        cell_id = cell_id or (cell_meta or {}).get("cellId")
+        if isinstance(cell_id, str) and cell_id:
+            notebook["cell_id"] = cell_id
+        kernel_id = _kernel_id()
+        if kernel_id:
+            notebook["kernel_id"] = kernel_id
+        if notebook:
+            request["notebook"] = notebook
+        return request
+
+    async def _relay(self, execution_id: str, silent: bool, expressions: dict) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        future = self.client.start_stream(
+            execution_id, lambda item: loop.call_soon_threadsafe(events.put_nowait, item)
+        )
+        status = _KernelStatus(self, execution_id, enabled=self.status_line and not silent)
+        error: dict[str, Any] | None = None
+        state = "queued"
+        reason = None
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(events.get(), 0.5)
+                except asyncio.TimeoutError:
+                    status.tick()
+                    continue
+                if isinstance(item, BaseException):
+                    return self._fail(type(item).__name__, str(item), [], silent)
+                if not isinstance(item, dict):  # end of stream
+                    break
+                kind = item.get("type")
+                if kind == "status":
+                    state = item.get("status", state)
+                    status.update(item)
+                    if is_terminal(item):
+                        reason = item.get("reason")
+                        break
+                elif kind == "error":
+                    error = item
+                elif not silent:
+                    self._publish(item)
+        finally:
+            if not future.done():
+                future.cancel()
+        if state == "succeeded":
+            return self._ok(expressions)
+        if self._interrupted and state == "cancelled":
+            return self._fail(
+                "KeyboardInterrupt", f"cancelled crucible execution {execution_id}", [], silent
+            )
+        if error:
+            tb = [*error.get("traceback", []), f"(crucible execution {execution_id}, {state})"]
+            return self._fail(error.get("ename", "Error"), error.get("evalue", ""), tb, silent)
+        text = state.replace("_", " ") + (f": {reason}" if reason else "")
+        return self._fail(
+            "RemoteExecutionError", f"{text} (crucible execution {execution_id})", [], silent
+        )
+
+    def _publish(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind == "stream":
+            content = {"name": frame.get("name", "stdout"), "text": frame.get("text", "")}
+        elif kind in ("display_data", "update_display_data"):
+            content = {
+                "data": frame.get("data") or {},
+                "metadata": frame.get("metadata") or {},
+                "transient": frame.get("transient") or {},
+            }
+        elif kind == "execute_result":
+            content = {
+                "execution_count": self.execution_count,
+                "data": frame.get("data") or {},
+                "metadata": frame.get("metadata") or {},
+            }
+        elif kind == "clear_output":
+            content = {"wait": bool(frame.get("wait"))}
+        else:
+            return
+        self.send_response(self.iopub_socket, kind, content)
+
+    def _ok(self, expressions: dict) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "execution_count": self.execution_count,
+            "payload": [],
+            "user_expressions": expressions,
+        }
+
+    def _fail(self, ename: str, evalue: str, traceback: list[str], silent: bool) -> dict[str, Any]:
+        content = _error_content(ename, evalue, traceback or [f"{ename}: {evalue}"])
+        if not silent:
+            self.send_response(self.iopub_socket, "error", content)
+        return {**content, "execution_count": self.execution_count}
+
+    # -- interrupt -----------------------------------------------------------------------------
+
+    async def interrupt_request(self, stream: Any, ident: Any, parent: Any) -> None:
+        """Cancel the running execution (``interrupt_mode: message``) and reply ok."""
+        execution_id = self._current
+        content: dict[str, Any] = {"status": "ok"}
+        if execution_id:
+            self._interrupted = True
+            try:
+                await asyncio.wrap_future(self.client.run(self.client.client.cancel(execution_id)))
+            except Conflict:
+                pass
+            except CrucibleError as e:
+                content = _error_content(type(e).__name__, str(e))
+        if self.session:
+            self.session.send(stream, "interrupt_reply", content, parent, ident=ident)
+
+    # -- introspection (static: there is no state to inspect) --------------------------------
+
+    async def do_is_complete(self, code: str) -> dict[str, Any]:  # type: ignore[override]
+        """Whether ``code`` is a complete Python cell (IPython's rules)."""
+        from IPython.core.inputtransformer2 import TransformerManager
+
+        status, indent = TransformerManager().check_complete(code)
+        reply: dict[str, Any] = {"status": status}
+        if status == "incomplete":
+            reply["indent"] = " " * (indent or 0)
+        return reply
+
+    async def do_complete(self, code: str, cursor_pos: int | None) -> dict[str, Any]:  # type: ignore[override]
+        """Static completions (keywords, builtins, importable names) from jedi, when available."""
+        cursor_pos = len(code) if cursor_pos is None else cursor_pos
+        matches: list[str] = []
+        start = cursor_pos
+        try:
+            import jedi
+
+            before = code[:cursor_pos]
+            line = before.count("\n") + 1
+            column = len(before.rsplit("\n", 1)[-1])
+            m = re.search(r"[A-Za-z_][A-Za-z0-9_]*$", before)
+            start = cursor_pos - (len(m.group(0)) if m else 0)
+            matches = [c.name for c in jedi.Script(code).complete(line, column)][:200]
+        except Exception:
+            matches = []
+        return {
+            "status": "ok",
+            "matches": matches,
+            "cursor_start": start,
+            "cursor_end": cursor_pos,
+            "metadata": {},
+        }
+
+    async def do_shutdown(self, restart: bool) -> dict[str, Any]:  # type: ignore[override]
+        """Close the client (stopping an embedded dispatcher)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        return {"status": "ok", "restart": restart}
+
+
+class _KernelStatus:
+    """The kernel's status line: one display id, updated in place."""
+
+    def __init__(self, kernel: CrucibleKernel, execution_id: str, *, enabled: bool) -> None:
+        self.kernel = kernel
+        self.id = execution_id
+        self.enabled = enabled
+        self.display_id = f"crucible-{execution_id}"
+        self.shown = False
+        self.state = "queued"
+        self.position: Any = None
+        self.t_running: int | None = None
+        self.since: float | None = None
+        self.text = ""
+        self._send(f"crucible · queued · {execution_id}")
+
+    def _send(self, text: str) -> None:
+        if not self.enabled or text == self.text:
+            return
+        self.text = text
+        content = {
+            "data": {"text/plain": text},
+            "metadata": {},
+            "transient": {"display_id": self.display_id},
+        }
+        kind = "update_display_data" if self.shown else "display_data"
+        self.kernel.send_response(self.kernel.iopub_socket, kind, content)
+        self.shown = True
+
+    def update(self, event: dict[str, Any]) -> None:
+        """Show a status event."""
+        self.state = event.get("status", self.state)
+        if event.get("position") is not None:
+            self.position = event["position"]
+        if self.state == "running" and self.since is None:
+            self.since = time.monotonic()
+            self.t_running = event.get("t")
+        if is_terminal(event):
+            t_end = event.get("t")
+            took = ""
+            if self.t_running and t_end:
+                took = f" in {(t_end - self.t_running) / 1000:.2f} s"
+            why = (
+                f" ({event['reason']})" if event.get("reason") and self.state != "succeeded" else ""
+            )
+            icon = _ICONS.get(self.state, "")
+            self._send(f"crucible · {icon} {self.state.replace('_', ' ')}{took}{why} · {self.id}")
+        else:
+            self.tick()
+
+    def tick(self) -> None:
+        """Refresh the elapsed time."""
+        if self.state == "running" and self.since is not None:
+            self._send(f"crucible · running · {time.monotonic() - self.since:.0f} s · {self.id}")
+        elif self.state == "queued" and self.position is not None:
+            self._send(f"crucible · queued at position {self.position} · {self.id}")
+        else:
+            self._send(f"crucible · {self.state} · {self.id}")
+
+
+def _error_content(ename: str, evalue: str, traceback: list[str] | None = None) -> dict[str, Any]:
+    return {"status": "error", "ename": ename, "evalue": evalue, "traceback": traceback or []}
+
+
+def _kernel_id() -> str | None:
+    try:
+        from ipykernel.kernelapp import IPKernelApp
+
+        if not IPKernelApp.initialized():
+            return None
+        name = os.path.basename(IPKernelApp.instance().connection_file or "")
+    except Exception:
+        return None
+    m = re.match(r"^kernel-(.+)\.json$", name)
+    return m.group(1) if m else None

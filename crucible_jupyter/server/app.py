@@ -1,0 +1,230 @@
+"""The ``crucible`` Jupyter server extension: the dispatcher inside the Jupyter server.
+
+It promises:
+
+- one :class:`~crucible_jupyter.dispatcher.Dispatcher` per server, started with the server
+  (or on the first request, whichever comes first) and stopped with it;
+- the REST + WebSocket API under ``{base_url}crucible/api/`` (see :mod:`.handlers`);
+- kernels the server starts can reach that API with no configuration: the server's URL and a
+  dedicated credential are put in the environment kernels inherit (``CRUCIBLE_SERVER_URL``,
+  ``CRUCIBLE_TOKEN``); the credential only opens the crucible API, as the server's user;
+- while anything is queued or running, the server counts as active, so idle culling
+  (``ServerApp.shutdown_no_activity_timeout``, JupyterHub's culler) does not stop it mid-cell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import secrets
+from typing import Any
+
+from jupyter_server._tz import utcnow
+from jupyter_server.auth.identity import User
+from jupyter_server.extension.application import ExtensionApp
+from jupyter_server.serverapp import ServerApp
+from traitlets import Bool, Float, Int, Unicode, default
+
+from .. import __version__
+from ..backends.local import CrucibleLocalBackend
+from ..dispatcher import Dispatcher
+from ..errors import Unavailable
+from .base import KernelTokenIdentity
+
+ENV_SERVER_URL = "CRUCIBLE_SERVER_URL"
+ENV_TOKEN = "CRUCIBLE_TOKEN"
+
+
+class CrucibleApp(ExtensionApp):
+    """Jupyter server extension ``crucible``: dispatcher, REST/WebSocket API, kernel wiring."""
+
+    name = "crucible"
+    description = "Run notebook cells as isolated, recorded executions (crucible_jupyter)."
+    version = __version__
+    load_other_extensions = True
+    # `jupyter crucible --help-all` lists these. (`jupyter server --help-all` cannot: it prints
+    # its help before it looks for extensions.)
+    classes = [ServerApp, Dispatcher, CrucibleLocalBackend]
+
+    max_body_bytes = Int(
+        8 << 20,
+        help="""Largest request body (bytes) the crucible API reads. Larger bodies are refused
+        with 413 before any parsing. The code-size limit itself is the dispatcher's
+        (CrucibleDispatcher); this only bounds the JSON envelope around it.""",
+    ).tag(config=True)
+
+    max_page_size = Int(
+        500,
+        help="Largest `limit` a client may ask for when listing executions (GET executions).",
+    ).tag(config=True)
+
+    kernel_env = Bool(
+        True,
+        help="""Hand kernels started by this server the crucible API URL and credential
+        (CRUCIBLE_SERVER_URL, CRUCIBLE_TOKEN), so the %%crucible magic and the crucible kernel
+        reach this server's dispatcher with no configuration. Kernels inherit them from the
+        server's environment.""",
+    ).tag(config=True)
+
+    kernel_token = Unicode(
+        help="""Credential handed to kernels (CRUCIBLE_TOKEN). It authenticates requests to the
+        crucible API only (header X-Crucible-Token), as `kernel_user`. Random per server start
+        unless set; set it only to share it with a client started outside this server.""",
+    ).tag(config=True)
+
+    @default("kernel_token")
+    def _default_kernel_token(self) -> str:
+        return secrets.token_urlsafe(32)
+
+    kernel_user = Unicode(
+        help="""Username recorded for executions submitted with the kernel credential (from
+        kernels of this server). Default: $JUPYTERHUB_USER when running under JupyterHub,
+        else the operating-system user running the server.""",
+    ).tag(config=True)
+
+    @default("kernel_user")
+    def _default_kernel_user(self) -> str:
+        return os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
+
+    server_url = Unicode(
+        help="""URL kernels use to reach this server (CRUCIBLE_SERVER_URL), including the
+        base_url. Default: the server's own connection URL. Set it when kernels run elsewhere
+        (for example behind a gateway).""",
+    ).tag(config=True)
+
+    activity_interval = Float(
+        30.0,
+        help="""Seconds between server-activity updates while executions are queued or running.
+        Keep it well under ServerApp.shutdown_no_activity_timeout and any culler's timeout.""",
+    ).tag(config=True)
+
+    start_timeout = Float(
+        60.0,
+        help="Seconds a request waits for the dispatcher to finish starting before a 503.",
+    ).tag(config=True)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def initialize_settings(self) -> None:
+        """Create the dispatcher (configured from ``c.CrucibleDispatcher``) and wire the kernels."""
+        self.dispatcher = Dispatcher(parent=self, log=self.log)
+        self._start_task: asyncio.Task | None = None
+        self._start_error: BaseException | None = None
+        self._activity_task: asyncio.Task | None = None
+        self._identities: dict[int, KernelTokenIdentity] = {}
+        self._saved_env: dict[str, str | None] = {}
+        self.settings["crucible_dispatcher"] = self.dispatcher
+        if self.kernel_env:
+            self._export_kernel_env()
+        self.log.info("crucible %s: API at %scrucible/api/", __version__, self.serverapp.base_url)
+
+    def initialize_handlers(self) -> None:
+        """Register the crucible API routes."""
+        from .handlers import default_handlers
+
+        self.handlers.extend(default_handlers)
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        """Start the dispatcher as soon as the server's event loop runs."""
+        if self.kernel_env and not self.server_url:
+            self._export_kernel_env()  # the port is final now
+        try:
+            await self.ready()
+        except Unavailable as e:
+            self.log.error("crucible dispatcher did not start: %s", e)
+
+    async def ready(self) -> Any:
+        """The started dispatcher. Starts it once; raises Unavailable (503) if it cannot."""
+        if self._start_task is None:
+            self._start_task = asyncio.ensure_future(self._start())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._start_task), self.start_timeout)
+        except asyncio.TimeoutError:
+            raise Unavailable("the crucible dispatcher is still starting; retry shortly") from None
+        except Exception as e:
+            raise Unavailable(f"the crucible dispatcher could not start: {e}") from e
+        return self.dispatcher
+
+    async def _start(self) -> None:
+        await self.dispatcher.start()
+        if self._activity_task is None:
+            self._activity_task = asyncio.ensure_future(self._track_activity())
+
+    async def _track_activity(self) -> None:
+        """While executions are queued or running, mark the server active."""
+        while True:
+            try:
+                self.touch_activity()
+            except Exception:  # pragma: no cover - never let the loop die
+                self.log.exception("crucible: could not record server activity")
+            await asyncio.sleep(self.activity_interval)
+
+    def touch_activity(self) -> None:
+        """Record server activity now if the dispatcher has work in hand."""
+        if getattr(self.dispatcher, "busy", False):
+            now = utcnow()
+            settings = self.serverapp.web_app.settings
+            settings.setdefault("last_activity_times", {})["crucible"] = now
+            settings["crucible_last_activity"] = now  # the server's `*_last_activity` hook
+
+    async def stop_extension(self) -> None:
+        """Stop the dispatcher (cancelling what runs) and undo the kernel environment."""
+        if self._activity_task is not None:
+            self._activity_task.cancel()
+            try:
+                await self._activity_task
+            except asyncio.CancelledError:
+                pass
+            self._activity_task = None
+        if self._start_task is not None:
+            try:
+                await self._start_task
+            except Exception:
+                pass
+            await self.dispatcher.stop()
+            self._start_task = None
+        self._restore_kernel_env()
+
+    # -- kernels ----------------------------------------------------------------------------------
+
+    def kernel_api_url(self) -> str:
+        """The URL handed to kernels: ``server_url`` or the server's connection URL."""
+        url = self.server_url or self.serverapp.connection_url
+        return url if url.endswith("/") else url + "/"
+
+    def _export_kernel_env(self) -> None:
+        values = {ENV_SERVER_URL: self.kernel_api_url(), ENV_TOKEN: self.kernel_token}
+        for key, value in values.items():
+            if key not in self._saved_env:
+                self._saved_env[key] = os.environ.get(key)
+            os.environ[key] = value
+
+    def _restore_kernel_env(self) -> None:
+        for key, old in self._saved_env.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+        self._saved_env.clear()
+
+    def identity_for(self, inner: Any) -> KernelTokenIdentity:
+        """``inner`` (the server's identity provider) extended with the kernel credential."""
+        ident = self._identities.get(id(inner))
+        if ident is None or ident._inner is not inner:
+            user = User(username=self.kernel_user, name=self.kernel_user)
+            ident = KernelTokenIdentity(inner, self.kernel_token, user)
+            self._identities[id(inner)] = ident
+        return ident
+
+    def current_activity(self) -> dict[str, Any] | None:
+        """What the dispatcher has in hand, for servers that ask extensions about activity."""
+        if getattr(self, "dispatcher", None) is None or not getattr(self.dispatcher, "busy", False):
+            return None
+        return {"crucible": "executions queued or running"}
+
+
+def main() -> None:
+    """``jupyter crucible``: a Jupyter server with the crucible extension (``--help-all``
+    lists every ``CrucibleApp``, ``CrucibleDispatcher`` and ``CrucibleLocalBackend`` setting)."""
+    CrucibleApp.launch_instance()

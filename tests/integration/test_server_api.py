@@ -1,0 +1,216 @@
+"""The crucible REST + WebSocket API against a real Jupyter server, dispatcher and sandbox."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from tornado.httpclient import HTTPClientError
+
+from .conftest import kernel_headers, wait_terminal
+
+LONG = "import time\nprint('started', flush=True)\ntime.sleep(60)\n"
+
+
+def submit(api: Any, body: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    code, execution, _ = api("POST", "executions", body=body, **kw)
+    assert code == 201, execution
+    return execution
+
+
+def wait_status(api: Any, execution_id: str, want: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, body, _ = api("GET", "executions", execution_id)
+        if body["status"] == want:
+            return body
+        api.sleep(0.05)
+    raise AssertionError(f"{execution_id} never reached {want}: {body['status']}")
+
+
+# -- the happy paths -----------------------------------------------------------------------------
+
+
+def test_submit_get_and_outputs(api, jp_serverapp, jp_base_url):
+    code, execution, response = api(
+        "POST",
+        "executions",
+        body={"code": "import sys\nprint('hi')\nprint('oops', file=sys.stderr)\n", "tags": ["t1"]},
+    )
+    assert code == 201
+    assert response.headers["Location"] == f"{jp_base_url}crucible/api/executions/{execution['id']}"
+    assert execution["status"] == "queued"
+    assert execution["tags"] == ["t1"]
+    # the user recorded is the jupyter_server identity of the caller
+    assert execution["user"] and execution["user"] != "local"
+
+    final = wait_terminal(api, execution["id"])
+    assert final["status"] == "succeeded", final
+    streams = [(e["name"], e["text"]) for e in final["events"] if e["type"] == "stream"]
+    assert ("stdout", "hi\n") in streams
+    assert ("stderr", "oops\n") in streams
+    seqs = [e["seq"] for e in final["events"]]
+    assert seqs == list(range(len(seqs)))
+    statuses = [e["status"] for e in final["events"] if e["type"] == "status"]
+    assert statuses[0] == "queued" and statuses[-1] == "succeeded"
+
+    _, later, _ = api("GET", "executions", execution["id"], params={"after": seqs[-2]})
+    assert [e["seq"] for e in later["events"]] == [seqs[-1]]
+
+
+def test_failing_cell_is_recorded_with_its_error(api):
+    execution = submit(api, {"code": "raise ValueError('bad input')"})
+    final = wait_terminal(api, execution["id"])
+    assert final["status"] == "failed"
+    errors = [e for e in final["events"] if e["type"] == "error"]
+    assert errors and errors[0]["ename"] == "ValueError" and errors[0]["evalue"] == "bad input"
+    assert any("ValueError" in line for line in errors[0]["traceback"])
+
+
+def test_list_filters_and_pages(api, crucible_app):
+    # the kernel credential is one stable user (token requests are anonymous, one per request)
+    headers = kernel_headers(crucible_app)
+    ids = [
+        submit(api, {"code": f"print({i})", "tags": [f"batch{i % 2}"]}, headers=headers)["id"]
+        for i in range(5)
+    ]
+    for i in ids:
+        wait_terminal(api, i)
+    code, page, _ = api("GET", "executions", params={"limit": 2})
+    assert code == 200 and len(page["executions"]) == 2 and page["next_cursor"]
+    seen = [e["id"] for e in page["executions"]]
+    while page["next_cursor"]:
+        _, page, _ = api("GET", "executions", params={"limit": 2, "cursor": page["next_cursor"]})
+        seen += [e["id"] for e in page["executions"]]
+    assert seen == list(reversed(ids))  # newest first, no repeats, none skipped
+
+    _, tagged, _ = api("GET", "executions", params={"tag": "batch0"})
+    assert {e["id"] for e in tagged["executions"]} == {ids[0], ids[2], ids[4]}
+    _, done, _ = api("GET", "executions", params={"status": "succeeded", "limit": 500})
+    assert len(done["executions"]) == 5
+    _, none, _ = api("GET", "executions", params={"status": "failed"})
+    assert none["executions"] == []
+    _, mine, _ = api("GET", "executions", params={"user": crucible_app.kernel_user})
+    assert len(mine["executions"]) == 5
+    _, nobody, _ = api("GET", "executions", params={"user": "someone-else"})
+    assert nobody["executions"] == []
+    _, future, _ = api("GET", "executions", params={"since": "2999-01-01T00:00:00Z"})
+    assert future["executions"] == []
+    _, past, _ = api("GET", "executions", params={"until": "2000-01-01T00:00:00"})
+    assert past["executions"] == []
+    now_ms = int(time.time() * 1000) + 1000
+    _, window, _ = api("GET", "executions", params={"since": 0, "until": now_ms})
+    assert len(window["executions"]) == 5
+
+
+@pytest.mark.parametrize("how", ["POST cancel", "DELETE"])
+def test_cancel_running_then_conflict(api, how):
+    execution = submit(api, {"code": LONG})
+    wait_status(api, execution["id"], "running")
+    if how == "DELETE":
+        code, body, _ = api("DELETE", "executions", execution["id"])
+    else:
+        code, body, _ = api("POST", "executions", execution["id"], "cancel", body={})
+    assert code == 200, body
+    final = wait_terminal(api, execution["id"])
+    assert final["status"] == "cancelled"
+    code, body, _ = api("POST", "executions", execution["id"], "cancel", body={})
+    assert code == 409 and body["error"] == "Conflict"
+    code, body, _ = api("DELETE", "executions", execution["id"])
+    assert code == 409
+
+
+# -- the WebSocket stream ------------------------------------------------------------------------
+
+
+def _read_all(run, ws) -> list[dict[str, Any]]:
+    out = []
+    while True:
+        message = run(ws.read_message())
+        if message is None:
+            ws.close()
+            return out
+        out.append(json.loads(message))
+
+
+def test_stream_live_then_resume(api, jp_ws_fetch, run):
+    code = "import time\nfor i in range(5):\n    print(i, flush=True)\n    time.sleep(0.1)\n"
+    execution = submit(api, {"code": code})
+    ws = run(jp_ws_fetch("crucible", "api", "executions", execution["id"], "stream"))
+    events = _read_all(run, ws)
+    assert ws.close_code == 1000
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert events[-1]["type"] == "status" and events[-1]["status"] == "succeeded"
+    text = "".join(e["text"] for e in events if e["type"] == "stream")
+    assert text == "0\n1\n2\n3\n4\n"
+
+    # resuming after a seq sends exactly what came after it
+    mid = events[3]["seq"]
+    ws = run(
+        jp_ws_fetch(
+            "crucible", "api", "executions", execution["id"], "stream", params={"after": mid}
+        )
+    )
+    rest = _read_all(run, ws)
+    assert rest == events[mid + 1 :]
+
+
+def test_stream_errors_before_upgrade(api, jp_ws_fetch, run):
+    with pytest.raises(HTTPClientError) as e:
+        run(
+            jp_ws_fetch(
+                "crucible", "api", "executions", "01234567-89ab-7def-8123-456789abcdef", "stream"
+            )
+        )
+    assert e.value.code == 404
+    with pytest.raises(HTTPClientError) as e:
+        run(jp_ws_fetch("crucible", "api", "executions", "nope", "stream"))
+    assert e.value.code == 404
+    execution = submit(api, {"code": "print(1)"})
+    with pytest.raises(HTTPClientError) as e:
+        run(
+            jp_ws_fetch(
+                "crucible", "api", "executions", execution["id"], "stream", params={"after": "x"}
+            )
+        )
+    assert e.value.code == 400
+    # a plain GET (no Upgrade) is a JSON 400, not tornado's text error
+    code, body, _ = api("GET", "executions", execution["id"], "stream")
+    assert code == 400 and body["error"] == "InvalidRequest"
+
+
+def test_running_executions_keep_the_server_active(api, crucible_app, jp_serverapp, run):
+    execution = submit(api, {"code": LONG})
+    wait_status(api, execution["id"], "running")
+    jp_serverapp.web_app.settings["last_activity_times"].pop("crucible", None)
+    crucible_app.touch_activity()
+    stamp = jp_serverapp.web_app.settings["last_activity_times"]["crucible"]
+    assert jp_serverapp.web_app.last_activity() >= stamp
+    api("POST", "executions", execution["id"], "cancel", body={})
+    wait_terminal(api, execution["id"])
+
+
+def test_help_all_lists_the_settings():
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from crucible_jupyter.server.app import main; main()",
+            "--help-all",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    for name in (
+        "--CrucibleApp.kernel_user",
+        "--CrucibleApp.max_body_bytes",
+        "--CrucibleDispatcher.max_concurrency",
+        "--CrucibleDispatcher.db_url",
+        "--CrucibleLocalBackend.tmp_size",
+    ):
+        assert name in out, name

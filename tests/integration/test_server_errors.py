@@ -1,0 +1,93 @@
+"""Every refusal of the crucible API is JSON with a precise status code, never a 500."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def crucible_config():
+    """Small limits, so the size refusals are cheap to reach."""
+    return {
+        "CrucibleDispatcher": {"max_code_bytes": 1000},
+        "CrucibleApp": {"max_body_bytes": 8000},
+    }
+
+
+ID = "01234567-89ab-7def-8123-456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "raw", "params", "status"),
+    [
+        ("POST", ("executions",), b"{not json", None, 400),
+        ("POST", ("executions",), b"", None, 400),
+        ("POST", ("executions",), b"[1, 2]", None, 400),
+        ("POST", ("executions",), b"\xff\xfe", None, 400),
+        ("POST", ("executions",), b"[" * 3000 + b"]" * 3000, None, 400),
+        ("POST", ("executions",), b'{"code": 5}', None, 400),
+        ("POST", ("executions",), b'{"code": "1", "bogus": 1}', None, 400),
+        ("POST", ("executions",), b'{"code": "1", "timeout": NaN}', None, 400),
+        ("POST", ("executions",), b'{"code": "1", "timeout": "soon"}', None, 400),
+        ("POST", ("executions",), b'{"code": "1", "memory": "lots"}', None, 400),
+        ("POST", ("executions",), b'{"code": "1", "tags": [1]}', None, 400),
+        ("POST", ("executions",), b'{"code": "1", "env": {"LD_PRELOAD": "x"}}', None, 400),
+        ("POST", ("executions",), b'{"code": "1", "backend": "nope"}', None, 400),
+        ("POST", ("executions",), b'{"code": "1", "notebook": "x"}', None, 400),
+        ("POST", ("executions",), b'{"code": "1", "language": "r"}', None, 422),
+        ("POST", ("executions",), b'{"code": "' + b"x" * 2000 + b'"}', None, 413),
+        ("POST", ("executions",), b'{"code": "' + b"x" * 9000 + b'"}', None, 413),
+        ("GET", ("executions",), None, {"limit": "0"}, 400),
+        ("GET", ("executions",), None, {"limit": "ten"}, 400),
+        ("GET", ("executions",), None, {"limit": "100000"}, 400),
+        ("GET", ("executions",), None, {"status": "bogus"}, 400),
+        ("GET", ("executions",), None, {"tag": "a b"}, 400),
+        ("GET", ("executions",), None, {"since": "yesterday"}, 400),
+        ("GET", ("executions",), None, {"until": "99999999999999999999"}, 400),
+        ("GET", ("executions",), None, {"cursor": "garbage!"}, 400),
+        ("GET", ("executions",), None, {"cursor": "Zm9v"}, 400),
+        ("GET", ("executions",), None, {"since": "2030-01-01", "until": "2020-01-01"}, 400),
+        ("GET", ("executions", ID), None, None, 404),
+        ("GET", ("executions", "not-an-id"), None, None, 404),
+        ("GET", ("executions", "x" * 5000), None, None, 404),
+        ("GET", ("executions", ID), None, {"after": "-5"}, 400),
+        ("POST", ("executions", ID, "cancel"), b"", None, 404),
+        ("DELETE", ("executions", "not-an-id"), None, None, 404),
+        ("GET", ("queue",), None, {"execution_id": "bad"}, 404),
+        ("GET", ("stats",), None, {"since": "nope"}, 400),
+        ("PUT", ("executions",), b"{}", None, 405),
+        ("PATCH", ("executions", ID), b"{}", None, 405),
+    ],
+)
+def test_error_codes(api, method, path, raw, params, status, crucible_app):
+    code, body, response = api(method, *path, raw=raw, params=params)
+    assert code == status, body
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert isinstance(body["message"], str) and body["message"]
+    assert "error" in body
+
+
+def test_size_limits_say_what_to_do(api):
+    code, body, _ = api("POST", "executions", body={"code": "x" * 2000})
+    assert code == 413 and body["field"] == "code" and "limit" in body["message"]
+    code, body, _ = api("POST", "executions", body={"code": "x" * 9000})
+    assert code == 413 and body["field"] == "body"
+
+
+def test_cancel_finished_is_409(api):
+    from .conftest import wait_terminal
+
+    code, execution, _ = api("POST", "executions", body={"code": "print(1)"})
+    assert code == 201
+    wait_terminal(api, execution["id"])
+    code, body, _ = api("POST", "executions", execution["id"], "cancel", body={})
+    assert code == 409 and body["error"] == "Conflict" and body["message"]
+
+
+def test_dispatcher_down_is_503(api, crucible_app, run):
+    assert api("GET", "health")[0] == 200  # started on first use
+    run(crucible_app.dispatcher.stop())
+    code, body, _ = api("GET", "health")
+    assert code == 503 and body["error"] == "Unavailable"
+    code, body, _ = api("POST", "executions", body={"code": "print(1)"})
+    assert code == 503
