@@ -542,9 +542,9 @@ def test_rlimit_as_gives_memory_error(tmp_path):
 
 def test_threads_and_forked_workers_are_captured(tmp_path):
     code = (
-        "import os, threading\n"
+        "import os, sys, threading\n"
         "def work(i):\n"
-        "    print('thread', i)\n"
+        "    sys.stdout.write('thread %d\\n' % i)  # print() is several writes\n"
         "threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]\n"
         "for t in threads: t.start()\n"
         "for t in threads: t.join()\n"
