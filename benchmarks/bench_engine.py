@@ -70,11 +70,17 @@ async def main() -> None:
                 ours.append(await through_crucible(d))
             print(f"isolation: {backend.isolation}; cgroups: {backend.cgroup_layout[1]}")
             print(f"{'path':42} {'p50 ms':>8} {'p95 ms':>8}")
-            print(f"{'bare python3 -c print(1) (reference)':42} {pct(ref, 50):8.1f} {pct(ref, 95):8.1f}")
-            print(f"{'crucible print(1) submit -> finished':42} {pct(ours, 50):8.1f} {pct(ours, 95):8.1f}")
+            print(
+                f"{'bare python3 -c print(1) (reference)':42} {pct(ref, 50):8.1f} {pct(ref, 95):8.1f}"
+            )
+            print(
+                f"{'crucible print(1) submit -> finished':42} {pct(ours, 50):8.1f} {pct(ours, 95):8.1f}"
+            )
             overhead = [o - r for o, r in zip(ours, ref, strict=True)]
-            print(f"p50 overhead: {statistics.median(overhead):.1f} ms "
-                  f"(ratio of medians {statistics.median(ours) / statistics.median(ref):.2f}x)")  # fmt: skip
+            print(
+                f"p50 overhead: {statistics.median(overhead):.1f} ms "
+                f"(ratio of medians {statistics.median(ours) / statistics.median(ref):.2f}x)"
+            )
 
             queue: asyncio.Queue = asyncio.Queue()
             for _ in range(args.cells):
@@ -88,8 +94,10 @@ async def main() -> None:
             t0 = time.perf_counter()
             await asyncio.gather(*(client() for _ in range(args.clients)))
             elapsed = time.perf_counter() - t0
-            print(f"throughput: {args.cells} cells from {args.clients} clients in {elapsed:.2f} s"
-                  f" = {args.cells / elapsed:.1f} cells/s (max_concurrency={d.max_concurrency})")  # fmt: skip
+            print(
+                f"throughput: {args.cells} cells from {args.clients} clients in {elapsed:.2f} s"
+                f" = {args.cells / elapsed:.1f} cells/s (max_concurrency={d.max_concurrency})"
+            )
         finally:
             await d.stop()
 

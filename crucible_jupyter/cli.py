@@ -37,8 +37,10 @@ def load_config(db_url: str | None) -> Config:
 
     config = Config()
     for path in reversed(jupyter_config_path()):
-        for name, loader in (("crucible_config.json", JSONFileConfigLoader),
-                             ("crucible_config.py", PyFileConfigLoader)):  # fmt: skip
+        for name, loader in (
+            ("crucible_config.json", JSONFileConfigLoader),
+            ("crucible_config.py", PyFileConfigLoader),
+        ):
             if os.path.isfile(os.path.join(path, name)):
                 config.merge(loader(name, path=path).load_config())
     if db_url:
@@ -100,7 +102,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
         code = sys.stdin.read()
     else:
         try:
-            with open(args.file, encoding="utf-8") as f:
+            with open(args.file, encoding="utf-8") as f:  # noqa: ASYNC230 - one small file
                 code = f.read()
         except (OSError, UnicodeDecodeError) as e:
             print(f"crucible: cannot read {args.file}: {e}", file=sys.stderr)
@@ -146,8 +148,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
         stopper.cancel()
         final = await dispatcher.wait(execution.id)
         if final.isolation == "none" and not args.quiet:
-            print("[crucible] WARNING: this cell ran WITHOUT isolation; see `crucible doctor`",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                "[crucible] WARNING: this cell ran WITHOUT isolation; see `crucible doctor`",
+                file=sys.stderr,
+            )
         return exit_code_for(final)
     finally:
         await dispatcher.stop()
@@ -178,8 +182,10 @@ async def cmd_history(args: argparse.Namespace) -> int:
     print(f"{'ID':36}  {'STATUS':9}  {'CREATED':19}  {'TIME':>8}  CODE")
     for e in page:
         dur = f"{e.duration_ms / 1000:.2f}s" if e.duration_ms is not None else "-"
-        print(f"{e.id:36}  {e.status.value:9}  {_when(e.created_at):19}  {dur:>8}  "
-              f"{_short(e.request.name or e.request.code, 40)}")  # fmt: skip
+        print(
+            f"{e.id:36}  {e.status.value:9}  {_when(e.created_at):19}  {dur:>8}  "
+            f"{_short(e.request.name or e.request.code, 40)}"
+        )
     if cursor:
         print(f"(more: crucible history --cursor {cursor})")
     return 0
@@ -204,9 +210,14 @@ async def cmd_show(args: argparse.Namespace) -> int:
     print(f"{'created:':12} {_when(execution.created_at)}")
     if execution.duration_ms is not None:
         print(f"{'duration:':12} {execution.duration_ms / 1000:.3f} s")
-    print(f"{'output:':12} {format_bytes(execution.output_bytes)}"
-          + (f" (truncated, {format_bytes(execution.dropped_bytes)} dropped)"
-             if execution.truncated else ""))  # fmt: skip
+    print(
+        f"{'output:':12} {format_bytes(execution.output_bytes)}"
+        + (
+            f" (truncated, {format_bytes(execution.dropped_bytes)} dropped)"
+            if execution.truncated
+            else ""
+        )
+    )
     print("--- code ---")
     print(execution.request.code.rstrip("\n"))
     print("--- output ---")
@@ -223,8 +234,10 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
         execution = await dispatcher.cancel(args.id)
     finally:
         await dispatcher.stop()
-    print(f"{execution.id}: {execution.status.value}"
-          + (f" ({execution.reason})" if execution.reason else ""))  # fmt: skip
+    print(
+        f"{execution.id}: {execution.status.value}"
+        + (f" ({execution.reason})" if execution.reason else "")
+    )
     return 0 if execution.status.terminal else 1
 
 
@@ -236,7 +249,7 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
         await dispatcher.start(schedule=False)
         checks.append({"name": "storage", "ok": True, "detail": str(dispatcher.storage)})
         backend = dispatcher.get_backend(dispatcher.backend)
-        checks += [c.to_dict() for c in backend.checks()]
+        checks += [c.to_dict() for c in await backend.checks()]
         isolation = getattr(backend, "isolation", backend.name)
     except CrucibleError as e:
         checks.append({"name": "dispatcher", "ok": False, "detail": e.message})
@@ -271,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpu", help="CPU cores, e.g. 0.5 or 500m")
     run.add_argument("--memory", help="memory limit, e.g. 256Mi")
     run.add_argument("--tag", action="append", help="tag the execution (repeatable)")
-    run.add_argument("--env", action="append", metavar="NAME=VALUE", help="environment (repeatable)")
+    run.add_argument(
+        "--env", action="append", metavar="NAME=VALUE", help="environment (repeatable)"
+    )
     run.add_argument("--name", help="a name for the execution")
     run.add_argument("--backend", help="backend to run on (default: configured)")
     run.add_argument("--image", help="image (Kubernetes backend)")

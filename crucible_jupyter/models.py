@@ -93,7 +93,9 @@ _RESERVED_ENV = ("CRUCIBLE_", "LD_", "PYTHON")
 def parse_bytes(value: Any, *, what: str = "memory") -> int:
     """Parse a size such as ``512Mi``, ``1G``, ``2048`` (bytes) into an integer byte count."""
     if isinstance(value, bool):
-        raise InvalidRequest(f"{what} must be a size such as '512Mi' or a number of bytes", field=what)
+        raise InvalidRequest(
+            f"{what} must be a size such as '512Mi' or a number of bytes", field=what
+        )
     if isinstance(value, int):
         n = value
     elif isinstance(value, float) and math.isfinite(value):
@@ -207,9 +209,20 @@ class ExecutionRequest:
         if not isinstance(data, dict):
             raise InvalidRequest("the request body must be a JSON object with at least 'code'")
         known = {
-            "code", "language", "timeout", "priority", "resources", "tags", "env",
-            "notebook", "name", "backend", "image", "cpu", "memory",
-        }  # fmt: skip
+            "code",
+            "language",
+            "timeout",
+            "priority",
+            "resources",
+            "tags",
+            "env",
+            "notebook",
+            "name",
+            "backend",
+            "image",
+            "cpu",
+            "memory",
+        }
         unknown = sorted(set(data) - known)
         if unknown:
             raise InvalidRequest(
@@ -221,7 +234,8 @@ class ExecutionRequest:
         language = data.get("language", "python")
         if not isinstance(language, str) or language.lower() not in SUPPORTED_LANGUAGES:
             raise UnsupportedLanguage(
-                f"language {language!r} is not supported; supported: {', '.join(SUPPORTED_LANGUAGES)}",
+                f"language {language!r} is not supported;"
+                f" supported: {', '.join(SUPPORTED_LANGUAGES)}",
                 field="language",
             )
         timeout = _validate_timeout(data.get("timeout"), limits)
@@ -280,7 +294,8 @@ def _validate_code(code: Any, limits: Limits) -> str:
         ) from None
     if size > limits.max_code_bytes:
         raise RequestTooLarge(
-            f"'code' is {format_bytes(size)}, over the limit of {format_bytes(limits.max_code_bytes)};"
+            f"'code' is {format_bytes(size)},"
+            f" over the limit of {format_bytes(limits.max_code_bytes)};"
             " load large data from a file instead of pasting it into the cell",
             field="code",
         )
@@ -302,7 +317,8 @@ def _validate_timeout(value: Any, limits: Limits) -> float:
             raise InvalidRequest("timeout must be a number of seconds", field="timeout")
     if not math.isfinite(value) or value <= 0:
         raise InvalidRequest(
-            f"timeout must be greater than 0 seconds (at most {limits.max_timeout:g}), got {value!r}",
+            f"timeout must be greater than 0 seconds (at most {limits.max_timeout:g}),"
+            f" got {value!r}",
             field="timeout",
         )
     if value > limits.max_timeout:
@@ -338,12 +354,14 @@ def _validate_resources(data: dict, limits: Limits) -> Resources:
         raise InvalidRequest(f"cpu {cpu:g} is over the maximum of {limits.max_cpu:g}", field="cpu")
     if memory > limits.max_memory:
         raise InvalidRequest(
-            f"memory {format_bytes(memory)} is over the maximum of {format_bytes(limits.max_memory)}",
+            f"memory {format_bytes(memory)} is over the maximum"
+            f" of {format_bytes(limits.max_memory)}",
             field="memory",
         )
     if memory < limits.min_memory:
         raise InvalidRequest(
-            f"memory {format_bytes(memory)} is under the minimum of {format_bytes(limits.min_memory)}",
+            f"memory {format_bytes(memory)} is under the minimum"
+            f" of {format_bytes(limits.min_memory)}",
             field="memory",
         )
     return Resources(cpu=cpu, memory=memory)
@@ -469,7 +487,10 @@ class Execution:
             "output_bytes": self.output_bytes,
             "truncated": self.truncated,
             "dropped_bytes": self.dropped_bytes,
-            **{k: req[k] for k in ("code", "language", "timeout", "priority", "tags", "name", "image")},
+            **{
+                k: req[k]
+                for k in ("code", "language", "timeout", "priority", "tags", "name", "image")
+            },
             "resources": req["resources"],
             "env": req["env"],
             "notebook": req["notebook"],

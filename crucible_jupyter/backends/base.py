@@ -67,6 +67,11 @@ class Sandbox(abc.ABC):
     isolation: str
     notes: list[str] = field(default_factory=list)
 
+    async def ready(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Return once the code has started running (or can never start: then
+        :meth:`lines` ends at once and :meth:`wait` says why). Local sandboxes start at
+        once; a pod may wait for scheduling and its image."""
+
     @abc.abstractmethod
     def lines(self) -> AsyncIterator[tuple[str, bytes, int]]:
         """Yield ``(FRAMES|STDERR, line, dropped)`` in arrival order until the output ends.
@@ -98,7 +103,7 @@ class Backend(LoggingConfigurable):
     async def start(self, execution: Execution) -> Sandbox:
         """Start ``execution``; raise a CrucibleError with a clear message if it cannot."""
 
-    def checks(self) -> list[Check]:
+    async def checks(self) -> list[Check]:
         """What ``crucible doctor`` reports for this backend."""
         return []
 

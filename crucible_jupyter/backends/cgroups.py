@@ -152,9 +152,7 @@ class Group:
     def _read_kv(self, ctrl: str, name: str) -> dict[str, int]:
         try:
             with open(os.path.join(self.dirs[ctrl], name)) as f:
-                return {
-                    k: int(v) for k, v in (ln.split() for ln in f if len(ln.split()) == 2)
-                }
+                return {k: int(v) for k, v in (ln.split() for ln in f if len(ln.split()) == 2)}
         except (OSError, ValueError, KeyError):
             return {}
 

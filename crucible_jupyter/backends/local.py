@@ -109,10 +109,21 @@ class CrucibleLocalBackend(Backend):
             return "bubblewrap (bwrap) is not installed"
         try:
             probe = subprocess.run(
-                [self.bwrap_path, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/",
-                 "--cap-drop", "ALL", "true"],
-                capture_output=True, timeout=20, text=True,
-            )  # fmt: skip
+                [
+                    self.bwrap_path,
+                    "--unshare-all",
+                    "--die-with-parent",
+                    "--ro-bind",
+                    "/",
+                    "/",
+                    "--cap-drop",
+                    "ALL",
+                    "true",
+                ],
+                capture_output=True,
+                timeout=20,
+                text=True,
+            )
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"bubblewrap could not start: {e}"
         if probe.returncode != 0:
@@ -130,11 +141,18 @@ class CrucibleLocalBackend(Backend):
     def python_paths(self) -> list[str]:
         """Host folders the sandboxed interpreter needs: its prefixes, read-only."""
         out = subprocess.run(
-            [self.python, "-I", "-c",
-             "import sys, os; print(os.path.realpath(sys.executable)); print(sys.prefix);"
-             " print(sys.base_prefix); print(sys.exec_prefix)"],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout.split("\n")  # fmt: skip
+            [
+                self.python,
+                "-I",
+                "-c",
+                "import sys, os; print(os.path.realpath(sys.executable)); print(sys.prefix);"
+                " print(sys.base_prefix); print(sys.exec_prefix)",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.split("\n")
         paths = {str(Path(out[0]).parent.parent), *out[1:4]}
         return sorted(p for p in paths if p and not p.startswith("/usr"))
 
@@ -155,12 +173,24 @@ class CrucibleLocalBackend(Backend):
     def _bwrap_argv(self, code_fd: int | None) -> list[str]:
         argv = [
             self.bwrap_path or "bwrap",
-            "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
-            "--cap-drop", "ALL", "--disable-userns",
-            "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
-            "--hostname", "crucible", "--clearenv",
-            "--ro-bind", "/usr", "/usr",
-        ]  # fmt: skip
+            "--unshare-all",
+            "--unshare-user",
+            "--die-with-parent",
+            "--new-session",
+            "--cap-drop",
+            "ALL",
+            "--disable-userns",
+            "--uid",
+            str(SANDBOX_UID),
+            "--gid",
+            str(SANDBOX_UID),
+            "--hostname",
+            "crucible",
+            "--clearenv",
+            "--ro-bind",
+            "/usr",
+            "/usr",
+        ]
         for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
             if os.path.islink(top):
                 argv += ["--symlink", os.readlink(top), top]
@@ -169,17 +199,26 @@ class CrucibleLocalBackend(Backend):
         for path in ETC_FILES:
             argv += ["--ro-bind-try", path, path]
         argv += [
-            "--ro-bind", f"{self._state_dir}/passwd", "/etc/passwd",
-            "--ro-bind", f"{self._state_dir}/group", "/etc/group",
-        ]  # fmt: skip
+            "--ro-bind",
+            f"{self._state_dir}/passwd",
+            "/etc/passwd",
+            "--ro-bind",
+            f"{self._state_dir}/group",
+            "/etc/group",
+        ]
         # /tmp first: an interpreter (a venv) that lives under /tmp is bound on top of it
         argv += ["--size", str(self.tmp_size), "--tmpfs", "/tmp"]
         for path in [*self.python_paths, *self.extra_ro_binds]:
             argv += ["--ro-bind", path, path]
         argv += [
-            "--proc", "/proc", "--dev", "/dev",
-            "--ro-bind", str(RUNNER), f"{SANDBOX_DIR}/runner.py",
-        ]  # fmt: skip
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--ro-bind",
+            str(RUNNER),
+            f"{SANDBOX_DIR}/runner.py",
+        ]
         if code_fd is not None:
             argv += ["--ro-bind-data", str(code_fd), f"{SANDBOX_DIR}/cell.py"]
         argv += ["--remount-ro", "/", "--chdir", "/tmp"]
@@ -199,30 +238,45 @@ class CrucibleLocalBackend(Backend):
             "CRUCIBLE_EXECUTION_ID": execution.id,
         }
 
-    def checks(self) -> list[Check]:
+    async def checks(self) -> list[Check]:
         """Report bubblewrap, cgroups and the interpreter, with how to fix what is missing."""
         out = []
         problem = self.bwrap_problem
         if problem:
-            out.append(Check(
-                "bubblewrap", False, problem + "; cells would run WITHOUT isolation",
-                fix="install it: apt-get install bubblewrap (and allow unprivileged user"
-                " namespaces: sysctl kernel.unprivileged_userns_clone=1)",
-            ))  # fmt: skip
+            out.append(
+                Check(
+                    "bubblewrap",
+                    False,
+                    problem + "; cells would run WITHOUT isolation",
+                    fix="install it: apt-get install bubblewrap (and allow unprivileged user"
+                    " namespaces: sysctl kernel.unprivileged_userns_clone=1)",
+                )
+            )
         else:
             out.append(Check("bubblewrap", True, f"{self.bwrap_path}: isolation 'bubblewrap'"))
         layout, detail = self.cgroup_layout
-        out.append(Check(
-            "cgroups", layout is not None, detail if layout else
-            f"{detail}; memory falls back to RLIMIT_AS and process count is not limited",
-            fix=None if layout else "run as root or delegate a cgroup subtree to this user",
-            severity="warning",
-        ))  # fmt: skip
+        out.append(
+            Check(
+                "cgroups",
+                layout is not None,
+                detail
+                if layout
+                else f"{detail}; memory falls back to RLIMIT_AS and process count is not limited",
+                fix=None if layout else "run as root or delegate a cgroup subtree to this user",
+                severity="warning",
+            )
+        )
         try:
             out.append(Check("python", True, f"{self.python} ({', '.join(self.python_paths)})"))
         except (OSError, subprocess.SubprocessError) as e:
-            out.append(Check("python", False, f"cannot run {self.python}: {e}",
-                             fix="set c.CrucibleLocalBackend.python to a working interpreter"))  # fmt: skip
+            out.append(
+                Check(
+                    "python",
+                    False,
+                    f"cannot run {self.python}: {e}",
+                    fix="set c.CrucibleLocalBackend.python to a working interpreter",
+                )
+            )
         return out
 
     async def start(self, execution: Execution) -> Sandbox:
@@ -248,16 +302,23 @@ class CrucibleLocalBackend(Backend):
         if layout is not None:
             try:
                 group = cgroups.Group.create(
-                    layout, execution.id, memory=req.resources.memory,
-                    cpu=req.resources.cpu, pids=self.max_processes,
-                )  # fmt: skip
+                    layout,
+                    execution.id,
+                    memory=req.resources.memory,
+                    cpu=req.resources.cpu,
+                    pids=self.max_processes,
+                )
             except OSError as e:
-                self.log.warning("crucible: cgroup for %s failed (%s); using rlimits", execution.id, e)
+                self.log.warning(
+                    "crucible: cgroup for %s failed (%s); using rlimits", execution.id, e
+                )
                 group = None
         runner_args = [
-            "--rlimit-fsize", str(self.max_file_size),
-            "--rlimit-nofile", str(self.max_open_files),
-        ]  # fmt: skip
+            "--rlimit-fsize",
+            str(self.max_file_size),
+            "--rlimit-nofile",
+            str(self.max_open_files),
+        ]
         if group is None:
             runner_args += ["--rlimit-as", str(req.resources.memory)]
 
@@ -267,22 +328,35 @@ class CrucibleLocalBackend(Backend):
             os.write(code_fd, req.code.encode("utf-8"))
             os.lseek(code_fd, 0, os.SEEK_SET)
             setenv = [a for k, v in self._env(execution).items() for a in ("--setenv", k, v)]
-            argv = [*self._bwrap_argv(code_fd), *setenv, "--", self.python, "-I",
-                    f"{SANDBOX_DIR}/runner.py", "--code-file", f"{SANDBOX_DIR}/cell.py"]  # fmt: skip
+            argv = [
+                *self._bwrap_argv(code_fd),
+                *setenv,
+                "--",
+                self.python,
+                "-I",
+                f"{SANDBOX_DIR}/runner.py",
+                "--code-file",
+                f"{SANDBOX_DIR}/cell.py",
+            ]
             env = {}
             pass_fds = (code_fd,)
         else:
             workdir = tempfile.mkdtemp(prefix=f"crucible-{execution.id[:8]}-")
-            Path(workdir, "cell.py").write_text(req.code, encoding="utf-8")
+            Path(workdir, "cell.py").write_text(req.code, encoding="utf-8")  # noqa: ASYNC240
             argv = [self.python, "-I", str(RUNNER), "--code-file", f"{workdir}/cell.py"]
             env = {**self._env(execution), "HOME": workdir, "TMPDIR": workdir}
             pass_fds = ()
         argv += runner_args
         if group is not None:  # join the group before exec'ing anything of the cell
             env["CRUCIBLE_CGROUP_PROCS"] = " ".join(group.procs_files())
-            argv = ["/bin/sh", "-c",
-                    'for f in $CRUCIBLE_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done;'
-                    ' unset CRUCIBLE_CGROUP_PROCS; exec "$@"', "crucible-sandbox", *argv]  # fmt: skip
+            argv = [
+                "/bin/sh",
+                "-c",
+                'for f in $CRUCIBLE_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done;'
+                ' unset CRUCIBLE_CGROUP_PROCS; exec "$@"',
+                "crucible-sandbox",
+                *argv,
+            ]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -378,8 +452,9 @@ class LocalSandbox(Sandbox):
             if self.group.oom_killed():
                 reason = f"memory limit exceeded ({format_bytes(self.memory)})"
             elif forks := self.group.pids_exhausted():
-                reason = (f"process limit reached ({self.max_processes} processes;"
-                          f" {forks} forks refused)")  # fmt: skip
+                reason = (
+                    f"process limit reached ({self.max_processes} processes; {forks} forks refused)"
+                )
             await asyncio.to_thread(self.group.remove)
         if code == 125 and self.group is not None and reason is None:
             reason = "could not place the sandbox in its cgroup"

@@ -142,9 +142,9 @@ class CrucibleDispatcher(LoggingConfigurable):
     )
     default_cpu = Float(1.0, help="CPU cores granted when a request gives none.").tag(config=True)
     max_cpu = Float(4.0, help="Most CPU cores a request may ask for.").tag(config=True)
-    default_memory = Integer(512 << 20, help="Memory in bytes granted when a request gives none.").tag(
-        config=True
-    )
+    default_memory = Integer(
+        512 << 20, help="Memory in bytes granted when a request gives none."
+    ).tag(config=True)
     max_memory = Integer(8 << 30, help="Most memory in bytes a request may ask for.").tag(
         config=True
     )
@@ -218,8 +218,10 @@ class CrucibleDispatcher(LoggingConfigurable):
         ]
         self.log.info(
             "crucible dispatcher started: backend=%s storage=%s concurrency=%d",
-            self.backend, self.storage, self.max_concurrency,
-        )  # fmt: skip
+            self.backend,
+            self.storage,
+            self.max_concurrency,
+        )
 
     async def stop(self) -> None:
         """Stop scheduling; fail running executions with a reason; flush; close everything.
@@ -232,8 +234,9 @@ class CrucibleDispatcher(LoggingConfigurable):
         for run in list(self._runs.values()):
             if run.task:
                 run.task.cancel()
-        await asyncio.gather(*(r.task for r in list(self._runs.values()) if r.task),
-                             return_exceptions=True)  # fmt: skip
+        await asyncio.gather(
+            *(r.task for r in list(self._runs.values()) if r.task), return_exceptions=True
+        )
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -259,7 +262,9 @@ class CrucibleDispatcher(LoggingConfigurable):
 
     def _require_started(self) -> None:
         if not self._started:
-            raise Unavailable("the crucible dispatcher is not running; start it (or the server) first")
+            raise Unavailable(
+                "the crucible dispatcher is not running; start it (or the server) first"
+            )
 
     # ----- the public API ------------------------------------------------------------
 
@@ -273,9 +278,12 @@ class CrucibleDispatcher(LoggingConfigurable):
         backend = request.backend or self.backend
         self.get_backend(backend)
         execution = Execution(
-            id=new_execution_id(), request=request, user=user or "local",
-            backend=backend, dispatcher_id=self.owner,
-        )  # fmt: skip
+            id=new_execution_id(),
+            request=request,
+            user=user or "local",
+            backend=backend,
+            dispatcher_id=self.owner,
+        )
         await self._db(self.storage.create, execution)
         self._enqueue(execution, Channel(execution.id))
         return execution
@@ -360,7 +368,8 @@ class CrucibleDispatcher(LoggingConfigurable):
         if channel is not None:
             await channel.finished.wait()
             return await self.get(execution_id)
-        while not (execution := await self.get(execution_id)).status.terminal:
+        # another process runs it: storage is the only shared channel
+        while not (execution := await self.get(execution_id)).status.terminal:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         return execution
 
@@ -398,13 +407,24 @@ class CrucibleDispatcher(LoggingConfigurable):
     async def _cancel_orphan(self, execution: Execution) -> Execution:
         events = await self._db(self.storage.events, execution.id, -1)
         seq = events[-1].seq + 1 if events else 0
-        fields = {"status": Status.CANCELLED, "finished_at": now_ms(),
-                  "reason": "cancelled; the dispatcher that ran it is gone"}  # fmt: skip
+        fields = {
+            "status": Status.CANCELLED,
+            "finished_at": now_ms(),
+            "reason": "cancelled; the dispatcher that ran it is gone",
+        }
         await self._db(self.storage.update, execution.id, **fields)
-        await self._db(self.storage.append_events, execution.id, [Event(
-            seq, fields["finished_at"], "status",
-            {"status": "cancelled", "reason": fields["reason"], "exit_code": None},
-        )])  # fmt: skip
+        await self._db(
+            self.storage.append_events,
+            execution.id,
+            [
+                Event(
+                    seq,
+                    fields["finished_at"],
+                    "status",
+                    {"status": "cancelled", "reason": fields["reason"], "exit_code": None},
+                )
+            ],
+        )
         return await self._db(self.storage.get, execution.id)
 
     async def list(self, **filters: Any) -> tuple[list[Execution], str | None]:
@@ -460,6 +480,12 @@ class CrucibleDispatcher(LoggingConfigurable):
             sandbox = run.sandbox
             if run.cancelled:
                 await sandbox.kill()
+            execution.isolation = sandbox.isolation
+            try:
+                await asyncio.wait_for(sandbox.ready(), execution.request.timeout)
+            except asyncio.TimeoutError:
+                run.timed_out = True
+                await sandbox.kill()
             await self._transition(
                 execution, Status.RUNNING, isolation=sandbox.isolation, started_at=now_ms()
             )
@@ -471,8 +497,9 @@ class CrucibleDispatcher(LoggingConfigurable):
                 await run.sandbox.kill()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(run.sandbox.wait(), 5)
-            await self._finish(execution, Status.FAILED,
-                               reason="dispatcher stopped while the cell was running")  # fmt: skip
+            await self._finish(
+                execution, Status.FAILED, reason="dispatcher stopped while the cell was running"
+            )
             raise
         except Exception as e:  # never leave an execution stuck
             self.log.exception("crucible: execution %s failed inside the dispatcher", execution.id)
@@ -518,15 +545,22 @@ class CrucibleDispatcher(LoggingConfigurable):
             if dropped:
                 execution.truncated = True
                 execution.dropped_bytes += len(line) + dropped
-                self._notice(run, "frame", f"a single output of {format_bytes(len(line) + dropped)}"
-                             " was too large and was dropped")  # fmt: skip
+                self._notice(
+                    run,
+                    "frame",
+                    f"a single output of {format_bytes(len(line) + dropped)}"
+                    " was too large and was dropped",
+                )
                 continue
             size = len(line) + 1
             if execution.output_bytes + size > limit:
                 execution.truncated = True
                 execution.dropped_bytes += size
-                self._notice(run, "limit", f"output limit of {format_bytes(limit)} reached;"
-                             " further output is dropped")  # fmt: skip
+                self._notice(
+                    run,
+                    "limit",
+                    f"output limit of {format_bytes(limit)} reached; further output is dropped",
+                )
                 continue
             parsed = frames.parse(line) if kind == FRAMES else frames.raw_stderr(line)
             if parsed is None:
@@ -564,14 +598,15 @@ class CrucibleDispatcher(LoggingConfigurable):
 
     async def _stop_sandbox(self, run: _Run) -> None:
         """Interrupt, then kill after the grace period."""
-        while run.sandbox is None and run.task and not run.task.done():
-            await asyncio.sleep(0.01)
+        while run.sandbox is None and run.task and not run.task.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # still starting: a few ms at most
         if run.sandbox is None:
             return
         await run.sandbox.interrupt()
         try:
-            await asyncio.wait_for(self._channels[run.execution.id].finished.wait(),
-                                   self.cancel_grace_seconds)  # fmt: skip
+            await asyncio.wait_for(
+                self._channels[run.execution.id].finished.wait(), self.cancel_grace_seconds
+            )
         except (asyncio.TimeoutError, KeyError):
             await run.sandbox.kill()
 
@@ -584,18 +619,28 @@ class CrucibleDispatcher(LoggingConfigurable):
         await self._db(self.storage.update, execution.id, status=status, **fields)
         self._channels[execution.id].publish("status", {"status": status.value})
 
-    async def _finish(self, execution: Execution, status: Status, *, reason: str | None,
-                      exit_code: int | None = None) -> None:  # fmt: skip
+    async def _finish(
+        self,
+        execution: Execution,
+        status: Status,
+        *,
+        reason: str | None,
+        exit_code: int | None = None,
+    ) -> None:
         """Record a terminal status, publish it, store every event, close the stream."""
         execution.status = status
         execution.reason = reason
         execution.exit_code = exit_code
         execution.finished_at = now_ms()
         fields = {
-            "status": status, "reason": reason, "exit_code": exit_code,
-            "finished_at": execution.finished_at, "output_bytes": execution.output_bytes,
-            "truncated": execution.truncated, "dropped_bytes": execution.dropped_bytes,
-        }  # fmt: skip
+            "status": status,
+            "reason": reason,
+            "exit_code": exit_code,
+            "finished_at": execution.finished_at,
+            "output_bytes": execution.output_bytes,
+            "truncated": execution.truncated,
+            "dropped_bytes": execution.dropped_bytes,
+        }
         if execution.isolation:
             fields["isolation"] = execution.isolation
         for attempt in range(5):
@@ -608,10 +653,15 @@ class CrucibleDispatcher(LoggingConfigurable):
                 await asyncio.sleep(0.2 * 2**attempt)
         channel = self._channels.get(execution.id)
         if channel is not None:
-            channel.publish("status", {
-                "status": status.value, "reason": reason, "exit_code": exit_code,
-                "duration_ms": execution.duration_ms,
-            })  # fmt: skip
+            channel.publish(
+                "status",
+                {
+                    "status": status.value,
+                    "reason": reason,
+                    "exit_code": exit_code,
+                    "duration_ms": execution.duration_ms,
+                },
+            )
             await self._flush(execution.id)
             channel.close()
             self._channels.pop(execution.id, None)
@@ -650,8 +700,13 @@ class CrucibleDispatcher(LoggingConfigurable):
             except StorageError:
                 continue
             for execution_id in wanted:
-                with contextlib.suppress(CrucibleError):
-                    asyncio.create_task(self.cancel(execution_id))
+                task = asyncio.create_task(self._cancel_quietly(execution_id))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _cancel_quietly(self, execution_id: str) -> None:
+        with contextlib.suppress(CrucibleError):
+            await self.cancel(execution_id)
 
     async def _reconcile(self) -> None:
         """Adopt queued work a dead dispatcher left; fail what it left running."""
@@ -670,8 +725,12 @@ class CrucibleDispatcher(LoggingConfigurable):
                 channel = Channel(execution.id, next_seq)
                 self._channels[execution.id] = channel
                 self._flush_locks[execution.id] = asyncio.Lock()
-                await self._finish(execution, Status.FAILED, reason="dispatcher restarted",
-                                   exit_code=execution.exit_code)  # fmt: skip
+                await self._finish(
+                    execution,
+                    Status.FAILED,
+                    reason="dispatcher restarted",
+                    exit_code=execution.exit_code,
+                )
                 self.log.warning("crucible: %s was running when its dispatcher died", execution.id)
 
 

@@ -53,9 +53,10 @@ async def run_cell(d: Dispatcher, code: str, **request) -> tuple[Execution, list
 def stream_text(events: list[Event], name: str | None = None) -> str:
     """All stream text (of one stream, if named), in order."""
     return "".join(
-        e.data["text"] for e in events
+        e.data["text"]
+        for e in events
         if e.type == "stream" and (name is None or e.data["name"] == name)
-    )  # fmt: skip
+    )
 
 
 def statuses(events: list[Event]) -> list[str]:

@@ -16,8 +16,11 @@ def crucible(tmp_path):
     def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "crucible_jupyter.cli", "--db-url", url, *args],
-            input=input, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     return run
 

@@ -135,8 +135,9 @@ async def test_twenty_concurrent_executions_all_finish(make_dispatcher, db_url):
 
 @pytest.mark.parametrize("code", ["while True: pass", "import time; time.sleep(1000)"])
 async def test_timeout_kills(dispatcher, code):
-    execution, events = await run_cell(dispatcher, f"print('started', flush=True)\n{code}",
-                                       timeout=1.5)  # fmt: skip
+    execution, events = await run_cell(
+        dispatcher, f"print('started', flush=True)\n{code}", timeout=1.5
+    )
     assert execution.status is Status.TIMED_OUT
     assert execution.reason == "timed out after 1.5 s"
     assert stream_text(events, "stdout") == "started\n"
@@ -154,7 +155,9 @@ async def test_timeout_kills_the_whole_process_tree(dispatcher):
     await asyncio.sleep(0.3)
     import subprocess
 
-    left = subprocess.run(["pgrep", "-f", "sleep 98765[456]"], capture_output=True, text=True).stdout
+    left = subprocess.run(
+        ["pgrep", "-f", "sleep 98765[456]"], capture_output=True, text=True
+    ).stdout
     assert left.strip() == ""
 
 
@@ -244,7 +247,9 @@ async def test_late_subscriber_resumes_from_seq(dispatcher):
     execution, events = await run_cell(dispatcher, "for i in range(5): print(i)")
     replay = [e async for e in dispatcher.subscribe(execution.id, after=2)]
     assert [e.seq for e in replay] == [e.seq for e in events if e.seq > 2]
-    live = await dispatcher.submit({"code": "import time\nfor i in range(3):\n print(i, flush=True)\n time.sleep(0.3)"})
+    live = await dispatcher.submit(
+        {"code": "import time\nfor i in range(3):\n print(i, flush=True)\n time.sleep(0.3)"}
+    )
     await asyncio.sleep(0.5)
     late = [e async for e in dispatcher.subscribe(live.id)]
     assert [e.seq for e in late] == list(range(len(late)))

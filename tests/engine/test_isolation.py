@@ -219,7 +219,9 @@ async def test_one_gigabyte_of_output_keeps_memory_bounded(make_dispatcher):
     assert final.dropped_bytes > 900 << 20
     assert peak - baseline < 200 << 20, f"dispatcher grew by {(peak - baseline) >> 20} MiB"
     events = await d.events(execution.id)
-    notices = [e for e in events if e.type == "stream" and "[crucible] output limit" in e.data["text"]]
+    notices = [
+        e for e in events if e.type == "stream" and "[crucible] output limit" in e.data["text"]
+    ]
     assert len(notices) == 1
 
 

@@ -38,10 +38,17 @@ async def test_restart_fails_running_and_adopts_queued(make_dispatcher, tmp_path
     storage = Storage(db_url)
     storage.migrate()
     owner = _dead_owner()
-    running = Execution(id=new_execution_id(), request=ExecutionRequest(code="print(1)"),
-                        status=Status.RUNNING, dispatcher_id=owner)  # fmt: skip
-    queued = Execution(id=new_execution_id(), request=ExecutionRequest(code="print('adopted')"),
-                       dispatcher_id=owner)  # fmt: skip
+    running = Execution(
+        id=new_execution_id(),
+        request=ExecutionRequest(code="print(1)"),
+        status=Status.RUNNING,
+        dispatcher_id=owner,
+    )
+    queued = Execution(
+        id=new_execution_id(),
+        request=ExecutionRequest(code="print('adopted')"),
+        dispatcher_id=owner,
+    )
     storage.create(running)
     storage.create(queued)
     storage.close()
@@ -61,8 +68,12 @@ async def test_live_owner_is_left_alone(make_dispatcher, tmp_path):
     url = f"sqlite:///{tmp_path}/crucible.db"
     storage = Storage(url)
     storage.migrate()
-    other = Execution(id=new_execution_id(), request=ExecutionRequest(code="print(1)"),
-                      status=Status.RUNNING, dispatcher_id=f"{os.uname().nodename}:1")  # fmt: skip
+    other = Execution(
+        id=new_execution_id(),
+        request=ExecutionRequest(code="print(1)"),
+        status=Status.RUNNING,
+        dispatcher_id=f"{os.uname().nodename}:1",
+    )
     storage.create(other)
     storage.close()
     d = await make_dispatcher(db_url=url)
@@ -76,10 +87,22 @@ def test_sigkilled_cli_leaves_nothing_running(tmp_path):
     cell.write_text("import time\nprint('working', flush=True)\ntime.sleep(100)\n")
     marker = f"MARK{os.getpid()}x{time.time_ns()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "crucible_jupyter.cli", "--db-url", url, "run",
-         "--env", f"MARK={marker}", str(cell)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "crucible_jupyter.cli",
+            "--db-url",
+            url,
+            "run",
+            "--env",
+            f"MARK={marker}",
+            str(cell),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     with proc:
         assert proc.stdout.readline() == "working\n"
         os.killpg(proc.pid, signal.SIGKILL)
@@ -90,13 +113,18 @@ def test_sigkilled_cli_leaves_nothing_running(tmp_path):
     assert left == [], "the sandbox outlived its dispatcher"
     out = subprocess.run(
         [sys.executable, "-m", "crucible_jupyter.cli", "--db-url", url, "run", "-"],
-        input="print('next')", capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        input="print('next')",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.stdout == "next\n"
     hist = subprocess.run(
         [sys.executable, "-m", "crucible_jupyter.cli", "--db-url", url, "history", "--json"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     import json
 
     records = json.loads(hist.stdout)["executions"]

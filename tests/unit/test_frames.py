@@ -8,9 +8,13 @@ from crucible_jupyter.dispatcher import frames
 
 def test_known_frames_are_cleaned():
     assert frames.parse(b'{"type":"stream","name":"stdout","text":"hi"}') == (
-        "stream", {"name": "stdout", "text": "hi"})  # fmt: skip
+        "stream",
+        {"name": "stdout", "text": "hi"},
+    )
     assert frames.parse(b'{"type":"stream","name":"evil","text":5}') == (
-        "stream", {"name": "stdout", "text": ""})  # fmt: skip
+        "stream",
+        {"name": "stdout", "text": ""},
+    )
     kind, payload = frames.parse(b'{"type":"error","ename":"E","evalue":"v","traceback":["a",1]}')
     assert (kind, payload["traceback"]) == ("error", ["a"])
     assert frames.parse(b'{"type":"end","exit_code":0}') is None
@@ -19,7 +23,9 @@ def test_known_frames_are_cleaned():
 
 def test_other_lines_become_stderr_text():
     assert frames.parse(b"Traceback (most recent call last):") == (
-        "stream", {"name": "stderr", "text": "Traceback (most recent call last):\n"})  # fmt: skip
+        "stream",
+        {"name": "stderr", "text": "Traceback (most recent call last):\n"},
+    )
     assert frames.parse(b"[1, 2]")[1]["name"] == "stderr"
     assert frames.parse(b'{"type":"status","status":"succeeded"}')[1]["name"] == "stderr"
     assert frames.parse(b"\xff\xfe")[1]["text"] == "\ufffd\ufffd\n"

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from crucible_jupyter.errors import InvalidRequest, RequestTooLarge, UnsupportedLanguage, http_status
+from crucible_jupyter.errors import (
+    InvalidRequest,
+    RequestTooLarge,
+    UnsupportedLanguage,
+    http_status,
+)
 from crucible_jupyter.models import ExecutionRequest, Limits, Priority, new_execution_id
 
 
@@ -72,8 +77,13 @@ def test_limits_are_configurable():
 
 
 def test_round_trip_and_unicode():
-    data = {"code": "print('שלום 🎉')", "tags": ["a", "a", "b"], "env": {"X": "é"},
-            "notebook": {"path": "n.ipynb", "cell_id": "c1"}, "priority": "high"}  # fmt: skip
+    data = {
+        "code": "print('שלום 🎉')",
+        "tags": ["a", "a", "b"],
+        "env": {"X": "é"},
+        "notebook": {"path": "n.ipynb", "cell_id": "c1"},
+        "priority": "high",
+    }
     r = ExecutionRequest.from_dict(data)
     assert r.tags == ("a", "b")
     assert ExecutionRequest.from_dict(r.to_dict()) == r

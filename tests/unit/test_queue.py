@@ -9,8 +9,9 @@ from crucible_jupyter.models import Execution, ExecutionRequest, Priority
 
 
 def _ex(i: int, priority: str = "normal", user: str = "u") -> Execution:
-    return Execution(id=str(i), user=user,
-                     request=ExecutionRequest(code="", priority=Priority(priority)))  # fmt: skip
+    return Execution(
+        id=str(i), user=user, request=ExecutionRequest(code="", priority=Priority(priority))
+    )
 
 
 def test_strict_priority_then_fifo():

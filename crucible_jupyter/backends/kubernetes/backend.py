@@ -1,0 +1,524 @@
+"""Run each execution as a Kubernetes Job, event-driven (one shared pod watch, no polling).
+
+Output: the runner writes NDJSON frames to its stdout; the pod's log is followed while it
+runs and every frame is handed to the dispatcher (and so to storage) as it arrives, so
+output survives the pod's deletion. A pod that ends before its log is opened loses
+nothing: the log of a terminated container is read whole.
+
+Outcomes come from the pod status: exit code; OOMKilled → "memory limit exceeded";
+eviction; an image that cannot be pulled fails fast with its reason; a pod unschedulable
+past ``unschedulable_timeout`` fails with the scheduler's message; a quota refusal fails
+with a clear reason, or waits, as configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from traitlets import Dict, Enum, Float, Integer, Unicode, default
+
+from ...errors import CrucibleError, InvalidRequest, Unavailable
+from ...models import Execution, format_bytes
+from ..base import FRAMES, Backend, Check, Outcome, Sandbox, read_lines
+from . import objects
+from .reflector import Pod, PodReflector
+
+RUNNER = Path(__file__).resolve().parent.parent.parent / "runner.py"
+IMAGE_FAILURES = {
+    "ErrImagePull": "image could not be pulled",
+    "ImagePullBackOff": "image could not be pulled",
+    "ErrImageNeverPull": "image not found",
+    "InvalidImageName": "invalid image name",
+    "CreateContainerConfigError": "container configuration error",
+    "CreateContainerError": "container could not be created",
+    "RunContainerError": "container could not be started",
+}
+
+
+class CrucibleKubernetesBackend(Backend):
+    """Runs each execution as a hardened Kubernetes Job in one namespace."""
+
+    name = "kubernetes"
+
+    namespace = Unicode(
+        help="Namespace where execution Jobs run (env CRUCIBLE_K8S_NAMESPACE).",
+    ).tag(config=True)
+
+    @default("namespace")
+    def _default_namespace(self) -> str:
+        return os.environ.get("CRUCIBLE_K8S_NAMESPACE", "crucible-executions")
+
+    kubeconfig = Unicode(
+        help="""kubeconfig file to use; empty: in-cluster configuration when running in a
+        pod, else $KUBECONFIG or ~/.kube/config.""",
+    ).tag(config=True)
+
+    @default("kubeconfig")
+    def _default_kubeconfig(self) -> str:
+        return os.environ.get("KUBECONFIG", "")
+
+    images = Dict(
+        Unicode(),
+        default_value={
+            "default": "localhost/crucible/executor:dev",
+            "ml": "localhost/crucible/executor-ml:dev",
+        },
+        help="""Allowed images by short name; a request's `image` must be one of these
+        names (or one of the image references). `default` is used when none is given.""",
+    ).tag(config=True)
+
+    python = Unicode("python3", help="Python command inside the executor images.").tag(config=True)
+    runtime_class = Unicode(
+        "", help="runtimeClassName of executor pods (e.g. gvisor in production)."
+    ).tag(config=True)
+    pull_policy = Enum(
+        ["IfNotPresent", "Never", "Always"], "IfNotPresent", help="imagePullPolicy of executors."
+    ).tag(config=True)
+    run_as_uid = Integer(65534, help="Fixed non-root UID executor pods run as.").tag(config=True)
+    tmp_size = Integer(256 << 20, help="Size limit of the emptyDir /tmp, in bytes.").tag(
+        config=True
+    )
+    max_file_size = Integer(256 << 20, help="Largest file a cell may write (RLIMIT_FSIZE).").tag(
+        config=True
+    )
+    ttl_seconds_after_finished = Integer(
+        300, help="Backstop: Kubernetes deletes finished Jobs after this many seconds."
+    ).tag(config=True)
+    deadline_padding = Integer(
+        15, help="activeDeadlineSeconds = the request's timeout + this (a backstop)."
+    ).tag(config=True)
+    unschedulable_timeout = Float(
+        60.0, help="Seconds a pod may stay unschedulable before the execution fails."
+    ).tag(config=True)
+    quota_policy = Enum(
+        ["fail", "wait"],
+        "fail",
+        help="""When a ResourceQuota refuses the pod: `fail` at once with the quota's
+        message, or `wait` (retrying) until it fits or the timeout ends.""",
+    ).tag(config=True)
+    max_line_bytes = Integer(16 << 20, help="Longest single frame accepted from a pod.").tag(
+        config=True
+    )
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._api = None
+        self._core = None
+        self._batch = None
+        self._reflector: PodReflector | None = None
+        self._setup_lock = asyncio.Lock()
+        self._background: set[asyncio.Task] = set()
+        self._runner_source = RUNNER.read_text()
+        self.dispatcher_id = objects.label_value(getattr(self.parent, "owner", "crucible"))
+
+    # ----- connection ----------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        async with self._setup_lock:
+            if self._core is not None:
+                return
+            from kubernetes_asyncio import client, config
+
+            try:
+                if not self.kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST"):
+                    config.load_incluster_config()
+                    api = client.ApiClient()
+                else:
+                    api = await config.new_client_from_config(config_file=self.kubeconfig or None)
+            except Exception as e:
+                raise Unavailable(
+                    f"cannot load Kubernetes configuration ({e}); set"
+                    " c.CrucibleKubernetesBackend.kubeconfig or KUBECONFIG"
+                ) from e
+            self._api = api
+            self._core = client.CoreV1Api(api)
+            self._batch = client.BatchV1Api(api)
+            self._networking = client.NetworkingV1Api(api)
+            await self._ensure_network_policy()
+            self._reflector = PodReflector(
+                self._core, self.namespace, f"{objects.APP_LABEL}={objects.APP}", log=self.log
+            )
+            try:
+                await asyncio.wait_for(self._reflector.start(), 30)
+            except Exception as e:
+                await self.close()
+                raise Unavailable(f"cannot watch pods in namespace {self.namespace!r}: {e}") from e
+
+    async def _ensure_network_policy(self) -> None:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        body = objects.make_network_policy()
+        try:
+            await self._networking.create_namespaced_network_policy(self.namespace, body)
+        except ApiException as e:
+            if e.status == 409:
+                return
+            if e.status == 404:
+                raise Unavailable(
+                    f"namespace {self.namespace!r} does not exist; create it or set"
+                    " c.CrucibleKubernetesBackend.namespace"
+                ) from e
+            raise Unavailable(f"cannot ensure the deny-all NetworkPolicy: {e.reason}") from e
+
+    async def close(self) -> None:
+        """Stop the pod watch and close the API connection."""
+        if self._reflector is not None:
+            await self._reflector.stop()
+            self._reflector = None
+        if self._api is not None:
+            await self._api.close()
+            self._api = None
+            self._core = None
+
+    # ----- starting ------------------------------------------------------------------
+
+    def image_for(self, requested: str | None) -> str:
+        """The image reference for a request's ``image`` (a short name or an allowed ref)."""
+        if not requested:
+            return self.images.get("default") or next(iter(self.images.values()))
+        if requested in self.images:
+            return self.images[requested]
+        if requested in self.images.values():
+            return requested
+        raise InvalidRequest(
+            f"image {requested!r} is not allowed; choose one of: {', '.join(sorted(self.images))}",
+            field="image",
+        )
+
+    async def start(self, execution: Execution) -> Sandbox:
+        """Create the ConfigMap and the Job; return a sandbox following its pod."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        image = self.image_for(execution.request.image)
+        await self._connect()
+        req = execution.request
+        name = objects.job_name(execution.id)
+        labels = objects.labels(execution.id, execution.user, self.dispatcher_id)
+        configmap = objects.make_configmap(name, req.code, self._runner_source, labels)
+        job = objects.make_job(
+            name=name,
+            labels=labels,
+            image=image,
+            python=self.python,
+            cpu=req.resources.cpu,
+            memory=req.resources.memory,
+            timeout=req.timeout,
+            env={
+                **req.env,
+                "CRUCIBLE_EXECUTION_ID": execution.id,
+                "HOME": "/tmp",
+                "MPLCONFIGDIR": "/tmp/.matplotlib",
+                "PYTHONDONTWRITEBYTECODE": "1",
+            },
+            uid=self.run_as_uid,
+            tmp_size=self.tmp_size,
+            max_file_size=self.max_file_size,
+            deadline_padding=self.deadline_padding,
+            ttl_seconds=self.ttl_seconds_after_finished,
+            runtime_class=self.runtime_class or None,
+            pull_policy=self.pull_policy,
+        )
+        try:
+            await _retry(lambda: self._core.create_namespaced_config_map(self.namespace, configmap))
+            created = await _retry(
+                lambda: self._batch.create_namespaced_job(
+                    self.namespace, job, _preload_content=False
+                )
+            )
+            created = json.loads(await created.read())
+        except ApiException as e:
+            with contextlib.suppress(Exception):
+                await self._core.delete_namespaced_config_map(name, self.namespace)
+            raise Unavailable(f"Kubernetes refused the Job: {_api_message(e)}") from e
+        # the ConfigMap goes when the Job goes; not waited for: the pod does not need it
+        task = asyncio.create_task(self._own_configmap(name, created))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        isolation = "kubernetes" + (f"/{self.runtime_class}" if self.runtime_class else "")
+        return KubernetesSandbox(self, execution, name, isolation=isolation)
+
+    async def _own_configmap(self, name: str, job: dict) -> None:
+        with contextlib.suppress(Exception):
+            await self._core.patch_namespaced_config_map(
+                name,
+                self.namespace,
+                {"metadata": {"ownerReferences": [objects.owner_reference(job)]}},
+            )
+
+    async def delete(self, name: str, grace: int | None = None) -> None:
+        """Delete a Job (and its pods, in the background); a gone Job is not an error."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        with contextlib.suppress(ApiException):
+            await self._batch.delete_namespaced_job(
+                name,
+                self.namespace,
+                propagation_policy="Background",
+                grace_period_seconds=grace,
+            )
+        with contextlib.suppress(ApiException):
+            await self._core.delete_namespaced_config_map(name, self.namespace)
+
+    async def delete_pods(self, execution_id: str, grace: int) -> None:
+        """Delete the pods of an execution with a grace period (SIGTERM, then SIGKILL)."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        with contextlib.suppress(ApiException):
+            await self._core.delete_collection_namespaced_pod(
+                self.namespace,
+                grace_period_seconds=grace,
+                label_selector=f"{objects.EXECUTION_LABEL}={objects.label_value(execution_id)}",
+            )
+
+    # ----- health --------------------------------------------------------------------
+
+    async def checks(self) -> list[Check]:
+        """Cluster reachable, namespace usable, NetworkPolicy present."""
+        out = []
+        try:
+            await self._connect()
+            out.append(Check("kubernetes", True, f"API reachable; namespace {self.namespace!r}"))
+        except CrucibleError as e:
+            return [
+                Check(
+                    "kubernetes",
+                    False,
+                    e.message,
+                    fix="start the cluster (dev/cluster/cluster up) and set KUBECONFIG",
+                )
+            ]
+        try:
+            await self._networking.read_namespaced_network_policy(
+                objects.POLICY_NAME, self.namespace
+            )
+            out.append(Check("network policy", True, f"{objects.POLICY_NAME} present"))
+        except Exception as e:
+            out.append(Check("network policy", False, f"deny-all policy missing: {e}"))
+        return out
+
+
+class KubernetesSandbox(Sandbox):
+    """One execution's Job, followed through the shared pod watch and the pod's log."""
+
+    def __init__(
+        self, backend: CrucibleKubernetesBackend, execution: Execution, name: str, *, isolation: str
+    ) -> None:
+        super().__init__(isolation=isolation)
+        self.backend = backend
+        self.execution = execution
+        self.name = name
+        self.key = objects.label_value(execution.id)
+        self.failure: str | None = None
+        self.cancelled = False
+        self.started: bool | None = None
+
+    def _reflector(self) -> PodReflector:
+        assert self.backend._reflector is not None
+        return self.backend._reflector
+
+    def _container(self, pod: Pod | None) -> dict:
+        statuses = ((pod or {}).get("status") or {}).get("containerStatuses") or []
+        return next((c for c in statuses if c.get("name") == "cell"), {})
+
+    def _started_or_failed(self, pod: Pod | None) -> str | None:
+        """'logs' once the container's log can be read; 'failed' if it never will."""
+        if pod is None:
+            return "failed" if self.key in self._reflector().gone else None
+        state = self._container(pod).get("state") or {}
+        if "running" in state or "terminated" in state:
+            return "logs"
+        waiting = state.get("waiting") or {}
+        if waiting.get("reason") in IMAGE_FAILURES:
+            image = self._container(pod).get("image") or "?"
+            self.failure = (
+                f"{IMAGE_FAILURES[waiting['reason']]}: {image}"
+                f" ({waiting.get('message') or waiting['reason']})"
+            )
+            return "failed"
+        status = pod.get("status") or {}
+        if status.get("phase") in ("Failed", "Succeeded") and not state:
+            self.failure = status.get("message") or status.get("reason") or "pod failed"
+            return "failed"
+        return None
+
+    async def _wait_started(self) -> bool:
+        """Wait for the container to start; False (with ``failure``) if it cannot."""
+        loop = asyncio.get_running_loop()
+        unschedulable_since = None
+        while True:
+            try:
+                result = await self._reflector().wait_for(self.key, self._started_or_failed, 2.0)
+                return result == "logs"
+            except TimeoutError:
+                pass
+            pod = self._reflector().pod_for(self.key)
+            if pod is None:  # no pod after 2 s: did the Job controller fail to create it?
+                problem = await self._job_problem()
+                if problem and (self.backend.quota_policy == "fail" or "quota" not in problem):
+                    self.failure = problem
+                    return False
+                continue
+            cond = next(
+                (
+                    c
+                    for c in (pod.get("status") or {}).get("conditions") or []
+                    if c.get("type") == "PodScheduled"
+                ),
+                {},
+            )
+            if cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+                unschedulable_since = unschedulable_since or loop.time()
+                if loop.time() - unschedulable_since > self.backend.unschedulable_timeout:
+                    self.failure = f"unschedulable: {cond.get('message', 'no node fits')}"
+                    return False
+            else:
+                unschedulable_since = None
+
+    async def _job_problem(self) -> str | None:
+        core = self.backend._core
+        try:
+            resp = await core.list_namespaced_event(
+                self.backend.namespace,
+                _preload_content=False,
+                field_selector=f"involvedObject.name={self.name},involvedObject.kind=Job",
+            )
+            events = json.loads(await resp.read()).get("items", [])
+        except Exception:
+            return None
+        for ev in sorted(events, key=lambda e: e.get("lastTimestamp") or "", reverse=True):
+            if ev.get("reason") == "FailedCreate":
+                msg = ev.get("message", "")
+                if "exceeded quota" in msg:
+                    return "resource quota exceeded: " + msg.split("forbidden: ", 1)[-1]
+                return "the Job could not create its pod: " + msg
+        return None
+
+    async def ready(self) -> None:
+        """Wait until the container runs, or it is clear it never will (``failure``)."""
+        if self.started is None:
+            self.started = await self._wait_started()
+
+    async def lines(self) -> AsyncIterator[tuple[str, bytes, int]]:
+        """The pod's log, line by line, as it is written; reopened if the stream breaks."""
+        await self.ready()
+        if not self.started:
+            return
+        consumed = 0
+        while True:
+            pod = self._reflector().pod_for(self.key) or self._reflector().gone.get(self.key)
+            if pod is None:
+                return
+            try:
+                resp = await self.backend._core.read_namespaced_pod_log(
+                    pod["metadata"]["name"],
+                    self.backend.namespace,
+                    container="cell",
+                    follow=True,
+                    _preload_content=False,
+                )
+            except Exception as e:
+                if self.cancelled or self._terminated(self._reflector().pod_for(self.key)):
+                    if consumed:
+                        return
+                if self._reflector().pod_for(self.key) is None:
+                    return
+                self.log_warning(f"log of {self.name} not readable yet ({e}); retrying")
+                await asyncio.sleep(0.2)
+                continue
+            index = 0
+            try:
+                async for line, dropped in read_lines(resp.content, self.backend.max_line_bytes):
+                    index += 1
+                    if index <= consumed:
+                        continue  # already delivered before the stream broke
+                    consumed = index
+                    yield FRAMES, line, dropped
+            except Exception as e:
+                self.log_warning(f"log stream of {self.name} broke ({e!r}); reopening")
+                continue
+            finally:
+                resp.release()
+            # the stream ended: normally because the container ended
+            try:
+                await self._reflector().wait_for(
+                    self.key, lambda p: p is None or self._terminated(p), 5.0
+                )
+                return
+            except TimeoutError:
+                continue  # still running: the stream broke early; reopen and skip
+
+    def log_warning(self, text: str) -> None:
+        """Warn through the backend's logger."""
+        self.backend.log.warning("crucible: %s", text)
+
+    def _ended(self, pod: Pod | None) -> Pod | None:
+        """The pod once its container has terminated, or its last state once deleted."""
+        if pod is None:
+            return self._reflector().gone.get(self.key)
+        return pod if self._terminated(pod) else None
+
+    def _terminated(self, pod: Pod | None) -> dict | None:
+        return (self._container(pod).get("state") or {}).get("terminated")
+
+    async def wait(self) -> Outcome:
+        """Wait for the pod's end and read the outcome from its status; delete the Job."""
+        try:
+            if self.failure:
+                return Outcome(exit_code=None, reason=self.failure)
+            pod = await self._reflector().wait_for(self.key, self._ended)
+            term = self._terminated(pod) or {}
+            status = (pod or {}).get("status") or {}
+            if status.get("reason") == "Evicted":
+                return Outcome(exit_code=None, reason=f"evicted: {status.get('message', '')}")
+            if term.get("reason") == "OOMKilled":
+                limit = format_bytes(self.execution.request.resources.memory)
+                return Outcome(term.get("exitCode", 137), f"memory limit exceeded ({limit})")
+            if not term:
+                reason = None if self.cancelled else "the pod disappeared before it finished"
+                return Outcome(exit_code=None, reason=reason)
+            return Outcome(exit_code=term.get("exitCode"))
+        finally:
+            await self.backend.delete(self.name)
+
+    async def interrupt(self) -> None:
+        """Delete the pod with a grace period: the runner turns SIGTERM into an interrupt."""
+        self.cancelled = True
+        await self.backend.delete_pods(self.execution.id, grace=2)
+
+    async def kill(self) -> None:
+        """Delete the Job and its pods at once."""
+        self.cancelled = True
+        await self.backend.delete_pods(self.execution.id, grace=0)
+        await self.backend.delete(self.name, grace=0)
+
+
+async def _retry(call, attempts: int = 4, delay: float = 0.2):
+    """Run an API call, retrying server errors and connection failures with backoff."""
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except ApiException as e:
+            if e.status is not None and e.status < 500 and e.status != 429:
+                raise
+            if attempt == attempts - 1:
+                raise
+        except (OSError, asyncio.TimeoutError):
+            if attempt == attempts - 1:
+                raise
+        await asyncio.sleep(delay * 2**attempt)
+    return None
+
+
+def _api_message(e: Any) -> str:
+    try:
+        return json.loads(e.body).get("message") or str(e.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(getattr(e, "reason", e))
