@@ -428,10 +428,7 @@ def _supervise(pid, out_r, err_r, ev_r, writer):
                 control = bytearray(rest[-4096:])
                 for line in lines:
                     if line.strip() == b"interrupt" and status is None:
-                        try:
-                            os.kill(pid, signal.SIGINT)
-                        except OSError:
-                            pass
+                        _interrupt(pid)
         if status is None and (pidfd < 0 or pidfd in got):
             status = _reap(pid)
             if status is not None:
@@ -462,6 +459,25 @@ def _supervise(pid, out_r, err_r, ev_r, writer):
     for name, decoder in raw.values():
         writer.add_stream(name, decoder.decode(b"", True))
     return _exit_code(status)
+
+
+def _interrupt(pid):
+    """Send SIGINT to the child's main thread (where Python raises KeyboardInterrupt).
+
+    A process-wide kill() may be taken by any thread of the cell that does not block SIGINT,
+    and then a main thread blocked in sleep() or join() would not wake up.
+    """
+    try:
+        import ctypes
+
+        if ctypes.CDLL(None).tgkill(pid, pid, signal.SIGINT) == 0:
+            return
+    except Exception:
+        pass
+    try:
+        os.kill(pid, signal.SIGINT)
+    except OSError:
+        pass
 
 
 def _prctl(option, value):
@@ -1210,7 +1226,6 @@ def _child_main(opts, source, supervisor_pid, out_r, out_w, err_r, err_w, ev_r, 
         _send_error(exc, "runner: cannot apply resource limits")
         _exit_child(_EXIT_RUNNER_FAILURE, {})
     code = execute_cell(text, main_module.__dict__)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_child(code, main_module.__dict__)
 
 
@@ -1226,12 +1241,16 @@ def _exit_child(code, namespace):
         getattr(sys.modules.get("atexit"), "_run_exitfuncs", None),
         namespace.clear,
     )
-    for step in steps:
+    for step in steps:  # still interruptible: a thread that never ends must not hang us
         if step is not None:
             try:
                 step()
+            except KeyboardInterrupt as exc:
+                _send_error(exc)
+                code = 130
             except BaseException:
                 pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
             stream.flush()

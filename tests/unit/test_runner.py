@@ -478,6 +478,19 @@ def test_the_runner_thread_never_takes_the_interrupt(tmp_path):
     assert result.text("stdout").splitlines()[-1] in ("1 True", "0 True")
 
 
+def test_interrupt_while_waiting_for_threads_at_the_end(live):
+    runner = live(
+        "import threading, time\n"
+        "threading.Thread(target=time.sleep, args=(100,)).start()\n"
+        "print('cell done')\n"
+    )
+    runner.wait_for("stream")
+    runner.proc.stdin.write(b"interrupt\n")
+    runner.proc.stdin.flush()
+    assert runner.wait_for("error")["ename"] == "KeyboardInterrupt"
+    assert runner.finish() == 130
+
+
 def test_rlimit_fsize_gives_an_error_frame(tmp_path):
     code = "with open('big.bin', 'wb') as f:\n    f.write(b'x' * 2_000_000)\n"
     result = run_cell(tmp_path, code, "--rlimit-fsize", "1000000")
