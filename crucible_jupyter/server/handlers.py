@@ -60,9 +60,11 @@ class ExecutionsHandler(CrucibleAPIHandler):
         self.write_json(_execution_json(execution), status=201)
 
     async def _with_notebook_path(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Fill ``notebook.path`` from the server's sessions when only the kernel id is known."""
+        """Record the notebook as this server names it: when ``notebook.kernel_id`` is a kernel
+        of one of this server's sessions, ``notebook.path`` is that session's path (relative
+        to the server root, like the contents API), whatever the kernel guessed."""
         nb = body.get("notebook")
-        if not isinstance(nb, dict) or nb.get("path") or not isinstance(nb.get("kernel_id"), str):
+        if not isinstance(nb, dict) or not isinstance(nb.get("kernel_id"), str):
             return body
         try:
             sessions = await self.session_manager.list_sessions()

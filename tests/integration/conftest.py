@@ -159,7 +159,11 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}/"
         env = {**os.environ, **(extra_env or {})}
         env.setdefault("CRUCIBLE_DB_URL", f"sqlite:///{root}/crucible.db")
+        self.runtime_dir = root.parent / "runtime"
+        env["JUPYTER_RUNTIME_DIR"] = str(self.runtime_dir)
         env["JUPYTER_PLATFORM_DIRS"] = "1"
+        for key in ("CRUCIBLE_SERVER_URL", "CRUCIBLE_TOKEN", "JPY_SESSION_NAME"):
+            env.pop(key, None)
         self.log_path = root / "server.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
@@ -167,6 +171,7 @@ class ServerProcess:
                 sys.executable, "-m", "jupyter_server",
                 f"--ServerApp.port={self.port}", "--ServerApp.ip=127.0.0.1",
                 "--ServerApp.open_browser=False", f"--IdentityProvider.token={self.token}",
+                "--ServerApp.allow_root=True",
                 f"--ServerApp.root_dir={root}",
                 "--ServerApp.jpserver_extensions={'crucible_jupyter': True}",
             ],
@@ -235,3 +240,57 @@ def jupyter_server_process(tmp_path: Path) -> Iterator[ServerProcess]:
         yield server
     finally:
         server.stop()
+
+
+class ServerKernelManager:
+    """What nbclient needs of a kernel manager, for a kernel the Jupyter server owns: it asks
+    the server (GET /api/kernels/{id}) whether the kernel is alive."""
+
+    def __init__(self, server: ServerProcess, kernel_id: str) -> None:
+        self.server = server
+        self.kernel_id = kernel_id
+
+    async def is_alive(self) -> bool:
+        """True while the server lists the kernel."""
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(
+            f"{self.server.url}api/kernels/{self.kernel_id}",
+            headers={"Authorization": f"token {self.server.token}"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status == 200
+        except urllib.error.URLError:
+            return False
+
+
+def start_session(server: ServerProcess, path: str, kernel: str = "python3") -> dict[str, Any]:
+    """Open ``path`` the way JupyterLab does (POST /api/sessions): the server starts the kernel."""
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{server.url}api/sessions",
+        data=json.dumps(
+            {"path": path, "type": "notebook", "name": path, "kernel": {"name": kernel}}
+        ).encode(),
+        method="POST",
+        headers={"Authorization": f"token {server.token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def server_request(server: ServerProcess, method: str, path: str) -> int:
+    """A bodyless call to the Jupyter server's own API; the status code."""
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{server.url}{path}",
+        data=b"" if method == "POST" else None,
+        method=method,
+        headers={"Authorization": f"token {server.token}"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return r.status

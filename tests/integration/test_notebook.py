@@ -1,0 +1,283 @@
+"""The ``%%crucible`` magic in a real notebook: a ``jupyter server`` subprocess with the
+extension opens the notebook (POST /api/sessions, as JupyterLab does), so the kernel is the
+server's own and gets the crucible URL and credential from it; nbclient executes the cells
+and the saved notebook is checked. Also: live streaming and interrupt → cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import queue
+import time
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from jupyter_client.asynchronous import AsyncKernelClient
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+from .conftest import ServerKernelManager, ServerProcess, server_request, start_session
+
+pytestmark = pytest.mark.slow
+
+
+class CellIdKernelClient(AsyncKernelClient):
+    """Sends ``cellId`` in the execute_request metadata, as JupyterLab does."""
+
+    cell_id: str | None = None
+
+    def execute(  # type: ignore[override]
+        self,
+        code: str,
+        silent: bool = False,
+        store_history: bool = True,
+        user_expressions: dict | None = None,
+        allow_stdin: bool | None = None,
+        stop_on_error: bool = True,
+    ) -> str:
+        content = {
+            "code": code,
+            "silent": silent,
+            "store_history": store_history,
+            "user_expressions": user_expressions or {},
+            "allow_stdin": False,
+            "stop_on_error": stop_on_error,
+        }
+        metadata = {"cellId": self.cell_id} if self.cell_id else {}
+        msg = self.session.msg("execute_request", content, metadata=metadata)
+        self.shell_channel.send(msg)
+        return msg["header"]["msg_id"]
+
+
+async def connect(server: ServerProcess, kernel_id: str) -> CellIdKernelClient:
+    """A client of a kernel the server started, from the server's connection file."""
+    kc = CellIdKernelClient()
+    kc.load_connection_file(str(server.runtime_dir / f"kernel-{kernel_id}.json"))
+    kc.start_channels()
+    # like kc.wait_for_ready, without trusting the heartbeat of a kernel that just started
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        kc.kernel_info()
+        try:
+            reply = await kc.get_shell_msg(timeout=1)
+        except queue.Empty:
+            continue
+        if reply["msg_type"] == "kernel_info_reply":
+            break
+    else:
+        raise AssertionError("the kernel never answered kernel_info")
+    while True:  # drop the startup chatter on IOPub
+        try:
+            await kc.get_iopub_msg(timeout=0.2)
+        except queue.Empty:
+            return kc
+
+
+def outputs_of(nb: Any, cell_id: str) -> list[dict[str, Any]]:
+    return next(c for c in nb.cells if c.id == cell_id).outputs
+
+
+def stream(outputs: list[dict[str, Any]], name: str) -> str:
+    return "".join(o["text"] for o in outputs if o["output_type"] == "stream" and o["name"] == name)
+
+
+def status_lines(outputs: list[dict[str, Any]]) -> list[str]:
+    return [
+        o["data"]["text/plain"]
+        for o in outputs
+        if o["output_type"] == "display_data" and "crucible ·" in o["data"].get("text/plain", "")
+    ]
+
+
+def test_demo_notebook_through_a_real_server(jupyter_server_process: ServerProcess, tmp_path: Path):
+    server = jupyter_server_process
+    session = start_session(server, "crucible-demo.ipynb")
+    kernel_id = session["kernel"]["id"]
+    nb = nbformat.read(server.root / "crucible-demo.ipynb", as_version=4)
+    error_cell = nb.cells[-1]
+
+    async def execute() -> None:
+        kc = await connect(server, kernel_id)
+        client = NotebookClient(nb, timeout=120, kernel_name="python3")
+        client.kc = kc
+        client.km = ServerKernelManager(server, kernel_id)  # type: ignore[assignment]
+        client.reset_execution_trackers()
+        try:
+            for index, cell in enumerate(nb.cells):
+                kc.cell_id = cell.id
+                if cell is error_cell:
+                    with pytest.raises(CellExecutionError) as e:
+                        await client.async_execute_cell(cell, index)
+                    assert e.value.ename == "RemoteExecutionError"
+                    assert "invalid literal" in str(e.value)
+                else:
+                    await client.async_execute_cell(cell, index)
+        finally:
+            kc.stop_channels()
+
+    asyncio.run(execute())
+    saved = tmp_path / "executed.ipynb"
+    nbformat.write(nb, saved)
+    nb = nbformat.read(saved, as_version=4)
+
+    # streaming: every line, in order, and a final status line with the execution id
+    out = outputs_of(nb, "crucible-demo-03")
+    assert stream(out, "stdout") == "".join(f"step {i}\n" for i in range(5)) + "done\n"
+    [line] = status_lines(out)
+    assert "✔ succeeded in" in line
+    streaming_id = line.rsplit(" · ", 1)[-1]
+
+    out = outputs_of(nb, "crucible-demo-04")
+    assert stream(out, "stdout") == "this goes to stdout\n"
+    assert stream(out, "stderr") == "and this to stderr\n"
+
+    out = outputs_of(nb, "crucible-demo-06")
+    pngs = [o for o in out if o["output_type"] == "display_data" and "image/png" in o["data"]]
+    assert len(pngs) == 1
+    results = [o for o in out if o["output_type"] == "execute_result"]
+    assert results and results[0]["data"]["text/plain"] == "42"
+
+    out = outputs_of(nb, "crucible-demo-08")
+    assert "a fresh process" in stream(out, "stdout")
+
+    out = outputs_of(nb, "crucible-demo-09")
+    history = [o for o in out if o["output_type"] == "execute_result"]
+    assert streaming_id in history[0]["data"]["text/plain"]
+
+    out = outputs_of(nb, "crucible-demo-11")
+    [error] = [o for o in out if o["output_type"] == "error"]
+    assert error["ename"] == "RemoteExecutionError"
+    assert "ValueError" in error["evalue"]
+    tb = "\n".join(error["traceback"])
+    assert "invalid literal for int()" in tb and "parse" in tb
+    assert "✘ failed" in status_lines(out)[0]
+
+    # the records say who ran what, from which notebook, cell and kernel
+    record = server.api("GET", f"executions/{streaming_id}")
+    assert record["status"] == "succeeded"
+    assert record["user"] == getpass.getuser()
+    assert record["tags"] == ["demo"] and record["name"] == "streaming"
+    assert record["notebook"] == {
+        "path": "crucible-demo.ipynb",
+        "cell_id": "crucible-demo-03",
+        "kernel_id": kernel_id,
+    }
+    page = server.api("GET", "executions?tag=demo&limit=50")["executions"]
+    assert {e["status"] for e in page} == {"succeeded", "failed"}
+    assert {e["notebook"]["cell_id"] for e in page} == {
+        f"crucible-demo-{i:02d}" for i in (3, 4, 6, 8, 11)
+    }
+
+
+async def _collect(kc: AsyncKernelClient, msg_id: str, stop: Any = None) -> list[dict[str, Any]]:
+    """IOPub messages of ``msg_id`` until idle, stamped with their arrival time."""
+    got = []
+    while True:
+        msg = await kc.get_iopub_msg(timeout=120)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        msg["arrived"] = time.time()
+        got.append(msg)
+        if stop is not None:
+            await stop(msg)
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return got
+
+
+def test_output_is_live_and_interrupt_cancels(jupyter_server_process: ServerProcess):
+    server = jupyter_server_process
+    session = start_session(server, "crucible-demo.ipynb")
+    kernel_id = session["kernel"]["id"]
+
+    async def scenario() -> None:
+        kc = await connect(server, kernel_id)
+        try:
+            await _run(kc, "%load_ext crucible_jupyter")
+
+            # live: each line reaches the client while the cell still runs
+            code = "%%crucible\nimport time\nfor i in range(4):\n    print(i, flush=True)\n    time.sleep(0.4)\n"
+            msgs = await _collect(kc, kc.execute(code))
+            streams = [m for m in msgs if m["msg_type"] == "stream"]
+            assert "".join(m["content"]["text"] for m in streams) == "0\n1\n2\n3\n"
+            first = next(m["arrived"] for m in streams if m["content"]["text"].startswith("0"))
+            assert streams[-1]["arrived"] - first > 1.0  # not delivered in one batch at the end
+
+            # interrupt: the kernel cancels the remote execution, the cell fails
+            code = "%%crucible\nimport time\nprint('sleeping', flush=True)\ntime.sleep(60)\n"
+            interrupted: list[float] = []
+
+            async def interrupt_once(msg: dict[str, Any]) -> None:
+                if msg["msg_type"] == "stream" and "sleeping" in msg["content"]["text"]:
+                    if not interrupted:
+                        interrupted.append(time.time())
+                        assert (
+                            server_request(server, "POST", f"api/kernels/{kernel_id}/interrupt")
+                            == 204
+                        )
+
+            msg_id = kc.execute(code)
+            msgs = await _collect(kc, msg_id, interrupt_once)
+            assert interrupted
+            reply = await kc.get_shell_msg(timeout=30)
+            while reply["parent_header"].get("msg_id") != msg_id:
+                reply = await kc.get_shell_msg(timeout=30)
+            assert reply["content"]["status"] == "error"
+            assert reply["content"]["ename"] == "KeyboardInterrupt"
+            assert time.time() - interrupted[0] < 20
+            lines = [
+                m["content"]["data"]["text/plain"]
+                for m in msgs
+                if m["msg_type"] in ("display_data", "update_display_data")
+            ]
+            assert "cancelled" in lines[-1]
+            execution_id = lines[-1].rsplit(" · ", 1)[-1]
+        finally:
+            kc.stop_channels()
+        record = server.api("GET", f"executions/{execution_id}")
+        assert record["status"] == "cancelled", record
+        assert record["reason"] == "cancelled by request"
+
+    asyncio.run(scenario())
+
+
+async def _run(kc: AsyncKernelClient, code: str) -> dict[str, Any]:
+    msg_id = kc.execute(code)
+    await _collect(kc, msg_id)
+    reply = await kc.get_shell_msg(timeout=60)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    return reply
+
+
+def test_plain_ipython_uses_an_embedded_dispatcher(tmp_path: Path):
+    """Outside Jupyter, the magic starts its own dispatcher (here: SQLite in tmp)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "shell = InteractiveShell.instance()\n"
+        "shell.run_cell('%load_ext crucible_jupyter')\n"
+        "ok = shell.run_cell('%%crucible --tag plain\\nprint(\\'from the sandbox\\')')\n"
+        "bad = shell.run_cell('%%crucible --tag plain\\n1/0')\n"
+        "print('RESULTS', ok.success, bad.success)\n"
+    )
+    env = {**os.environ, "CRUCIBLE_DB_URL": f"sqlite:///{tmp_path}/c.db"}
+    for key in ("CRUCIBLE_SERVER_URL", "CRUCIBLE_TOKEN"):
+        env.pop(key, None)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "from the sandbox" in done.stdout
+    assert "succeeded in" in done.stdout
+    assert "ZeroDivisionError" in done.stdout + done.stderr
+    assert "RESULTS True False" in done.stdout
+    history = subprocess.run(
+        [sys.executable, "-c", "from crucible_jupyter.cli import main; main()", "history", "--json"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert '"plain"' in history.stdout, history.stdout + history.stderr
