@@ -12,6 +12,13 @@ export GOFLAGS=-mod=mod CGO_ENABLED=0 GOTOOLCHAIN=local
 export GOMAXPROCS=${GOMAXPROCS:-$(nproc)}
 BIN=$CACHE_DIR/bin/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION-kr-$KUBE_ROUTER_VERSION-crictl-$CRICTL_VERSION
 LDFLAGS="-s -w"
+# Version stamping, as Kubernetes' own hack/lib/version.sh does (otherwise the
+# binaries report v0.0.0-master and version-gated clients such as helm break).
+k8s_minor=$(echo "$K8S_VERSION" | cut -d. -f2)
+K8S_LDFLAGS="$LDFLAGS"
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  K8S_LDFLAGS="$K8S_LDFLAGS -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$k8s_minor -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+done
 mkdir -p "$BIN" "$CACHE_DIR/src"
 
 log() { echo "[build-go $(date +%T)] $*" >&2; }
@@ -55,18 +62,18 @@ if [ ! -f go.mod ] || ! grep -q "k8s.io/kubernetes $K8S_VERSION" go.mod || ! gre
   log "$(echo "$staging" | wc -l) staging modules pinned to $staging_ver"
 fi
 
-build() { # build <out> <pkg>
-  local out=$1 pkg=$2
+build() { # build <out> <pkg> [ldflags]
+  local out=$1 pkg=$2 ldflags=${3:-$LDFLAGS}
   [ -x "$BIN/$out" ] && return 0
   log "go build $pkg"
-  go build -trimpath -ldflags="$LDFLAGS" -o "$BIN/$out.tmp" "$pkg"
+  go build -trimpath -ldflags="$ldflags" -o "$BIN/$out.tmp" "$pkg"
   mv "$BIN/$out.tmp" "$BIN/$out"
 }
 for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
-  build "$c" "k8s.io/kubernetes/cmd/$c"
+  build "$c" "k8s.io/kubernetes/cmd/$c" "$K8S_LDFLAGS"
 done
 build etcd go.etcd.io/etcd/server/v3
-build helm helm.sh/helm/v3/cmd/helm
+build helm helm.sh/helm/v3/cmd/helm "$LDFLAGS -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 
 # --- kube-router (own module, own dependency versions) ----------------------
 KR=$CACHE_DIR/src/kube-router-$KUBE_ROUTER_VERSION
