@@ -1,0 +1,179 @@
+"""The "Python (Crucible isolated)" kernel: jupyter_kernel_test's checks, and a run through a
+real Jupyter server (records, statelessness, interrupt → cancelled).
+
+Checks of jupyter_kernel_test that do not apply to a stateless kernel, and why:
+
+- ``test_pager`` (``code_page_something``): paging help (``obj?``) needs a live object in the
+  kernel; this kernel has no state, every cell runs elsewhere.
+- ``test_history`` (``code_history_pattern``): there is no kernel-side history; the record of
+  every cell is the crucible history (``%crucible history`` / GET executions).
+- ``test_inspect`` (``code_inspect_sample``): inspection needs live objects, as for the pager.
+- ``IopubWelcomeTests``: an ipykernel feature (JEP 65) independent of this kernel.
+
+The kernel runs with its embedded dispatcher here (no Jupyter server around it) on SQLite in a
+temporary directory, and without its status line (``CRUCIBLE_KERNEL_STATUS_LINE=0``), because
+``test_error`` requires the error to be the only output of the cell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jupyter_kernel_test as jkt
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+
+from .conftest import ServerProcess, server_request, start_session
+from .test_notebook import _collect, connect
+
+pytestmark = pytest.mark.slow
+
+
+class TestCrucibleKernel(jkt.KernelTests):
+    """jupyter_kernel_test against the installed ``crucible`` kernelspec."""
+
+    kernel_name = "crucible"
+    language_name = "python"
+    file_extension = ".py"
+
+    code_hello_world = "print('hello, world')"
+    code_stderr = "import sys\nprint('careful', file=sys.stderr)"
+    code_generate_error = "raise ValueError('boom')"
+    code_execute_result = [
+        {"code": "6 * 7", "result": "42"},
+        {"code": "'a' + 'b'", "result": "'ab'"},
+    ]
+    code_display_data = [
+        {
+            "code": "from IPython.display import HTML, display\ndisplay(HTML('<b>hi</b>'))",
+            "mime": "text/html",
+        },
+        {"code": "from IPython.display import display\ndisplay('plain')", "mime": "text/plain"},
+    ]
+    code_clear_output = "from IPython.display import clear_output\nprint('x')\nclear_output()"
+    completion_samples = [
+        {"text": "whil", "matches": {"while"}},
+        {"text": "import zipi", "matches": {"zipimport"}},
+    ]
+    complete_code_samples = ["1", "print('hello, world')", "def f(x):\n    return x * 2\n\n"]
+    incomplete_code_samples = ["print('''hello", "def f(x):\n    x * 2", "for i in range(3):"]
+    invalid_code_samples = ["import = 7q", "1 +* 2"]
+
+    _saved_env: dict[str, str | None]
+    _tmp: tempfile.TemporaryDirectory
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls._tmp = tempfile.TemporaryDirectory()
+        values = {
+            "CRUCIBLE_DB_URL": f"sqlite:///{cls._tmp.name}/kernel.db",
+            "CRUCIBLE_KERNEL_STATUS_LINE": "0",
+        }
+        cls._saved_env = {k: os.environ.get(k) for k in [*values, "CRUCIBLE_SERVER_URL"]}
+        os.environ.update(values)
+        os.environ.pop("CRUCIBLE_SERVER_URL", None)
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        super().tearDownClass()
+        for key, value in cls._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        cls._tmp.cleanup()
+
+    def test_kernel_info_banner_says_stateless(self) -> None:
+        self.flush_channels()
+        msg_id = self.kc.kernel_info()
+        reply = self.kc.get_shell_msg(timeout=30)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = self.kc.get_shell_msg(timeout=30)
+        content = reply["content"]
+        assert content["implementation"] == "crucible"
+        assert "no variables, imports or files carry over" in content["banner"]
+
+    def test_no_state_between_cells(self) -> None:
+        self.flush_channels()
+        reply, _ = self.execute_helper("x = 41")
+        assert reply["content"]["status"] == "ok"
+        reply, outputs = self.execute_helper("x + 1")
+        assert reply["content"]["status"] == "error"
+        assert reply["content"]["ename"] == "NameError"
+        assert [m["msg_type"] for m in outputs] == ["error"]
+
+    def test_cell_options_line(self) -> None:
+        self.flush_channels()
+        reply, outputs = self.execute_helper("%%crucible --timeout 1\nimport time\ntime.sleep(30)")
+        assert reply["content"]["status"] == "error"
+        assert "timed out" in reply["content"]["evalue"]
+
+
+def test_kernelspec_is_installed() -> None:
+    spec = KernelSpecManager().get_kernel_spec("crucible")
+    assert spec.display_name == "Python (Crucible isolated)"
+    assert spec.interrupt_mode == "message"
+    assert spec.argv[1:3] == ["-m", "crucible_jupyter.kernel"]
+    assert Path(spec.resource_dir, "logo-64x64.png").exists()
+
+
+def test_kernel_through_a_real_server(jupyter_server_process: ServerProcess) -> None:
+    """A notebook on the crucible kernel, opened through the server: status line, records with
+    the notebook, interrupt cancels."""
+    server = jupyter_server_process
+    nb_path = "isolated.ipynb"
+    (server.root / nb_path).write_text(
+        '{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}'
+    )
+    kernel_id = start_session(server, nb_path, kernel="crucible")["kernel"]["id"]
+
+    async def scenario() -> tuple[str, str]:
+        kc = await connect(server, kernel_id)
+        try:
+            kc.cell_id = "cell-one"
+            msgs = await _collect(kc, kc.execute("print('isolated')\n6 * 7"))
+            kinds = [m["msg_type"] for m in msgs]
+            assert "stream" in kinds and "execute_result" in kinds
+            status = [
+                m["content"]["data"]["text/plain"]
+                for m in msgs
+                if m["msg_type"] in ("display_data", "update_display_data")
+            ]
+            assert "succeeded" in status[-1]
+            first_id = status[-1].rsplit(" · ", 1)[-1]
+
+            kc.cell_id = "cell-two"
+            interrupted: list[float] = []
+
+            async def interrupt_once(msg: dict[str, Any]) -> None:
+                if msg["msg_type"] == "stream" and not interrupted:
+                    interrupted.append(time.time())
+                    code = server_request(server, "POST", f"api/kernels/{kernel_id}/interrupt")
+                    assert code == 204
+
+            msg_id = kc.execute("import time\nprint('sleeping', flush=True)\ntime.sleep(60)")
+            msgs = await _collect(kc, msg_id, interrupt_once)
+            errors = [m for m in msgs if m["msg_type"] == "error"]
+            assert errors and errors[0]["content"]["ename"] == "KeyboardInterrupt"
+            assert time.time() - interrupted[0] < 20
+            status = [
+                m["content"]["data"]["text/plain"]
+                for m in msgs
+                if m["msg_type"] in ("display_data", "update_display_data")
+            ]
+            return first_id, status[-1].rsplit(" · ", 1)[-1]
+        finally:
+            kc.stop_channels()
+
+    first_id, second_id = asyncio.run(scenario())
+    first = server.api("GET", f"executions/{first_id}")
+    assert first["status"] == "succeeded"
+    assert first["notebook"] == {"path": nb_path, "cell_id": "cell-one", "kernel_id": kernel_id}
+    second = server.api("GET", f"executions/{second_id}")
+    assert second["status"] == "cancelled"
