@@ -18,7 +18,11 @@ if ! "$HERE/cluster" up; then
 fi
 echo "cluster up after $(( ($(date +%s%3N) - t0) / 1000 ))s" >&2
 export CRUCIBLE_CLUSTER_REQUIRED=1
-python3 -m pytest -m cluster -v -p no:cacheprovider "$REPO/tests/cluster" "$@"
+# --confcutdir: the cluster tests need none of the project's other fixtures.
+# PytestConfigWarning: pyproject's pytest-asyncio/-timeout options are unknown
+# when those plugins are not installed (filterwarnings=error would abort).
+python3 -m pytest -m cluster -v -p no:cacheprovider --confcutdir="$REPO/tests/cluster" \
+  -W ignore::pytest.PytestConfigWarning "$REPO/tests/cluster" "$@"
 rc=$?
 if [ "${CRUCIBLE_CLUSTER_KEEP:-0}" != 1 ]; then
   "$HERE/cluster" down || rc=1
