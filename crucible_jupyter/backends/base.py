@@ -107,6 +107,15 @@ class Backend(LoggingConfigurable):
         """What ``crucible doctor`` reports for this backend."""
         return []
 
+    async def reattach(self, execution: Execution) -> Sandbox | None:
+        """A handle on ``execution`` if it still runs after its dispatcher died.
+
+        The new sandbox's :meth:`Sandbox.lines` replays the output from the start (the
+        dispatcher skips what it stored). None when the backend cannot (a local sandbox
+        dies with its dispatcher) or the execution is gone.
+        """
+        return None
+
     async def close(self) -> None:
         """Release what the backend holds (connections, watches)."""
 

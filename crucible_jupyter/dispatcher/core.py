@@ -62,6 +62,8 @@ class _Run:
     task: asyncio.Task | None = None
     stopper: asyncio.Task | None = None
     notices: set = field(default_factory=set)
+    skip: int = 0  # output events already stored before a restart: replayed, not repeated
+    timeout: float | None = None  # seconds left, when resumed after a restart
 
 
 class CrucibleDispatcher(LoggingConfigurable):
@@ -468,15 +470,17 @@ class CrucibleDispatcher(LoggingConfigurable):
                 run.task = asyncio.create_task(self._run(run), name=f"crucible-{execution.id}")
 
     async def _run(self, run: _Run) -> None:
+        """Start (or, after a restart, follow again) one execution and record its end."""
         execution = run.execution
         try:
-            await self._transition(execution, Status.STARTING)
-            backend = self.get_backend(execution.backend)
-            try:
-                run.sandbox = await backend.start(execution)
-            except CrucibleError as e:
-                await self._finish(execution, Status.FAILED, reason=e.message)
-                return
+            if run.sandbox is None:
+                await self._transition(execution, Status.STARTING)
+                backend = self.get_backend(execution.backend)
+                try:
+                    run.sandbox = await backend.start(execution)
+                except CrucibleError as e:
+                    await self._finish(execution, Status.FAILED, reason=e.message)
+                    return
             sandbox = run.sandbox
             if run.cancelled:
                 await sandbox.kill()
@@ -486,9 +490,10 @@ class CrucibleDispatcher(LoggingConfigurable):
             except asyncio.TimeoutError:
                 run.timed_out = True
                 await sandbox.kill()
-            await self._transition(
-                execution, Status.RUNNING, isolation=sandbox.isolation, started_at=now_ms()
-            )
+            if execution.status is not Status.RUNNING:
+                await self._transition(
+                    execution, Status.RUNNING, isolation=sandbox.isolation, started_at=now_ms()
+                )
             outcome = await self._supervise(run, sandbox)
             status, reason = self._decide(run, outcome)
             await self._finish(execution, status, reason=reason, exit_code=outcome.exit_code)
@@ -520,7 +525,8 @@ class CrucibleDispatcher(LoggingConfigurable):
         ended = asyncio.create_task(sandbox.wait())
         both = asyncio.gather(pump, ended)
         try:
-            await asyncio.wait_for(asyncio.shield(both), run.execution.request.timeout)
+            timeout = run.timeout if run.timeout is not None else run.execution.request.timeout
+            await asyncio.wait_for(asyncio.shield(both), max(timeout, 0.001))
         except asyncio.TimeoutError:
             run.timed_out = True
             await sandbox.kill()
@@ -547,6 +553,7 @@ class CrucibleDispatcher(LoggingConfigurable):
                 execution.dropped_bytes += len(line) + dropped
                 self._notice(
                     run,
+                    channel,
                     "frame",
                     f"a single output of {format_bytes(len(line) + dropped)}"
                     " was too large and was dropped",
@@ -558,6 +565,7 @@ class CrucibleDispatcher(LoggingConfigurable):
                 execution.dropped_bytes += size
                 self._notice(
                     run,
+                    channel,
                     "limit",
                     f"output limit of {format_bytes(limit)} reached; further output is dropped",
                 )
@@ -568,13 +576,20 @@ class CrucibleDispatcher(LoggingConfigurable):
             execution.output_bytes += size
             if parsed[0] == "error":
                 run.last_error = parsed[1]
-            channel.publish(*parsed)
+            self._publish_output(run, channel, *parsed)
 
-    def _notice(self, run: _Run, key: str, text: str) -> None:
+    @staticmethod
+    def _publish_output(run: _Run, channel: Channel, kind: str, data: dict) -> None:
+        if run.skip > 0:  # resumed after a restart: this one is stored already
+            run.skip -= 1
+            return
+        channel.publish(kind, data)
+
+    def _notice(self, run: _Run, channel: Channel, key: str, text: str) -> None:
         if key not in run.notices:
             run.notices.add(key)
-            self._channels[run.execution.id].publish(
-                "stream", {"name": "stderr", "text": f"\n[crucible] {text}\n"}
+            self._publish_output(
+                run, channel, "stream", {"name": "stderr", "text": f"\n[crucible] {text}\n"}
             )
 
     def _decide(self, run: _Run, outcome) -> tuple[Status, str | None]:
@@ -721,6 +736,8 @@ class CrucibleDispatcher(LoggingConfigurable):
                 execution.dispatcher_id = self.owner
                 self._enqueue(execution, Channel(execution.id, next_seq))
                 self.log.info("crucible: adopted queued execution %s", execution.id)
+            elif sandbox := await self._reattach(execution):
+                self._resume(execution, sandbox, next_seq, events)
             else:
                 channel = Channel(execution.id, next_seq)
                 self._channels[execution.id] = channel
@@ -732,6 +749,36 @@ class CrucibleDispatcher(LoggingConfigurable):
                     exit_code=execution.exit_code,
                 )
                 self.log.warning("crucible: %s was running when its dispatcher died", execution.id)
+
+    async def _reattach(self, execution: Execution) -> Sandbox | None:
+        """The backend's handle on an execution a dead dispatcher ran, if it still runs."""
+        try:
+            return await self.get_backend(execution.backend).reattach(execution)
+        except Exception as e:
+            self.log.warning("crucible: cannot reattach to %s: %s", execution.id, e)
+            return None
+
+    def _resume(
+        self, execution: Execution, sandbox: Sandbox, next_seq: int, stored: list[Event]
+    ) -> None:
+        """Follow an execution again after a restart; stored output is not repeated."""
+        execution.dispatcher_id = self.owner
+        execution.output_bytes = execution.dropped_bytes = 0
+        execution.truncated = False
+        self._channels[execution.id] = Channel(execution.id, next_seq)
+        self._flush_locks[execution.id] = asyncio.Lock()
+        self._live[execution.id] = execution
+        elapsed = (now_ms() - (execution.started_at or execution.created_at)) / 1000
+        run = _Run(
+            execution,
+            sandbox=sandbox,
+            skip=sum(1 for e in stored if e.type != "status"),
+            timeout=execution.request.timeout - elapsed,
+        )
+        self._runs[execution.id] = run
+        self._per_user[execution.user] += 1
+        run.task = asyncio.create_task(self._run(run), name=f"crucible-{execution.id}")
+        self.log.info("crucible: reattached to %s (%d events stored)", execution.id, run.skip)
 
 
 def _merge(stored: list[Event], pending: list[Event], after: int) -> list[Event]:

@@ -7,11 +7,11 @@ import json
 import textwrap
 
 import pytest
+from engine.conftest import run_cell, statuses, stream_text
 
 from crucible_jupyter.errors import UnsupportedLanguage
 from crucible_jupyter.models import Status
 
-from ..engine.conftest import run_cell, statuses, stream_text
 from .conftest import kubectl
 
 pytestmark = pytest.mark.k8s
@@ -318,3 +318,50 @@ async def test_fifty_concurrent_executions_none_stuck(k8s):
     assert [f.status for f in finals] == [Status.SUCCEEDED] * 50, [f.reason for f in finals]
     for i, e in enumerate(executions):
         assert stream_text(await d.events(e.id)) == f"cell {i}\n"
+
+
+# ----- restart safety -------------------------------------------------------------------------
+
+
+async def test_dispatcher_sigkilled_mid_run_resumes_with_complete_output(
+    k8s, kube, namespace, tmp_path
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path}/restart.db"
+    cell = tmp_path / "cell.py"
+    cell.write_text(
+        "import time\nfor i in range(8):\n    print(i, flush=True)\n    time.sleep(0.5)\n"
+    )
+    env = {
+        **os.environ,
+        "CRUCIBLE_BACKEND": "kubernetes",
+        "CRUCIBLE_K8S_NAMESPACE": namespace,
+        "KUBECONFIG": kube["kubeconfig"],
+    }
+    with subprocess.Popen(
+        [sys.executable, "-m", "crucible_jupyter.cli", "--db-url", url, "run", str(cell)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    ) as proc:
+        assert proc.stdout.readline() == "0\n"
+        assert proc.stdout.readline() == "1\n"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    d = await k8s(db_url=url)
+    page, _ = await d.list()
+    (execution,) = page
+    final = await d.wait(execution.id)
+    assert final.status is Status.SUCCEEDED, final.reason
+    assert stream_text(await d.events(execution.id)) == "".join(f"{i}\n" for i in range(8))
+    seqs = [e.seq for e in await d.events(execution.id)]
+    assert seqs == list(range(len(seqs)))
+    jobs = json.loads(kubectl(kube, "-n", namespace, "get", "jobs", "-o", "json"))["items"]
+    assert not [j for j in jobs if execution.id in j["metadata"]["name"]
+                and not j["metadata"].get("deletionTimestamp")]  # fmt: skip

@@ -243,6 +243,21 @@ class CrucibleKubernetesBackend(Backend):
         isolation = "kubernetes" + (f"/{self.runtime_class}" if self.runtime_class else "")
         return KubernetesSandbox(self, execution, name, isolation=isolation)
 
+    async def reattach(self, execution: Execution) -> Sandbox | None:
+        """Follow the Job of an execution a dead dispatcher started, if it still exists."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        await self._connect()
+        name = objects.job_name(execution.id)
+        try:
+            await self._batch.read_namespaced_job(name, self.namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        isolation = execution.isolation or "kubernetes"
+        return KubernetesSandbox(self, execution, name, isolation=isolation)
+
     async def _own_configmap(self, name: str, job: dict) -> None:
         with contextlib.suppress(Exception):
             await self._core.patch_namespaced_config_map(
