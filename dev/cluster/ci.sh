@@ -17,7 +17,7 @@ if ! "$HERE/cluster" up; then
   exit 1
 fi
 echo "cluster up after $(( ($(date +%s%3N) - t0) / 1000 ))s" >&2
-export CRUCIBLE_CLUSTER_REQUIRED=1
+export CRUCIBLE_CLUSTER_REQUIRED=1 CRUCIBLE_CLUSTER_ALLOW_RESTART=1
 # --confcutdir: the cluster tests need none of the project's other fixtures.
 # PytestConfigWarning: pyproject's pytest-asyncio/-timeout options are unknown
 # when those plugins are not installed (filterwarnings=error would abort).

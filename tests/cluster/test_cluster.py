@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +175,30 @@ def test_active_deadline_ends_sleeping_pod(kube, namespace, images):
     status = kube.get_json("pod", "sleeper", "-n", namespace)["status"]
     assert status.get("reason") == "DeadlineExceeded", status
     print(f"deadline pod failed after {int((time.monotonic() - t0) * 1000)} ms")
+
+
+HELLO_C = r"""
+#include <stdio.h>
+int main(void) { puts("hello from a loaded image"); return 0; }
+"""
+
+
+def test_load_image_then_run(kube, namespace, tmp_path):
+    """`cluster load-image` imports an OCI archive that pods can then use."""
+    cluster_dir = Path(__file__).resolve().parents[2] / "dev" / "cluster"
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    (tmp_path / "hello.c").write_text(HELLO_C)
+    subprocess.run(["gcc", "-static", "-Os", "-s", "-o", str(rootfs / "hello"),
+                    str(tmp_path / "hello.c")], check=True)
+    archive = tmp_path / "hello.tar"
+    name = "localhost/crucible/test-hello:" + namespace
+    subprocess.run(["python3", str(cluster_dir / "lib" / "mkoci.py"), str(rootfs), str(archive),
+                    name, "--cmd", "/hello"], check=True)
+    subprocess.run([str(cluster_dir / "cluster"), "load-image", str(archive)], check=True,
+                   capture_output=True, timeout=120)
+    kube.apply(_pod("hello", name, ["/hello"]), namespace)
+    kube.wait_for(lambda: _phase(kube, namespace, "hello") in ("Succeeded", "Failed"), 120,
+                  what="hello done")
+    assert _phase(kube, namespace, "hello") == "Succeeded"
+    assert "hello from a loaded image" in kube.run("logs", "-n", namespace, "hello").stdout

@@ -40,6 +40,10 @@ def _leftovers(state: str, bridge: str = "cni0") -> list[str]:
     return found
 
 
+@pytest.mark.skipif(
+    os.environ.get("CRUCIBLE_CLUSTER_ALLOW_RESTART") != "1",
+    reason="restarts the shared cluster; set CRUCIBLE_CLUSTER_ALLOW_RESTART=1 (ci.sh does)",
+)
 def test_down_then_up_again(kube, images):
     state = _state_dir()
     t0 = time.monotonic()
