@@ -200,13 +200,19 @@ class CrucibleMagics(Magics):
         except (InvalidRequest, Unavailable) as e:
             status.show(f"crucible · refused · {e}")
             raise UsageError(f"crucible: {e}") from None
-        relay = _Relay(execution["id"], status)
+        relay = _Relay(execution["id"], status, self.client)
         try:
             for event in self.client.events(execution["id"]):
                 relay.handle(event)
         except KeyboardInterrupt:
-            relay.interrupted(self.client)
+            relay.interrupted()
             raise
+        except CrucibleError as e:  # the server went away mid-cell
+            status.show(f"crucible · lost track of {execution['id']}: {e}")
+            raise UsageError(
+                f"crucible: lost the stream of execution {execution['id']} ({e});"
+                f" see %crucible status {execution['id']}"
+            ) from None
         return relay.finish()
 
     # -- %crucible -----------------------------------------------------------------------------
@@ -259,9 +265,12 @@ class CrucibleMagics(Magics):
 class _Relay:
     """Turns one execution's events into cell output and a status line."""
 
-    def __init__(self, execution_id: str, status: StatusLine) -> None:
+    def __init__(self, execution_id: str, status: StatusLine, client: ThreadedClient) -> None:
         self.id = execution_id
         self.status = status
+        self.client = client
+        self.last_seq = -1
+        self._position_checked = time.monotonic()
         self.state = "queued"
         self.position: int | None = None
         self.running_since: float | None = None
@@ -292,8 +301,18 @@ class _Relay:
     def handle(self, event: dict[str, Any] | None) -> None:
         """Show one event (``None``: nothing new, refresh the clock)."""
         if event is None:
+            if self.state == "queued" and time.monotonic() - self._position_checked > 1:
+                self._position_checked = time.monotonic()
+                try:
+                    position = self.client.call("queue_status", self.id, timeout=5).get("position")
+                except Exception:
+                    position = None
+                if position is not None:
+                    self.position = position
             self._render()
             return
+        if isinstance(event.get("seq"), int):
+            self.last_seq = max(self.last_seq, event["seq"])
         kind = event.get("type")
         if kind == "status":
             self.state = event.get("status", self.state)
@@ -337,9 +356,10 @@ class _Relay:
             clear_output(wait=bool(event.get("wait")))
             self.status.show(self.status.text, force=True)
 
-    def interrupted(self, client: ThreadedClient) -> None:
-        """Cancel the remote execution and show its final state (best effort, bounded)."""
+    def interrupted(self) -> None:
+        """Cancel the remote execution and show what it did until it ended (bounded)."""
         _flush_streams()
+        client = self.client
         try:
             client.call("cancel", self.id, timeout=15)
         except Conflict:
@@ -349,8 +369,8 @@ class _Relay:
             return
         deadline = time.monotonic() + 15
         try:
-            for event in client.events(self.id, tick=0.2):
-                if event is not None and event.get("type") == "status":
+            for event in client.events(self.id, after=self.last_seq, tick=0.2):
+                if event is not None:
                     self.handle(event)
                 if self.terminal or time.monotonic() > deadline:
                     break
