@@ -1235,9 +1235,8 @@ def _exit_child(code, namespace):
     Non-daemon threads are waited for, atexit handlers run, the cell's variables are released
     (so unclosed files get flushed), Python and C stdio buffers are flushed.
     """
-    threading = sys.modules.get("threading")
     steps = (
-        getattr(threading, "_shutdown", None),
+        _wait_for_threads,
         getattr(sys.modules.get("atexit"), "_run_exitfuncs", None),
         namespace.clear,
     )
@@ -1265,6 +1264,17 @@ def _exit_child(code, namespace):
         except Exception:
             pass
     os._exit(code & 0xFF)
+
+
+def _wait_for_threads():
+    """Wait for non-daemon threads as the interpreter's shutdown does (interruptibly)."""
+    threading = sys.modules.get("threading")
+    if threading is None or not hasattr(threading, "_shutdown"):
+        return
+    threading._shutdown()  # also runs threading's own atexit hooks (concurrent.futures)
+    main = threading.main_thread()
+    if any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        raise KeyboardInterrupt  # the wait was interrupted (Python >= 3.13 swallows that)
 
 
 def _close_fds(keep):

@@ -103,7 +103,8 @@ class LiveRunner:
                 return frame
 
     def finish(self) -> int:
-        rest, _ = self.proc.communicate(timeout=TIMEOUT)
+        rest = self.proc.stdout.read()  # not communicate(): it skips what readline() buffered
+        self.proc.communicate(timeout=TIMEOUT)
         if rest:
             self.frames.extend(parse_frames(rest))
         check_frames(self.frames, self.proc.returncode)
@@ -647,3 +648,19 @@ def test_a_figure_as_the_last_expression_is_shown_once(tmp_path):
     [shown] = result.of("execute_result")
     assert "image/png" in shown["data"]
     assert result.of("display_data") == []
+
+
+def test_threads_are_waited_for_like_a_script(tmp_path):
+    code = (
+        "import atexit, threading, time\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "ThreadPoolExecutor(2).submit(print, 'from a pool')  # never shut down explicitly\n"
+        "threading.Thread(target=lambda: (time.sleep(0.5), print('late thread'))).start()\n"
+        "atexit.register(print, 'atexit')\n"
+        "f = open('unclosed.txt', 'w')\n"
+        "f.write('flushed at the end')\n"
+    )
+    result = run_cell(tmp_path, code)
+    assert result.returncode == 0
+    assert result.text("stdout") == "from a pool\nlate thread\natexit\n"
+    assert (tmp_path / "unclosed.txt").read_text() == "flushed at the end"
