@@ -248,7 +248,7 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
     try:
         await dispatcher.start(schedule=False)
         checks.append({"name": "storage", "ok": True, "detail": str(dispatcher.storage)})
-        backend = dispatcher.get_backend(dispatcher.backend)
+        backend = dispatcher.get_backend(args.backend or dispatcher.backend)
         checks += [c.to_dict() for c in await backend.checks()]
         isolation = getattr(backend, "isolation", backend.name)
     except CrucibleError as e:
@@ -314,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="check isolation, limits and storage")
     doctor.add_argument("--json", action="store_true")
+    doctor.add_argument("--backend", help="backend to check (default: the configured one)")
     doctor.set_defaults(func=cmd_doctor)
     return parser
 

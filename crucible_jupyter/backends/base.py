@@ -120,6 +120,11 @@ class Backend(LoggingConfigurable):
         """Release what the backend holds (connections, watches)."""
 
 
+def installed_backends() -> list[str]:
+    """Names of every backend registered in the ``crucible_jupyter.backends`` group."""
+    return sorted({"local", *(ep.name for ep in entry_points(group="crucible_jupyter.backends"))})
+
+
 def load_backend_class(name: str) -> type[Backend]:
     """The backend class registered under ``name`` in the ``crucible_jupyter.backends`` group."""
     found = {ep.name: ep for ep in entry_points(group="crucible_jupyter.backends")}

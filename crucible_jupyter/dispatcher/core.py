@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
-from ..backends.base import FRAMES, Backend, Sandbox, load_backend_class
+from ..backends.base import FRAMES, Backend, Sandbox, installed_backends, load_backend_class
 from ..errors import Conflict, CrucibleError, NotFound, StorageError, Unavailable
 from ..models import (
     Event,
@@ -93,8 +93,13 @@ class CrucibleDispatcher(LoggingConfigurable):
 
     enabled_backends = List(
         Unicode(),
-        help="Backends a request may choose with its `backend` field (default: just `backend`).",
+        help="""Backends a request may choose with its `backend` field (default: every
+        installed backend; one that is not reachable fails that request with its reason).""",
     ).tag(config=True)
+
+    @default("enabled_backends")
+    def _default_enabled_backends(self) -> list[str]:
+        return installed_backends()
 
     max_concurrency = Integer(
         help="Most executions running at once on this dispatcher (default: number of CPUs).",
@@ -186,7 +191,7 @@ class CrucibleDispatcher(LoggingConfigurable):
             default_memory=self.default_memory,
             max_memory=self.max_memory,
             images=tuple(self.allowed_images),
-            backends=tuple(self.enabled_backends or [self.backend]),
+            backends=tuple(dict.fromkeys([self.backend, *self.enabled_backends])),
         )
 
     @property

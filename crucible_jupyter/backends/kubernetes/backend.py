@@ -24,7 +24,13 @@ from typing import Any
 from traitlets import Dict, Enum, Float, Integer, Unicode, default
 
 from ...errors import CrucibleError, InvalidRequest, Unavailable
-from ...models import Execution, format_bytes
+from ...models import (
+    Execution,
+    ExecutionRequest,
+    Resources,
+    format_bytes,
+    new_execution_id,
+)
 from ..base import FRAMES, Backend, Check, Outcome, Sandbox, read_lines
 from . import objects
 from .reflector import Pod, PodReflector
@@ -315,7 +321,46 @@ class CrucibleKubernetesBackend(Backend):
             out.append(Check("network policy", True, f"{objects.POLICY_NAME} present"))
         except Exception as e:
             out.append(Check("network policy", False, f"deny-all policy missing: {e}"))
+        out.append(await self._probe_network())
         return out
+
+    async def _probe_network(self) -> Check:
+        """Run a real executor that tries to reach the API server: is egress really denied?"""
+        from urllib.parse import urlsplit
+
+        target = urlsplit(self._api.configuration.host)
+        host, port = target.hostname, target.port or 443
+        code = (
+            "import socket\n"
+            "try:\n"
+            f"    socket.create_connection(({host!r}, {port}), timeout=3).close()\n"
+            "    print('OPEN')\n"
+            "except OSError:\n"
+            "    print('blocked')\n"
+        )
+        execution = Execution(
+            id=new_execution_id(),
+            request=ExecutionRequest(code=code, timeout=60, resources=Resources(0.1, 64 << 20)),
+            user="crucible-doctor",
+        )
+        try:
+            sandbox = await self.start(execution)
+            text = b"".join([line async for _, line, _ in sandbox.lines()]).decode()
+            outcome = await sandbox.wait()
+        except CrucibleError as e:
+            return Check("network isolation", False, f"probe could not run: {e.message}")
+        if "blocked" in text:
+            return Check(
+                "network isolation", True, f"enforced: executors cannot reach {host}:{port}"
+            )
+        if "OPEN" in text:
+            return Check(
+                "network isolation",
+                False,
+                f"NOT enforced: an executor reached the API server at {host}:{port}",
+                fix="run a NetworkPolicy enforcer (a CNI with policy support, or kube-router)",
+            )
+        return Check("network isolation", False, f"probe failed: {outcome.reason or text[-200:]}")
 
 
 class KubernetesSandbox(Sandbox):
