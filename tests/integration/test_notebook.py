@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import json
 import queue
 import time
 from pathlib import Path
@@ -251,7 +252,8 @@ async def _run(kc: AsyncKernelClient, code: str) -> dict[str, Any]:
 
 
 def test_plain_ipython_uses_an_embedded_dispatcher(tmp_path: Path):
-    """Outside Jupyter, the magic starts its own dispatcher (here: SQLite in tmp)."""
+    """Outside Jupyter, the magic starts its own dispatcher (here: SQLite in tmp); its options
+    reach the record; ``%crucible history`` and ``%crucible status`` read the records."""
     import os
     import subprocess
     import sys
@@ -260,9 +262,14 @@ def test_plain_ipython_uses_an_embedded_dispatcher(tmp_path: Path):
         "from IPython.core.interactiveshell import InteractiveShell\n"
         "shell = InteractiveShell.instance()\n"
         "shell.run_cell('%load_ext crucible_jupyter')\n"
-        "ok = shell.run_cell('%%crucible --tag plain\\nprint(\\'from the sandbox\\')')\n"
+        "ok = shell.run_cell('%%crucible --timeout 5 --priority high --cpu 500m --memory 256Mi"
+        " --tag plain --tag two --name first\\nprint(\\'from the sandbox\\')')\n"
         "bad = shell.run_cell('%%crucible --tag plain\\n1/0')\n"
-        "print('RESULTS', ok.success, bad.success)\n"
+        "refused = shell.run_cell('%%crucible --memory lots\\n1')\n"
+        "print('RESULTS', ok.success, bad.success, refused.success)\n"
+        "print('ERROR', type(bad.error_in_exec).__name__, bad.error_in_exec.status)\n"
+        "shell.run_cell('%crucible history -n 5')\n"
+        "shell.run_cell('%crucible status ' + bad.error_in_exec.execution_id)\n"
     )
     env = {**os.environ, "CRUCIBLE_DB_URL": f"sqlite:///{tmp_path}/c.db"}
     for key in ("CRUCIBLE_SERVER_URL", "CRUCIBLE_TOKEN"):
@@ -271,13 +278,24 @@ def test_plain_ipython_uses_an_embedded_dispatcher(tmp_path: Path):
         [sys.executable, "-c", script],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
     assert "from the sandbox" in done.stdout
     assert "succeeded in" in done.stdout
-    assert "ZeroDivisionError" in done.stdout + done.stderr
-    assert "RESULTS True False" in done.stdout
+    assert "ZeroDivisionError" in out
+    assert (
+        "UsageError: crucible: memory must be a size" in out
+    )  # refused before anything ran, as a UsageError
+    assert "RESULTS True False False" in done.stdout
+    assert "ERROR RemoteExecutionError failed" in done.stdout
+    assert "first" in done.stdout  # the history table
+    assert ": failed (ZeroDivisionError: division by zero)" in done.stdout  # %crucible status
     history = subprocess.run(
         [sys.executable, "-c", "from crucible_jupyter.cli import main; main()", "history", "--json"],
         capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
-    assert '"plain"' in history.stdout, history.stdout + history.stderr
+    records = json.loads(history.stdout)["executions"]
+    first = next(r for r in records if r.get("name") == "first")
+    assert first["tags"] == ["plain", "two"] and first["priority"] == "high"
+    assert first["timeout"] == 5 and first["resources"] == {"cpu": 0.5, "memory": 256 << 20}
+    assert first["user"]
