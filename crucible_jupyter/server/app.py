@@ -110,7 +110,6 @@ class CrucibleApp(ExtensionApp):
         """Create the dispatcher (configured from ``c.CrucibleDispatcher``) and wire the kernels."""
         self.dispatcher = Dispatcher(parent=self, log=self.log)
         self._start_task: asyncio.Task | None = None
-        self._start_error: BaseException | None = None
         self._activity_task: asyncio.Task | None = None
         self._identities: dict[int, KernelTokenIdentity] = {}
         self._saved_env: dict[str, str | None] = {}
@@ -135,8 +134,10 @@ class CrucibleApp(ExtensionApp):
             self.log.error("crucible dispatcher did not start: %s", e)
 
     async def ready(self) -> Any:
-        """The started dispatcher. Starts it once; raises Unavailable (503) if it cannot."""
-        if self._start_task is None:
+        """The started dispatcher; raises Unavailable (503) if it cannot start. A failed start
+        (say, the database was not up yet) is retried by the next request."""
+        task = self._start_task
+        if task is None or (task.done() and not task.cancelled() and task.exception()):
             self._start_task = asyncio.ensure_future(self._start())
         try:
             await asyncio.wait_for(asyncio.shield(self._start_task), self.start_timeout)

@@ -91,3 +91,20 @@ def test_dispatcher_down_is_503(api, crucible_app, run):
     assert code == 503 and body["error"] == "Unavailable"
     code, body, _ = api("POST", "executions", body={"code": "print(1)"})
     assert code == 503
+
+
+class TestStorageNotReadyAtStart:
+    """The database is not there when the server starts: 503 with the reason, and the next
+    request after it appears works (no restart needed)."""
+
+    @pytest.fixture
+    def crucible_config(self, tmp_path):
+        return {"CrucibleDispatcher": {"db_url": "postgresql+psycopg://nobody@127.0.0.1:1/none"}}
+
+    def test_503_then_recovers(self, api, crucible_app, tmp_path):
+        code, body, _ = api("GET", "health")
+        assert code == 503 and body["error"] == "Unavailable"
+        assert "could not start" in body["message"]
+        crucible_app.dispatcher.db_url = f"sqlite:///{tmp_path}/late.db"
+        code, body, _ = api("GET", "health")
+        assert code == 200, body
