@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from traitlets import Dict, Enum, Float, Integer, Unicode, default
+from traitlets import Bool, Dict, Enum, Float, Integer, Unicode, default
 
 from ...errors import CrucibleError, InvalidRequest, Unavailable
 from ...models import (
@@ -108,6 +108,9 @@ class CrucibleKubernetesBackend(Backend):
         help="""When a ResourceQuota refuses the pod: `fail` at once with the quota's
         message, or `wait` (retrying) until it fits or the timeout ends.""",
     ).tag(config=True)
+    create_namespace = Bool(
+        True, help="Create the namespace when it is missing (needs the permission to)."
+    ).tag(config=True)
     max_line_bytes = Integer(16 << 20, help="Longest single frame accepted from a pod.").tag(
         config=True
     )
@@ -159,6 +162,13 @@ class CrucibleKubernetesBackend(Backend):
     async def _ensure_network_policy(self) -> None:
         from kubernetes_asyncio.client.exceptions import ApiException
 
+        if self.create_namespace:
+            try:
+                await self._core.create_namespace({"metadata": {"name": self.namespace}})
+                self.log.info("crucible: created namespace %s", self.namespace)
+            except ApiException as e:
+                if e.status not in (403, 409):  # exists, or not ours to create
+                    raise Unavailable(f"cannot create namespace {self.namespace!r}: {e.reason}")
         body = objects.make_network_policy()
         try:
             await self._networking.create_namespaced_network_policy(self.namespace, body)
