@@ -168,7 +168,8 @@ class CrucibleKubernetesBackend(Backend):
                 self.log.info("crucible: created namespace %s", self.namespace)
             except ApiException as e:
                 if e.status not in (403, 409):  # exists, or not ours to create
-                    raise Unavailable(f"cannot create namespace {self.namespace!r}: {e.reason}")
+                    msg = f"cannot create namespace {self.namespace!r}: {e.reason}"
+                    raise Unavailable(msg) from e
         body = objects.make_network_policy()
         try:
             await self._networking.create_namespaced_network_policy(self.namespace, body)
