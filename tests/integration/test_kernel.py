@@ -177,3 +177,25 @@ def test_kernel_through_a_real_server(jupyter_server_process: ServerProcess) -> 
     assert first["notebook"] == {"path": nb_path, "cell_id": "cell-one", "kernel_id": kernel_id}
     second = server.api("GET", f"executions/{second_id}")
     assert second["status"] == "cancelled"
+
+
+def test_kernel_example_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/crucible-kernel.ipynb on the crucible kernel (embedded dispatcher), via nbclient."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("CRUCIBLE_DB_URL", f"sqlite:///{tmp_path}/k.db")
+    monkeypatch.delenv("CRUCIBLE_SERVER_URL", raising=False)
+    repo = Path(__file__).resolve().parents[2]
+    nb = nbformat.read(repo / "examples" / "crucible-kernel.ipynb", as_version=4)
+    NotebookClient(nb, timeout=120, kernel_name="crucible").execute()
+    texts = ["".join(o.get("text", "") for o in c.outputs) for c in nb.cells[1:]]
+    assert "as uid 65534" in texts[0]  # the sandbox user, not ours
+    assert texts[1] == "tick 0\ntick 1\ntick 2\n"
+    results = [o for o in nb.cells[2].outputs if o["output_type"] == "execute_result"]
+    assert results[0]["data"]["text/plain"] == "45"
+    assert "is not defined here" in texts[2]
+    status = [
+        o["data"]["text/plain"] for o in nb.cells[2].outputs if o["output_type"] == "display_data"
+    ]
+    assert "succeeded" in status[0]
