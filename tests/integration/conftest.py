@@ -152,7 +152,13 @@ def free_port() -> int:
 class ServerProcess:
     """A ``jupyter server`` subprocess with the crucible extension, on a free port."""
 
-    def __init__(self, root: Path, *, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        extra_env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
         self.root = root
         self.port = free_port()
         self.token = "crucible-test-token"
@@ -174,6 +180,7 @@ class ServerProcess:
                 "--ServerApp.allow_root=True",
                 f"--ServerApp.root_dir={root}",
                 "--ServerApp.jpserver_extensions={'crucible_jupyter': True}",
+                *(extra_args or []),
             ],
             cwd=root, env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )  # fmt: skip

@@ -299,3 +299,43 @@ def test_plain_ipython_uses_an_embedded_dispatcher(tmp_path: Path):
     assert first["tags"] == ["plain", "two"] and first["priority"] == "high"
     assert first["timeout"] == 5 and first["resources"] == {"cpu": 0.5, "memory": 256 << 20}
     assert first["user"]
+
+
+def test_status_line_shows_the_queue_position(tmp_path: Path):
+    """With one execution slot taken, a %%crucible cell says it is queued, and at which position."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "q.ipynb").write_text(nbformat.writes(nbformat.v4.new_notebook()))
+    server = ServerProcess(root, extra_args=["--CrucibleDispatcher.max_concurrency=1"])
+    try:
+        blocker = server.api("POST", "executions", {"code": "import time\ntime.sleep(60)"})
+        kernel_id = start_session(server, "q.ipynb")["kernel"]["id"]
+
+        async def scenario() -> list[str]:
+            kc = await connect(server, kernel_id)
+            try:
+                await _run(kc, "%load_ext crucible_jupyter")
+                msg_id = kc.execute("%%crucible\nprint('my turn')")
+                cancelled: list[bool] = []
+
+                async def free_the_slot(msg: dict[str, Any]) -> None:
+                    text = msg["content"].get("data", {}).get("text/plain", "")
+                    if "queued at position 1" in text and not cancelled:
+                        cancelled.append(True)
+                        server.api("POST", f"executions/{blocker['id']}/cancel", {})
+
+                msgs = await _collect(kc, msg_id, free_the_slot)
+                return [
+                    m["content"]["data"]["text/plain"]
+                    for m in msgs
+                    if m["msg_type"] in ("display_data", "update_display_data")
+                ] + [m["content"].get("text", "") for m in msgs if m["msg_type"] == "stream"]
+            finally:
+                kc.stop_channels()
+
+        shown = asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert any("queued at position 1" in line for line in shown), shown
+    assert any("succeeded" in line for line in shown), shown
+    assert "my turn\n" in shown

@@ -214,3 +214,17 @@ def test_help_all_lists_the_settings():
         "--CrucibleLocalBackend.tmp_size",
     ):
         assert name in out, name
+
+
+def test_stream_subscribers_come_and_go(api, jp_ws_fetch, run):
+    """A client that leaves mid-stream does not disturb the execution or other subscribers."""
+    code = "import time\nfor i in range(6):\n    print(i, flush=True)\n    time.sleep(0.1)\n"
+    execution = submit(api, {"code": code})
+    leaver = run(jp_ws_fetch("crucible", "api", "executions", execution["id"], "stream"))
+    stayer = run(jp_ws_fetch("crucible", "api", "executions", execution["id"], "stream"))
+    assert json.loads(run(leaver.read_message()))["seq"] == 0
+    leaver.close()
+    events = _read_all(run, stayer)
+    assert events[-1]["status"] == "succeeded"
+    assert "".join(e["text"] for e in events if e["type"] == "stream") == "0\n1\n2\n3\n4\n5\n"
+    assert wait_terminal(api, execution["id"])["status"] == "succeeded"
