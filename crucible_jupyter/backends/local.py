@@ -445,15 +445,20 @@ class LocalSandbox(Sandbox):
             asyncio.create_task(pump(STDERR, self.proc.stderr)),
         ]
         done = asyncio.gather(*tasks)
+        getter = None
         try:
             while not (done.done() and queue.empty()):
                 getter = asyncio.ensure_future(queue.get())
                 await asyncio.wait([getter, done], return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    yield getter.result()
+                    item, getter = getter.result(), None
+                    yield item
                 else:
                     getter.cancel()
+                    getter = None
         finally:
+            if getter is not None:
+                getter.cancel()
             for t in tasks:
                 t.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -238,15 +238,17 @@ class CrucibleDispatcher(LoggingConfigurable):
         if not self._started:
             return
         self._started = False
-        for run in list(self._runs.values()):
-            if run.task:
-                run.task.cancel()
-        await asyncio.gather(
-            *(r.task for r in list(self._runs.values()) if r.task), return_exceptions=True
-        )
-        for task in self._loops:
+        self._scheduling = False
+        for task in self._loops:  # first: nothing new may start while we wind down
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops = []
+        tasks = [r.task for r in self._runs.values() if r.task] + [
+            r.stopper for r in self._runs.values() if r.stopper
+        ]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
         for execution_id in list(self._channels):
             await self._flush(execution_id)
         for backend in self._backends.values():
@@ -543,6 +545,8 @@ class CrucibleDispatcher(LoggingConfigurable):
         except BaseException:
             pump.cancel()
             ended.cancel()
+            with contextlib.suppress(BaseException):
+                await both  # retrieve the outcome so nothing is left unobserved
             raise
         with contextlib.suppress(asyncio.CancelledError):
             await pump
@@ -647,30 +651,13 @@ class CrucibleDispatcher(LoggingConfigurable):
         reason: str | None,
         exit_code: int | None = None,
     ) -> None:
-        """Record a terminal status, publish it, store every event, close the stream."""
-        execution.status = status
-        execution.reason = reason
-        execution.exit_code = exit_code
-        execution.finished_at = now_ms()
-        fields = {
-            "status": status,
-            "reason": reason,
-            "exit_code": exit_code,
-            "finished_at": execution.finished_at,
-            "output_bytes": execution.output_bytes,
-            "truncated": execution.truncated,
-            "dropped_bytes": execution.dropped_bytes,
-        }
-        if execution.isolation:
-            fields["isolation"] = execution.isolation
-        for attempt in range(5):
-            try:
-                await self._db(self.storage.update, execution.id, **fields)
-                break
-            except StorageError:
-                if attempt == 4:
-                    self.log.exception("crucible: could not record the end of %s", execution.id)
-                await asyncio.sleep(0.2 * 2**attempt)
+        """Record a terminal status, publish it, store every event, close the stream.
+
+        The terminal event is published before the record changes, and stored before the
+        record is, so whoever sees a finished execution also finds its last event.
+        """
+        finished_at = now_ms()
+        started_at = execution.started_at
         channel = self._channels.get(execution.id)
         if channel is not None:
             channel.publish(
@@ -679,10 +666,36 @@ class CrucibleDispatcher(LoggingConfigurable):
                     "status": status.value,
                     "reason": reason,
                     "exit_code": exit_code,
-                    "duration_ms": execution.duration_ms,
+                    "duration_ms": None if started_at is None else finished_at - started_at,
                 },
             )
+        execution.status = status
+        execution.reason = reason
+        execution.exit_code = exit_code
+        execution.finished_at = finished_at
+        fields = {
+            "status": status,
+            "reason": reason,
+            "exit_code": exit_code,
+            "finished_at": finished_at,
+            "output_bytes": execution.output_bytes,
+            "truncated": execution.truncated,
+            "dropped_bytes": execution.dropped_bytes,
+        }
+        if execution.isolation:
+            fields["isolation"] = execution.isolation
+        if channel is not None:
             await self._flush(execution.id)
+        for attempt in range(5):
+            try:
+                await self._db(self.storage.update, execution.id, **fields)
+                break
+            except StorageError:
+                if attempt == 4:
+                    self.log.exception("crucible: could not record the end of %s", execution.id)
+                else:
+                    await asyncio.sleep(0.2 * 2**attempt)
+        if channel is not None:
             channel.close()
             self._channels.pop(execution.id, None)
             self._flush_locks.pop(execution.id, None)

@@ -93,8 +93,18 @@ class CrucibleMixin(ExtensionHandlerMixin):
 
     @property
     def username(self) -> str:
-        """The jupyter_server identity of the caller, as recorded on executions."""
+        """The jupyter_server identity of the caller, as recorded on executions.
+
+        jupyter_server gives each request authenticated by the server's token alone (no
+        cookie) a new random anonymous identity; whoever holds that token is the server's
+        own user, so those requests are recorded as ``kernel_user`` and history stays
+        searchable by user.
+        """
         user = self.current_user  # type: ignore[attr-defined]
+        if str(getattr(user, "name", "")).startswith("Anonymous ") and (
+            self.identity_provider.is_token_authenticated(self)
+        ):
+            return self.crucible.kernel_user
         return getattr(user, "username", None) or str(user)
 
     # -- input parsing -------------------------------------------------------------------------

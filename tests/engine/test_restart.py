@@ -132,3 +132,25 @@ def test_sigkilled_cli_leaves_nothing_running(tmp_path):
     failed = next(r for r in records if r["status"] == "failed")
     assert failed["reason"] == "dispatcher restarted"
     assert textwrap.dedent(failed["code"]).startswith("import time")
+
+
+async def test_stop_fails_running_cells_with_a_reason_and_keeps_queued(make_dispatcher, tmp_path):
+    url = f"sqlite:///{tmp_path}/stop.db"
+    d = await make_dispatcher(db_url=url, max_concurrency=1)
+    running = await d.submit({"code": "import time\nprint('x', flush=True)\ntime.sleep(100)"})
+    queued = await d.submit({"code": "print('later')"})
+    async for event in d.subscribe(running.id):
+        if event.type == "stream":
+            break
+    await d.stop()
+    storage = Storage(url)
+    try:
+        stopped = storage.get(running.id)
+        assert stopped.status is Status.FAILED
+        assert stopped.reason == "dispatcher stopped while the cell was running"
+        assert storage.events(running.id)[-1].data["status"] == "failed"
+        assert storage.get(queued.id).status is Status.QUEUED  # adopted by the next start
+    finally:
+        storage.close()
+    d2 = await make_dispatcher(db_url=url)
+    assert (await d2.wait(queued.id)).status is Status.SUCCEEDED
