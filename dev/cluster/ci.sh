@@ -2,12 +2,18 @@
 # CI entry point: bring the dev cluster up (reusing the build cache when
 # present), run the cluster tests (pytest marker `cluster`), bring it down.
 #   CRUCIBLE_CLUSTER_KEEP=1  leave the cluster running afterwards
+#   CRUCIBLE_CLUSTER_FRESH=0 keep the existing cluster state (default: down --purge first)
 #   extra arguments are passed to pytest
 set -uo pipefail
 HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 cd "$REPO"
 t0=$(date +%s%3N)
+# A fresh cluster state for every run (the build cache is kept): nothing left
+# over from earlier runs or other users. CRUCIBLE_CLUSTER_FRESH=0 skips this.
+if [ "${CRUCIBLE_CLUSTER_FRESH:-1}" = 1 ]; then
+  "$HERE/cluster" down --purge || true
+fi
 if ! "$HERE/cluster" up; then
   echo "cluster up failed; logs:" >&2
   for f in "${CRUCIBLE_CLUSTER_STATE:-/var/lib/crucible-cluster}"/logs/*.log; do
