@@ -83,7 +83,8 @@ if [ ! -x "$BIN/kube-router" ]; then
     printf 'module crucible.local/kube-router-wrapper\n\ngo 1.22\n\nrequire github.com/cloudnativelabs/kube-router/v2 %s\n' "$KUBE_ROUTER_VERSION" > go.mod
     echo "package wrapper" > wrapper.go
   fi
-  build kube-router github.com/cloudnativelabs/kube-router/v2/cmd/kube-router
+  build kube-router github.com/cloudnativelabs/kube-router/v2/cmd/kube-router \
+    "$LDFLAGS -X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$KUBE_ROUTER_VERSION"
 fi
 
 # --- crictl (own module: keeps the wrapper's dependency graph unchanged) -----
@@ -94,6 +95,6 @@ if [ ! -x "$BIN/crictl" ]; then
     printf 'module crucible.local/cri-tools-wrapper\n\ngo 1.24\n\nrequire sigs.k8s.io/cri-tools %s\n' "$CRICTL_VERSION" > go.mod
     echo "package wrapper" > wrapper.go
   fi
-  build crictl sigs.k8s.io/cri-tools/cmd/crictl
+  build crictl sigs.k8s.io/cri-tools/cmd/crictl "$LDFLAGS -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION"
 fi
 echo "$BIN"
