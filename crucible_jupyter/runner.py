@@ -55,7 +55,8 @@ _EXIT_RUNNER_FAILURE = 1
 
 _USAGE = (
     "usage: runner.py --code-file PATH [--rlimit-fsize BYTES] [--rlimit-as BYTES]"
-    " [--rlimit-nofile N] [--max-frame-text CHARS]"
+    " [--rlimit-nofile N] [--max-frame-text CHARS] [--await-isolation HOST:PORT"
+    " [--isolation-timeout SECONDS]]"
 )
 _OPTIONS = {
     "--code-file": "code_file",
@@ -63,6 +64,8 @@ _OPTIONS = {
     "--rlimit-as": "rlimit_as",
     "--rlimit-nofile": "rlimit_nofile",
     "--max-frame-text": "max_frame_text",
+    "--await-isolation": "await_isolation",
+    "--isolation-timeout": "isolation_timeout",
 }
 _RLIMITS = (
     ("rlimit_fsize", "RLIMIT_FSIZE"),
@@ -221,7 +224,7 @@ def parse_args(argv):
                 raise UsageError(f"{name} needs a value\n{_USAGE}")
             value = argv[i]
         key = _OPTIONS[name]
-        if key == "code_file":
+        if key in ("code_file", "await_isolation"):
             opts[key] = value
         else:
             try:
@@ -584,6 +587,18 @@ def main(argv=None):
         writer.flush()
     except _FrameChannelGone:
         os._exit(_EXIT_RUNNER_FAILURE)
+    target = opts["await_isolation"]
+    if target and not _await_isolation(target, opts["isolation_timeout"] or 30):
+        message = f"network isolation is not in place: {target} is reachable"
+        hint = "the cell was not run (is a NetworkPolicy enforcer running?)"
+        writer.add("error", {
+            "ename": "IsolationError",
+            "evalue": message,
+            "traceback": [f"IsolationError: {message}; {hint}"],
+        })  # fmt: skip
+        writer.add("end", {"exit_code": _EXIT_RUNNER_FAILURE})
+        writer.flush()
+        os._exit(_EXIT_RUNNER_FAILURE)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     ev_r, ev_w = os.pipe()
@@ -598,6 +613,8 @@ def main(argv=None):
         os._exit(_EXIT_RUNNER_FAILURE)
     for fd in (out_w, err_w, ev_w):
         os.close(fd)
+    # SIGTERM (a pod being deleted: cancel) interrupts the cell, so its output still ends cleanly
+    signal.signal(signal.SIGTERM, lambda signum, frame: _interrupt(pid))
     try:
         code = _supervise(pid, out_r, err_r, ev_r, writer)
         writer.add("end", {"exit_code": code})
@@ -612,6 +629,31 @@ def main(argv=None):
         traceback.print_exc()
         code = _EXIT_RUNNER_FAILURE
     os._exit(code)
+
+
+def _await_isolation(target, limit=30.0):
+    """Wait until ``HOST:PORT`` can no longer be reached; False if it still can after ``limit`` s.
+
+    Network policies are enforced asynchronously to a pod's start: for a moment a new pod
+    may still reach the network. The cell must not run in that moment.
+    """
+    import socket
+
+    host, _, port = target.rpartition(":")
+    try:
+        address = (host.strip("[]"), int(port))
+    except ValueError:
+        return False  # cannot check it, so it is not known to be in place
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            conn = socket.create_connection(address, timeout=0.25)
+        except OSError:
+            return True
+        conn.close()
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _kill(pid):

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -664,3 +665,47 @@ def test_threads_are_waited_for_like_a_script(tmp_path):
     assert result.returncode == 0
     assert result.text("stdout") == "from a pool\nlate thread\natexit\n"
     assert (tmp_path / "unclosed.txt").read_text() == "flushed at the end"
+
+
+def test_await_isolation_waits_until_the_address_is_unreachable(tmp_path):
+    """The cell runs only once HOST:PORT stops answering (a NetworkPolicy took effect)."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(50)
+    port = srv.getsockname()[1]
+    threading.Timer(0.8, srv.close).start()
+    cell = tmp_path / "cell.py"
+    cell.write_text("import time\nprint(repr(time.time()))\n")
+    started = time.time()
+    done = subprocess.run(
+        [sys.executable, str(RUNNER), "--code-file", str(cell),
+         "--await-isolation", f"127.0.0.1:{port}"],
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    frames = [json.loads(line) for line in done.stdout.splitlines()]
+    printed = float("".join(f["text"] for f in frames if f["type"] == "stream"))
+    assert done.returncode == 0
+    assert printed >= started + 0.7  # it waited for the server to go away
+
+
+def test_await_isolation_refuses_to_run_while_reachable(tmp_path):
+    import socket
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(50)
+        cell = tmp_path / "cell.py"
+        cell.write_text("print('SHOULD NOT RUN')\n")
+        done = subprocess.run(
+            [sys.executable, str(RUNNER), "--code-file", str(cell), "--await-isolation",
+             f"127.0.0.1:{srv.getsockname()[1]}", "--isolation-timeout", "1"],
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+    frames = [json.loads(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 1
+    assert b"SHOULD NOT RUN" not in done.stdout
+    (error,) = [f for f in frames if f["type"] == "error"]
+    assert error["ename"] == "IsolationError"

@@ -108,6 +108,12 @@ class CrucibleKubernetesBackend(Backend):
         help="""When a ResourceQuota refuses the pod: `fail` at once with the quota's
         message, or `wait` (retrying) until it fits or the timeout ends.""",
     ).tag(config=True)
+    isolation_probe = Unicode(
+        help="""HOST:PORT an executor must be unable to reach before its cell runs (the
+        NetworkPolicy takes effect a moment after the pod starts). Default: the API
+        server's address. `off` disables the wait.""",
+    ).tag(config=True)
+
     create_namespace = Bool(
         True, help="Create the namespace when it is missing (needs the permission to)."
     ).tag(config=True)
@@ -123,6 +129,7 @@ class CrucibleKubernetesBackend(Backend):
         self._reflector: PodReflector | None = None
         self._setup_lock = asyncio.Lock()
         self._background: set[asyncio.Task] = set()
+        self._api_endpoint: str | None = None
         self._runner_source = RUNNER.read_text()
         self.dispatcher_id = objects.label_value(getattr(self.parent, "owner", "crucible"))
 
@@ -150,6 +157,7 @@ class CrucibleKubernetesBackend(Backend):
             self._batch = client.BatchV1Api(api)
             self._networking = client.NetworkingV1Api(api)
             await self._ensure_network_policy()
+            self._api_endpoint = await self._find_api_endpoint()
             self._reflector = PodReflector(
                 self._core, self.namespace, f"{objects.APP_LABEL}={objects.APP}", log=self.log
             )
@@ -240,6 +248,7 @@ class CrucibleKubernetesBackend(Backend):
             ttl_seconds=self.ttl_seconds_after_finished,
             runtime_class=self.runtime_class or None,
             pull_policy=self.pull_policy,
+            await_isolation=self._isolation_probe(),
         )
         try:
             await _retry(lambda: self._core.create_namespaced_config_map(self.namespace, configmap))
@@ -274,6 +283,28 @@ class CrucibleKubernetesBackend(Backend):
             raise
         isolation = execution.isolation or "kubernetes"
         return KubernetesSandbox(self, execution, name, isolation=isolation)
+
+    def _isolation_probe(self) -> str | None:
+        if self.isolation_probe == "off":
+            return None
+        return self.isolation_probe or self._api_endpoint
+
+    async def _find_api_endpoint(self) -> str | None:
+        """The API server's address as pods see it (the `kubernetes` Endpoints)."""
+        try:
+            resp = await self._core.read_namespaced_endpoints(
+                "kubernetes", "default", _preload_content=False
+            )
+            subset = json.loads(await resp.read())["subsets"][0]
+            host, port = subset["addresses"][0]["ip"], subset["ports"][0]["port"]
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        except Exception as e:
+            self.log.warning(
+                "crucible: cannot find the API server's address for the isolation probe (%s);"
+                " set c.CrucibleKubernetesBackend.isolation_probe",
+                e,
+            )
+            return None
 
     async def _own_configmap(self, name: str, job: dict) -> None:
         with contextlib.suppress(Exception):

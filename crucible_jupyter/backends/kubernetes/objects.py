@@ -96,8 +96,14 @@ def make_job(
     runtime_class: str | None = None,
     pull_policy: str = "IfNotPresent",
     priority_class: str | None = None,
+    await_isolation: str | None = None,
 ) -> dict:
-    """The Job running one execution's runner in a hardened pod."""
+    """The Job running one execution's runner in a hardened pod.
+
+    ``await_isolation`` (``HOST:PORT``) makes the runner wait until that address is no
+    longer reachable before it runs the cell: NetworkPolicies take effect a moment after a
+    pod starts, and the cell must not run in that moment.
+    """
     container = {
         "name": "cell",
         "image": image,
@@ -110,6 +116,7 @@ def make_job(
             f"{MOUNT}/cell.py",
             "--rlimit-fsize",
             str(max_file_size),
+            *(["--await-isolation", await_isolation] if await_isolation else []),
         ],
         "workingDir": "/tmp",
         "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
