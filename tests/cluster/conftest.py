@@ -55,11 +55,16 @@ class Kube:
     def env(self) -> dict:
         return {**os.environ, "KUBECONFIG": self.kubeconfig}
 
-    def run(self, *args: str, input: str | None = None, check: bool = True,
-            timeout: float = 120) -> subprocess.CompletedProcess:
+    def run(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
         p = subprocess.run(
-            [self.kubectl, *args], input=input, capture_output=True, text=True,
-            env=self.env(), timeout=timeout,
+            [self.kubectl, *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=timeout,
         )
         if check and p.returncode != 0:
             raise AssertionError(
@@ -89,7 +94,9 @@ class Kube:
                 if last:
                     return last
             time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: {last!r}")
+        raise AssertionError(
+            f"timed out after {timeout}s waiting for {what or predicate}: {last!r}"
+        )
 
 
 def _api_answers(kubeconfig: str, kubectl: str) -> bool:
@@ -97,7 +104,9 @@ def _api_answers(kubeconfig: str, kubectl: str) -> bool:
         return False
     p = subprocess.run(
         [kubectl, "--kubeconfig", kubeconfig, "get", "--raw", "/readyz"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     return p.returncode == 0
 
@@ -136,7 +145,7 @@ def _dump_namespace(kube: Kube, ns: str, events_file: str) -> str:
     out.append(f"===== pods in {ns} =====\n{p.stdout}{p.stderr}")
     try:
         pods = kube.get_json("pods", "-n", ns)["items"]
-    except Exception as e:  # noqa: BLE001 - best effort diagnostics
+    except Exception as e:
         pods = []
         out.append(f"(cannot list pods: {e})")
     for pod in pods:
@@ -159,14 +168,25 @@ def namespace(kube: Kube, request):
     # Pods in a new namespace need its default ServiceAccount.
     kube.wait_for(
         lambda: kube.run("get", "serviceaccount", "default", "-n", ns, check=False).returncode == 0,
-        60, what="default serviceaccount",
+        60,
+        what="default serviceaccount",
     )
     events = tempfile.NamedTemporaryFile(prefix=f"events-{ns}-", suffix=".log", delete=False)
     watcher = subprocess.Popen(
-        [kube.kubectl, "get", "events", "-n", ns, "--watch",
-         "-o", "custom-columns=TIME:.lastTimestamp,TYPE:.type,REASON:.reason,"
-               "OBJECT:.involvedObject.name,MESSAGE:.message"],
-        stdout=events, stderr=subprocess.STDOUT, env=kube.env(),
+        [
+            kube.kubectl,
+            "get",
+            "events",
+            "-n",
+            ns,
+            "--watch",
+            "-o",
+            "custom-columns=TIME:.lastTimestamp,TYPE:.type,REASON:.reason,"
+            "OBJECT:.involvedObject.name,MESSAGE:.message",
+        ],
+        stdout=events,
+        stderr=subprocess.STDOUT,
+        env=kube.env(),
     )
     try:
         yield ns

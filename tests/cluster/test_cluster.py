@@ -21,10 +21,14 @@ def _pod(name, image, command, labels=None, **spec):
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": 1,
             "automountServiceAccountToken": False,
-            "containers": [{
-                "name": "main", "image": image, "imagePullPolicy": "Never",
-                "command": command,
-            }],
+            "containers": [
+                {
+                    "name": "main",
+                    "image": image,
+                    "imagePullPolicy": "Never",
+                    "command": command,
+                }
+            ],
             **spec,
         },
     }
@@ -36,7 +40,9 @@ def _phase(kube, ns, name):
 
 def _wait_running(kube, ns, *names, timeout=120):
     for n in names:
-        kube.wait_for(lambda n=n: _phase(kube, ns, n) == "Running", timeout, what=f"pod {n} Running")
+        kube.wait_for(
+            lambda n=n: _phase(kube, ns, n) == "Running", timeout, what=f"pod {n} Running"
+        )
 
 
 def _pod_ip(kube, ns, name):
@@ -59,22 +65,38 @@ def test_job_prints_completes_and_logs_readable(kube, namespace, images):
         "metadata": {"name": "hello"},
         "spec": {
             "backoffLimit": 0,
-            "template": {"spec": {
-                "restartPolicy": "Never",
-                "runtimeClassName": "runc",
-                "automountServiceAccountToken": False,
-                "containers": [{
-                    "name": "main", "image": images["executor"], "imagePullPolicy": "Never",
-                    "command": ["python3", "-c",
-                                "import sys; print('hello from crucible', sys.version_info[:2])"],
-                }],
-            }},
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "runtimeClassName": "runc",
+                    "automountServiceAccountToken": False,
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": images["executor"],
+                            "imagePullPolicy": "Never",
+                            "command": [
+                                "python3",
+                                "-c",
+                                "import sys; print('hello from crucible', sys.version_info[:2])",
+                            ],
+                        }
+                    ],
+                }
+            },
         },
     }
     t0 = time.monotonic()
     kube.apply(job, namespace)
-    kube.run("wait", "-n", namespace, "--for=condition=complete", "job/hello", "--timeout=120s",
-             timeout=130)
+    kube.run(
+        "wait",
+        "-n",
+        namespace,
+        "--for=condition=complete",
+        "job/hello",
+        "--timeout=120s",
+        timeout=130,
+    )
     elapsed_ms = int((time.monotonic() - t0) * 1000)
     print(f"job completed in {elapsed_ms} ms")
     # Logs stay readable after the pod finished.
@@ -85,9 +107,15 @@ def test_job_prints_completes_and_logs_readable(kube, namespace, images):
 
 
 def test_ml_image_has_numpy(kube, namespace, images):
-    kube.apply(_pod("np", images["ml"], ["python3", "-c", "import numpy; print('numpy', numpy.__version__)"]),
-               namespace)
-    kube.wait_for(lambda: _phase(kube, namespace, "np") in ("Succeeded", "Failed"), 120, what="np done")
+    kube.apply(
+        _pod(
+            "np", images["ml"], ["python3", "-c", "import numpy; print('numpy', numpy.__version__)"]
+        ),
+        namespace,
+    )
+    kube.wait_for(
+        lambda: _phase(kube, namespace, "np") in ("Succeeded", "Failed"), 120, what="np done"
+    )
     assert _phase(kube, namespace, "np") == "Succeeded"
     assert "numpy 1." in kube.run("logs", "-n", namespace, "np").stdout
 
@@ -113,11 +141,18 @@ def _probe(kube, ns, pod, *targets):
 
 def test_networkpolicy_deny_all(kube, namespace, images):
     img = images["executor"]
-    kube.apply({"apiVersion": "v1", "kind": "List", "items": [
-        _pod("server", img, ["python3", "-m", "http.server", "8080"], {"app": "server"}),
-        _pod("isolated", img, ["sleep", "3600"], {"role": "isolated"}),
-        _pod("free", img, ["sleep", "3600"], {"role": "free"}),
-    ]}, namespace)
+    kube.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "List",
+            "items": [
+                _pod("server", img, ["python3", "-m", "http.server", "8080"], {"app": "server"}),
+                _pod("isolated", img, ["sleep", "3600"], {"role": "isolated"}),
+                _pod("free", img, ["sleep", "3600"], {"role": "free"}),
+            ],
+        },
+        namespace,
+    )
     _wait_running(kube, namespace, "server", "isolated", "free")
     server = _pod_ip(kube, namespace, "server") + ":8080"
     node = kube.get_json("nodes")["items"][0]
@@ -126,19 +161,31 @@ def test_networkpolicy_deny_all(kube, namespace, images):
     targets = [server, host]
 
     # Before any policy both clients reach the server pod and the host.
-    kube.wait_for(lambda: all(_probe(kube, namespace, "isolated", *targets).values()), 60,
-                  what="isolated pod reaches targets before policy")
+    kube.wait_for(
+        lambda: all(_probe(kube, namespace, "isolated", *targets).values()),
+        60,
+        what="isolated pod reaches targets before policy",
+    )
     assert all(_probe(kube, namespace, "free", *targets).values())
 
-    kube.apply({
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": "deny-all"},
-        "spec": {"podSelector": {"matchLabels": {"role": "isolated"}},
-                 "policyTypes": ["Ingress", "Egress"]},
-    }, namespace)
+    kube.apply(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "deny-all"},
+            "spec": {
+                "podSelector": {"matchLabels": {"role": "isolated"}},
+                "policyTypes": ["Ingress", "Egress"],
+            },
+        },
+        namespace,
+    )
     t0 = time.monotonic()
-    kube.wait_for(lambda: not any(_probe(kube, namespace, "isolated", *targets).values()), 60,
-                  what="deny-all enforced on isolated pod")
+    kube.wait_for(
+        lambda: not any(_probe(kube, namespace, "isolated", *targets).values()),
+        60,
+        what="deny-all enforced on isolated pod",
+    )
     print(f"policy enforced within {int((time.monotonic() - t0) * 1000)} ms")
     # Stays denied, and the unselected pod is unaffected.
     assert _probe(kube, namespace, "isolated", *targets) == {server: False, host: False}
@@ -146,32 +193,46 @@ def test_networkpolicy_deny_all(kube, namespace, images):
 
 
 def test_resourcequota_refuses_over_quota_pod(kube, namespace, images):
-    kube.apply({
-        "apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "small"},
-        "spec": {"hard": {"requests.memory": "64Mi", "limits.memory": "64Mi", "pods": "2"}},
-    }, namespace)
+    kube.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ResourceQuota",
+            "metadata": {"name": "small"},
+            "spec": {"hard": {"requests.memory": "64Mi", "limits.memory": "64Mi", "pods": "2"}},
+        },
+        namespace,
+    )
     # Admission only enforces a quota once the controller has computed its status.
-    kube.wait_for(lambda: kube.get_json("resourcequota", "small", "-n", namespace)
-                  .get("status", {}).get("hard"), 60, what="quota status")
+    kube.wait_for(
+        lambda: (
+            kube.get_json("resourcequota", "small", "-n", namespace).get("status", {}).get("hard")
+        ),
+        60,
+        what="quota status",
+    )
     pod = _pod("big", images["executor"], ["sleep", "10"])
     pod["spec"]["containers"][0]["resources"] = {
-        "requests": {"memory": "128Mi"}, "limits": {"memory": "128Mi"}}
+        "requests": {"memory": "128Mi"},
+        "limits": {"memory": "128Mi"},
+    }
     p = kube.run("create", "-n", namespace, "-f", "-", input=json.dumps(pod), check=False)
     assert p.returncode != 0
     assert "exceeded quota" in p.stderr, p.stderr
     # A pod within quota is accepted.
     pod = _pod("small", images["executor"], ["true"])
     pod["spec"]["containers"][0]["resources"] = {
-        "requests": {"memory": "32Mi"}, "limits": {"memory": "32Mi"}}
+        "requests": {"memory": "32Mi"},
+        "limits": {"memory": "32Mi"},
+    }
     kube.run("create", "-n", namespace, "-f", "-", input=json.dumps(pod))
 
 
 def test_active_deadline_ends_sleeping_pod(kube, namespace, images):
-    kube.apply(_pod("sleeper", images["executor"], ["sleep", "600"], activeDeadlineSeconds=5),
-               namespace)
+    kube.apply(
+        _pod("sleeper", images["executor"], ["sleep", "600"], activeDeadlineSeconds=5), namespace
+    )
     t0 = time.monotonic()
-    kube.wait_for(lambda: _phase(kube, namespace, "sleeper") == "Failed", 90,
-                  what="sleeper Failed")
+    kube.wait_for(lambda: _phase(kube, namespace, "sleeper") == "Failed", 90, what="sleeper Failed")
     status = kube.get_json("pod", "sleeper", "-n", namespace)["status"]
     assert status.get("reason") == "DeadlineExceeded", status
     print(f"deadline pod failed after {int((time.monotonic() - t0) * 1000)} ms")
@@ -189,16 +250,33 @@ def test_load_image_then_run(kube, namespace, tmp_path):
     rootfs = tmp_path / "rootfs"
     rootfs.mkdir()
     (tmp_path / "hello.c").write_text(HELLO_C)
-    subprocess.run(["gcc", "-static", "-Os", "-s", "-o", str(rootfs / "hello"),
-                    str(tmp_path / "hello.c")], check=True)
+    subprocess.run(
+        ["gcc", "-static", "-Os", "-s", "-o", str(rootfs / "hello"), str(tmp_path / "hello.c")],
+        check=True,
+    )
     archive = tmp_path / "hello.tar"
     name = "localhost/crucible/test-hello:" + namespace
-    subprocess.run(["python3", str(cluster_dir / "lib" / "mkoci.py"), str(rootfs), str(archive),
-                    name, "--cmd", "/hello"], check=True)
-    subprocess.run([str(cluster_dir / "cluster"), "load-image", str(archive)], check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            "python3",
+            str(cluster_dir / "lib" / "mkoci.py"),
+            str(rootfs),
+            str(archive),
+            name,
+            "--cmd",
+            "/hello",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [str(cluster_dir / "cluster"), "load-image", str(archive)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     kube.apply(_pod("hello", name, ["/hello"]), namespace)
-    kube.wait_for(lambda: _phase(kube, namespace, "hello") in ("Succeeded", "Failed"), 120,
-                  what="hello done")
+    kube.wait_for(
+        lambda: _phase(kube, namespace, "hello") in ("Succeeded", "Failed"), 120, what="hello done"
+    )
     assert _phase(kube, namespace, "hello") == "Succeeded"
     assert "hello from a loaded image" in kube.run("logs", "-n", namespace, "hello").stdout

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-
 pytestmark = pytest.mark.cluster
 
 CLUSTER = Path(__file__).resolve().parents[2] / "dev" / "cluster" / "cluster"
@@ -64,10 +63,27 @@ def test_down_then_up_again(kube, images):
     # A pod runs after the restart.
     ns = "t-restart"
     kube.run("create", "namespace", ns, check=False)
-    kube.wait_for(lambda: kube.run("get", "sa", "default", "-n", ns, check=False).returncode == 0, 60)
-    kube.run("run", "again", "-n", ns, "--image", images["executor"], "--image-pull-policy=Never",
-             "--restart=Never", "--", "python3", "-c", "print('up again')")
-    kube.wait_for(lambda: kube.get_json("pod", "again", "-n", ns)["status"].get("phase") == "Succeeded",
-                  120, what="pod after restart")
+    kube.wait_for(
+        lambda: kube.run("get", "sa", "default", "-n", ns, check=False).returncode == 0, 60
+    )
+    kube.run(
+        "run",
+        "again",
+        "-n",
+        ns,
+        "--image",
+        images["executor"],
+        "--image-pull-policy=Never",
+        "--restart=Never",
+        "--",
+        "python3",
+        "-c",
+        "print('up again')",
+    )
+    kube.wait_for(
+        lambda: kube.get_json("pod", "again", "-n", ns)["status"].get("phase") == "Succeeded",
+        120,
+        what="pod after restart",
+    )
     assert "up again" in kube.run("logs", "-n", ns, "again").stdout
     kube.run("delete", "namespace", ns, "--wait=false", check=False)

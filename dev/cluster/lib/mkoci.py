@@ -6,10 +6,9 @@ Usage: mkoci.py ROOTFS OUT.tar NAME [--cmd ARG ...] [--env K=V ...]
 The archive is what `ctr -n k8s.io images import` reads; the image is named
 NAME through the io.containerd.image.name annotation.
 """
+
 import argparse
-import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -44,8 +43,17 @@ def main():
         layer_tar = os.path.join(work, "layer.tar")
         # GNU tar keeps device nodes, xattrs-free, numeric owners, sorted names.
         subprocess.run(
-            ["tar", "--numeric-owner", "--sort=name", "--mtime=@0", "-C", a.rootfs,
-             "-cf", layer_tar, "."],
+            [
+                "tar",
+                "--numeric-owner",
+                "--sort=name",
+                "--mtime=@0",
+                "-C",
+                a.rootfs,
+                "-cf",
+                layer_tar,
+                ".",
+            ],
             check=True,
         )
         diff_id = sha256_file(layer_tar)
@@ -62,36 +70,49 @@ def main():
                 f.write(data)
             return d, len(data)
 
-        env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"] + a.env
+        env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", *a.env]
         config = {
             "architecture": "amd64",
             "os": "linux",
             "created": "1970-01-01T00:00:00Z",
             "config": {"Env": env, "Cmd": a.cmd, "WorkingDir": a.workdir},
             "rootfs": {"type": "layers", "diff_ids": ["sha256:" + diff_id]},
-            "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "crucible dev/cluster mkoci.py"}],
+            "history": [
+                {"created": "1970-01-01T00:00:00Z", "created_by": "crucible dev/cluster mkoci.py"}
+            ],
         }
         cd, cs = put(config)
         manifest = {
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": "sha256:" + cd, "size": cs},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                        "digest": "sha256:" + layer_digest, "size": layer_size}],
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": "sha256:" + cd,
+                "size": cs,
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": "sha256:" + layer_digest,
+                    "size": layer_size,
+                }
+            ],
         }
         md, ms = put(manifest)
         index = {
             "schemaVersion": 2,
-            "manifests": [{
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": "sha256:" + md, "size": ms,
-                "platform": {"architecture": "amd64", "os": "linux"},
-                "annotations": {
-                    "io.containerd.image.name": a.name,
-                    "org.opencontainers.image.ref.name": a.name.rsplit(":", 1)[-1],
-                },
-            }],
+            "manifests": [
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": "sha256:" + md,
+                    "size": ms,
+                    "platform": {"architecture": "amd64", "os": "linux"},
+                    "annotations": {
+                        "io.containerd.image.name": a.name,
+                        "org.opencontainers.image.ref.name": a.name.rsplit(":", 1)[-1],
+                    },
+                }
+            ],
         }
         with open(os.path.join(work, "index.json"), "w") as f:
             json.dump(index, f)
