@@ -24,14 +24,23 @@ class Channel:
         self.closed = False
         self.finished = asyncio.Event()
 
-    def publish(self, type_: str, data: dict) -> Event:
-        """Number a new event, keep it until stored, and hand it to every subscriber."""
+    def publish(self, type_: str, data: dict, *, announce: bool = True) -> Event:
+        """Number a new event, keep it until stored, and hand it to every subscriber.
+
+        With ``announce=False`` subscribers get it only from :meth:`announce` (used for
+        the terminal status, which is stored before anyone hears of it).
+        """
         event = Event(seq=self.next_seq, t=now_ms(), type=type_, data=data)
         self.next_seq += 1
         self.pending.append(event)
+        if announce:
+            self.announce(event)
+        return event
+
+    def announce(self, event: Event) -> None:
+        """Hand ``event`` to every subscriber."""
         for q in self.subscribers:
             q.put_nowait(event)
-        return event
 
     def take_pending(self, limit: int) -> list[Event]:
         """The oldest pending events (up to ``limit``); call :meth:`stored` once written."""

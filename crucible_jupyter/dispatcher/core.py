@@ -651,16 +651,18 @@ class CrucibleDispatcher(LoggingConfigurable):
         reason: str | None,
         exit_code: int | None = None,
     ) -> None:
-        """Record a terminal status, publish it, store every event, close the stream.
+        """Record a terminal status durably, then tell subscribers, then close the stream.
 
-        The terminal event is published before the record changes, and stored before the
-        record is, so whoever sees a finished execution also finds its last event.
+        The terminal event and every event before it are stored, then the record, and only
+        then do subscribers hear of the end: whoever sees a finished execution finds all of
+        its events, and a client that exits on the last event loses nothing.
         """
         finished_at = now_ms()
         started_at = execution.started_at
         channel = self._channels.get(execution.id)
+        last = None
         if channel is not None:
-            channel.publish(
+            last = channel.publish(
                 "status",
                 {
                     "status": status.value,
@@ -668,11 +670,9 @@ class CrucibleDispatcher(LoggingConfigurable):
                     "exit_code": exit_code,
                     "duration_ms": None if started_at is None else finished_at - started_at,
                 },
+                announce=False,
             )
-        execution.status = status
-        execution.reason = reason
-        execution.exit_code = exit_code
-        execution.finished_at = finished_at
+            await self._flush(execution.id)
         fields = {
             "status": status,
             "reason": reason,
@@ -684,8 +684,6 @@ class CrucibleDispatcher(LoggingConfigurable):
         }
         if execution.isolation:
             fields["isolation"] = execution.isolation
-        if channel is not None:
-            await self._flush(execution.id)
         for attempt in range(5):
             try:
                 await self._db(self.storage.update, execution.id, **fields)
@@ -695,7 +693,12 @@ class CrucibleDispatcher(LoggingConfigurable):
                     self.log.exception("crucible: could not record the end of %s", execution.id)
                 else:
                     await asyncio.sleep(0.2 * 2**attempt)
+        execution.status = status
+        execution.reason = reason
+        execution.exit_code = exit_code
+        execution.finished_at = finished_at
         if channel is not None:
+            channel.announce(last)
             channel.close()
             self._channels.pop(execution.id, None)
             self._flush_locks.pop(execution.id, None)

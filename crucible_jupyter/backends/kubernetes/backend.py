@@ -368,14 +368,20 @@ class CrucibleKubernetesBackend(Backend):
 
     async def _probe_network(self) -> Check:
         """Run a real executor that tries to reach the API server: is egress really denied?"""
-        from urllib.parse import urlsplit
-
-        target = urlsplit(self._api.configuration.host)
-        host, port = target.hostname, target.port or 443
+        target = self._api_endpoint or self.isolation_probe
+        if not target or target == "off":
+            return Check(
+                "network isolation",
+                False,
+                "no address to probe (API server unknown)",
+                fix="set c.CrucibleKubernetesBackend.isolation_probe = 'HOST:PORT'",
+            )
+        host, _, port = target.rpartition(":")
+        address = (host.strip("[]"), int(port))
         code = (
             "import socket\n"
             "try:\n"
-            f"    socket.create_connection(({host!r}, {port}), timeout=3).close()\n"
+            f"    socket.create_connection({address!r}, timeout=3).close()\n"
             "    print('OPEN')\n"
             "except OSError:\n"
             "    print('blocked')\n"
@@ -391,17 +397,15 @@ class CrucibleKubernetesBackend(Backend):
             outcome = await sandbox.wait()
         except CrucibleError as e:
             return Check("network isolation", False, f"probe could not run: {e.message}")
-        if "blocked" in text:
-            return Check(
-                "network isolation", True, f"enforced: executors cannot reach {host}:{port}"
-            )
-        if "OPEN" in text:
+        if "IsolationError" in text or "OPEN" in text:
             return Check(
                 "network isolation",
                 False,
-                f"NOT enforced: an executor reached the API server at {host}:{port}",
+                f"NOT enforced: an executor pod could reach the API server at {target}",
                 fix="run a NetworkPolicy enforcer (a CNI with policy support, or kube-router)",
             )
+        if "blocked" in text:
+            return Check("network isolation", True, f"enforced: executors cannot reach {target}")
         return Check("network isolation", False, f"probe failed: {outcome.reason or text[-200:]}")
 
 
