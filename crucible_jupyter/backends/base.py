@@ -116,6 +116,11 @@ class Backend(LoggingConfigurable):
         """
         return None
 
+    async def sweep(self, live: set[str]) -> int:
+        """Remove what this backend still runs for executions not in ``live`` (orphans a
+        crashed dispatcher left); returns how many. Only called by the sole dispatcher."""
+        return 0
+
     async def close(self) -> None:
         """Release what the backend holds (connections, watches)."""
 

@@ -218,6 +218,8 @@ class CrucibleDispatcher(LoggingConfigurable):
         if not schedule:
             return
         await self._reconcile()
+        if self.single_dispatcher:
+            await self._sweep()
         self._loops = [
             asyncio.create_task(self._schedule_loop(), name="crucible-scheduler"),
             asyncio.create_task(self._flush_loop(), name="crucible-flusher"),
@@ -770,6 +772,17 @@ class CrucibleDispatcher(LoggingConfigurable):
                     exit_code=execution.exit_code,
                 )
                 self.log.warning("crucible: %s was running when its dispatcher died", execution.id)
+
+    async def _sweep(self) -> None:
+        """As the only dispatcher, remove what a crash left running for no execution."""
+        live = set(self._live) | set(self._runs)
+        for name in dict.fromkeys([self.backend, *self.enabled_backends]):
+            try:
+                backend = self.get_backend(name)
+                if type(backend).sweep is not Backend.sweep:
+                    await backend.sweep(live)
+            except Exception as e:
+                self.log.warning("crucible: could not sweep backend %s: %s", name, e)
 
     async def _reattach(self, execution: Execution) -> Sandbox | None:
         """The backend's handle on an execution a dead dispatcher ran, if it still runs."""

@@ -366,3 +366,58 @@ async def test_dispatcher_sigkilled_mid_run_resumes_with_complete_output(
     jobs = json.loads(kubectl(kube, "-n", namespace, "get", "jobs", "-o", "json"))["items"]
     assert not [j for j in jobs if execution.id in j["metadata"]["name"]
                 and not j["metadata"].get("deletionTimestamp")]  # fmt: skip
+
+
+def test_doctor_reports_enforced_network_isolation(kube, namespace, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KUBECONFIG": kube["kubeconfig"], "CRUCIBLE_K8S_NAMESPACE": namespace}
+    done = subprocess.run(
+        [sys.executable, "-m", "crucible_jupyter.cli", "--db-url", f"sqlite:///{tmp_path}/d.db",
+         "doctor", "--backend", "kubernetes", "--json"],
+        capture_output=True, text=True, env=env, timeout=180,
+    )  # fmt: skip
+    report = json.loads(done.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["kubernetes"]["ok"], checks
+    assert checks["network isolation"]["ok"], checks["network isolation"]
+    assert checks["network isolation"]["detail"].startswith("enforced")
+    assert done.returncode == 0
+
+
+async def test_sole_dispatcher_deletes_orphaned_jobs(kube, namespace, tmp_path):
+    from crucible_jupyter.backends.kubernetes import objects
+
+    orphan_id = "01a20000-0000-7000-8000-000000000001"
+    name = objects.job_name(orphan_id)
+    job = objects.make_job(
+        name=name, labels=objects.labels(orphan_id, "ghost", "dead-dispatcher"),
+        image="localhost/crucible/executor:dev", python="python3", cpu=0.1, memory=64 << 20,
+        timeout=600, env={},
+    )  # fmt: skip
+    job["spec"]["template"]["spec"]["containers"][0]["command"] = ["sleep", "600"]
+    job["spec"]["template"]["spec"]["volumes"] = job["spec"]["template"]["spec"]["volumes"][1:]
+    job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "tmp", "mountPath": "/tmp"}
+    ]
+    kubectl(kube, "-n", namespace, "apply", "-f", "-", input=json.dumps(job))
+    from traitlets.config import Config
+
+    from crucible_jupyter.dispatcher import Dispatcher
+
+    config = Config()
+    config.CrucibleDispatcher.db_url = f"sqlite:///{tmp_path}/sole.db"
+    config.CrucibleDispatcher.backend = "kubernetes"
+    config.CrucibleDispatcher.single_dispatcher = True
+    config.CrucibleKubernetesBackend.namespace = namespace
+    config.CrucibleKubernetesBackend.kubeconfig = kube["kubeconfig"]
+    d = Dispatcher(config=config)
+    await d.start()
+    try:
+        jobs = json.loads(kubectl(kube, "-n", namespace, "get", "jobs", "-o", "json"))["items"]
+        assert not [j for j in jobs if j["metadata"]["name"] == name
+                    and not j["metadata"].get("deletionTimestamp")]  # fmt: skip
+    finally:
+        await d.stop()

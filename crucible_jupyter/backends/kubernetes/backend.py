@@ -306,6 +306,24 @@ class CrucibleKubernetesBackend(Backend):
             )
             return None
 
+    async def sweep(self, live: set[str]) -> int:
+        """Delete executor Jobs whose execution is not live here (orphans of a crash)."""
+        await self._connect()
+        resp = await self._batch.list_namespaced_job(
+            self.namespace, label_selector=f"{objects.APP_LABEL}={objects.APP}",
+            _preload_content=False,
+        )  # fmt: skip
+        keep = {objects.label_value(i) for i in live}
+        orphans = [
+            job["metadata"]["name"]
+            for job in json.loads(await resp.read()).get("items", [])
+            if (job["metadata"].get("labels") or {}).get(objects.EXECUTION_LABEL) not in keep
+        ]
+        for name in orphans:
+            self.log.warning("crucible: deleting orphaned Job %s", name)
+            await self.delete(name, grace=0)
+        return len(orphans)
+
     async def _own_configmap(self, name: str, job: dict) -> None:
         with contextlib.suppress(Exception):
             await self._core.patch_namespaced_config_map(
