@@ -23,6 +23,7 @@ import getpass
 import json
 import os
 import queue
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
@@ -383,3 +384,17 @@ class ThreadedClient:
             pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+
+
+def current_kernel_id() -> str | None:
+    """This kernel's id, from its connection file name (``kernel-<id>.json``)."""
+    try:
+        from ipykernel.kernelapp import IPKernelApp
+
+        if not IPKernelApp.initialized():
+            return None
+        name = os.path.basename(IPKernelApp.instance().connection_file or "")
+    except Exception:
+        return None
+    m = re.match(r"^kernel-(.+)\.json$", name)
+    return m.group(1) if m else None

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import html
 import os
-import re
 import sys
 import time
 from typing import Any
@@ -35,7 +34,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import clear_output, display, publish_display_data
 
-from .client import ThreadedClient, client_from_env, is_terminal
+from .client import ThreadedClient, client_from_env, current_kernel_id, is_terminal
 from .errors import Conflict, CrucibleError, InvalidRequest, Unavailable
 
 _ICONS = {"succeeded": "✔", "failed": "✘", "timed_out": "⏱", "cancelled": "■"}
@@ -158,7 +157,7 @@ class CrucibleMagics(Magics):
                     ref["cell_id"] = cell_id
             except Exception:
                 pass
-            kernel_id = _kernel_id()
+            kernel_id = current_kernel_id()
             if kernel_id:
                 ref["kernel_id"] = kernel_id
         return ref
@@ -399,20 +398,6 @@ def _flush_streams() -> None:
             stream.flush()
         except Exception:
             pass
-
-
-def _kernel_id() -> str | None:
-    """This kernel's id, from its connection file name (``kernel-<id>.json``)."""
-    try:
-        from ipykernel.kernelapp import IPKernelApp
-
-        if not IPKernelApp.initialized():
-            return None
-        name = os.path.basename(IPKernelApp.instance().connection_file or "")
-    except Exception:
-        return None
-    m = re.match(r"^kernel-(.+)\.json$", name)
-    return m.group(1) if m else None
 
 
 def _seconds(execution: dict[str, Any]) -> str:

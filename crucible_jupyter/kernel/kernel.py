@@ -34,7 +34,7 @@ from ipykernel.kernelbase import Kernel
 from traitlets import Bool, default
 
 from .. import __version__
-from ..client import ThreadedClient, client_from_env, is_terminal
+from ..client import ThreadedClient, client_from_env, current_kernel_id, is_terminal
 from ..errors import Conflict, CrucibleError
 
 BANNER = (
@@ -157,7 +157,7 @@ class CrucibleKernel(Kernel):
         cell_id = cell_id or (cell_meta or {}).get("cellId")
         if isinstance(cell_id, str) and cell_id:
             notebook["cell_id"] = cell_id
-        kernel_id = _kernel_id()
+        kernel_id = current_kernel_id()
         if kernel_id:
             notebook["kernel_id"] = kernel_id
         if notebook:
@@ -372,16 +372,3 @@ class _KernelStatus:
 
 def _error_content(ename: str, evalue: str, traceback: list[str] | None = None) -> dict[str, Any]:
     return {"status": "error", "ename": ename, "evalue": evalue, "traceback": traceback or []}
-
-
-def _kernel_id() -> str | None:
-    try:
-        from ipykernel.kernelapp import IPKernelApp
-
-        if not IPKernelApp.initialized():
-            return None
-        name = os.path.basename(IPKernelApp.instance().connection_file or "")
-    except Exception:
-        return None
-    m = re.match(r"^kernel-(.+)\.json$", name)
-    return m.group(1) if m else None
