@@ -441,6 +441,7 @@ class KubernetesSandbox(Sandbox):
         self.failure: str | None = None
         self.cancelled = False
         self.started: bool | None = None
+        self._stopped = asyncio.Event()  # cancel or kill: stop following, record the end now
 
     def _reflector(self) -> PodReflector:
         assert self.backend._reflector is not None
@@ -556,8 +557,10 @@ class KubernetesSandbox(Sandbox):
                 await asyncio.sleep(0.2)
                 continue
             index = 0
+            lines = read_lines(resp.content, self.backend.max_line_bytes)
             try:
-                async for line, dropped in read_lines(resp.content, self.backend.max_line_bytes):
+                while (item := await self._next_unless_stopped(lines)) is not None:
+                    line, dropped = item
                     index += 1
                     if index <= consumed:
                         continue  # already delivered before the stream broke
@@ -567,8 +570,11 @@ class KubernetesSandbox(Sandbox):
                 self.log_warning(f"log stream of {self.name} broke ({e!r}); reopening")
                 continue
             finally:
+                await lines.aclose()
                 resp.release()
             # the stream ended: normally because the container ended
+            if self.cancelled:
+                return  # being deleted: nothing more will come
             try:
                 await self._reflector().wait_for(
                     self.key, lambda p: p is None or self._terminated(p), 5.0
@@ -576,6 +582,26 @@ class KubernetesSandbox(Sandbox):
                 return
             except TimeoutError:
                 continue  # still running: the stream broke early; reopen and skip
+
+    async def _next_unless_stopped(self, lines: AsyncIterator) -> Any:
+        """The next log line, or None at its end or once the execution is being stopped."""
+        if self._stopped.is_set():
+            return None
+        nxt = asyncio.ensure_future(anext(lines))
+        stop = asyncio.ensure_future(self._stopped.wait())
+        try:
+            done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if nxt not in done:
+            nxt.cancel()
+            with contextlib.suppress(BaseException):
+                await nxt
+            return None
+        try:
+            return nxt.result()
+        except StopAsyncIteration:
+            return None
 
     def log_warning(self, text: str) -> None:
         """Warn through the backend's logger."""
@@ -595,7 +621,18 @@ class KubernetesSandbox(Sandbox):
         try:
             if self.failure:
                 return Outcome(exit_code=None, reason=self.failure)
-            pod = await self._reflector().wait_for(self.key, self._ended)
+            ended = asyncio.ensure_future(self._reflector().wait_for(self.key, self._ended))
+            stopped = asyncio.ensure_future(self._stopped.wait())
+            try:
+                await asyncio.wait({ended, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopped.cancel()
+            if not ended.done():  # stopped on purpose: its exit status adds nothing
+                ended.cancel()
+                with contextlib.suppress(BaseException):
+                    await ended
+                return Outcome(exit_code=None)
+            pod = ended.result()
             term = self._terminated(pod) or {}
             status = (pod or {}).get("status") or {}
             if status.get("reason") == "Evicted":
@@ -611,13 +648,16 @@ class KubernetesSandbox(Sandbox):
             await self.backend.delete(self.name)
 
     async def interrupt(self) -> None:
-        """Delete the pod with a grace period: the runner turns SIGTERM into an interrupt."""
+        """Delete the Job (background propagation); its pod gets SIGTERM, which the runner
+        turns into an interrupt. The execution ends now: the pod goes on its own."""
         self.cancelled = True
-        await self.backend.delete_pods(self.execution.id, grace=2)
+        self._stopped.set()
+        await self.backend.delete(self.name, grace=2)
 
     async def kill(self) -> None:
         """Delete the Job and its pods at once."""
         self.cancelled = True
+        self._stopped.set()
         await self.backend.delete_pods(self.execution.id, grace=0)
         await self.backend.delete(self.name, grace=0)
 
