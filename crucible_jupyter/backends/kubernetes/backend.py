@@ -33,6 +33,7 @@ from ...models import (
 )
 from ..base import FRAMES, Backend, Check, Outcome, Sandbox, read_lines
 from . import objects
+from .api import raw, raw_json
 from .reflector import Pod, PodReflector
 
 RUNNER = Path(__file__).resolve().parent.parent.parent / "runner.py"
@@ -253,11 +254,10 @@ class CrucibleKubernetesBackend(Backend):
         try:
             await _retry(lambda: self._core.create_namespaced_config_map(self.namespace, configmap))
             created = await _retry(
-                lambda: self._batch.create_namespaced_job(
-                    self.namespace, job, _preload_content=False
+                lambda: raw_json(
+                    self._batch.create_namespaced_job(self.namespace, job, _preload_content=False)
                 )
             )
-            created = json.loads(await created.read())
         except ApiException as e:
             with contextlib.suppress(Exception):
                 await self._core.delete_namespaced_config_map(name, self.namespace)
@@ -292,10 +292,12 @@ class CrucibleKubernetesBackend(Backend):
     async def _find_api_endpoint(self) -> str | None:
         """The API server's address as pods see it (the `kubernetes` Endpoints)."""
         try:
-            resp = await self._core.read_namespaced_endpoints(
-                "kubernetes", "default", _preload_content=False
+            endpoints = await raw_json(
+                self._core.read_namespaced_endpoints(
+                    "kubernetes", "default", _preload_content=False
+                )
             )
-            subset = json.loads(await resp.read())["subsets"][0]
+            subset = endpoints["subsets"][0]
             host, port = subset["addresses"][0]["ip"], subset["ports"][0]["port"]
             return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         except Exception as e:
@@ -309,14 +311,14 @@ class CrucibleKubernetesBackend(Backend):
     async def sweep(self, live: set[str]) -> int:
         """Delete executor Jobs whose execution is not live here (orphans of a crash)."""
         await self._connect()
-        resp = await self._batch.list_namespaced_job(
+        jobs = await raw_json(self._batch.list_namespaced_job(
             self.namespace, label_selector=f"{objects.APP_LABEL}={objects.APP}",
             _preload_content=False,
-        )  # fmt: skip
+        ))  # fmt: skip
         keep = {objects.label_value(i) for i in live}
         orphans = [
             job["metadata"]["name"]
-            for job in json.loads(await resp.read()).get("items", [])
+            for job in jobs.get("items", [])
             if (job["metadata"].get("labels") or {}).get(objects.EXECUTION_LABEL) not in keep
         ]
         for name in orphans:
@@ -508,12 +510,14 @@ class KubernetesSandbox(Sandbox):
     async def _job_problem(self) -> str | None:
         core = self.backend._core
         try:
-            resp = await core.list_namespaced_event(
-                self.backend.namespace,
-                _preload_content=False,
-                field_selector=f"involvedObject.name={self.name},involvedObject.kind=Job",
+            found = await raw_json(
+                core.list_namespaced_event(
+                    self.backend.namespace,
+                    _preload_content=False,
+                    field_selector=f"involvedObject.name={self.name},involvedObject.kind=Job",
+                )
             )
-            events = json.loads(await resp.read()).get("items", [])
+            events = found.get("items", [])
         except Exception:
             return None
         for ev in sorted(events, key=lambda e: e.get("lastTimestamp") or "", reverse=True):
@@ -540,12 +544,14 @@ class KubernetesSandbox(Sandbox):
             if pod is None:
                 return
             try:
-                resp = await self.backend._core.read_namespaced_pod_log(
-                    pod["metadata"]["name"],
-                    self.backend.namespace,
-                    container="cell",
-                    follow=True,
-                    _preload_content=False,
+                resp = await raw(
+                    self.backend._core.read_namespaced_pod_log(
+                        pod["metadata"]["name"],
+                        self.backend.namespace,
+                        container="cell",
+                        follow=True,
+                        _preload_content=False,
+                    )
                 )
             except Exception as e:
                 if self.cancelled or self._terminated(self._reflector().pod_for(self.key)):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from kubernetes_asyncio import watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from .api import raw_json
 from .objects import EXECUTION_LABEL
 
 Pod = dict[str, Any]
@@ -58,10 +58,11 @@ class PodReflector:
             self._task = None
 
     async def _list(self) -> str:
-        resp = await self.core.list_namespaced_pod(
-            self.namespace, label_selector=self.label_selector, _preload_content=False
+        body = await raw_json(
+            self.core.list_namespaced_pod(
+                self.namespace, label_selector=self.label_selector, _preload_content=False
+            )
         )
-        body = json.loads(await resp.read())
         pods = {p["metadata"]["name"]: p for p in body.get("items", [])}
         for name in set(self.pods) - set(pods):
             self._forget(self.pods[name])
