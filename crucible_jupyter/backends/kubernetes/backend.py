@@ -199,6 +199,9 @@ class CrucibleKubernetesBackend(Backend):
             self._reflector = None
         if self._api is not None:
             await self._api.close()
+            # TLS connections finish closing on the next loop iterations (aiohttp's
+            # documented graceful shutdown); without this their sockets leak at loop close
+            await asyncio.sleep(0.25)
             self._api = None
             self._core = None
 
