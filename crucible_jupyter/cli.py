@@ -55,6 +55,18 @@ def make_dispatcher(args: argparse.Namespace):
     return Dispatcher(config=load_config(args.db_url))
 
 
+@contextlib.asynccontextmanager
+async def read_only_dispatcher(args: argparse.Namespace):
+    """A started dispatcher that reads and cancels but schedules nothing (and touches
+    nothing another process left), stopped on exit."""
+    dispatcher = make_dispatcher(args)
+    await dispatcher.start(schedule=False)
+    try:
+        yield dispatcher
+    finally:
+        await dispatcher.stop()
+
+
 def exit_code_for(execution: Execution) -> int:
     """The shell exit status mirroring an execution's outcome."""
     if execution.status is Status.SUCCEEDED:
@@ -168,14 +180,10 @@ def _when(ms: int | None) -> str:
 
 async def cmd_history(args: argparse.Namespace) -> int:
     """List recorded executions, newest first."""
-    dispatcher = make_dispatcher(args)
-    await dispatcher.start(schedule=False)
-    try:
+    async with read_only_dispatcher(args) as dispatcher:
         page, cursor = await dispatcher.list(
             user=args.user, status=args.status, tag=args.tag, limit=args.limit, cursor=args.cursor
         )
-    finally:
-        await dispatcher.stop()
     if args.json:
         print(json.dumps({"executions": [e.to_dict() for e in page], "next_cursor": cursor}))
         return 0
@@ -193,13 +201,9 @@ async def cmd_history(args: argparse.Namespace) -> int:
 
 async def cmd_show(args: argparse.Namespace) -> int:
     """Show one execution: its record and its output."""
-    dispatcher = make_dispatcher(args)
-    await dispatcher.start(schedule=False)
-    try:
+    async with read_only_dispatcher(args) as dispatcher:
         execution = await dispatcher.get(args.id)
         events = await dispatcher.events(args.id)
-    finally:
-        await dispatcher.stop()
     if args.json:
         print(json.dumps({**execution.to_dict(), "events": [e.to_dict() for e in events]}))
         return 0
@@ -222,18 +226,15 @@ async def cmd_show(args: argparse.Namespace) -> int:
     print(execution.request.code.rstrip("\n"))
     print("--- output ---")
     for event in events:
-        render(event, quiet=True) if event.type != "status" else None
+        if event.type != "status":
+            render(event, quiet=True)
     return 0
 
 
 async def cmd_cancel(args: argparse.Namespace) -> int:
     """Cancel a queued or running execution, wherever it runs on this machine."""
-    dispatcher = make_dispatcher(args)
-    await dispatcher.start(schedule=False)
-    try:
+    async with read_only_dispatcher(args) as dispatcher:
         execution = await dispatcher.cancel(args.id)
-    finally:
-        await dispatcher.stop()
     print(
         f"{execution.id}: {execution.status.value}"
         + (f" ({execution.reason})" if execution.reason else "")
