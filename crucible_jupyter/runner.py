@@ -843,7 +843,27 @@ def _stream_piece(prefix, piece, out):
         out.append(line)
 
 
-class CellStream(io.TextIOBase):
+class _WriteOnlyStream:
+    """What the cell's text and binary streams share: write-only, never a terminal, and
+    ``close()`` only flushes (the cell must not lose its output)."""
+
+    def close(self):
+        self.flush()
+
+    def isatty(self):
+        return False
+
+    def writable(self):
+        return True
+
+    def readable(self):
+        return False
+
+    def seekable(self):
+        return False
+
+
+class CellStream(_WriteOnlyStream, io.TextIOBase):
     """``sys.stdout``/``sys.stderr`` of a cell: a text file whose writes become stream frames.
 
     Text is sent at each newline, when 8 KiB are pending, on ``flush()``, or at most 20 ms
@@ -891,30 +911,14 @@ class CellStream(io.TextIOBase):
     def flush(self):
         self._channel.flush()
 
-    def close(self):
-        """Flush; the stream stays usable (the cell must not lose its output)."""
-        self.flush()
-
-    def isatty(self):
-        return False
-
     def fileno(self):
         return self._fd
-
-    def writable(self):
-        return True
-
-    def readable(self):
-        return False
-
-    def seekable(self):
-        return False
 
     def reconfigure(self, **kwargs):
         """Accepted and ignored: output is always UTF-8."""
 
 
-class CellBinaryStream(io.BufferedIOBase):
+class CellBinaryStream(_WriteOnlyStream, io.BufferedIOBase):
     """``sys.stdout.buffer`` of a cell: bytes are decoded as UTF-8 (invalid bytes replaced)."""
 
     def __init__(self, text_stream):
@@ -934,23 +938,8 @@ class CellBinaryStream(io.BufferedIOBase):
     def flush(self):
         self._text.flush()
 
-    def close(self):
-        self.flush()
-
-    def isatty(self):
-        return False
-
     def fileno(self):
         return self._text.fileno()
-
-    def writable(self):
-        return True
-
-    def readable(self):
-        return False
-
-    def seekable(self):
-        return False
 
 
 # --------------------------------------------------------------------------------------------

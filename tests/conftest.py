@@ -134,3 +134,41 @@ def storage(db_url: str) -> Iterator[Storage]:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture
+async def make_dispatcher(tmp_path: Path):
+    """Start real dispatchers; all are stopped at the end of the test.
+
+    ``make_dispatcher(db_url=None, local={...}, kubernetes={...}, **traits)``: ``traits`` set
+    ``CrucibleDispatcher``; ``local`` and ``kubernetes`` set the backends' traits.
+    """
+    from traitlets.config import Config
+
+    from crucible_jupyter.dispatcher import Dispatcher
+
+    started: list[Dispatcher] = []
+
+    async def make(
+        db_url: str | None = None,
+        local: dict | None = None,
+        kubernetes: dict | None = None,
+        **traits,
+    ) -> Dispatcher:
+        config = Config()
+        config.CrucibleDispatcher.db_url = db_url or f"sqlite:///{tmp_path}/crucible.db"
+        for section, values in (
+            ("CrucibleDispatcher", traits),
+            ("CrucibleLocalBackend", local or {}),
+            ("CrucibleKubernetesBackend", kubernetes or {}),
+        ):
+            for key, value in values.items():
+                setattr(config[section], key, value)
+        dispatcher = Dispatcher(config=config)
+        await dispatcher.start()
+        started.append(dispatcher)
+        return dispatcher
+
+    yield make
+    for dispatcher in reversed(started):
+        await dispatcher.stop()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from traitlets.config import LoggingConfigurable
@@ -65,7 +65,6 @@ class Sandbox(abc.ABC):
     """A running execution. The dispatcher reads :meth:`lines` until they end, then :meth:`wait`."""
 
     isolation: str
-    notes: list[str] = field(default_factory=list)
 
     async def ready(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Return once the code has started running (or can never start: then

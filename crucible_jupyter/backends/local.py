@@ -256,6 +256,8 @@ class CrucibleLocalBackend(Backend):
 
     async def checks(self) -> list[Check]:
         """Report bubblewrap, cgroups and the interpreter, with how to fix what is missing."""
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            await self._discover()
         out = []
         problem = self.bwrap_problem
         if problem:
@@ -295,8 +297,22 @@ class CrucibleLocalBackend(Backend):
             )
         return out
 
+    async def _discover(self) -> None:
+        """Probe bubblewrap, cgroups and the interpreter once, off the event loop (each is a
+        subprocess or filesystem probe, cached afterwards)."""
+        if "runner_path" not in self.__dict__:
+            await asyncio.to_thread(
+                lambda: (
+                    self.bwrap_problem,
+                    self.cgroup_layout,
+                    self.python_paths,
+                    self.runner_path,
+                )
+            )
+
     async def start(self, execution: Execution) -> Sandbox:
         """Start the runner for ``execution`` in a fresh sandbox."""
+        await self._discover()
         isolated = self.bwrap_problem is None
         if not isolated:
             if not self.allow_unisolated:
@@ -430,7 +446,6 @@ class LocalSandbox(Sandbox):
         self.max_processes = max_processes
         self.max_line = max_line
         self.workdir = workdir
-        self._killed = False
 
     async def lines(self) -> AsyncIterator[tuple[str, bytes, int]]:
         """Frames from the runner's stdout and raw text from stderr, as they arrive."""
@@ -492,7 +507,6 @@ class LocalSandbox(Sandbox):
 
     async def kill(self) -> None:
         """SIGKILL the whole tree: the cgroup if any, and the sandbox's process group."""
-        self._killed = True
         if self.group is not None:
             self.group.kill()
         with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -296,12 +296,17 @@ class CrucibleDispatcher(LoggingConfigurable):
             dispatcher_id=self.owner,
         )
         await self._db(self.storage.create, execution)
-        self._enqueue(execution, Channel(execution.id))
+        self._enqueue(execution)
         return execution
 
-    def _enqueue(self, execution: Execution, channel: Channel) -> None:
-        self._channels[execution.id] = channel
-        self._flush_locks[execution.id] = asyncio.Lock()
+    def _open_channel(self, execution_id: str, next_seq: int = 0) -> Channel:
+        """The live event stream of an execution, with the lock that orders its writes."""
+        channel = self._channels[execution_id] = Channel(execution_id, next_seq)
+        self._flush_locks[execution_id] = asyncio.Lock()
+        return channel
+
+    def _enqueue(self, execution: Execution, next_seq: int = 0) -> None:
+        channel = self._open_channel(execution.id, next_seq)
         self._live[execution.id] = execution
         self._queue.push(execution)
         channel.publish(
@@ -707,10 +712,18 @@ class CrucibleDispatcher(LoggingConfigurable):
         self._live.pop(execution.id, None)
 
     async def _flush(self, execution_id: str) -> None:
+        """Store the pending events of an execution.
+
+        Shielded: a cancelled caller (the flush loop at stop) must not leave a batch
+        written but still pending, or the next flush would write it twice and fail.
+        """
         channel = self._channels.get(execution_id)
         lock = self._flush_locks.get(execution_id)
         if channel is None or lock is None:
             return
+        await asyncio.shield(self._write_pending(execution_id, channel, lock))
+
+    async def _write_pending(self, execution_id: str, channel: Channel, lock: asyncio.Lock) -> None:
         async with lock:
             while channel.pending:
                 batch = channel.take_pending(500)
@@ -757,14 +770,12 @@ class CrucibleDispatcher(LoggingConfigurable):
             if execution.status is Status.QUEUED:
                 await self._db(self.storage.update, execution.id, dispatcher_id=self.owner)
                 execution.dispatcher_id = self.owner
-                self._enqueue(execution, Channel(execution.id, next_seq))
+                self._enqueue(execution, next_seq)
                 self.log.info("crucible: adopted queued execution %s", execution.id)
             elif sandbox := await self._reattach(execution):
                 self._resume(execution, sandbox, next_seq, events)
             else:
-                channel = Channel(execution.id, next_seq)
-                self._channels[execution.id] = channel
-                self._flush_locks[execution.id] = asyncio.Lock()
+                self._open_channel(execution.id, next_seq)
                 await self._finish(
                     execution,
                     Status.FAILED,
@@ -799,8 +810,7 @@ class CrucibleDispatcher(LoggingConfigurable):
         execution.dispatcher_id = self.owner
         execution.output_bytes = execution.dropped_bytes = 0
         execution.truncated = False
-        self._channels[execution.id] = Channel(execution.id, next_seq)
-        self._flush_locks[execution.id] = asyncio.Lock()
+        self._open_channel(execution.id, next_seq)
         self._live[execution.id] = execution
         elapsed = (now_ms() - (execution.started_at or execution.created_at)) / 1000
         run = _Run(

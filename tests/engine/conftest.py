@@ -2,43 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-
 import pytest
-from traitlets.config import Config
 
 from crucible_jupyter.dispatcher import Dispatcher
 from crucible_jupyter.models import Event, Execution
 
-MakeDispatcher = Callable[..., Awaitable[Dispatcher]]
-
 
 @pytest.fixture
-async def make_dispatcher(tmp_path: Path) -> AsyncIterator[MakeDispatcher]:
-    """Start dispatchers with extra config (``CrucibleDispatcher`` traits as keywords,
-    ``local={...}`` for ``CrucibleLocalBackend``); all are stopped at the end."""
-    started: list[Dispatcher] = []
-
-    async def make(db_url: str | None = None, local: dict | None = None, **traits) -> Dispatcher:
-        config = Config()
-        config.CrucibleDispatcher.db_url = db_url or f"sqlite:///{tmp_path}/crucible.db"
-        for k, v in traits.items():
-            setattr(config.CrucibleDispatcher, k, v)
-        for k, v in (local or {}).items():
-            setattr(config.CrucibleLocalBackend, k, v)
-        d = Dispatcher(config=config)
-        await d.start()
-        started.append(d)
-        return d
-
-    yield make
-    for d in reversed(started):
-        await d.stop()
-
-
-@pytest.fixture
-async def dispatcher(make_dispatcher: MakeDispatcher) -> Dispatcher:
+async def dispatcher(make_dispatcher) -> Dispatcher:
     """A dispatcher on SQLite with the default local sandbox."""
     return await make_dispatcher()
 

@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+from crucible_jupyter.errors import Conflict
 from crucible_jupyter.models import Status
 
 from .conftest import run_cell, statuses, stream_text
@@ -176,7 +177,7 @@ async def test_cancel_while_queued_and_while_running(make_dispatcher):
     assert final.status is Status.CANCELLED
     errors = [e for e in await d.events(running.id) if e.type == "error"]
     assert errors and errors[0].data["ename"] == "KeyboardInterrupt"
-    with pytest.raises(Exception, match="already cancelled"):
+    with pytest.raises(Conflict, match="already cancelled"):
         await d.cancel(running.id)
 
 
@@ -269,7 +270,7 @@ async def test_forged_frames_do_not_change_status(dispatcher):
     assert statuses(events)[-1] == "failed"
 
 
-async def test_rich_display_and_bad_environment(dispatcher):
+async def test_rich_display_and_environment(dispatcher):
     code = textwrap.dedent("""
         import os
         class Bold:

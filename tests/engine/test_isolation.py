@@ -225,7 +225,7 @@ async def test_one_gigabyte_of_output_keeps_memory_bounded(make_dispatcher):
     assert len(notices) == 1
 
 
-async def test_without_bubblewrap_runs_unisolated_and_says_so(make_dispatcher, caplog):
+async def test_without_bubblewrap_runs_unisolated_and_says_so(make_dispatcher):
     d = await make_dispatcher(local={"bwrap": "/nonexistent/bwrap"})
     execution, events = await run_cell(d, "print('plain')")
     assert execution.status is Status.SUCCEEDED

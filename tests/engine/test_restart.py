@@ -148,7 +148,8 @@ async def test_stop_fails_running_cells_with_a_reason_and_keeps_queued(make_disp
         stopped = storage.get(running.id)
         assert stopped.status is Status.FAILED
         assert stopped.reason == "dispatcher stopped while the cell was running"
-        assert storage.events(running.id)[-1].data["status"] == "failed"
+        stored = storage.events(running.id)
+        assert stored[-1].data.get("status") == "failed", [(e.seq, e.type, e.data) for e in stored]
         assert storage.get(queued.id).status is Status.QUEUED  # adopted by the next start
     finally:
         storage.close()

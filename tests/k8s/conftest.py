@@ -11,13 +11,9 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from traitlets.config import Config
-
-from crucible_jupyter.dispatcher import Dispatcher
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "dev" / "cluster" / "cluster"
@@ -90,24 +86,15 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture
-async def k8s(kube, namespace, tmp_path) -> AsyncIterator:
-    """Start dispatchers on the Kubernetes backend in the module's namespace."""
-    started: list[Dispatcher] = []
+def k8s(kube, namespace, make_dispatcher):
+    """Start dispatchers on the Kubernetes backend in the module's namespace
+    (keywords: ``CrucibleKubernetesBackend`` traits; ``dispatcher={...}`` for the rest)."""
 
-    async def make(db_url: str | None = None, **backend) -> Dispatcher:
-        config = Config()
-        config.CrucibleDispatcher.db_url = db_url or f"sqlite:///{tmp_path}/crucible.db"
-        config.CrucibleDispatcher.backend = "kubernetes"
-        config.CrucibleDispatcher.max_concurrency = 50
-        config.CrucibleKubernetesBackend.namespace = namespace
-        config.CrucibleKubernetesBackend.kubeconfig = kube["kubeconfig"]
-        for k, v in backend.items():
-            setattr(config.CrucibleKubernetesBackend, k, v)
-        d = Dispatcher(config=config)
-        await d.start()
-        started.append(d)
-        return d
+    async def make(db_url: str | None = None, dispatcher: dict | None = None, **backend):
+        return await make_dispatcher(
+            db_url,
+            kubernetes={"namespace": namespace, "kubeconfig": kube["kubeconfig"], **backend},
+            **{"backend": "kubernetes", "max_concurrency": 50, **(dispatcher or {})},
+        )
 
-    yield make
-    for d in reversed(started):
-        await d.stop()
+    return make

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 from engine.conftest import run_cell, statuses, stream_text
 
-from crucible_jupyter.errors import UnsupportedLanguage
+from crucible_jupyter.errors import InvalidRequest, UnsupportedLanguage
 from crucible_jupyter.models import Status
 
 from .conftest import kubectl
@@ -175,7 +175,7 @@ async def test_unknown_image_is_refused_and_missing_image_fails_fast(k8s):
         },
         pull_policy="Never",
     )
-    with pytest.raises(Exception, match="is not allowed"):
+    with pytest.raises(InvalidRequest, match="is not allowed"):
         d.get_backend("kubernetes").image_for("anything")
     execution, _ = await run_cell(d, "print(1)", image="ghost", timeout=120)
     assert execution.status is Status.FAILED
@@ -387,7 +387,7 @@ def test_doctor_reports_enforced_network_isolation(kube, namespace, tmp_path):
     assert done.returncode == 0
 
 
-async def test_sole_dispatcher_deletes_orphaned_jobs(kube, namespace, tmp_path):
+async def test_sole_dispatcher_deletes_orphaned_jobs(k8s, kube, namespace, tmp_path):
     from crucible_jupyter.backends.kubernetes import objects
 
     orphan_id = "01a20000-0000-7000-8000-000000000001"
@@ -403,21 +403,7 @@ async def test_sole_dispatcher_deletes_orphaned_jobs(kube, namespace, tmp_path):
         {"name": "tmp", "mountPath": "/tmp"}
     ]
     kubectl(kube, "-n", namespace, "apply", "-f", "-", input=json.dumps(job))
-    from traitlets.config import Config
-
-    from crucible_jupyter.dispatcher import Dispatcher
-
-    config = Config()
-    config.CrucibleDispatcher.db_url = f"sqlite:///{tmp_path}/sole.db"
-    config.CrucibleDispatcher.backend = "kubernetes"
-    config.CrucibleDispatcher.single_dispatcher = True
-    config.CrucibleKubernetesBackend.namespace = namespace
-    config.CrucibleKubernetesBackend.kubeconfig = kube["kubeconfig"]
-    d = Dispatcher(config=config)
-    await d.start()
-    try:
-        jobs = json.loads(kubectl(kube, "-n", namespace, "get", "jobs", "-o", "json"))["items"]
-        assert not [j for j in jobs if j["metadata"]["name"] == name
-                    and not j["metadata"].get("deletionTimestamp")]  # fmt: skip
-    finally:
-        await d.stop()
+    await k8s(db_url=f"sqlite:///{tmp_path}/sole.db", dispatcher={"single_dispatcher": True})
+    jobs = json.loads(kubectl(kube, "-n", namespace, "get", "jobs", "-o", "json"))["items"]
+    assert not [j for j in jobs if j["metadata"]["name"] == name
+                and not j["metadata"].get("deletionTimestamp")]  # fmt: skip
