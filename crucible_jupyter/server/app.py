@@ -43,8 +43,8 @@ class CrucibleApp(ExtensionApp):
     description = "Run notebook cells as isolated, recorded executions (crucible_jupyter)."
     version = __version__
     load_other_extensions = True
-    # `jupyter crucible --help-all` lists these. (`jupyter server --help-all` cannot: it prints
-    # its help before it looks for extensions.)
+    # `jupyter crucible --help-all` lists these; `jupyter server --help-all` gets them (and every
+    # installed backend) through crucible_jupyter/_server_help.py.
     classes = [ServerApp, Dispatcher, CrucibleLocalBackend]
 
     max_body_bytes = Int(
@@ -227,5 +227,8 @@ class CrucibleApp(ExtensionApp):
 
 def main() -> None:
     """``jupyter crucible``: a Jupyter server with the crucible extension (``--help-all``
-    lists every ``CrucibleApp``, ``CrucibleDispatcher`` and ``CrucibleLocalBackend`` setting)."""
+    lists every ``CrucibleApp``, ``CrucibleDispatcher`` and installed backend setting)."""
+    from .._server_help import crucible_classes
+
+    CrucibleApp.classes = [ServerApp, *(c for c in crucible_classes() if c is not CrucibleApp)]
     CrucibleApp.launch_instance()

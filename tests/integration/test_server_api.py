@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -194,26 +196,44 @@ def test_running_executions_keep_the_server_active(api, crucible_app, jp_servera
     wait_terminal(api, execution["id"])
 
 
-def test_help_all_lists_the_settings():
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from crucible_jupyter.server.app import main; main()",
-            "--help-all",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
-    for name in (
-        "--CrucibleApp.kernel_user",
-        "--CrucibleApp.max_body_bytes",
-        "--CrucibleDispatcher.max_concurrency",
-        "--CrucibleDispatcher.db_url",
-        "--CrucibleLocalBackend.tmp_size",
-    ):
+SETTINGS = (
+    "--CrucibleApp.kernel_user",
+    "--CrucibleApp.max_body_bytes",
+    "--CrucibleDispatcher.max_concurrency",
+    "--CrucibleDispatcher.db_url",
+    "--CrucibleLocalBackend.tmp_size",
+    "--CrucibleKubernetesBackend.namespace",
+)
+
+
+def _jupyter(*args, env=None):
+    jupyter = Path(sys.executable).with_name("jupyter")
+    done = subprocess.run(
+        [str(jupyter), *args], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize("app", ["server", "crucible"])
+def test_help_all_lists_the_settings(app):
+    out = _jupyter(app, "--help-all")
+    for name in SETTINGS:
         assert name in out, name
+
+
+def test_plain_help_stays_short():
+    """The settings join the full help only; `--help` is jupyter_server's own."""
+    out = _jupyter("server", "--help")
+    assert "--CrucibleDispatcher" not in out
+
+
+def test_generated_config_documents_the_settings(tmp_path):
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path)}
+    _jupyter("server", "--generate-config", "-y", env=env)
+    text = (tmp_path / "jupyter_server_config.py").read_text()
+    for name in ("c.CrucibleApp.kernel_env", "c.CrucibleDispatcher.backend"):
+        assert name in text, name
 
 
 def test_stream_subscribers_come_and_go(api, jp_ws_fetch, run):
