@@ -20,7 +20,7 @@ from importlib.metadata import entry_points
 from traitlets.config import LoggingConfigurable
 
 from ..errors import InvalidRequest
-from ..models import Execution
+from ..models import Execution, ExecutionRequest
 
 #: Where a raw line came from: the runner's frame channel, or raw stderr of the sandbox.
 FRAMES = "frames"
@@ -97,6 +97,10 @@ class Backend(LoggingConfigurable):
 
     #: short name used in configuration, requests and records
     name = "base"
+
+    def admit(self, request: ExecutionRequest) -> None:
+        """Raise InvalidRequest (400) if this backend cannot run ``request`` as asked; called
+        before the request is stored, so a request no backend can honour never queues."""
 
     @abc.abstractmethod
     async def start(self, execution: Execution) -> Sandbox:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from traitlets import Bool, Integer, List, Unicode, default
 
-from ..errors import Unavailable
-from ..models import Execution, format_bytes
+from ..errors import InvalidRequest, Unavailable
+from ..models import Execution, ExecutionRequest, format_bytes
 from . import cgroups
 from .base import FRAMES, STDERR, Backend, Check, Outcome, Sandbox, read_lines
 
@@ -308,6 +308,16 @@ class CrucibleLocalBackend(Backend):
                     self.python_paths,
                     self.runner_path,
                 )
+            )
+
+    def admit(self, request: ExecutionRequest) -> None:
+        """Refuse a named image: a local sandbox runs this machine's Python, not an image."""
+        if request.image and request.image != "default":
+            raise InvalidRequest(
+                f"image {request.image!r} cannot be used with the local backend, which runs this"
+                " machine's Python; leave the image out, or run on a backend with images"
+                " (backend 'kubernetes')",
+                field="image",
             )
 
     async def start(self, execution: Execution) -> Sandbox:

@@ -287,7 +287,7 @@ class CrucibleDispatcher(LoggingConfigurable):
         if not isinstance(request, ExecutionRequest):
             request = ExecutionRequest.from_dict(request, self.limits)
         backend = request.backend or self.backend
-        self.get_backend(backend)
+        self.get_backend(backend).admit(request)
         execution = Execution(
             id=new_execution_id(),
             request=request,

@@ -211,6 +211,14 @@ class CrucibleMixin(ExtensionHandlerMixin):
             return
         super().log_exception(typ, value, tb)  # type: ignore[misc]
 
+    def allowed_methods(self) -> list[str]:
+        """The HTTP methods this handler answers (for 405 responses and their Allow header)."""
+        return [
+            m
+            for m in ("GET", "POST", "DELETE")
+            if getattr(type(self), m.lower(), None) is not getattr(web.RequestHandler, m.lower())
+        ]
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Every error is JSON: ``{"error", "message", "field"?}`` with a precise status code."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
@@ -218,6 +226,14 @@ class CrucibleMixin(ExtensionHandlerMixin):
             status_code = http_status(exc)
             self.set_status(status_code)  # type: ignore[attr-defined]
             body = exc.to_dict()
+        elif isinstance(exc, web.HTTPError) and status_code == 405:
+            allowed = self.allowed_methods()
+            self.set_header("Allow", ", ".join(allowed))  # type: ignore[attr-defined]
+            body = {
+                "error": "MethodNotAllowed",
+                "message": f"{self.request.method} is not allowed on {self.request.path};"  # type: ignore[attr-defined]
+                f" use {' or '.join(allowed)}",
+            }
         elif isinstance(exc, web.HTTPError):
             reason = exc.reason or responses.get(status_code, "Error")
             body = {"error": reason.replace(" ", ""), "message": exc.log_message or reason}

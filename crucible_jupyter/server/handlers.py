@@ -31,7 +31,7 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 
 from .. import __version__
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, NotFound
 from .base import CrucibleAPIHandler
 from .openapi import openapi_document
 from .stream import ExecutionStreamHandler
@@ -203,6 +203,24 @@ class OpenAPIHandler(CrucibleAPIHandler):
         self.write_json(openapi_document(url_path_join(self.base_url, "crucible/api")))
 
 
+class UnknownEndpointHandler(CrucibleAPIHandler):
+    """Any other path under ``crucible/api/``: a JSON 404 that points at the API's document."""
+
+    _track_activity = False
+
+    @web.authenticated
+    async def _unknown(self, path: str = "") -> None:
+        """404 naming the path and where the endpoints are listed."""
+        doc = url_path_join(self.base_url, "crucible/api/openapi.json")
+        raise NotFound(
+            f"there is no crucible API endpoint at {self.request.path[:200]!r};"
+            f" the endpoints are listed in {doc}",
+            field="path",
+        )
+
+    get = post = put = patch = delete = _unknown
+
+
 default_handlers = [
     (r"crucible/api/executions/?", ExecutionsHandler),
     (rf"crucible/api/executions/{_ID}/cancel/?", CancelHandler),
@@ -212,4 +230,5 @@ default_handlers = [
     (r"crucible/api/stats/?", StatsHandler),
     (r"crucible/api/health/?", HealthHandler),
     (r"crucible/api/openapi\.json", OpenAPIHandler),
+    (r"crucible/api(?P<path>/.*)?", UnknownEndpointHandler),
 ]

@@ -57,6 +57,10 @@ ID = "01234567-89ab-7def-8123-456789abcdef"
         ("GET", ("stats",), None, {"since": "nope"}, 400),
         ("PUT", ("executions",), b"{}", None, 405),
         ("PATCH", ("executions", ID), b"{}", None, 405),
+        ("POST", ("executions",), b'{"code": "1", "image": "python:3.12"}', None, 400),
+        ("GET", ("nothing",), None, None, 404),
+        ("POST", ("executions", ID, "bogus"), b"{}", None, 404),
+        ("GET", (), None, None, 404),
     ],
 )
 def test_error_codes(api, method, path, raw, params, status, crucible_app):
@@ -65,6 +69,29 @@ def test_error_codes(api, method, path, raw, params, status, crucible_app):
     assert response.headers["Content-Type"].startswith("application/json")
     assert isinstance(body["message"], str) and body["message"]
     assert "error" in body
+
+
+def test_wrong_method_names_the_right_ones(api):
+    code, body, response = api("PUT", "executions", raw=b"{}")
+    assert code == 405
+    assert response.headers["Allow"] == "GET, POST"
+    assert body["message"].startswith("PUT is not allowed on /")
+    assert body["message"].endswith("/crucible/api/executions; use GET or POST")
+
+
+def test_unknown_path_points_at_the_document(api):
+    code, body, _ = api("GET", "executoins")
+    assert code == 404 and body["error"] == "NotFound"
+    assert "/crucible/api/executoins" in body["message"]
+    assert body["message"].endswith("/crucible/api/openapi.json")
+
+
+def test_image_on_the_local_backend_says_what_to_do(api):
+    code, body, _ = api("POST", "executions", body={"code": "1", "image": "ml"})
+    assert code == 400 and body["field"] == "image"
+    assert "local backend" in body["message"] and "leave the image out" in body["message"]
+    page = api("GET", "executions")[1]["executions"]
+    assert not [e for e in page if e["image"] == "ml"]  # refused before it was stored
 
 
 def test_size_limits_say_what_to_do(api):

@@ -177,6 +177,9 @@ async def test_unknown_image_is_refused_and_missing_image_fails_fast(k8s):
     )
     with pytest.raises(InvalidRequest, match="is not allowed"):
         d.get_backend("kubernetes").image_for("anything")
+    with pytest.raises(InvalidRequest, match="choose one of: default, ghost"):
+        await d.submit({"code": "print(1)", "image": "anything"})  # refused before storing
+    assert not [e for e in (await d.list(limit=50))[0] if e.request.image == "anything"]
     execution, _ = await run_cell(d, "print(1)", image="ghost", timeout=120)
     assert execution.status is Status.FAILED
     assert "image not found: localhost/crucible/does-not-exist:1" in execution.reason

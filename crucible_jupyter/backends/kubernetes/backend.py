@@ -220,6 +220,10 @@ class CrucibleKubernetesBackend(Backend):
             field="image",
         )
 
+    def admit(self, request: ExecutionRequest) -> None:
+        """Refuse an image that is not one of :attr:`images` (before the request is stored)."""
+        self.image_for(request.image)
+
     async def start(self, execution: Execution) -> Sandbox:
         """Create the ConfigMap and the Job; return a sandbox following its pod."""
         from kubernetes_asyncio.client.exceptions import ApiException
