@@ -116,6 +116,10 @@ def parse_bytes(value: Any, *, what: str = "memory") -> int:
     return n
 
 
+#: The smallest CPU share a request may ask for: one millicore, Kubernetes' unit.
+MIN_CPU = 0.001
+
+
 def parse_cpu(value: Any) -> float:
     """Parse a CPU amount such as ``0.5``, ``2`` or ``500m`` (millicores) into cores."""
     if isinstance(value, bool):
@@ -134,6 +138,10 @@ def parse_cpu(value: Any) -> float:
         raise InvalidRequest("cpu must be a number of cores such as 0.5 or '500m'", field="cpu")
     if not math.isfinite(cores) or cores <= 0:
         raise InvalidRequest("cpu must be greater than zero", field="cpu")
+    if cores < MIN_CPU:
+        raise InvalidRequest(
+            f"cpu {cores:g} is under the minimum of {MIN_CPU:g} cores ('1m')", field="cpu"
+        )
     return cores
 
 

@@ -234,6 +234,12 @@ class CrucibleMixin(ExtensionHandlerMixin):
                 "message": f"{self.request.method} is not allowed on {self.request.path};"  # type: ignore[attr-defined]
                 f" use {' or '.join(allowed)}",
             }
+        elif isinstance(exc, web.HTTPError) and status_code == 403 and not exc.log_message:
+            body = {
+                "error": "Forbidden",
+                "message": "not authenticated: send the Jupyter server's token"
+                " (header 'Authorization: token <token>'), or log in to the server first",
+            }
         elif isinstance(exc, web.HTTPError):
             reason = exc.reason or responses.get(status_code, "Error")
             body = {"error": reason.replace(" ", ""), "message": exc.log_message or reason}

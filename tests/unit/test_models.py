@@ -41,6 +41,8 @@ def test_defaults():
         ({"code": "1", "memory": "1Mi"}, InvalidRequest, "under the minimum"),
         ({"code": "1", "cpu": "-1"}, InvalidRequest, "greater than zero"),
         ({"code": "1", "cpu": 64}, InvalidRequest, "over the maximum"),
+        ({"code": "1", "cpu": 1e-9}, InvalidRequest, "under the minimum of 0.001"),
+        ({"code": "1", "cpu": "0.5m"}, InvalidRequest, "under the minimum"),
         ({"code": "1", "env": {"1BAD": "x"}}, InvalidRequest, "is invalid"),
         ({"code": "1", "env": {"LD_PRELOAD": "x"}}, InvalidRequest, "reserved"),
         ({"code": "1", "env": {"A": 1}}, InvalidRequest, "must be a string"),
