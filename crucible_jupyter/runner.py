@@ -3,14 +3,16 @@
 This file is copied unchanged into sandboxes and pods: it uses only the standard library, runs
 on any Python >= 3.8 and never imports crucible_jupyter::
 
-    python3 runner.py --code-file PATH [--rlimit-fsize BYTES] [--rlimit-as BYTES]
+    python3 runner.py --code-file PATH|- [--rlimit-fsize BYTES] [--rlimit-as BYTES]
                       [--rlimit-nofile N] [--max-frame-text CHARS]
 
 Channels:
 
 * the runner's original fd 1 carries frames, one JSON object per line (see "The frame protocol"
-  in ARCHITECTURE.md): ``start``, ``stream``, ``display_data``, ``execute_result``,
-  ``clear_output``, ``error`` and finally ``end`` with the exit code;
+  in ARCHITECTURE.md): ``start``, ``stream``, ``display_data``, ``update_display_data``,
+  ``execute_result``, ``clear_output``, ``error`` and finally ``end`` with the exit code;
+* with ``--code-file -`` (a warm sandbox, started before there is a cell) the first line on
+  stdin is the cell itself, as JSON (see ``_receive_cell``);
 * stdin carries control lines: ``interrupt`` raises KeyboardInterrupt in the cell. EOF on stdin
   (or a closed stdin) only stops the reading of it;
 * the runner's own stderr only reports crashes of the runner itself.
@@ -54,7 +56,7 @@ _EXIT_USAGE = 2
 _EXIT_RUNNER_FAILURE = 1
 
 _USAGE = (
-    "usage: runner.py --code-file PATH [--rlimit-fsize BYTES] [--rlimit-as BYTES]"
+    "usage: runner.py --code-file PATH|- [--rlimit-fsize BYTES] [--rlimit-as BYTES]"
     " [--rlimit-nofile N] [--max-frame-text CHARS] [--await-isolation HOST:PORT"
     " [--isolation-timeout SECONDS]]"
 )
@@ -399,8 +401,10 @@ def _reap(pid, block=False):
             return None
 
 
-def _supervise(pid, out_r, err_r, ev_r, writer):
-    """Relay the child's output until it ended; return its exit code (128+N for signal N)."""
+def _supervise(pid, out_r, err_r, ev_r, writer, control=b""):
+    """Relay the child's output until it ended; return its exit code (128+N for signal N).
+
+    *control* holds stdin bytes already read (after a warm sandbox's cell line)."""
     POLLIN = select.POLLIN
     poller = select.poll()
     raw = {
@@ -409,7 +413,7 @@ def _supervise(pid, out_r, err_r, ev_r, writer):
     }
     for fd in (out_r, err_r, ev_r, 0):
         poller.register(fd, POLLIN)
-    control = bytearray()
+    pending = bytearray()
     control_open = True
     events = _EventReader(writer)
     ev_open = True
@@ -423,6 +427,17 @@ def _supervise(pid, out_r, err_r, ev_r, writer):
     status = None
     exited_at = None
     backoff = 1
+
+    def take_control(data):
+        nonlocal pending
+        pending += data
+        *lines, rest = bytes(pending).split(b"\n")
+        pending = bytearray(rest[-4096:])
+        for line in lines:
+            if line.strip() == b"interrupt" and status is None:
+                _interrupt(pid)
+
+    take_control(control)
 
     def read_raw(fd):
         name, decoder = raw[fd]
@@ -477,12 +492,7 @@ def _supervise(pid, out_r, err_r, ev_r, writer):
                 control_open = False
                 poller.unregister(0)
             else:
-                control += data
-                *lines, rest = bytes(control).split(b"\n")
-                control = bytearray(rest[-4096:])
-                for line in lines:
-                    if line.strip() == b"interrupt" and status is None:
-                        _interrupt(pid)
+                take_control(data)
         if status is None and (pidfd < 0 or pidfd in got):
             status = _reap(pid)
             if status is not None:
@@ -558,8 +568,10 @@ def main(argv=None):
     """
     try:
         opts = parse_args(sys.argv[1:] if argv is None else argv)
-        with open(opts["code_file"], "rb") as f:
-            source = f.read()
+        source = None
+        if opts["code_file"] != "-":
+            with open(opts["code_file"], "rb") as f:
+                source = f.read()
     except (UsageError, OSError) as exc:
         sys.stderr.write(f"runner: {exc}\n")
         sys.stderr.flush()
@@ -580,6 +592,9 @@ def main(argv=None):
             os.set_blocking(fd, True)
         except OSError:
             pass
+    control = b""
+    if source is None:  # a warm sandbox: everything is loaded, now wait for the cell
+        source, control = _receive_cell(opts)
     writer = FrameWriter(1, opts["max_frame_text"])
     supervisor_pid = os.getpid()
     writer.add("start", {"python": ".".join(map(str, sys.version_info[:3])), "pid": supervisor_pid})
@@ -616,7 +631,7 @@ def main(argv=None):
     # SIGTERM (a pod being deleted: cancel) interrupts the cell, so its output still ends cleanly
     signal.signal(signal.SIGTERM, lambda signum, frame: _interrupt(pid))
     try:
-        code = _supervise(pid, out_r, err_r, ev_r, writer)
+        code = _supervise(pid, out_r, err_r, ev_r, writer, control)
         writer.add("end", {"exit_code": code})
         writer.flush()
     except _FrameChannelGone:
@@ -629,6 +644,41 @@ def main(argv=None):
         traceback.print_exc()
         code = _EXIT_RUNNER_FAILURE
     os._exit(code)
+
+
+def _receive_cell(opts):
+    """Read the cell of a warm sandbox (``--code-file -``) from stdin: one JSON line
+    ``{"code": str, "env": {str: str}, "rlimit_as": int|null}``. Applies ``env`` and
+    ``rlimit_as``; returns the source and any control bytes that followed the line. Exits 0
+    without a word when stdin closes first (the sandbox was not needed after all)."""
+    buf = b""
+    while b"\n" not in buf:
+        try:
+            data = os.read(0, _READ_SIZE)
+        except InterruptedError:
+            continue
+        except OSError:
+            data = b""
+        if not data:
+            os._exit(0)
+        buf += data
+    line, _, rest = buf.partition(b"\n")
+    try:
+        cell = _loads(line.decode("utf-8"))
+        code, env = cell["code"], cell.get("env") or {}
+        ok = isinstance(code, str) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        )
+    except Exception:
+        ok = False
+    if not ok:
+        sys.stderr.write("runner: the cell sent on stdin is not valid\n")
+        sys.stderr.flush()
+        os._exit(_EXIT_USAGE)
+    os.environ.update(env)
+    if cell.get("rlimit_as"):
+        opts["rlimit_as"] = int(cell["rlimit_as"])
+    return code.encode("utf-8"), rest
 
 
 def _await_isolation(target, limit=30.0):

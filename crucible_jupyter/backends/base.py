@@ -106,6 +106,10 @@ class Backend(LoggingConfigurable):
     async def start(self, execution: Execution) -> Sandbox:
         """Start ``execution``; raise a CrucibleError with a clear message if it cannot."""
 
+    async def prepare(self) -> None:
+        """Get ready so the first executions start fast (the dispatcher calls this once, in
+        the background, when it starts scheduling). Optional."""
+
     async def checks(self) -> list[Check]:
         """What ``crucible doctor`` reports for this backend."""
         return []

@@ -95,23 +95,33 @@ class Group:
         g = cls(layout, name)
         for d in set(g.dirs.values()):
             os.makedirs(d, exist_ok=True)
-        if layout.version == 2:
-            d = g.dirs["memory"]
-            g._write(d, "memory.max", str(memory))
-            g._write(d, "memory.swap.max", "0", optional=True)
-            g._write(d, "pids.max", str(pids))
-            if "cpu" in g.dirs:
-                g._write(d, "cpu.max", f"{max(1000, int(cpu * 100_000))} 100000", optional=True)
-        else:
-            g._write(g.dirs["memory"], "memory.limit_in_bytes", str(memory))
-            g._write(g.dirs["memory"], "memory.memsw.limit_in_bytes", str(memory), optional=True)
-            g._write(g.dirs["pids"], "pids.max", str(pids))
-            if "cpu" in g.dirs:
-                g._write(g.dirs["cpu"], "cpu.cfs_period_us", "100000", optional=True)
-                g._write(
-                    g.dirs["cpu"], "cpu.cfs_quota_us", str(max(1000, int(cpu * 100_000))), True
-                )
+        g.set_limits(memory=memory, cpu=cpu, pids=pids)
         return g
+
+    def set_limits(self, *, memory: int, cpu: float, pids: int) -> None:
+        """Set memory (bytes, no swap), CPU (cores) and pids limits; OSError if refused (for
+        instance a memory limit below what the group already uses)."""
+        if self.layout.version == 2:
+            d = self.dirs["memory"]
+            self._write(d, "memory.max", str(memory))
+            self._write(d, "memory.swap.max", "0", optional=True)
+            self._write(d, "pids.max", str(pids))
+            if "cpu" in self.dirs:
+                self._write(d, "cpu.max", f"{max(1000, int(cpu * 100_000))} 100000", optional=True)
+            return
+        mem = self.dirs["memory"]
+        try:
+            self._write(mem, "memory.limit_in_bytes", str(memory))
+            self._write(mem, "memory.memsw.limit_in_bytes", str(memory), optional=True)
+        except OSError:  # v1 wants memsw >= limit at all times: lower memsw first, then retry
+            self._write(mem, "memory.memsw.limit_in_bytes", str(memory), optional=True)
+            self._write(mem, "memory.limit_in_bytes", str(memory))
+        self._write(self.dirs["pids"], "pids.max", str(pids))
+        if "cpu" in self.dirs:
+            self._write(self.dirs["cpu"], "cpu.cfs_period_us", "100000", optional=True)
+            self._write(
+                self.dirs["cpu"], "cpu.cfs_quota_us", str(max(1000, int(cpu * 100_000))), True
+            )
 
     @staticmethod
     def _write(d: str, name: str, value: str, optional: bool = False) -> None:

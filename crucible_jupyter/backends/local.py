@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from traitlets import Bool, Integer, List, Unicode, default
 
@@ -35,6 +39,8 @@ from .base import FRAMES, STDERR, Backend, Check, Outcome, Sandbox, read_lines
 RUNNER = Path(__file__).resolve().parent.parent / "runner.py"
 SANDBOX_DIR = "/opt/crucible"
 SANDBOX_UID = 65534
+#: Memory limit of a warm sandbox until it is handed a cell (then: the cell's limit).
+WARM_MEMORY = 256 << 20
 PASSWD = "sandbox:x:65534:65534:crucible sandbox:/tmp:/usr/sbin/nologin\n"
 GROUP = "sandbox:x:65534:\n"
 ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives", "/etc/fonts")
@@ -93,7 +99,21 @@ class CrucibleLocalBackend(Backend):
         True, help="Use per-execution cgroups for memory, pids and CPU when available."
     ).tag(config=True)
 
+    warm_sandboxes = Integer(
+        2,
+        help="""Sandboxes kept started and waiting for a cell, so a cell skips the start-up of
+        bubblewrap and Python (most of its latency). Each still runs exactly one cell and is
+        then discarded, like any other; it gets that cell's limits, environment and code
+        when it is handed the cell. 0 starts every sandbox on demand.""",
+    ).tag(config=True)
+
     _warned = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._warm: list[_Warm] = []
+        self._warming: set[asyncio.Task] = set()
+        self._closed = False
 
     # ----- discovery (cached, done once) -------------------------------------------------
 
@@ -241,6 +261,14 @@ class CrucibleLocalBackend(Backend):
         return argv
 
     def _env(self, execution: Execution) -> dict[str, str]:
+        return {**self._base_env(), **self._cell_env(execution)}
+
+    @staticmethod
+    def _cell_env(execution: Execution) -> dict[str, str]:
+        return {**execution.request.env, "CRUCIBLE_EXECUTION_ID": execution.id}
+
+    @staticmethod
+    def _base_env() -> dict[str, str]:
         return {
             "HOME": "/tmp",
             "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -250,8 +278,6 @@ class CrucibleLocalBackend(Backend):
             "MPLBACKEND": "Agg",
             "MPLCONFIGDIR": "/tmp/.matplotlib",
             "PYTHONDONTWRITEBYTECODE": "1",
-            **execution.request.env,
-            "CRUCIBLE_EXECUTION_ID": execution.id,
         }
 
     async def checks(self) -> list[Check]:
@@ -338,6 +364,13 @@ class CrucibleLocalBackend(Backend):
                     "Install bubblewrap to isolate them: apt-get install bubblewrap",
                     self.bwrap_problem,
                 )
+        if isolated and self.warm_sandboxes > 0:
+            warm = await self._claim(execution)
+            if warm is not None:
+                if not self._warm:  # else refill when this one ends: a start-up running
+                    self._keep_warm()  # beside the cell would slow the cell down
+                return warm
+            self._keep_warm()
         req = execution.request
         layout, _ = self.cgroup_layout
         group = None
@@ -389,28 +422,8 @@ class CrucibleLocalBackend(Backend):
             env = {**self._env(execution), "HOME": workdir, "TMPDIR": workdir}
             pass_fds = ()
         argv += runner_args
-        if group is not None:  # join the group before exec'ing anything of the cell
-            env["CRUCIBLE_CGROUP_PROCS"] = " ".join(group.procs_files())
-            argv = [
-                "/bin/sh",
-                "-c",
-                'for f in $CRUCIBLE_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done;'
-                ' unset CRUCIBLE_CGROUP_PROCS; exec "$@"',
-                "crucible-sandbox",
-                *argv,
-            ]
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                pass_fds=pass_fds,
-                start_new_session=True,
-                cwd=workdir or "/",
-                limit=1 << 16,
-            )
+            proc = await self._exec(argv, env, group, pass_fds=pass_fds, cwd=workdir or "/")
         except OSError as e:
             if group:
                 group.remove()
@@ -428,11 +441,163 @@ class CrucibleLocalBackend(Backend):
             workdir=workdir,
         )
 
+    @staticmethod
+    async def _exec(
+        argv: list[str],
+        env: dict[str, str],
+        group: cgroups.Group | None,
+        *,
+        pass_fds: tuple[int, ...] = (),
+        cwd: str = "/",
+    ) -> asyncio.subprocess.Process:
+        """Start ``argv``; with a cgroup, the process joins it before exec'ing anything."""
+        if group is not None:
+            env = {**env, "CRUCIBLE_CGROUP_PROCS": " ".join(group.procs_files())}
+            argv = [
+                "/bin/sh",
+                "-c",
+                'for f in $CRUCIBLE_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done;'
+                ' unset CRUCIBLE_CGROUP_PROCS; exec "$@"',
+                "crucible-sandbox",
+                *argv,
+            ]
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            pass_fds=pass_fds,
+            start_new_session=True,
+            cwd=cwd,
+            limit=1 << 16,
+        )
+
+    # ----- warm sandboxes ----------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Start the warm sandboxes (when bubblewrap isolates here)."""
+        await self._discover()
+        if self.bwrap_problem is None:
+            self._keep_warm()
+
+    def _keep_warm(self) -> None:
+        """Start sandboxes in the background until ``warm_sandboxes`` wait for a cell."""
+        missing = self.warm_sandboxes - len(self._warm) - len(self._warming)
+        for _ in range(0 if self._closed else missing):
+            task = asyncio.ensure_future(self._start_warm())
+            self._warming.add(task)
+            task.add_done_callback(self._warming.discard)
+
+    async def _start_warm(self) -> None:
+        layout, _ = self.cgroup_layout
+        group = None
+        try:
+            if layout is not None:
+                group = cgroups.Group.create(
+                    layout,
+                    f"warm-{secrets.token_hex(8)}",
+                    memory=WARM_MEMORY,
+                    cpu=1.0,
+                    pids=self.max_processes,
+                )
+            setenv = [a for k, v in self._base_env().items() for a in ("--setenv", k, v)]
+            argv = [
+                *self._bwrap_argv(None),
+                *setenv,
+                "--",
+                self.python,
+                "-I",
+                f"{SANDBOX_DIR}/{Path(self.runner_path).name}",
+                "--code-file",
+                "-",
+                "--rlimit-fsize",
+                str(self.max_file_size),
+                "--rlimit-nofile",
+                str(self.max_open_files),
+            ]
+            proc = await self._exec(argv, {}, group)
+        except Exception as e:  # the next cell then starts a sandbox of its own
+            self.log.warning("crucible: could not start a warm sandbox: %s", e)
+            if group is not None:
+                await asyncio.to_thread(group.remove)
+            return
+        warm = _Warm(proc, group)
+        if self._closed:
+            await self._discard(warm)
+        else:
+            self._warm.append(warm)
+
+    async def _claim(self, execution: Execution) -> LocalSandbox | None:
+        """Hand ``execution`` to a warm sandbox: its limits, then its cell. None if none is
+        ready (the caller starts a sandbox of its own)."""
+        req = execution.request
+        while self._warm:
+            warm = self._warm.pop(0)
+            if warm.proc.returncode is not None or warm.proc.stdin is None:
+                await self._discard(warm)
+                continue
+            try:
+                if warm.group is not None:
+                    warm.group.set_limits(
+                        memory=req.resources.memory,
+                        cpu=req.resources.cpu,
+                        pids=self.max_processes,
+                    )
+                cell = {
+                    "code": req.code,
+                    "env": self._cell_env(execution),
+                    "rlimit_as": None if warm.group is not None else req.resources.memory,
+                }
+                warm.proc.stdin.write(json.dumps(cell).encode() + b"\n")
+                await warm.proc.stdin.drain()
+            except (OSError, RuntimeError) as e:
+                self.log.debug("crucible: warm sandbox unusable (%s); trying another", e)
+                await self._discard(warm)
+                continue
+            return LocalSandbox(
+                isolation="bubblewrap",
+                proc=warm.proc,
+                group=warm.group,
+                memory=req.resources.memory,
+                max_processes=self.max_processes,
+                max_line=self.max_line_bytes,
+                workdir=None,
+                on_exit=self._keep_warm,
+            )
+        return None
+
+    @staticmethod
+    async def _discard(warm: _Warm) -> None:
+        """End a warm sandbox that will not run a cell, and remove its cgroup."""
+        if warm.group is not None:
+            warm.group.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(warm.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            await warm.proc.wait()
+        if warm.group is not None:
+            await asyncio.to_thread(warm.group.remove)
+
     async def close(self) -> None:
-        """Remove the backend's scratch folder."""
+        """End the warm sandboxes; remove the backend's scratch folder."""
+        self._closed = True
+        for task in list(self._warming):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        warm, self._warm = self._warm, []
+        await asyncio.gather(*(self._discard(w) for w in warm))
         if "_state_dir" in self.__dict__:
             shutil.rmtree(self._state_dir, ignore_errors=True)
             del self.__dict__["_state_dir"]
+
+
+@dataclass
+class _Warm:
+    """A started sandbox whose runner waits for its cell on stdin."""
+
+    proc: asyncio.subprocess.Process
+    group: cgroups.Group | None
 
 
 class LocalSandbox(Sandbox):
@@ -448,8 +613,10 @@ class LocalSandbox(Sandbox):
         max_processes: int,
         max_line: int,
         workdir: str | None,
+        on_exit: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(isolation=isolation)
+        self._on_exit = on_exit
         self.proc = proc
         self.group = group
         self.memory = memory
@@ -492,6 +659,8 @@ class LocalSandbox(Sandbox):
     async def wait(self) -> Outcome:
         """Wait for exit; say whether a limit ended it; remove the cgroup."""
         rc = await self.proc.wait()
+        if self._on_exit is not None:
+            self._on_exit()
         code = 128 - rc if rc < 0 else rc
         reason = None
         if self.group is not None:

@@ -225,6 +225,9 @@ class CrucibleDispatcher(LoggingConfigurable):
             asyncio.create_task(self._flush_loop(), name="crucible-flusher"),
             asyncio.create_task(self._cancel_watch_loop(), name="crucible-cancel-watch"),
         ]
+        prepare = asyncio.ensure_future(self._prepare(self.get_backend(self.backend)))
+        self._tasks.add(prepare)
+        prepare.add_done_callback(self._tasks.discard)
         self.log.info(
             "crucible dispatcher started: backend=%s storage=%s concurrency=%d",
             self.backend,
@@ -260,6 +263,12 @@ class CrucibleDispatcher(LoggingConfigurable):
             await self._db(self.storage.close)
         if self._executor:
             self._executor.shutdown(wait=True)
+
+    async def _prepare(self, backend: Backend) -> None:
+        try:
+            await backend.prepare()
+        except Exception as e:  # only a head start: a failure shows again when a cell starts
+            self.log.warning("crucible: backend %s could not prepare: %s", backend.name, e)
 
     def get_backend(self, name: str) -> Backend:
         """The backend instance for ``name``, created on first use."""
