@@ -380,10 +380,23 @@ class ThreadedClient:
         self._closed = True
         try:
             self.run(self.client.close()).result(30)
+            # transports of processes that ended but were never closed are released while
+            # their loop still runs (not at exit, where they complain about a closed loop)
+            self.run(_release_garbage()).result(5)
         except Exception:
             pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+async def _release_garbage() -> None:
+    import gc
+
+    await asyncio.sleep(0)
+    gc.collect()
+    await asyncio.sleep(0)
 
 
 def current_kernel_id() -> str | None:

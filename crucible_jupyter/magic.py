@@ -17,27 +17,57 @@ Promises of ``%%crucible [options]``:
   ``KeyboardInterrupt``;
 - the notebook path, cell id and kernel id are recorded when the kernel knows them.
 
-Line magic: ``%crucible history [-n N] [--status S] [--tag T]``, ``%crucible status ID``,
-``%crucible queue``.
+Misuse (an unknown or repeated option, a bad value, unbalanced quotes, an empty cell) raises
+one :class:`~IPython.core.error.UsageError` saying what is wrong and how to write it; nothing
+is submitted then. Option values may be quoted (``--name "my run"``).
+
+Line magic: ``%crucible history [-n N] [--status S] [--tag T] [--user U]``,
+``%crucible status ID``, ``%crucible queue``.
 """
 
 from __future__ import annotations
 
+import argparse
+import concurrent.futures
 import html
 import os
+import shlex
 import sys
 import time
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import clear_output, display, publish_display_data
 
 from .client import ThreadedClient, client_from_env, current_kernel_id, is_terminal
-from .errors import Conflict, CrucibleError, InvalidRequest, Unavailable
+from .errors import Conflict, CrucibleError, NotFound
 
 _ICONS = {"succeeded": "✔", "failed": "✘", "timed_out": "⏱", "cancelled": "■"}
+
+
+def outcome_text(status: str, reason: str | None) -> str:
+    """``"failed: exited with code 3"``; ``"timed out after 5 s"`` (no repeated words)."""
+    text = status.replace("_", " ")
+    if not reason:
+        return text
+    return reason if reason.startswith(text) else f"{text}: {reason}"
+
+
+_SUBMIT_TIMEOUT = 60.0
+
+
+def _interrupted(execution_id: str | None, state: str) -> KeyboardInterrupt:
+    """The KeyboardInterrupt a cell raises when interrupted: shown as one line (what became
+    of the execution), not as a stack of this module's frames."""
+    if execution_id is None:
+        text = "interrupted before the cell was accepted; nothing runs"
+    else:
+        text = f"crucible execution {execution_id} {state.replace('_', ' ')}"
+    exc = KeyboardInterrupt(text)
+    exc._render_traceback_ = lambda: [f"KeyboardInterrupt: {text}"]  # type: ignore[attr-defined]
+    return exc
 
 
 class RemoteExecutionError(Exception):
@@ -67,7 +97,7 @@ class RemoteExecutionError(Exception):
         if ename:
             summary = f"{ename}: {evalue}" if evalue else ename
         else:
-            summary = status.replace("_", " ") + (f": {reason}" if reason else "")
+            summary = outcome_text(status, reason)
         super().__init__(f"{summary} (crucible execution {execution_id})")
 
     def _render_traceback_(self) -> list[str]:
@@ -92,6 +122,60 @@ class MimeBundle:
         return str(self.data.get("text/plain", "<crucible result>"))
 
 
+OPTIONS_HELP = (
+    "--timeout SECONDS, --priority high|normal|low, --cpu CORES (0.5 or 500m),"
+    " --memory SIZE (256Mi, 2Gi), --image NAME, --backend NAME, --tag TAG (repeatable),"
+    " --name NAME"
+)
+_OPTION_KEYS = ("timeout", "priority", "cpu", "memory", "image", "backend", "name")
+LINE_USAGE = (
+    "usage: %crucible history [-n N] [--status S] [--tag T] [--user U] | status ID | queue"
+    "  (and %%crucible [options] on a cell's first line to run it)"
+)
+
+
+class _Once(argparse.Action):
+    """Store an option's value; a second occurrence is an error, not a silent override."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None):
+        if getattr(namespace, self.dest, None) is not None:
+            raise argparse.ArgumentError(self, "given more than once; give it once")
+        setattr(namespace, self.dest, values)
+
+
+def parse_cell_options(line: str) -> dict[str, Any]:
+    """The request fields a ``%%crucible`` options line sets (``tags`` for ``--tag``).
+
+    Words are split like a shell does (quotes group words and are removed). Any misuse raises
+    one ``UsageError`` naming the problem and listing the options.
+    """
+    try:
+        words = shlex.split(line)
+    except ValueError as e:  # "No closing quotation"
+        raise UsageError(
+            f"%%crucible: cannot read the options {line.strip()!r}: {str(e).lower()};"
+            ' quote a value with spaces as --name "my run"'
+        ) from None
+    try:
+        args = CrucibleMagics.crucible_cell.parser.parse_args(words)
+    except UsageError as e:
+        raise UsageError(f"%%crucible: {e}. Options: {OPTIONS_HELP}") from None
+    request: dict[str, Any] = {k: getattr(args, k) for k in _OPTION_KEYS}
+    request = {k: v for k, v in request.items() if v is not None}
+    if args.tag:
+        request["tags"] = args.tag
+    return request
+
+
+def check_cell_body(code: str) -> None:
+    """UsageError for a cell with nothing to run under its ``%%crucible`` line."""
+    if not code.strip():
+        raise UsageError(
+            "%%crucible: the cell has no code to run; put the code on the lines after"
+            " the %%crucible line"
+        )
+
+
 class StatusLine:
     """The one status line of a cell, updated in place through a display id."""
 
@@ -99,6 +183,7 @@ class StatusLine:
         self.live = live  # a frontend that can update in place (a kernel), not a terminal
         self.handle: Any = None
         self.text = ""
+        self.mid_line = False  # the cell's last output did not end its line (terminal only)
 
     def show(self, text: str, *, force: bool = False) -> None:
         """Show ``text``; in a terminal only when it says something new."""
@@ -116,7 +201,8 @@ class StatusLine:
         elif self.live:
             self.handle.update(bundle, raw=True)
         elif changed_state:
-            print(text)
+            print(("\n" if self.mid_line else "") + text)
+            self.mid_line = False
 
 
 @magics_class
@@ -165,26 +251,23 @@ class CrucibleMagics(Magics):
     # -- %%crucible ----------------------------------------------------------------------------
 
     @magic_arguments()
-    @argument("--timeout", type=float, help="Wall-clock limit in seconds.")
-    @argument("--priority", choices=["high", "normal", "low"], help="Scheduling priority.")
-    @argument("--cpu", help="CPU cores, e.g. 0.5 or 500m.")
-    @argument("--memory", help="Memory limit, e.g. 512Mi or 2Gi.")
-    @argument("--image", help="Container image (Kubernetes backend).")
-    @argument("--backend", help="Backend name, e.g. local or kubernetes.")
+    @argument("--timeout", type=float, action=_Once, help="Wall-clock limit in seconds.")
+    @argument(
+        "--priority", choices=["high", "normal", "low"], action=_Once, help="Scheduling priority."
+    )
+    @argument("--cpu", action=_Once, help="CPU cores, e.g. 0.5 or 500m.")
+    @argument("--memory", action=_Once, help="Memory limit, e.g. 512Mi or 2Gi.")
+    @argument("--image", action=_Once, help="Container image (Kubernetes backend).")
+    @argument("--backend", action=_Once, help="Backend name, e.g. local or kubernetes.")
     @argument("--tag", action="append", default=[], help="Tag the execution (repeatable).")
-    @argument("--name", help="A name for the execution, shown in the history.")
+    @argument("--name", action=_Once, help="A name for the execution, shown in the history.")
     @cell_magic("crucible")
     def crucible_cell(self, line: str, cell: str) -> Any:
         """Run this cell as an isolated, recorded crucible execution (fresh process, no state
         shared with the kernel); output streams into the cell as it is produced."""
-        args = parse_argstring(self.crucible_cell, line)
-        request: dict[str, Any] = {"code": cell}
-        for key in ("timeout", "priority", "cpu", "memory", "image", "backend", "name"):
-            value = getattr(args, key)
-            if value is not None:
-                request[key] = value
-        if args.tag:
-            request["tags"] = args.tag
+        request = parse_cell_options(line)
+        check_cell_body(cell)
+        request["code"] = cell
         notebook = self.notebook_ref()
         if notebook:
             request["notebook"] = notebook
@@ -194,18 +277,14 @@ class CrucibleMagics(Magics):
         """Submit ``request``, relay its events into the cell, raise unless it succeeded."""
         status = StatusLine(live=getattr(self.shell, "kernel", None) is not None)
         status.show("crucible · submitting")
-        try:
-            execution = self.client.call("submit", request)
-        except (InvalidRequest, Unavailable) as e:
-            status.show(f"crucible · refused · {e}")
-            raise UsageError(f"crucible: {e}") from None
+        execution = self._submit(request, status)
         relay = _Relay(execution["id"], status, self.client)
         try:
             for event in self.client.events(execution["id"]):
                 relay.handle(event)
         except KeyboardInterrupt:
             relay.interrupted()
-            raise
+            raise _interrupted(execution["id"], relay.state) from None
         except CrucibleError as e:  # the server went away mid-cell
             status.show(f"crucible · lost track of {execution['id']}: {e}")
             raise UsageError(
@@ -214,51 +293,106 @@ class CrucibleMagics(Magics):
             ) from None
         return relay.finish()
 
+    def _submit(self, request: dict[str, Any], status: StatusLine) -> dict[str, Any]:
+        """The queued execution; a refusal is one UsageError. Interrupted while the request
+        is on its way, the execution it became is cancelled (nothing runs unwatched)."""
+        future = self.client.run(self.client.client.submit(request))
+        try:
+            return future.result(_SUBMIT_TIMEOUT)
+        except KeyboardInterrupt:
+            execution_id = None
+            try:
+                execution_id = future.result(15)["id"]
+                self.client.call("cancel", execution_id, timeout=15)
+            except Exception:
+                pass  # refused, never accepted or already over: nothing to cancel
+            raise _interrupted(execution_id, "cancelled") from None
+        except CrucibleError as e:
+            status.show(f"crucible · refused · {e}")
+            raise UsageError(f"crucible: {e}") from None
+        except concurrent.futures.TimeoutError:
+            self.client.loop.call_soon_threadsafe(future.cancel)
+            status.show("crucible · no answer")
+            raise UsageError(
+                f"crucible: {self.client.description} did not accept the cell within"
+                f" {_SUBMIT_TIMEOUT:g} s; see %crucible queue and %crucible history"
+            ) from None
+
     # -- %crucible -----------------------------------------------------------------------------
 
     @line_magic("crucible")
     def crucible_line(self, line: str) -> Any:
-        """``%crucible history [-n N] [--status S] [--tag T]`` · ``%crucible status ID`` ·
-        ``%crucible queue``: look at recorded executions and the queue."""
-        words = line.split()
-        if not words:
-            raise UsageError(
-                "usage: %crucible history [-n N] [--status S] [--tag T] | status ID | queue"
-                "  (and %%crucible [options] to run a cell)"
-            )
-        command, rest = words[0], words[1:]
-        try:
-            if command == "history":
-                return self._history(rest)
-            if command == "status":
-                if len(rest) != 1:
-                    raise UsageError("usage: %crucible status EXECUTION_ID")
-                return self._status(rest[0])
-            if command == "queue":
-                return self.client.call("queue_status")
-        except CrucibleError as e:
-            raise UsageError(f"crucible: {e}") from None
-        raise UsageError(f"unknown %crucible command {command!r}: use history, status or queue")
+        """``%crucible history [-n N] [--status S] [--tag T] [--user U]`` ·
+        ``%crucible status ID`` · ``%crucible queue``: look at recorded executions and the
+        queue."""
+        return line_command(lambda: self.client, line)
 
-    def _history(self, words: list[str]) -> Any:
-        import argparse
 
-        parser = argparse.ArgumentParser(prog="%crucible history", add_help=False)
-        parser.add_argument("-n", "--limit", type=int, default=10)
-        parser.add_argument("--status")
-        parser.add_argument("--tag")
-        parser.add_argument("--user")
-        try:
-            opts = parser.parse_args(words)
-        except SystemExit:
-            raise UsageError(parser.format_usage()) from None
-        filters = {k: v for k, v in vars(opts).items() if v is not None}
-        page = self.client.call("list", **filters)
-        return HistoryTable(page["executions"])
+class _LineParser(argparse.ArgumentParser):
+    """argparse for ``%crucible history``: errors become one UsageError, never an exit."""
 
-    def _status(self, execution_id: str) -> Any:
-        execution = self.client.call("get", execution_id)
-        return ExecutionSummary(execution)
+    def error(self, message: str) -> Any:
+        raise UsageError(f"%crucible history: {message}; {self.format_usage().strip()}")
+
+
+def line_command(client: Any, line: str) -> Any:
+    """Run one ``%crucible ...`` line (``client``: a callable returning the ThreadedClient).
+
+    Shared by the line magic and the crucible kernel. Misuse and refusals by the dispatcher
+    raise ``UsageError`` with one message.
+    """
+    try:
+        words = shlex.split(line)
+    except ValueError as e:
+        raise UsageError(f"%crucible: cannot read {line.strip()!r}: {str(e).lower()}") from None
+    if not words:
+        raise UsageError(LINE_USAGE)
+    command, rest = words[0], words[1:]
+    if command in ("-h", "--help", "help"):
+        raise UsageError(LINE_USAGE)
+    try:
+        if command == "history":
+            return _history(client, rest)
+        if command == "status":
+            if len(rest) != 1:
+                raise UsageError("usage: %crucible status EXECUTION_ID  (ids: %crucible history)")
+            return ExecutionSummary(client().call("get", rest[0]))
+        if command == "queue":
+            if rest:
+                raise UsageError(f"%crucible queue takes no arguments (got {' '.join(rest)!r})")
+            return QueueSummary(client().call("queue_status"))
+    except NotFound as e:
+        raise UsageError(
+            f"crucible: no execution with id {rest[0]!r}; list recent ids with %crucible history"
+            if command == "status"
+            else f"crucible: {e}"
+        ) from None
+    except CrucibleError as e:
+        raise UsageError(f"crucible: {e}") from None
+    raise UsageError(f"unknown %crucible command {command!r}; {LINE_USAGE}")
+
+
+def _history(client: Any, words: list[str]) -> Any:
+    parser = _LineParser(
+        prog="%crucible history",
+        usage="%(prog)s [-n N] [--status S] [--tag T] [--user U]",
+        add_help=False,
+    )
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("-n", "--limit", type=int, default=10)
+    parser.add_argument("--status")
+    parser.add_argument("--tag")
+    parser.add_argument("--user")
+    opts = parser.parse_args(words)
+    if opts.help:
+        return _Text(
+            "%crucible history [-n N] [--status S] [--tag T] [--user U]: the newest recorded"
+            " executions (N of them, 10 by default), optionally only those with status S"
+            " (queued, running, succeeded, failed, timed_out, cancelled), tag T or user U"
+        )
+    filters = {k: v for k, v in vars(opts).items() if v is not None and k != "help"}
+    page = client().call("list", **filters)
+    return HistoryTable(page["executions"])
 
 
 class _Relay:
@@ -329,8 +463,11 @@ class _Relay:
             self._render()
         elif kind == "stream":
             out = sys.stderr if event.get("name") == "stderr" else sys.stdout
-            out.write(event.get("text", ""))
+            text = event.get("text", "")
+            out.write(text)
             out.flush()
+            if text:
+                self.status.mid_line = not text.endswith("\n")
         elif kind == "display_data":
             _flush_streams()
             publish_display_data(
@@ -480,6 +617,34 @@ class ExecutionSummary:
         outputs = [ev for ev in events if ev.get("type") != "status"]
         lines.append(f"  {len(outputs)} output event(s), {e.get('output_bytes', 0)} bytes")
         return "\n".join(lines)
+
+
+class _Text:
+    """Text shown as it is (no quotes) as a cell's result."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class QueueSummary(dict):
+    """The queue's status (``%crucible queue``): a dict, shown as one readable paragraph."""
+
+    def __repr__(self) -> str:
+        depth = self.get("depth") or {}
+        waiting = ", ".join(f"{k} {v}" for k, v in depth.items())
+        text = (
+            f"queue: {self.get('queued', 0)} queued ({waiting}),"
+            f" {self.get('running', 0)} running of {self.get('capacity', '?')}"
+        )
+        if self.get("per_user_limit"):
+            text += f", at most {self['per_user_limit']} running per user"
+        return text
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
 
 
 _MAGICS_ATTR = "_crucible_magics"

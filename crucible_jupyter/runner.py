@@ -359,7 +359,7 @@ def _validate_event(msg):
         name, text = msg.get("name"), msg.get("text")
         if name in ("stdout", "stderr") and isinstance(text, str):
             return type_, {"name": name, "text": text}
-    elif type_ in ("display_data", "execute_result"):
+    elif type_ in ("display_data", "update_display_data", "execute_result"):
         data, metadata = msg.get("data"), msg.get("metadata") or {}
         if isinstance(data, dict) and isinstance(metadata, dict):
             fields = {"data": data, "metadata": metadata}
@@ -1016,7 +1016,7 @@ _REPR_METHODS = (
 def _send(msg):
     if _channel is not None:
         _channel.send(msg)
-    elif msg.get("type") in ("display_data", "execute_result"):
+    elif msg.get("type") in ("display_data", "update_display_data", "execute_result"):
         print(msg["data"].get("text/plain", ""))
 
 
@@ -1126,12 +1126,14 @@ def display(
     display_id=None,
     raw=False,
     clear=False,
+    update=False,
     **kwargs,
 ):
     """Show each object as a ``display_data`` frame; IPython's ``display()`` signature.
 
     With ``raw=True`` the objects are MIME bundles already. Returns a DisplayHandle when
-    *display_id* is given (``True`` makes a new id).
+    *display_id* is given (``True`` makes a new id). With ``update=True`` and a display id,
+    an ``update_display_data`` frame replaces what that id shows instead of adding an output.
     """
     if clear:
         clear_output(wait=True)
@@ -1147,7 +1149,8 @@ def display(
         if metadata:
             md = dict(md)
             md.update(metadata)
-        msg = {"type": "display_data", "data": data, "metadata": md}
+        kind = "update_display_data" if update and display_id else "display_data"
+        msg = {"type": kind, "data": data, "metadata": md}
         if transient or display_id:
             msg["transient"] = dict(transient or {})
             if display_id:
@@ -1159,7 +1162,7 @@ def display(
 
 
 def update_display(obj, *, display_id, **kwargs):
-    """Show *obj* again for *display_id* (frames have no in-place update)."""
+    """Replace what *display_id* shows with *obj* (an ``update_display_data`` frame)."""
     display(obj, display_id=display_id, update=True, **kwargs)
 
 
@@ -1168,9 +1171,15 @@ def clear_output(wait=False):
     _send({"type": "clear_output", "wait": bool(wait)})
 
 
-def publish_display_data(data, metadata=None, source=None, *, transient=None, **kwargs):
-    """Send a ready MIME bundle as a ``display_data`` frame (IPython's signature)."""
-    msg = {"type": "display_data", "data": data, "metadata": metadata or {}}
+def publish_display_data(
+    data, metadata=None, source=None, *, transient=None, update=False, **kwargs
+):
+    """Send a ready MIME bundle as a ``display_data`` frame (IPython's signature; with
+    ``update=True`` and a display id in *transient*, an ``update_display_data`` frame)."""
+    kind = "display_data"
+    if update and isinstance(transient, dict) and transient.get("display_id"):
+        kind = "update_display_data"
+    msg = {"type": kind, "data": data, "metadata": metadata or {}}
     if transient:
         msg["transient"] = transient
     _send(msg)
@@ -1330,6 +1339,7 @@ def _child_main(opts, source, supervisor_pid, out_r, out_w, err_r, err_w, ev_r, 
 
     builtins.display = display
     builtins.clear_output = clear_output
+    builtins.input = _no_input
     main_module = type(sys)("__main__")
     main_module.__builtins__ = builtins
     sys.modules["__main__"] = main_module
@@ -1344,6 +1354,17 @@ def _child_main(opts, source, supervisor_pid, out_r, out_w, err_r, err_w, ev_r, 
         _exit_child(_EXIT_RUNNER_FAILURE, {})
     code = execute_cell(text, main_module.__dict__)
     _exit_child(code, main_module.__dict__)
+
+
+def _no_input(prompt=""):
+    """``input()`` in a cell: there is no one to type (stdin is empty), so say so at once."""
+    if prompt:
+        sys.stdout.write(str(prompt))
+        sys.stdout.flush()
+    raise EOFError(
+        "input() is not available: a crucible cell runs on its own, without stdin, so nothing"
+        " can be typed into it; put the value in the cell instead"
+    )
 
 
 def _exit_child(code, namespace):

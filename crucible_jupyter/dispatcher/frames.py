@@ -11,7 +11,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-OUTPUT_TYPES = ("stream", "display_data", "execute_result", "error", "clear_output")
+OUTPUT_TYPES = (
+    "stream",
+    "display_data",
+    "update_display_data",
+    "execute_result",
+    "error",
+    "clear_output",
+)
 IGNORED_TYPES = ("start", "end")
 
 
@@ -58,11 +65,15 @@ def parse(line: bytes) -> tuple[str, dict[str, Any]] | None:
             "name": name if name in ("stdout", "stderr") else "stdout",
             "text": _clean(_text(frame.get("text"))),
         }
-    if kind in ("display_data", "execute_result"):
+    if kind in ("display_data", "update_display_data", "execute_result"):
         payload = {"data": _bundle(frame.get("data")), "metadata": _bundle(frame.get("metadata"))}
         transient = frame.get("transient")
         if isinstance(transient, dict):
             payload["transient"] = transient
+        if kind == "update_display_data" and not (
+            isinstance(transient, dict) and isinstance(transient.get("display_id"), str)
+        ):
+            kind = "display_data"  # an update needs the display id it replaces
         return kind, payload
     if kind == "error":
         tb = frame.get("traceback")

@@ -23,6 +23,7 @@ Promises:
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import os
 import re
@@ -31,6 +32,7 @@ import time
 from typing import Any
 
 from ipykernel.kernelbase import Kernel
+from IPython.core.error import UsageError
 from traitlets import Bool, default
 
 from .. import __version__
@@ -87,7 +89,11 @@ class CrucibleKernel(Kernel):
         super().__init__(**kwargs)
         self._client: ThreadedClient | None = None
         self._current: str | None = None
+        self._submitting = False
         self._interrupted = False
+        self.shell_handlers["comm_open"] = self.comm_open
+        self.shell_handlers["comm_msg"] = self.comm_ignored
+        self.shell_handlers["comm_close"] = self.comm_ignored
 
     @property
     def client(self) -> ThreadedClient:
@@ -116,40 +122,63 @@ class CrucibleKernel(Kernel):
             )
             for name in (user_expressions or {})
         }
+        self._interrupted = False
         if not code.strip():
             return self._ok(expressions)
+        line = _line_command(code)
+        if line is not None:
+            return await self._line_command(line, silent, expressions)
         try:
             request = self._request(code, cell_meta, cell_id)
-        except (CrucibleError, SystemExit, Exception) as e:
-            return self._fail("UsageError", str(e) or "bad %%crucible options", [], silent)
+        except UsageError as e:
+            return self._fail("UsageError", str(e), [], silent)
+        not_python = _ipython_syntax(request["code"])
+        if not_python:
+            return self._fail("UsageError", not_python, [], silent)
+        self._submitting = True
         try:
             execution = await asyncio.wrap_future(
                 self.client.run(self.client.client.submit(request))
             )
         except CrucibleError as e:
             return self._fail(type(e).__name__, str(e), [], silent)
+        finally:
+            self._submitting = False
         execution_id = execution["id"]
         self._current = execution_id
-        self._interrupted = False
         try:
+            if self._interrupted:  # interrupted while the request was on its way
+                await self._cancel(execution_id)
             return await self._relay(execution_id, silent, expressions)
         finally:
             self._current = None
 
+    async def _line_command(self, line: str, silent: bool, expressions: dict) -> dict[str, Any]:
+        """``%crucible history|status ID|queue``, answered here (nothing runs)."""
+        from ..magic import line_command
+
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(None, line_command, lambda: self.client, line)
+        except UsageError as e:
+            return self._fail("UsageError", str(e), [], silent)
+        if result is not None and not silent:
+            data = {"text/plain": repr(result)}
+            to_html = getattr(result, "_repr_html_", None)
+            if to_html is not None:
+                data["text/html"] = to_html()
+            content = {"execution_count": self.execution_count, "data": data, "metadata": {}}
+            self.send_response(self.iopub_socket, "execute_result", content)
+        return self._ok(expressions)
+
     def _request(self, code: str, cell_meta: dict | None, cell_id: str | None) -> dict[str, Any]:
         request: dict[str, Any] = {"code": code}
         first, _, rest = code.partition("\n")
-        if first.startswith("%%crucible"):
-            from IPython.core.magic_arguments import parse_argstring
+        if re.match(r"%%crucible(\s|$)", first):
+            from ..magic import check_cell_body, parse_cell_options
 
-            from ..magic import CrucibleMagics
-
-            args = parse_argstring(CrucibleMagics.crucible_cell, first[len("%%crucible") :])
-            for key in ("timeout", "priority", "cpu", "memory", "image", "backend", "name"):
-                if getattr(args, key) is not None:
-                    request[key] = getattr(args, key)
-            if args.tag:
-                request["tags"] = args.tag
+            request = parse_cell_options(first[len("%%crucible") :])
+            check_cell_body(rest)
             request["code"] = rest
         notebook: dict[str, str] = {}
         if os.environ.get("JPY_SESSION_NAME"):
@@ -255,16 +284,41 @@ class CrucibleKernel(Kernel):
         """Cancel the running execution (``interrupt_mode: message``) and reply ok."""
         execution_id = self._current
         content: dict[str, Any] = {"status": "ok"}
+        if execution_id or self._submitting:
+            self._interrupted = True  # a submission under way is cancelled once it is queued
         if execution_id:
-            self._interrupted = True
             try:
-                await asyncio.wrap_future(self.client.run(self.client.client.cancel(execution_id)))
-            except Conflict:
-                pass
+                await self._cancel(execution_id)
             except CrucibleError as e:
                 content = _error_content(type(e).__name__, str(e))
         if self.session:
             self.session.send(stream, "interrupt_reply", content, parent, ident=ident)
+
+    async def _cancel(self, execution_id: str) -> None:
+        try:
+            await asyncio.wrap_future(self.client.run(self.client.client.cancel(execution_id)))
+        except Conflict:  # it had finished already
+            pass
+
+    # -- comms: none (there is no live object for a widget to talk to) ---------------------
+
+    def comm_open(self, stream: Any, ident: Any, parent: Any) -> None:
+        """Refuse a comm at once (``comm_close`` with the reason), as for an unknown target:
+        widgets need a live kernel-side object, and each cell here is a finished process."""
+        comm_id = (parent.get("content") or {}).get("comm_id")
+        if comm_id and self.session:
+            content = {
+                "comm_id": comm_id,
+                "data": {
+                    "error": "the crucible kernel has no comms: interactive widgets"
+                    " (ipywidgets) need a live kernel; each cell runs in a process that"
+                    " has ended"
+                },
+            }
+            self.session.send(self.iopub_socket, "comm_close", content, parent)
+
+    def comm_ignored(self, stream: Any, ident: Any, parent: Any) -> None:
+        """``comm_msg``/``comm_close``: there is no comm to deliver them to."""
 
     # -- introspection (static: there is no state to inspect) --------------------------------
 
@@ -317,7 +371,8 @@ class _KernelStatus:
         self.kernel = kernel
         self.id = execution_id
         self.enabled = enabled
-        self.display_id = f"crucible-{execution_id}"
+        # not guessable from the cell, so its own display updates cannot rewrite the status
+        self.display_id = f"crucible-{execution_id}-{os.urandom(8).hex()}"
         self.shown = False
         self.state = "queued"
         self.position: Any = None
@@ -368,6 +423,41 @@ class _KernelStatus:
             self._send(f"crucible · queued at position {self.position} · {self.id}")
         else:
             self._send(f"crucible · {self.state} · {self.id}")
+
+
+_IPYTHON_LINE = re.compile(r"^\s*(?:%|!|[\w.]+\s*=\s*[%!])|\?\s*$")
+
+
+def _line_command(code: str) -> str | None:
+    """The arguments of a one-line ``%crucible ...`` cell (history, status, queue), else None."""
+    text = code.strip()
+    m = re.fullmatch(r"%crucible(?:\s+(.*))?", text)
+    return None if m is None else (m.group(1) or "")
+
+
+def _ipython_syntax(code: str) -> str | None:
+    """Why ``code`` cannot run here when it uses IPython syntax (a magic, ``!cmd``,
+    ``obj?``) that Python rejects; None for anything else (even other syntax errors, which
+    the cell reports itself)."""
+    try:
+        ast.parse(code)
+        return None
+    except SyntaxError as e:
+        lineno = e.lineno or 0
+        lines = code.splitlines()
+        line = lines[lineno - 1] if 0 < lineno <= len(lines) else ""
+    except (ValueError, RecursionError, MemoryError):  # null bytes, deep nesting: the cell's own
+        return None
+    if not _IPYTHON_LINE.search(line):
+        return None
+    return (
+        f"line {lineno}: {line.strip()!r} is IPython syntax (magic, ! shell command or ?"
+        " help), not Python. The crucible kernel runs each cell as plain Python in a fresh"
+        " sandbox, where these are not available. Here you can use: %crucible history,"
+        " %crucible status ID, %crucible queue (one per cell), and a first line"
+        " '%%crucible --timeout 30 ...' for a cell's options; subprocess.run([...]) in place"
+        " of !cmd."
+    )
 
 
 def _error_content(ename: str, evalue: str, traceback: list[str] | None = None) -> dict[str, Any]:

@@ -114,6 +114,90 @@ class TestCrucibleKernel(jkt.KernelTests):
         assert reply["content"]["status"] == "error"
         assert "timed out" in reply["content"]["evalue"]
 
+    def _outputs(self, code: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        self.flush_channels()
+        reply, outputs = self.execute_helper(code)
+        return reply["content"], outputs
+
+    def test_ipython_syntax_is_refused_with_a_reason(self) -> None:
+        for code in ("%magics", "!ls", "files = !ls", "print?", "%%time\nprint(1)"):
+            content, outputs = self._outputs(code)
+            assert content["status"] == "error", code
+            assert content["ename"] == "UsageError"
+            assert "IPython syntax" in content["evalue"] and "fresh" in content["evalue"]
+            assert [m["msg_type"] for m in outputs] == ["error"]
+
+    def test_crucible_line_commands_work_in_the_kernel(self) -> None:
+        content, _ = self._outputs("print('recorded')")
+        assert content["status"] == "ok"
+        content, outputs = self._outputs("%crucible history -n 1")
+        assert content["status"] == "ok", content
+        [result] = [m for m in outputs if m["msg_type"] == "execute_result"]
+        assert result["content"]["execution_count"] == content["execution_count"]
+        table = result["content"]["data"]["text/plain"]
+        execution_id = table.splitlines()[1].split()[0]
+        assert "succeeded" in table
+        content, outputs = self._outputs(f"%crucible status {execution_id}")
+        [result] = [m for m in outputs if m["msg_type"] == "execute_result"]
+        assert f"execution {execution_id}: succeeded" in result["content"]["data"]["text/plain"]
+        content, outputs = self._outputs("%crucible queue")
+        [result] = [m for m in outputs if m["msg_type"] == "execute_result"]
+        assert result["content"]["data"]["text/plain"].startswith("queue: ")
+        content, _ = self._outputs("%crucible status no-such-id")
+        assert content["ename"] == "UsageError"
+        assert "no execution with id 'no-such-id'" in content["evalue"]
+
+    def test_bad_options_are_one_usage_error_and_nothing_runs(self) -> None:
+        for code, says in [
+            ('%%crucible --name "open\nprint(1)', "no closing quotation"),
+            ("%%crucible --timeout 1 --timeout 2\nprint(1)", "given more than once"),
+            ("%%crucible --priority urgent\nprint(1)", "invalid choice: 'urgent'"),
+            ("%%crucible --timeout 5\n  \n", "no code to run"),
+            ("%%crucible --memory 12XB\nprint(1)", "unknown unit 'XB'"),
+        ]:
+            content, outputs = self._outputs(code)
+            assert content["status"] == "error", code
+            assert says in content["evalue"], content
+            assert [m["msg_type"] for m in outputs] == ["error"]
+        content, outputs = self._outputs('%%crucible --name "two words" --tag x\nprint(1)')
+        assert content["status"] == "ok", content
+
+    def test_display_updates_replace_in_place(self) -> None:
+        content, outputs = self._outputs(
+            "from IPython.display import display, update_display\n"
+            "h = display('first', display_id=True)\n"
+            "h.update('second')\n"
+            "update_display('third', display_id=h.display_id)\n"
+        )
+        assert content["status"] == "ok"
+        kinds = [(m["msg_type"], m["content"]["data"]["text/plain"]) for m in outputs]
+        assert kinds == [
+            ("display_data", "'first'"),
+            ("update_display_data", "'second'"),
+            ("update_display_data", "'third'"),
+        ]
+        ids = {m["content"]["transient"]["display_id"] for m in outputs}
+        assert len(ids) == 1
+
+    def test_input_fails_at_once_with_a_reason(self) -> None:
+        content, outputs = self._outputs("name = input('name? ')")
+        assert content["status"] == "error"
+        assert content["ename"] == "EOFError"
+        assert "input() is not available" in content["evalue"]
+
+    def test_a_widget_comm_is_closed_with_a_reason(self) -> None:
+        self.flush_channels()
+        msg = self.kc.session.msg(
+            "comm_open", {"comm_id": "w1", "target_name": "jupyter.widget", "data": {}}
+        )
+        self.kc.shell_channel.send(msg)
+        while True:
+            reply = self.kc.get_iopub_msg(timeout=30)
+            if reply["msg_type"] == "comm_close":
+                break
+        assert reply["content"]["comm_id"] == "w1"
+        assert "no comms" in reply["content"]["data"]["error"]
+
 
 def test_kernelspec_is_installed() -> None:
     spec = KernelSpecManager().get_kernel_spec("crucible")

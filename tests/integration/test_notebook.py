@@ -339,3 +339,91 @@ def test_status_line_shows_the_queue_position(tmp_path: Path):
     assert any("queued at position 1" in line for line in shown), shown
     assert any("succeeded" in line for line in shown), shown
     assert "my turn\n" in shown
+
+
+def test_plain_ipython_misuse_is_one_clear_error(tmp_path: Path):
+    """Each misuse of %%crucible / %crucible in plain IPython shows one UsageError line (what
+    is wrong, how to write it), no traceback from crucible's code, and leaves nothing queued
+    or running. An interrupt shows one line and the execution is recorded cancelled."""
+    import os
+    import subprocess
+    import sys
+
+    cells = [
+        '%%crucible --name "unterminated\nprint(1)',
+        "%%crucible --bogus 1\nprint(1)",
+        "%%crucible --timeout abc\nprint(1)",
+        "%%crucible --timeout -1\nprint(1)",
+        "%%crucible --timeout 5 --timeout 6\nprint(1)",
+        "%%crucible --memory 12XB\nprint(1)",
+        "%%crucible --cpu 0\nprint(1)",
+        "%%crucible --priority urgent\nprint(1)",
+        "%%crucible --backend nosuch\nprint(1)",
+        "%%crucible --tag 'a b'\nprint(1)",
+        "%%crucible --timeout 5\n   \n",
+        "%crucible frobnicate",
+        "%crucible status no-such-id",
+        "%crucible history -n abc",
+        "%crucible history --status weird",
+        "%crucible queue now",
+    ]
+    script = (
+        "import json, os, signal, sys, threading\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "shell = InteractiveShell.instance()\n"
+        "shell.run_cell('%load_ext crucible_jupyter')\n"
+        f"for cell in {cells!r}:\n"
+        "    print('=== CELL', flush=True)\n"
+        "    r = shell.run_cell(cell)\n"
+        "    print('=== SUCCESS', r.success, flush=True)\n"
+        "print('=== CELL', flush=True)\n"
+        'shell.run_cell(\'%%crucible --name "my run"\\nprint("no newline", end="")\')\n'
+        "print('=== CELL', flush=True)\n"
+        "t = threading.Timer(3, lambda: os.kill(os.getpid(), signal.SIGINT))\n"
+        "t.start()\n"
+        "r = shell.run_cell('%%crucible --name slow\\nimport time\\ntime.sleep(60)')\n"
+        "print('=== INTERRUPTED', type(r.error_in_exec).__name__, flush=True)\n"
+    )
+    env = {**os.environ, "CRUCIBLE_DB_URL": f"sqlite:///{tmp_path}/c.db"}
+    for key in ("CRUCIBLE_SERVER_URL", "CRUCIBLE_TOKEN"):
+        env.pop(key, None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout + done.stderr
+    # no stack through crucible's code (IPython's long form starts with a dashed rule)
+    assert "crucible_jupyter/" not in out and "----------" not in out, out
+    chunks = done.stdout.split("=== CELL\n")[1:]
+    assert len(chunks) == len(cells) + 2, done.stdout
+    for cell, chunk in zip(cells, chunks, strict=False):
+        assert "=== SUCCESS False" in chunk, (cell, chunk)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("UsageError")]
+    assert len(errors) == len(cells), done.stderr  # one error line per misuse
+    assert "no closing quotation" in errors[0]
+    assert "unrecognized arguments: --bogus" in errors[1] and "--timeout SECONDS" in errors[1]
+    assert "given more than once" in errors[4]
+    assert "unknown unit 'XB'" in errors[5]
+    assert "tag 'a b' is invalid" in errors[9]  # quotes grouped the value, then removed
+    assert "no code to run" in errors[10]
+    assert (
+        "no execution with id 'no-such-id'; list recent ids with %crucible history" in (errors[12])
+    )
+    assert "invalid int value: 'abc'" in errors[13]
+    # a value with spaces, quoted; the status line starts on a line of its own
+    assert "no newline\ncrucible · ✔ succeeded" in chunks[-2]
+    # an interrupt: one line saying what became of the execution
+    assert "=== INTERRUPTED KeyboardInterrupt" in done.stdout
+    [line] = [x for x in out.splitlines() if x.startswith("KeyboardInterrupt")]
+    assert line.startswith("KeyboardInterrupt: crucible execution ") and "cancelled" in line
+
+    history = subprocess.run(
+        [sys.executable, "-c", "from crucible_jupyter.cli import main; main()", "history", "--json"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    records = json.loads(history.stdout)["executions"]
+    by_name = {r.get("name"): r for r in records}
+    assert set(by_name) == {"my run", "slow"}, records  # no misuse was submitted
+    assert by_name["my run"]["status"] == "succeeded"
+    assert by_name["slow"]["status"] == "cancelled"

@@ -636,9 +636,12 @@ def test_display_variants(tmp_path):
     result = run_cell(tmp_path, code)
     shown = result.of("display_data")
     assert shown[0]["data"] == {"text/plain": "raw bundle", "text/html": "<p>raw</p>"}
-    assert [f["data"]["text/plain"] for f in shown[1:]] == ["'first'", "'second'", "1", "2"]
+    assert [f["data"]["text/plain"] for f in shown[1:]] == ["'first'", "1", "2"]
     assert shown[1]["transient"] == {"display_id": "d1"}
-    assert shown[3]["metadata"] == {"k": 1}
+    assert shown[2]["metadata"] == {"k": 1}
+    [updated] = result.of("update_display_data")  # replaces 'first' in place, no new output
+    assert updated["data"]["text/plain"] == "'second'"
+    assert updated["transient"] == {"display_id": "d1"}
 
 
 def test_a_figure_as_the_last_expression_is_shown_once(tmp_path):
