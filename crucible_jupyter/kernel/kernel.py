@@ -7,15 +7,20 @@ imports, files in /tmp): put everything a cell needs in that cell.
 Promises:
 
 - output frames become Jupyter messages unchanged: ``stream`` (stdout/stderr),
-  ``display_data``, ``execute_result`` (with this kernel's execution count), ``error``
-  (remote traceback), ``clear_output``; they are published as they arrive;
+  ``display_data``, ``update_display_data``, ``execute_result`` (with this kernel's
+  execution count), ``error`` (remote traceback), ``clear_output``; they are published as
+  they arrive;
 - a status line (display id, updated in place) says queued/running/finished and the
   execution id, unless ``CrucibleKernel.status_line`` is off
   (env ``CRUCIBLE_KERNEL_STATUS_LINE=0``);
 - interrupt (``interrupt_mode: message``) cancels the running execution, which is recorded
   ``cancelled``; the cell then fails with ``KeyboardInterrupt``;
 - a first line ``%%crucible --timeout 5 --memory 1Gi ...`` sets that cell's options (the
-  magic's options);
+  magic's options; misuse is one ``UsageError`` and nothing runs);
+- a one-line cell ``%crucible history|status ID|queue`` is answered by the kernel;
+- other IPython syntax (``%magic``, ``!cmd``, ``obj?``) fails at once with ``UsageError``
+  naming the line, since the sandbox runs plain Python; ``input()`` fails (no stdin);
+- comms (ipywidgets) are closed at once with the reason: no live object to talk to;
 - notebook path, cell id and kernel id are recorded when known;
 - it reaches the Jupyter server that started it (``CRUCIBLE_SERVER_URL``/``CRUCIBLE_TOKEN``),
   else runs an in-process dispatcher.
