@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/bench_engine.py [--runs 200] [--clients 10] [--cells 200]
 
 1. Latency: ``print(1)`` submitted → terminal status through the in-process dispatcher
-   (bubblewrap sandbox, SQLite), interleaved run by run with the reference: a bare
-   ``python3 -c 'print(1)'`` subprocess started from the same event loop. Reports p50/p95
-   of both and the p50 overhead (goal: ≤ 25 ms).
+   (bubblewrap sandbox, SQLite), with warm sandboxes (the default) and without, interleaved
+   run by run with the reference: a bare ``python3 -c 'print(1)'`` subprocess started from
+   the same event loop. Reports p50/p95 of each and the p50 overheads (goal: ≤ 25 ms).
 2. Throughput: ``--cells`` trivial cells submitted by ``--clients`` concurrent clients.
 """
 
@@ -55,51 +55,65 @@ async def main() -> None:
     ap.add_argument("--cells", type=int, default=200)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        config = Config()
-        config.CrucibleDispatcher.db_url = f"sqlite:///{tmp}/bench.db"
-        d = Dispatcher(config=config)
-        await d.start()
+        dispatchers = {}
+        for name, warm in (("warm", 2), ("cold", 0)):
+            config = Config()
+            config.CrucibleDispatcher.db_url = f"sqlite:///{tmp}/{name}.db"
+            config.CrucibleLocalBackend.warm_sandboxes = warm
+            dispatchers[name] = Dispatcher(config=config)
+            await dispatchers[name].start()
+        d = dispatchers["warm"]
         backend = d.get_backend("local")
         try:
             for _ in range(5):  # warm caches
-                await through_crucible(d)
+                for x in dispatchers.values():
+                    await through_crucible(x)
                 await bare(sys.executable)
-            ours, ref = [], []
+            ref: list[float] = []
+            ours: dict[str, list[float]] = {name: [] for name in dispatchers}
             for _ in range(args.runs):
                 ref.append(await bare(sys.executable))
-                ours.append(await through_crucible(d))
+                for name, x in dispatchers.items():
+                    ours[name].append(await through_crucible(x))
             print(f"isolation: {backend.isolation}; cgroups: {backend.cgroup_layout[1]}")
-            print(f"{'path':42} {'p50 ms':>8} {'p95 ms':>8}")
+            print(f"{'path':52} {'p50 ms':>8} {'p95 ms':>8}")
             print(
-                f"{'bare python3 -c print(1) (reference)':42} {pct(ref, 50):8.1f} {pct(ref, 95):8.1f}"
+                f"{'bare python3 -c print(1) (reference)':52} {pct(ref, 50):8.1f} {pct(ref, 95):8.1f}"
             )
-            print(
-                f"{'crucible print(1) submit -> finished':42} {pct(ours, 50):8.1f} {pct(ours, 95):8.1f}"
-            )
-            overhead = [o - r for o, r in zip(ours, ref, strict=True)]
-            print(
-                f"p50 overhead: {statistics.median(overhead):.1f} ms "
-                f"(ratio of medians {statistics.median(ours) / statistics.median(ref):.2f}x)"
-            )
+            for name, label in (
+                ("warm", "crucible print(1) submit -> finished (default)"),
+                ("cold", "same, warm_sandboxes=0 (sandbox started per cell)"),
+            ):
+                times = ours[name]
+                print(f"{label:52} {pct(times, 50):8.1f} {pct(times, 95):8.1f}")
+            for name in ours:
+                overhead = [o - r for o, r in zip(ours[name], ref, strict=True)]
+                print(
+                    f"{name}: p50 overhead {statistics.median(overhead):+.1f} ms (ratio of"
+                    f" medians {statistics.median(ours[name]) / statistics.median(ref):.2f}x)"
+                )
 
-            queue: asyncio.Queue = asyncio.Queue()
-            for _ in range(args.cells):
-                queue.put_nowait(None)
+            for name, x in dispatchers.items():
+                queue: asyncio.Queue = asyncio.Queue()
+                for _ in range(args.cells):
+                    queue.put_nowait(None)
 
-            async def client() -> None:
-                while not queue.empty():
-                    queue.get_nowait()
-                    await through_crucible(d)
+                async def client(x: Dispatcher = x, queue: asyncio.Queue = queue) -> None:
+                    while not queue.empty():
+                        queue.get_nowait()
+                        await through_crucible(x)
 
-            t0 = time.perf_counter()
-            await asyncio.gather(*(client() for _ in range(args.clients)))
-            elapsed = time.perf_counter() - t0
-            print(
-                f"throughput: {args.cells} cells from {args.clients} clients in {elapsed:.2f} s"
-                f" = {args.cells / elapsed:.1f} cells/s (max_concurrency={d.max_concurrency})"
-            )
+                t0 = time.perf_counter()
+                await asyncio.gather(*(client() for _ in range(args.clients)))
+                elapsed = time.perf_counter() - t0
+                print(
+                    f"throughput ({name}): {args.cells} cells from {args.clients} clients in"
+                    f" {elapsed:.2f} s = {args.cells / elapsed:.1f} cells/s"
+                    f" (max_concurrency={x.max_concurrency})"
+                )
         finally:
-            await d.stop()
+            for x in dispatchers.values():
+                await x.stop()
 
 
 if __name__ == "__main__":

@@ -365,12 +365,9 @@ class CrucibleLocalBackend(Backend):
                     self.bwrap_problem,
                 )
         if isolated and self.warm_sandboxes > 0:
-            warm = await self._claim(execution)
+            warm = await self._claim_warm(execution)
             if warm is not None:
-                if not self._warm:  # else refill when this one ends: a start-up running
-                    self._keep_warm()  # beside the cell would slow the cell down
                 return warm
-            self._keep_warm()
         req = execution.request
         layout, _ = self.cgroup_layout
         group = None
@@ -527,6 +524,23 @@ class CrucibleLocalBackend(Backend):
             await self._discard(warm)
         else:
             self._warm.append(warm)
+
+    async def _claim_warm(self, execution: Execution) -> LocalSandbox | None:
+        """A warm sandbox running ``execution``, waiting for one that is being started if
+        none is ready (starting another beside it would only compete for the CPU); None when
+        none can be had."""
+        for _ in range(self.warm_sandboxes + 1):
+            if not self._warm:
+                self._keep_warm()
+                if not self._warming:
+                    return None
+                await asyncio.wait(set(self._warming), return_when=asyncio.FIRST_COMPLETED)
+            sandbox = await self._claim(execution)
+            if sandbox is not None:
+                if not self._warm:  # else refill when this one ends: a start-up running
+                    self._keep_warm()  # beside the cell would slow the cell down
+                return sandbox
+        return None
 
     async def _claim(self, execution: Execution) -> LocalSandbox | None:
         """Hand ``execution`` to a warm sandbox: its limits, then its cell. None if none is
