@@ -283,3 +283,29 @@ def test_kernel_example_notebook_runs(tmp_path: Path, monkeypatch: pytest.Monkey
         o["data"]["text/plain"] for o in nb.cells[2].outputs if o["output_type"] == "display_data"
     ]
     assert "succeeded" in status[0]
+
+
+def test_run_all_stops_at_the_failing_cell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nbclient's "Run all" on the crucible kernel: the failing cell's error carries ename,
+    evalue and the remote traceback (pointing at the cell's own line); later cells never run."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    monkeypatch.setenv("CRUCIBLE_DB_URL", f"sqlite:///{tmp_path}/k.db")
+    monkeypatch.delenv("CRUCIBLE_SERVER_URL", raising=False)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("print('first')"),
+        nbformat.v4.new_code_cell("x = 1\nraise ValueError('bad ünïcode 💥')"),
+        nbformat.v4.new_code_cell("print('never')"),
+    ]
+    with pytest.raises(CellExecutionError) as e:
+        NotebookClient(nb, timeout=120, kernel_name="crucible").execute()
+    assert e.value.ename == "ValueError"
+    assert e.value.evalue == "bad ünïcode 💥"
+    [error] = [o for o in nb.cells[1].outputs if o["output_type"] == "error"]
+    tb = "\n".join(error["traceback"])
+    assert 'File "<cell>", line 2' in tb and "raise ValueError" in tb
+    assert nb.cells[0].execution_count == 1 and nb.cells[1].execution_count == 2
+    assert nb.cells[2].outputs == [] and nb.cells[2].execution_count is None
