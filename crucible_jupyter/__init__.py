@@ -6,6 +6,8 @@ Extension points:
   enabled on install through ``jupyter_server_config.d``.
 - IPython extension: ``%load_ext crucible_jupyter`` registers the ``%%crucible`` cell magic
   and the ``%crucible`` line magic (:mod:`crucible_jupyter.magic`).
+- JupyterLab extension ``crucible-jupyter`` (sources in ``labextension/``): the execution
+  history panel and the queue in the status bar, installed with the package.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ def _jupyter_server_extension_points() -> list[dict[str, Any]]:
     from .server import CrucibleApp
 
     return [{"module": "crucible_jupyter.server", "app": CrucibleApp}]
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """Where the built JupyterLab extension is (read by ``jupyter labextension develop``)."""
+    return [{"src": "labextension", "dest": "crucible-jupyter"}]
 
 
 def load_ipython_extension(ipython: Any) -> None:
