@@ -31,12 +31,31 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from . import errors
 from .errors import CrucibleError, Unavailable
+from .models import format_bytes
 
 ENV_SERVER_URL = "CRUCIBLE_SERVER_URL"
 ENV_TOKEN = "CRUCIBLE_TOKEN"
 KERNEL_TOKEN_HEADER = "X-Crucible-Token"
 
 _TERMINAL = {"succeeded", "failed", "timed_out", "cancelled"}
+
+
+_ICONS = {"succeeded": "✔", "failed": "✘", "timed_out": "⏱", "cancelled": "■"}
+
+
+def final_status_line(event: dict[str, Any], t_running: int | None, execution_id: str) -> str:
+    """The last status line of a cell, from its terminal status event: ``crucible · ✔
+    succeeded in 0.03 s · ID``, with the reason when it did not succeed and a note when output
+    was dropped (``t_running``: the ``t`` of its running event, if any)."""
+    state = str(event.get("status", ""))
+    t_end = event.get("t")
+    took = f" in {(t_end - t_running) / 1000:.2f} s" if t_running and t_end else ""
+    reason = event.get("reason")
+    why = f" ({reason})" if reason and state != "succeeded" else ""
+    dropped = event.get("dropped_bytes")
+    cut = f" · output truncated, {format_bytes(dropped)} dropped" if dropped else ""
+    icon = _ICONS.get(state, "")
+    return f"crucible · {icon} {state.replace('_', ' ')}{took}{why}{cut} · {execution_id}"
 
 
 def is_terminal(event: dict[str, Any]) -> bool:

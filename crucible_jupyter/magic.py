@@ -41,10 +41,14 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import clear_output, display, publish_display_data
 
-from .client import ThreadedClient, client_from_env, current_kernel_id, is_terminal
+from .client import (
+    ThreadedClient,
+    client_from_env,
+    current_kernel_id,
+    final_status_line,
+    is_terminal,
+)
 from .errors import Conflict, CrucibleError, NotFound
-
-_ICONS = {"succeeded": "✔", "failed": "✘", "timed_out": "⏱", "cancelled": "■"}
 
 
 def outcome_text(status: str, reason: str | None) -> str:
@@ -413,16 +417,13 @@ class _Relay:
         self.result: MimeBundle | None = None
         self.error: dict[str, Any] | None = None
         self.terminal = False
+        self.final: dict[str, Any] = {}
         self._render()
 
     def _render(self) -> None:
         short = self.id
         if self.terminal:
-            secs = (self.t_end - self.t_running) / 1000 if self.t_running and self.t_end else None
-            took = f" in {secs:.2f} s" if secs is not None else ""
-            why = f" ({self.reason})" if self.reason and self.state != "succeeded" else ""
-            icon = _ICONS.get(self.state, "")
-            text = f"crucible · {icon} {self.state.replace('_', ' ')}{took}{why} · {short}"
+            text = final_status_line(self.final, self.t_running, short)
         elif self.state == "running" and self.running_since is not None:
             text = f"crucible · running · {time.monotonic() - self.running_since:.0f} s · {short}"
         elif self.state == "queued" and self.position is not None:
@@ -456,6 +457,7 @@ class _Relay:
                 self.t_running = event.get("t")
             if is_terminal(event):
                 self.terminal = True
+                self.final = event
                 self.t_end = event.get("t")
                 self.reason = event.get("reason")
                 if self.t_running is None:

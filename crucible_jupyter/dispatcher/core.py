@@ -48,6 +48,8 @@ from .channel import Channel
 from .queue import WaitQueue
 
 T = TypeVar("T")
+#: What marks an error frame (the runner writes compact JSON): errors pass the output limit.
+_ERROR_FRAME = b'"type":"error"'
 
 
 @dataclass
@@ -585,14 +587,18 @@ class CrucibleDispatcher(LoggingConfigurable):
                 )
                 continue
             size = len(line) + 1
-            if execution.output_bytes + size > limit:
+            over = "limit" in run.notices or execution.output_bytes + size > limit
+            if over and not (kind == FRAMES and _ERROR_FRAME in line):
+                # once over, everything after is dropped too (what fits later would show
+                # out of context); only the cell's error still gets through
                 execution.truncated = True
                 execution.dropped_bytes += size
                 self._notice(
                     run,
                     channel,
                     "limit",
-                    f"output limit of {format_bytes(limit)} reached; further output is dropped",
+                    f"output limit of {format_bytes(limit)} reached; further output is dropped"
+                    " (an error is still shown)",
                 )
                 continue
             parsed = frames.parse(line) if kind == FRAMES else frames.raw_stderr(line)
@@ -685,6 +691,7 @@ class CrucibleDispatcher(LoggingConfigurable):
                     "reason": reason,
                     "exit_code": exit_code,
                     "duration_ms": None if started_at is None else finished_at - started_at,
+                    **({"dropped_bytes": execution.dropped_bytes} if execution.truncated else {}),
                 },
                 announce=False,
             )

@@ -41,7 +41,13 @@ from IPython.core.error import UsageError
 from traitlets import Bool, default
 
 from .. import __version__
-from ..client import ThreadedClient, client_from_env, current_kernel_id, is_terminal
+from ..client import (
+    ThreadedClient,
+    client_from_env,
+    current_kernel_id,
+    final_status_line,
+    is_terminal,
+)
 from ..errors import Conflict, CrucibleError
 
 BANNER = (
@@ -50,8 +56,6 @@ BANNER = (
     "no variables, imports or files carry over from one cell to the next.\n"
     "Options for one cell: first line '%%crucible --timeout 30 --memory 1Gi --tag x'."
 )
-
-_ICONS = {"succeeded": "✔", "failed": "✘", "timed_out": "⏱", "cancelled": "■"}
 
 
 class CrucibleKernel(Kernel):
@@ -408,15 +412,7 @@ class _KernelStatus:
             self.since = time.monotonic()
             self.t_running = event.get("t")
         if is_terminal(event):
-            t_end = event.get("t")
-            took = ""
-            if self.t_running and t_end:
-                took = f" in {(t_end - self.t_running) / 1000:.2f} s"
-            why = (
-                f" ({event['reason']})" if event.get("reason") and self.state != "succeeded" else ""
-            )
-            icon = _ICONS.get(self.state, "")
-            self._send(f"crucible · {icon} {self.state.replace('_', ' ')}{took}{why} · {self.id}")
+            self._send(final_status_line(event, self.t_running, self.id))
         else:
             self.tick()
 

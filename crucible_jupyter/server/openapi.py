@@ -412,8 +412,10 @@ def _schemas(limits: Limits, statuses: list[str]) -> dict[str, Any]:
         "Event": {
             "type": "object",
             "required": ["seq", "t", "type"],
-            "description": "A status change (type 'status': status, reason, exit_code, position)"
-            " or a runner frame (stream, display_data, execute_result, error, clear_output).",
+            "description": "A status change (type 'status': status, position; when it ends:"
+            " reason, exit_code, duration_ms, and dropped_bytes if output was cut) or a runner"
+            " frame (stream, display_data, update_display_data, execute_result, error,"
+            " clear_output).",
             "properties": {
                 "seq": {"type": "integer", "minimum": 0},
                 "t": integer,
@@ -426,6 +428,7 @@ def _schemas(limits: Limits, statuses: list[str]) -> dict[str, Any]:
                 "ename": text,
                 "evalue": text,
                 "traceback": {"type": "array", "items": text},
+                "dropped_bytes": {"type": "integer", "minimum": 0},
             },
         },
         "ExecutionWithEvents": {

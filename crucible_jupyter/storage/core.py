@@ -69,7 +69,7 @@ _MAX_PAGE = 1000
 _CHUNK = 500
 _CURSOR_RE = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 _PG_MIGRATION_LOCK = 0x6372_7563_6962  # "crucib": serializes concurrent migrate() calls
-_HOW_TO_LIST = "list recent ids with `crucible list` or GET crucible/api/executions"
+_HOW_TO_LIST = "list recent ids with `crucible history` or GET crucible/api/executions"
 
 
 def default_url() -> str:

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from crucible_jupyter.errors import Conflict
+from crucible_jupyter.errors import Conflict, Unavailable
 from crucible_jupyter.models import Status
 
 from .conftest import run_cell, statuses, stream_text
@@ -284,3 +284,11 @@ async def test_rich_display_and_environment(dispatcher):
     (shown,) = [e for e in events if e.type == "display_data"]
     assert shown.data["data"]["text/html"] == "<b>bold</b>"
     assert stream_text(events, "stdout") == "hi there\n"
+
+
+async def test_a_backend_without_a_cluster_refuses_before_storing(make_dispatcher, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    d = await make_dispatcher(kubernetes={"kubeconfig": "/nonexistent/kubeconfig"})
+    with pytest.raises(Unavailable, match="kubeconfig '/nonexistent/kubeconfig' does not exist"):
+        await d.submit({"code": "print(1)", "backend": "kubernetes"})
+    assert (await d.list())[0] == []

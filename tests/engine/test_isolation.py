@@ -225,6 +225,24 @@ async def test_one_gigabyte_of_output_keeps_memory_bounded(make_dispatcher):
     assert len(notices) == 1
 
 
+async def test_after_the_output_limit_only_the_error_gets_through(make_dispatcher):
+    d = await make_dispatcher(output_limit=64 << 10)
+    code = textwrap.dedent("""
+        print("x" * (60 << 10))
+        print("y" * (8 << 10))   # over the limit: dropped
+        print("late and small")  # would fit, but comes after the cut: dropped too
+        raise ValueError("the end")
+    """)
+    execution, events = await run_cell(d, code)
+    text = stream_text(events)
+    assert "x" * 100 in text and "y" * 100 not in text and "late and small" not in text
+    assert text.count("[crucible] output limit of 64 KiB reached") == 1
+    assert [e.data["evalue"] for e in events if e.type == "error"] == ["the end"]
+    assert execution.status is Status.FAILED and execution.reason == "ValueError: the end"
+    assert execution.truncated and execution.dropped_bytes > 8 << 10
+    assert events[-1].data["dropped_bytes"] == execution.dropped_bytes
+
+
 async def test_without_bubblewrap_runs_unisolated_and_says_so(make_dispatcher):
     d = await make_dispatcher(local={"bwrap": "/nonexistent/bwrap"})
     execution, events = await run_cell(d, "print('plain')")

@@ -187,3 +187,18 @@ def test_runner_input_says_there_is_no_stdin(tmp_path):
     assert error["ename"] == "EOFError"
     assert "without stdin" in error["evalue"]
     assert result.exit_code == 1
+
+
+def test_the_final_status_line_says_how_it_ended():
+    from crucible_jupyter.client import final_status_line
+
+    ok = {"type": "status", "status": "succeeded", "t": 3500, "reason": None}
+    assert final_status_line(ok, 1000, "ID") == "crucible · ✔ succeeded in 2.50 s · ID"
+    failed = {"status": "failed", "t": 1200, "reason": "ValueError: x", "dropped_bytes": 3 << 20}
+    assert final_status_line(failed, 1000, "ID") == (
+        "crucible · ✘ failed in 0.20 s (ValueError: x) · output truncated, 3 MiB dropped · ID"
+    )
+    never_ran = {"status": "cancelled", "t": 900, "reason": "cancelled by request"}
+    assert final_status_line(never_ran, None, "ID") == (
+        "crucible · ■ cancelled (cancelled by request) · ID"
+    )

@@ -221,8 +221,29 @@ class CrucibleKubernetesBackend(Backend):
         )
 
     def admit(self, request: ExecutionRequest) -> None:
-        """Refuse an image that is not one of :attr:`images` (before the request is stored)."""
+        """Refuse, before the request is stored, an image that is not one of :attr:`images`,
+        and any request when there is no Kubernetes configuration to reach a cluster with."""
         self.image_for(request.image)
+        problem = self.configuration_problem()
+        if problem:
+            raise Unavailable(
+                f"the kubernetes backend cannot be used here: {problem}. Set"
+                " c.CrucibleKubernetesBackend.kubeconfig (or KUBECONFIG), or run on backend"
+                " 'local'"
+            )
+
+    def configuration_problem(self) -> str | None:
+        """Why no cluster can be reached from here (no configuration at all), else None."""
+        if self.kubeconfig:
+            files = [f for f in self.kubeconfig.split(os.pathsep) if f]
+            if any(os.path.exists(f) for f in files):
+                return None
+            return f"the kubeconfig {self.kubeconfig!r} does not exist"
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            return None  # in a pod: the service account
+        if os.path.exists(os.path.expanduser("~/.kube/config")):
+            return None
+        return "no Kubernetes configuration (not in a pod, KUBECONFIG unset, no ~/.kube/config)"
 
     async def start(self, execution: Execution) -> Sandbox:
         """Create the ConfigMap and the Job; return a sandbox following its pod."""
