@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -113,6 +114,7 @@ class CrucibleLocalBackend(Backend):
         super().__init__(**kwargs)
         self._warm: list[_Warm] = []
         self._warming: set[asyncio.Task] = set()
+        self._procs: weakref.WeakSet[asyncio.subprocess.Process] = weakref.WeakSet()
         self._closed = False
 
     # ----- discovery (cached, done once) -------------------------------------------------
@@ -438,8 +440,8 @@ class CrucibleLocalBackend(Backend):
             workdir=workdir,
         )
 
-    @staticmethod
     async def _exec(
+        self,
         argv: list[str],
         env: dict[str, str],
         group: cgroups.Group | None,
@@ -458,7 +460,7 @@ class CrucibleLocalBackend(Backend):
                 "crucible-sandbox",
                 *argv,
             ]
-        return await asyncio.create_subprocess_exec(
+        proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -469,6 +471,8 @@ class CrucibleLocalBackend(Backend):
             cwd=cwd,
             limit=1 << 16,
         )
+        self._procs.add(proc)
+        return proc
 
     # ----- warm sandboxes ----------------------------------------------------------------
 
@@ -517,7 +521,7 @@ class CrucibleLocalBackend(Backend):
         except Exception as e:  # the next cell then starts a sandbox of its own
             self.log.warning("crucible: could not start a warm sandbox: %s", e)
             if group is not None:
-                await asyncio.to_thread(group.remove)
+                await _off_loop(group.remove)
             return
         warm = _Warm(proc, group)
         if self._closed:
@@ -591,7 +595,7 @@ class CrucibleLocalBackend(Backend):
         with contextlib.suppress(ProcessLookupError):
             await warm.proc.wait()
         if warm.group is not None:
-            await asyncio.to_thread(warm.group.remove)
+            await _off_loop(warm.group.remove)
 
     async def close(self) -> None:
         """End the warm sandboxes; remove the backend's scratch folder."""
@@ -601,9 +605,35 @@ class CrucibleLocalBackend(Backend):
                 await task
         warm, self._warm = self._warm, []
         await asyncio.gather(*(self._discard(w) for w in warm))
+        await self._release_processes()
         if "_state_dir" in self.__dict__:
             shutil.rmtree(self._state_dir, ignore_errors=True)
             del self.__dict__["_state_dir"]
+
+    async def _release_processes(self) -> None:
+        """Kill what still runs and close every process's pipes while the event loop still
+        runs (a transport left to the garbage collector complains once the loop is gone)."""
+        procs = list(self._procs)
+        for proc in procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError, asyncio.TimeoutError):
+                await asyncio.wait_for(proc.wait(), 5)
+            transport = getattr(proc, "_transport", None)  # asyncio keeps no public handle
+            if transport is not None:
+                transport.close()
+        self._procs.clear()
+
+
+async def _off_loop(fn: Callable[[], None]) -> None:
+    """Run a short blocking clean-up in a thread, or right here when no thread can be had
+    any more (the process is exiting and the executor is shut down)."""
+    try:
+        await asyncio.to_thread(fn)
+    except RuntimeError:
+        fn()
 
 
 @dataclass
@@ -684,7 +714,7 @@ class LocalSandbox(Sandbox):
                 reason = (
                     f"process limit reached ({self.max_processes} processes; {forks} forks refused)"
                 )
-            await asyncio.to_thread(self.group.remove)
+            await _off_loop(self.group.remove)
         if code == 125 and self.group is not None and reason is None:
             reason = "could not place the sandbox in its cgroup"
         if self.workdir:

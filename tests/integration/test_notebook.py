@@ -427,3 +427,40 @@ def test_plain_ipython_misuse_is_one_clear_error(tmp_path: Path):
     assert set(by_name) == {"my run", "slow"}, records  # no misuse was submitted
     assert by_name["my run"]["status"] == "succeeded"
     assert by_name["slow"]["status"] == "cancelled"
+
+
+def test_plain_ipython_exits_cleanly_after_an_interrupted_cell(tmp_path: Path):
+    """Interrupt a running cell, then exit: the embedded dispatcher and its sandboxes (also
+    the warm ones) are released while the client loop still runs; nothing complains at exit."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, threading\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "shell = InteractiveShell.instance()\n"
+        "shell.run_cell('%load_ext crucible_jupyter')\n"
+        "shell.run_cell('%%crucible\\nprint(1)')\n"  # the dispatcher and its warm sandboxes
+        "threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+        "r = shell.run_cell('%%crucible\\nimport time\\nprint(\\'go\\', flush=True)\\n"
+        "time.sleep(60)')\n"
+        "print('INTERRUPTED', type(r.error_in_exec).__name__)\n"
+    )
+    env = {**os.environ, "CRUCIBLE_DB_URL": f"sqlite:///{tmp_path}/c.db"}
+    for key in ("CRUCIBLE_SERVER_URL", "CRUCIBLE_TOKEN"):
+        env.pop(key, None)
+    for _ in range(3):  # the leak this guards against showed about one run in three
+        done = subprocess.run(
+            [sys.executable, "-X", "dev", "-c", script],
+            capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
+        out = done.stdout + done.stderr
+        assert "INTERRUPTED KeyboardInterrupt" in done.stdout, out
+        assert "unclosed" not in out and "Event loop is closed" not in out, out
+    history = subprocess.run(
+        [sys.executable, "-c", "from crucible_jupyter.cli import main; main()", "history", "--json"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    statuses = [r["status"] for r in json.loads(history.stdout)["executions"]]
+    assert sorted(statuses) == ["cancelled"] * 3 + ["succeeded"] * 3
