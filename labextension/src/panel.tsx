@@ -145,7 +145,7 @@ function Row({ row, model }: { row: Execution; model: HistoryModel }): JSX.Eleme
           </span>
           {isActive(row.status) && (
             <button
-              className="jp-CrucibleHistory-cancel jp-mod-styled jp-mod-warn"
+              className="jp-CrucibleHistory-cancel"
               disabled={cancelling}
               onClick={onCancel}
             >
