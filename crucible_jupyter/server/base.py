@@ -226,7 +226,7 @@ class CrucibleMixin(ExtensionHandlerMixin):
             status_code = http_status(exc)
             self.set_status(status_code)  # type: ignore[attr-defined]
             body = exc.to_dict()
-        elif isinstance(exc, web.HTTPError) and status_code == 405:
+        elif isinstance(exc, web.HTTPError) and status_code == 405 and self.allowed_methods():
             allowed = self.allowed_methods()
             self.set_header("Allow", ", ".join(allowed))  # type: ignore[attr-defined]
             body = {
