@@ -61,7 +61,7 @@ def panel(browser: Any, lab: LabServer) -> Iterator[Any]:
                 "css selector", '.jp-SideBar .lm-TabBar-tab[data-id="crucible-history"]'
             ),
             60,
-            "the Crucible tab in the left sidebar",
+            "the Crucible tab in the left sidebar (extension not built or linked? dev/setup)",
         )
         tab[0].click()
         wait_until(
