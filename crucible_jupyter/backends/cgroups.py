@@ -196,3 +196,30 @@ class Group:
                 except OSError:
                     self.kill()
                     time.sleep(0.01)
+
+
+def remove_stale(layout: Layout, older_than: float = 600.0) -> int:
+    """Delete the empty groups a dead dispatcher left under ``layout`` (it was killed before
+    it could clean up): groups with no process that are older than ``older_than`` seconds.
+    Groups in use, or too new to be sure, are left alone. Returns how many were removed."""
+    removed = 0
+    now = time.time()
+    for parent in sorted(set(layout.parents.values())):
+        try:
+            children = list(os.scandir(parent))
+        except OSError:
+            continue
+        for child in children:
+            if not child.is_dir(follow_symlinks=False):
+                continue
+            try:
+                if now - child.stat().st_mtime < older_than:
+                    continue
+                with open(os.path.join(child.path, "cgroup.procs")) as f:
+                    if f.read().strip():
+                        continue
+                os.rmdir(child.path)
+                removed += 1
+            except OSError:
+                continue
+    return removed

@@ -477,10 +477,16 @@ class CrucibleLocalBackend(Backend):
     # ----- warm sandboxes ----------------------------------------------------------------
 
     async def prepare(self) -> None:
-        """Start the warm sandboxes (when bubblewrap isolates here)."""
+        """Start the warm sandboxes (when bubblewrap isolates here); remove the empty cgroups
+        a killed dispatcher left behind."""
         await self._discover()
         if self.bwrap_problem is None:
             self._keep_warm()
+        layout, _ = self.cgroup_layout
+        if layout is not None:
+            removed = await asyncio.to_thread(cgroups.remove_stale, layout)
+            if removed:
+                self.log.info("crucible: removed %d cgroups a stopped dispatcher left", removed)
 
     def _keep_warm(self) -> None:
         """Start sandboxes in the background until ``warm_sandboxes`` wait for a cell."""
