@@ -323,6 +323,15 @@ class CrucibleLocalBackend(Backend):
                     fix="set c.CrucibleLocalBackend.python to a working interpreter",
                 )
             )
+        if problem is None:
+            n = self.warm_sandboxes
+            out.append(
+                Check(
+                    "warm sandboxes",
+                    True,
+                    f"{n} kept started, each for one cell" if n else "off: cells start their own",
+                )
+            )
         return out
 
     async def _discover(self) -> None:

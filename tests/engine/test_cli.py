@@ -74,3 +74,4 @@ def test_doctor_reports_bubblewrap(crucible):
     assert done.returncode == 0
     human = crucible("doctor").stdout
     assert "isolation: bubblewrap" in human
+    assert "[ok  ] warm sandboxes: 2 kept started, each for one cell" in human
