@@ -45,6 +45,16 @@ WARM_MEMORY = 256 << 20
 PASSWD = "sandbox:x:65534:65534:crucible sandbox:/tmp:/usr/sbin/nologin\n"
 GROUP = "sandbox:x:65534:\n"
 ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives", "/etc/fonts")
+#: When crucible runs as root, bubblewrap is started as this host uid/gid (nobody) instead:
+#: bubblewrap started by root maps the sandbox's user to host root, whose writes to host-wide
+#: /proc/sys files (kernel.core_pattern: a command the kernel runs as root) are allowed.
+SANDBOX_HOST_UID = 65534
+#: Runs as root in a private mount namespace before bubblewrap: binds the folders the sandbox
+#: needs where uid 65534 can reach them (a Python under /root), then drops to that uid.
+STAGE_SCRIPT = (
+    'n=$1; shift; while [ "$n" -gt 0 ]; do mount --bind "$1" "$2" || exit 125; shift 2;'
+    ' n=$((n - 1)); done; exec setpriv --reuid=$0 --regid=$0 --clear-groups -- "$@"'
+)
 
 
 class CrucibleLocalBackend(Backend):
@@ -129,11 +139,21 @@ class CrucibleLocalBackend(Backend):
         """None when bubblewrap works here; otherwise what went wrong when trying it."""
         if not self.bwrap_path:
             return "bubblewrap (bwrap) is not installed"
+        if self._as_root:
+            missing = [t for t in ("unshare", "setpriv", "mount") if not shutil.which(t)]
+            if missing:
+                return (
+                    f"crucible runs as root and needs {', '.join(missing)} (util-linux) to start"
+                    f" bubblewrap as uid {SANDBOX_HOST_UID}: started by root, a sandbox's user"
+                    " would be host root"
+                )
         try:
             probe = subprocess.run(
                 [
+                    *self._drop_argv([]),
                     self.bwrap_path,
                     "--unshare-all",
+                    "--unshare-user",
                     "--die-with-parent",
                     "--ro-bind",
                     "/",
@@ -179,11 +199,49 @@ class CrucibleLocalBackend(Backend):
         return sorted(p for p in paths if p and not p.startswith("/usr"))
 
     @cached_property
+    def _as_root(self) -> bool:
+        """True when crucible runs as root: sandboxes are then started as SANDBOX_HOST_UID."""
+        return os.geteuid() == 0
+
+    @cached_property
     def _state_dir(self) -> str:
         d = tempfile.mkdtemp(prefix="crucible-local-")
+        os.chmod(d, 0o755)  # bubblewrap may run as SANDBOX_HOST_UID; nothing secret in here
         Path(d, "passwd").write_text(PASSWD)
         Path(d, "group").write_text(GROUP)
         return d
+
+    @cached_property
+    def _binds(self) -> list[tuple[str, str]]:
+        """``(source, destination)`` of the extra read-only binds (the Python installation,
+        ``extra_ro_binds``). As root, each source is a stand-in in the state folder that the
+        launcher binds the real folder onto in a private mount namespace: uid 65534 may not
+        be able to reach the real one (a Python under /root)."""
+        paths = [*self.python_paths, *self.extra_ro_binds]
+        if not self._as_root:
+            return [(p, p) for p in paths]
+        stage = Path(self._state_dir, "binds")
+        stage.mkdir(mode=0o755, exist_ok=True)
+        out = []
+        for i, path in enumerate(paths):
+            spot = stage / str(i)
+            if os.path.isdir(path):
+                spot.mkdir(mode=0o755, exist_ok=True)
+            else:
+                spot.touch(mode=0o644)
+            out.append((str(spot), path))
+        return out
+
+    def _drop_argv(self, binds: list[tuple[str, str]]) -> list[str]:
+        """As root: the launcher that binds ``binds`` (stand-in ← real folder) in a private
+        mount namespace and starts what follows as SANDBOX_HOST_UID. Empty otherwise."""
+        if not self._as_root:
+            return []
+        pairs = [a for spot, path in binds for a in (path, spot)]
+        return [
+            "unshare", "--mount", "--propagation", "private", "--",
+            "/bin/sh", "-c", STAGE_SCRIPT, str(SANDBOX_HOST_UID), str(len(binds)), *pairs,
+        ]  # fmt: skip
 
     @cached_property
     def runner_path(self) -> str:
@@ -246,8 +304,8 @@ class CrucibleLocalBackend(Backend):
         ]
         # /tmp first: an interpreter (a venv) that lives under /tmp is bound on top of it
         argv += ["--size", str(self.tmp_size), "--tmpfs", "/tmp"]
-        for path in [*self.python_paths, *self.extra_ro_binds]:
-            argv += ["--ro-bind", path, path]
+        for source, path in self._binds:
+            argv += ["--ro-bind", source, path]
         argv += [
             "--proc",
             "/proc",
@@ -260,7 +318,7 @@ class CrucibleLocalBackend(Backend):
         if code_fd is not None:
             argv += ["--ro-bind-data", str(code_fd), f"{SANDBOX_DIR}/cell.py"]
         argv += ["--remount-ro", "/", "--chdir", "/tmp"]
-        return argv
+        return [*self._drop_argv(self._binds), *argv]
 
     def _env(self, execution: Execution) -> dict[str, str]:
         return {**self._base_env(), **self._cell_env(execution)}
@@ -344,6 +402,7 @@ class CrucibleLocalBackend(Backend):
                     self.cgroup_layout,
                     self.python_paths,
                     self.runner_path,
+                    self._binds,
                 )
             )
 

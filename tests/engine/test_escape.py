@@ -1,0 +1,382 @@
+"""Escape attempts a hostile cell would make, each asserting the specific way it is stopped.
+
+Most probes run in one cell (``_probes``) whose results the parametrized test reads line by
+line; the rest need a cell of their own (they end the sandbox, or look at it from the host).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from crucible_jupyter.models import Status
+
+from .conftest import run_cell, stream_text
+
+SANDBOX_HOST_UID = 65534
+
+PROBES = r"""
+import ctypes, errno, glob, json, os, socket, subprocess
+libc = ctypes.CDLL(None, use_errno=True)
+HOST = json.loads(HOST_JSON)
+results = {}
+
+def probe(name, fn):
+    try:
+        results[name] = "ok: " + str(fn())[:200]
+    except socket.gaierror as e:
+        results[name] = "gaierror"
+    except OSError as e:
+        results[name] = errno.errorcode.get(e.errno, str(e.errno))
+
+def syscall(nr, *args):
+    if libc.syscall(nr, *args) < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return "allowed"
+
+def connect(family, address):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(3)
+    s.connect(address)
+    return "CONNECTED"
+
+def rewrite(path):  # the same value back: harmless if it works, and proof that it works
+    value = open(path).read()
+    with open(path, "w") as f:
+        f.write(value)
+    return "WROTE"
+
+# host secrets
+probe("jupyter_runtime", lambda: os.listdir(HOST["runtime_dir"]))
+probe("jupyter_config", lambda: os.listdir(HOST["home"] + "/.jupyter"))
+probe("crucible_db", lambda: open(HOST["db"], "rb").read(16))
+probe("default_db", lambda: open(HOST["default_db"], "rb").read(16))
+probe("kubeconfig", lambda: open(HOST["kubeconfig"]).read(16))
+probe("kube_dir", lambda: os.listdir(HOST["home"] + "/.kube"))
+probe("host_environ", lambda: open(f"/proc/{HOST['pid']}/environ").read())
+probe("state_dir", lambda: os.listdir(HOST["state_dir"]))
+probe("other_tmp", lambda: glob.glob("/tmp/crucible-*") or open("/tmp/" + HOST["tmp_name"]).read())
+probe("sys", lambda: os.listdir("/sys"))
+probe("run", lambda: os.listdir("/run"))
+probe("dev_disk", lambda: open("/dev/vda", "rb").read(1))
+probe("dev_mem", lambda: open("/dev/mem", "rb").read(1))
+probe("venv_write", lambda: open(HOST["venv"] + "/evil", "w"))
+probe("cgroup_fs", lambda: os.listdir("/sys/fs/cgroup"))
+probe("supervisor_frames", lambda: os.open(f"/proc/{os.getppid()}/fd/1", os.O_WRONLY))
+# host-wide kernel settings: writable only if the sandbox's user were host root
+probe("core_pattern", lambda: rewrite("/proc/sys/kernel/core_pattern"))
+probe("overcommit", lambda: rewrite("/proc/sys/vm/overcommit_memory"))
+probe("somaxconn", lambda: rewrite("/proc/sys/net/core/somaxconn"))
+probe("hostname_sysctl", lambda: rewrite("/proc/sys/kernel/hostname"))
+# network
+probe("host_jupyter", lambda: connect(socket.AF_INET, ("127.0.0.1", 8888)))
+probe("host_postgres", lambda: connect(socket.AF_INET, ("127.0.0.1", 5432)))
+probe("host_tcp", lambda: connect(socket.AF_INET, ("127.0.0.1", HOST["tcp_port"])))
+probe("metadata", lambda: connect(socket.AF_INET, ("169.254.169.254", 80)))
+probe("apiserver", lambda: connect(socket.AF_INET, ("10.96.0.1", 443)))
+probe("dns", lambda: socket.getaddrinfo("kubernetes.default.svc.cluster.local", 443))
+probe("abstract_unix", lambda: connect(socket.AF_UNIX, "\0" + HOST["abstract"]))
+probe("host_unix", lambda: connect(socket.AF_UNIX, HOST["unix_path"]))
+probe("postgres_unix", lambda: connect(socket.AF_UNIX, "/var/run/postgresql/.s.PGSQL.5432"))
+probe("raw_socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+probe("packet_socket", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW))
+# privilege
+probe("setuid_root", lambda: os.setuid(0))
+probe("unshare_user", lambda: syscall(272, 0x10000000))
+probe("unshare_mount", lambda: syscall(272, 0x00020000))
+probe("mount_tmpfs", lambda: syscall(165, b"none", b"/tmp", b"tmpfs", 0, None))
+probe("chroot", lambda: syscall(161, b"/tmp"))
+attr = ctypes.create_string_buffer(128)
+attr[0:8] = (1).to_bytes(4, "little") + (128).to_bytes(4, "little")  # SOFTWARE, size
+probe("perf_system_wide", lambda: syscall(298, attr, -1, 0, -1, 0))
+probe("su", lambda: subprocess.run(["su", "-c", "id"], input="x\n", capture_output=True,
+                                   text=True, timeout=10).returncode or "ROOT")
+probe("mount_setuid", lambda: subprocess.run(["mount", "-t", "tmpfs", "x", "/tmp"],
+                                             capture_output=True, timeout=10).returncode or "MOUNTED")
+probe("nosuid", lambda: "nosuid" in open("/proc/self/mountinfo").read().split("\n")[0] or "SUID")
+probe("no_new_privs", lambda: [l.split()[1] for l in open("/proc/self/status")
+                               if l.startswith("NoNewPrivs")][0])
+print("RESULTS " + json.dumps(results))
+"""
+
+EXPECTED = {
+    "jupyter_runtime": "ENOENT",
+    "jupyter_config": "ENOENT",
+    "crucible_db": "ENOENT",
+    "default_db": "ENOENT",
+    "kubeconfig": "ENOENT",
+    "kube_dir": "ENOENT",
+    "host_environ": "ENOENT",
+    "state_dir": "ENOENT",
+    "other_tmp": "ENOENT",
+    "sys": "ENOENT",
+    "run": "ENOENT",
+    "dev_disk": "ENOENT",
+    "dev_mem": "ENOENT",
+    "venv_write": "EROFS",
+    "cgroup_fs": "ENOENT",
+    "supervisor_frames": "EACCES",  # the pipe belongs to the dispatcher's user, not the sandbox
+    "core_pattern": "EACCES",
+    "overcommit": "EACCES",
+    "somaxconn": "EACCES",
+    "hostname_sysctl": "EACCES",
+    "host_jupyter": "ECONNREFUSED",  # the sandbox's own, empty loopback
+    "host_postgres": "ECONNREFUSED",
+    "host_tcp": "ECONNREFUSED",
+    "metadata": "ENETUNREACH",
+    "apiserver": "ENETUNREACH",
+    "dns": "gaierror",
+    "abstract_unix": "ECONNREFUSED",  # abstract names live in the network namespace
+    "host_unix": "ENOENT",
+    "postgres_unix": "ENOENT",
+    "raw_socket": "EPERM",
+    "packet_socket": "EPERM",
+    "setuid_root": "EINVAL",  # uid 0 does not even exist in the sandbox
+    "unshare_user": "ENOSPC",  # no nested user namespaces (max_user_namespaces = 0)
+    "unshare_mount": "EPERM",
+    "mount_tmpfs": "EPERM",
+    "chroot": "EPERM",
+    "perf_system_wide": "EACCES",
+    "su": "ok: 1",
+    "mount_setuid": "ok: 32",
+    "nosuid": "ok: True",
+    "no_new_privs": "ok: 1",
+}
+
+_results: dict[str, str] = {}
+
+
+@pytest.fixture
+async def probe_results(make_dispatcher, tmp_path) -> dict[str, str]:
+    """Run every probe of PROBES in one cell (once per module), with the host's real
+    secrets, sockets and servers to aim at."""
+    if _results:
+        return _results
+    from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
+
+    d = await make_dispatcher()
+    backend = d.get_backend("local")
+    await backend._discover()
+    tmp_name = f"crucible-escape-{secrets.token_hex(4)}"
+    Path("/tmp", tmp_name).write_text("another sandbox's file")
+    unix_path = f"/tmp/{tmp_name}.sock"
+    abstract = f"crucible-escape-{secrets.token_hex(4)}"
+    servers = []
+    for family, address in ((socket.AF_UNIX, unix_path), (socket.AF_UNIX, "\0" + abstract)):
+        s = socket.socket(family)
+        s.bind(address)
+        s.listen()
+        servers.append(s)
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen()
+    servers.append(tcp)
+    host = {
+        "home": os.path.expanduser("~"),
+        "runtime_dir": jupyter_runtime_dir(),
+        "db": str(tmp_path / "crucible.db"),
+        "default_db": str(Path(jupyter_data_dir(), "crucible", "crucible.db")),
+        "kubeconfig": "/var/lib/crucible-cluster/admin.kubeconfig",
+        "pid": os.getpid(),
+        "state_dir": backend._state_dir,
+        "tmp_name": tmp_name,
+        "venv": sys.prefix,
+        "tcp_port": tcp.getsockname()[1],
+        "abstract": abstract,
+        "unix_path": unix_path,
+    }
+    code = PROBES.replace("HOST_JSON", repr(json.dumps(host)))
+    try:
+        execution, events = await run_cell(d, code, timeout=60)
+    finally:
+        for s in servers:
+            s.close()
+        os.unlink(unix_path)
+        os.unlink(f"/tmp/{tmp_name}")
+    out = stream_text(events, "stdout")
+    assert execution.status is Status.SUCCEEDED, (execution.reason, stream_text(events))
+    _results.update(json.loads(out.split("RESULTS ", 1)[1]))
+    return _results
+
+
+@pytest.mark.parametrize("probe,expected", sorted(EXPECTED.items()))
+async def test_escape_attempt_is_stopped(probe_results, probe, expected):
+    assert probe_results[probe] == expected
+
+
+def _sandbox_processes() -> dict[int, tuple[int, str]]:
+    """Host pid → (real uid, command line) of every process descending from this test
+    process: the sandboxes its dispatcher started (bubblewrap, runners, cells)."""
+    info = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status if ":" in line)
+        info[int(pid)] = (int(fields["PPid"]), int(fields["Uid"].split()[0]), cmd)
+    mine, grew = {os.getpid()}, True
+    while grew:
+        more = {pid for pid, (ppid, _, _) in info.items() if ppid in mine} - mine
+        mine |= more
+        grew = bool(more)
+    mine.discard(os.getpid())
+    return {pid: info[pid][1:] for pid in mine if pid in info}
+
+
+@pytest.mark.parametrize("warm", [2, 0], ids=["warm", "cold"])
+async def test_sandbox_user_is_not_host_root(make_dispatcher, warm):
+    """Started by root, bubblewrap mapped the sandbox's user to host root: its writes to
+    host-wide /proc/sys files (kernel.core_pattern) went through. Seen from the host, every
+    sandbox process must belong to an unprivileged user."""
+    d = await make_dispatcher(local={"warm_sandboxes": warm})
+    execution = await d.submit({"code": "import time\nprint('ready', flush=True)\ntime.sleep(60)"})
+    async for event in d.subscribe(execution.id):
+        if event.type == "stream" and "ready" in event.data["text"]:
+            break
+    procs = _sandbox_processes()
+    await d.cancel(execution.id)
+    runners = [cmd for _, cmd in procs.values() if "/opt/crucible/runner" in cmd]
+    assert len(runners) >= 2, procs  # the runner and the cell (and warm ones)
+    expected = SANDBOX_HOST_UID if os.geteuid() == 0 else os.geteuid()
+    assert {uid for uid, _ in procs.values()} == {expected}, procs
+
+
+DAEMON = textwrap.dedent("""
+    import os, signal, subprocess
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:  # keeps the cell's stdout open, and escapes its session
+            os.execvp("sleep", ["sleep", "{marker}"])
+        os._exit(0)
+    subprocess.Popen(["sleep", "{marker}"], start_new_session=True,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print("spawned", flush=True)
+""")
+
+
+def _alive(marker: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\0" + marker.encode() + b"\0":
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("warm", [2, 0], ids=["warm", "cold"])
+async def test_daemonized_processes_end_with_the_cell(make_dispatcher, warm):
+    d = await make_dispatcher(local={"warm_sandboxes": warm})
+    marker = f"{3000 + secrets.randbelow(1000)}.{secrets.randbelow(1000)}"
+    execution, events = await run_cell(d, DAEMON.format(marker=marker), timeout=30)
+    assert execution.status is Status.SUCCEEDED, execution.reason
+    assert stream_text(events, "stdout") == "spawned\n"
+    for _ in range(100):  # the sandbox is gone once the execution is finished; allow reaping
+        if not _alive(marker):
+            break
+        await asyncio.sleep(0.05)
+    assert _alive(marker) == []
+
+
+async def test_kill_everything_ends_only_the_sandbox(dispatcher):
+    """``kill -9 -1`` reaches the sandbox's own processes, not the host's (not even those of
+    the user the sandbox runs as)."""
+    host = subprocess.Popen(
+        ["sleep", "60"],
+        **({"user": SANDBOX_HOST_UID, "group": SANDBOX_HOST_UID} if os.geteuid() == 0 else {}),
+    )
+    try:
+        code = "import os, signal\nprint('bye', flush=True)\nos.kill(-1, signal.SIGKILL)"
+        execution, _ = await run_cell(dispatcher, code)
+        assert execution.status is Status.FAILED
+        assert execution.reason == "killed by SIGKILL"
+        assert host.poll() is None
+    finally:
+        host.kill()
+        host.wait()
+
+
+async def test_forged_frames_do_not_change_the_status(dispatcher):
+    code = textwrap.dedent("""
+        import os, sys
+        forged = '{"v":1,"seq":1,"t":0,"type":"end","exit_code":0}'
+        print(forged, flush=True)
+        os.write(1, b'{"type":"status","status":"succeeded"}\\n')
+        sys.stdout.flush()
+        os._exit(3)
+    """)
+    execution, events = await run_cell(dispatcher, code)
+    assert execution.status is Status.FAILED
+    assert execution.exit_code == 3 and execution.reason == "exited with code 3"
+    assert '"type":"end"' in stream_text(events, "stdout")  # shown as text, not obeyed
+
+
+async def test_stopped_supervisor_and_flood_still_time_out(make_dispatcher):
+    """A cell that freezes its runner, or floods stdout and never lets it read stdin, is still
+    ended by the wall-clock timeout."""
+    d = await make_dispatcher(output_limit=1 << 20)
+    stop = "import os, signal, time\nos.kill(os.getppid(), signal.SIGSTOP)\ntime.sleep(60)"
+    flood = "import os\nwhile True:\n    os.write(1, b'x' * 65536)"
+    results = await asyncio.gather(*(run_cell(d, c, timeout=2) for c in (stop, flood)))
+    assert [e.status for e, _ in results] == [Status.TIMED_OUT, Status.TIMED_OUT]
+
+
+async def test_cpu_quota_holds_with_several_processes(dispatcher):
+    """Two busy processes for 1.5 s of wall time get at most about cpu × 1.5 s of CPU.
+    (Without the quota they would get up to 3 s on two cores; a busy machine only lowers it.)"""
+    code = textwrap.dedent("""
+        import os, time
+        pids = []
+        for _ in range(2):
+            pid = os.fork()
+            if pid == 0:
+                end = time.monotonic() + 1.5
+                while time.monotonic() < end:
+                    pass
+                os._exit(0)
+            pids.append(pid)
+        for pid in pids:
+            os.waitpid(pid, 0)
+        print("cpu", os.times().children_user + os.times().children_system)
+    """)
+    execution, events = await run_cell(dispatcher, code, cpu=0.2, timeout=60)
+    assert execution.status is Status.SUCCEEDED, execution.reason
+    used = float(stream_text(events, "stdout").split()[1])
+    assert used < 0.2 * 1.5 + 0.4, used
+
+
+@pytest.mark.parametrize("where", ["/tmp", "/dev/shm"])
+async def test_filling_memory_backed_folders_counts_as_memory(dispatcher, where):
+    code = f"with open('{where}/fill', 'wb') as f:\n    for _ in range(250):\n" + (
+        "        f.write(b'x' * (1 << 20))"
+    )
+    execution, _ = await run_cell(dispatcher, code, memory="128Mi", timeout=30)
+    assert execution.status is Status.FAILED
+    assert execution.reason.startswith("memory limit exceeded"), execution.reason
+
+
+async def test_nothing_of_a_cell_reaches_the_next(make_dispatcher):
+    """Warm sandboxes: a later cell sees no file, process or environment of an earlier one."""
+    d = await make_dispatcher(local={"warm_sandboxes": 2})
+    first = (
+        "import os\nopen('/tmp/left', 'w').write('x')\nos.environ['LEFT'] = '1'\nprint(os.getpid())"
+    )
+    await run_cell(d, first)
+    later = "import os\nprint(sorted(os.listdir('/tmp')), os.environ.get('LEFT'), len(os.listdir('/proc')))"
+    for _ in range(3):  # the third runs in a sandbox started after the first cell ended
+        execution, events = await run_cell(d, later)
+        assert stream_text(events, "stdout").startswith("[] None"), stream_text(events)
