@@ -33,10 +33,10 @@ async def warm(make_dispatcher):
 
 async def test_cells_run_in_warm_sandboxes_one_each(warm):
     backend = warm.get_backend("local")
-    first = {id(w.proc) for w in backend._warm}
+    first = {w.proc.pid for w in backend._warm}
     code = (
         "import os\n"
-        "print(sorted(os.listdir('/tmp')), os.environ['CRUCIBLE_EXECUTION_ID'],"
+        "print(os.path.exists('/tmp/left-behind'), os.environ['CRUCIBLE_EXECUTION_ID'],"
         " os.environ.get('GREETING'))\n"
         "open('/tmp/left-behind', 'w').write('x')\n"
     )
@@ -46,11 +46,11 @@ async def test_cells_run_in_warm_sandboxes_one_each(warm):
         assert execution.status is Status.SUCCEEDED, stream_text(events)
         assert execution.isolation == "bubblewrap"
         # a fresh /tmp every time, this execution's id and this request's environment
-        assert stream_text(events) == f"[] {execution.id} hello {n}\n"
+        assert stream_text(events) == f"False {execution.id} hello {n}\n"
         seen.append(execution.id)
     assert len(set(seen)) == 4
     await _until_warm(backend, 2)
-    assert not first & {id(w.proc) for w in backend._warm}  # the first two were used up
+    assert not first & {w.proc.pid for w in backend._warm}  # the first two were used up
 
 
 async def test_a_warm_sandbox_takes_the_cells_memory_limit(warm):

@@ -306,7 +306,7 @@ def test_cancel_requests(storage: Storage) -> None:
     ["", "nope", "0" * 36, "x" * 10_000, "a\x00b", "\udc80", "🚀", "'; DROP TABLE x", None, 42],
 )
 def test_not_found_on_unknown_and_malformed_ids(storage: Storage, bad) -> None:
-    with pytest.raises(NotFound, match="crucible list") as info:
+    with pytest.raises(NotFound, match="crucible history") as info:
         storage.get(bad)
     assert len(info.value.message) < 300
     with pytest.raises(NotFound):
