@@ -5,7 +5,8 @@
 * a Job (``backoffLimit: 0``, ``restartPolicy: Never``, ``activeDeadlineSeconds`` as a
   backstop, ``ttlSecondsAfterFinished``) whose pod is hardened: fixed non-root UID, no
   privilege escalation, read-only root, all capabilities dropped, seccomp RuntimeDefault,
-  no service-account token, no service links, a size-limited ``emptyDir`` ``/tmp``;
+  no service-account token, no service links, a size-limited in-memory ``emptyDir``
+  ``/tmp``;
 * the deny-all NetworkPolicy selecting every executor pod.
 """
 
@@ -154,7 +155,10 @@ def make_job(
         "containers": [container],
         "volumes": [
             {"name": "crucible", "configMap": {"name": name, "defaultMode": 0o444}},
-            {"name": "tmp", "emptyDir": {"sizeLimit": str(tmp_size)}},
+            # in memory: a tmpfs whose size is the limit at every write, counted toward the
+            # pod's memory (on disk, sizeLimit is only checked by the kubelet's periodic
+            # eviction, after a cell may already have filled the node's disk)
+            {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": str(tmp_size)}},
         ],
     }
     if runtime_class:
