@@ -243,8 +243,8 @@ async def test_escape_attempt_is_stopped(probe_results, probe, expected):
 
 
 def _sandbox_processes() -> dict[int, tuple[int, str]]:
-    """Host pid → (real uid, command line) of every process descending from this test
-    process: the sandboxes its dispatcher started (bubblewrap, runners, cells)."""
+    """Host pid → (real uid, command line) of the sandboxes this test process's dispatchers
+    started: each bubblewrap process and everything under it (runners, cells)."""
     info = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -259,8 +259,15 @@ def _sandbox_processes() -> dict[int, tuple[int, str]]:
         more = {pid for pid, (ppid, _, _) in info.items() if ppid in mine} - mine
         mine |= more
         grew = bool(more)
-    mine.discard(os.getpid())
-    return {pid: info[pid][1:] for pid in mine if pid in info}
+    # only the sandboxes: the bubblewrap processes and what runs under them (a browser the
+    # session's browser tests keep open is a descendant too, and not a sandbox)
+    tops = {pid for pid in mine if "bwrap" in info[pid][2].split(" ", 1)[0]}
+    sandbox, grew = set(tops), True
+    while grew:
+        more = {pid for pid, (ppid, _, _) in info.items() if ppid in sandbox} - sandbox
+        sandbox |= more
+        grew = bool(more)
+    return {pid: info[pid][1:] for pid in sandbox}
 
 
 @pytest.mark.parametrize("warm", [2, 0], ids=["warm", "cold"])
