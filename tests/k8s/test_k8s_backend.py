@@ -387,6 +387,9 @@ def test_doctor_reports_enforced_network_isolation(kube, namespace, tmp_path):
     assert checks["kubernetes"]["ok"], checks
     assert checks["network isolation"]["ok"], checks["network isolation"]
     assert checks["network isolation"]["detail"].startswith("enforced")
+    assert checks["process limit"]["ok"], checks["process limit"]
+    stopped_at = int(checks["process limit"]["detail"].split(" stops at ")[1].split()[0])
+    assert 1000 < stopped_at < 1024  # podPidsLimit 1024 of dev/cluster, minus the pod's own
     assert done.returncode == 0
 
 

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from .api import raw, raw_json
 from .reflector import Pod, PodReflector
 
 RUNNER = Path(__file__).resolve().parent.parent.parent / "runner.py"
+#: Threads the doctor probe tries to start; a pod that stops short of it has a process limit.
+PIDS_PROBE = 1500
 IMAGE_FAILURES = {
     "ErrImagePull": "image could not be pulled",
     "ImagePullBackOff": "image could not be pulled",
@@ -411,23 +414,41 @@ class CrucibleKubernetesBackend(Backend):
             out.append(Check("network policy", True, f"{objects.POLICY_NAME} present"))
         except Exception as e:
             out.append(Check("network policy", False, f"deny-all policy missing: {e}"))
-        out.append(await self._probe_network())
+        out.extend(await self._probe_executor())
         return out
 
-    async def _probe_network(self) -> Check:
-        """Run a real executor that tries to reach the API server: is egress really denied?"""
+    async def _probe_executor(self) -> list[Check]:
+        """Run a real executor that tries to reach the API server (is egress really denied?)
+        and reads its process limit (does the kubelet set podPidsLimit?)."""
         target = self._api_endpoint or self.isolation_probe
         if not target or target == "off":
-            return Check(
-                "network isolation",
-                False,
-                "no address to probe (API server unknown)",
-                fix="set c.CrucibleKubernetesBackend.isolation_probe = 'HOST:PORT'",
-            )
+            return [
+                Check(
+                    "network isolation",
+                    False,
+                    "no address to probe (API server unknown)",
+                    fix="set c.CrucibleKubernetesBackend.isolation_probe = 'HOST:PORT'",
+                )
+            ]
         host, _, port = target.rpartition(":")
         address = (host.strip("[]"), int(port))
+        # the pod's limit (podPidsLimit) sits on the pod's cgroup, which a container cannot
+        # read: count the threads it can start instead (up to PIDS_PROBE, then let them go)
         code = (
-            "import socket\n"
+            "import socket, threading\n"
+            "threading.stack_size(65536)\n"
+            "stop, started = threading.Event(), []\n"
+            "try:\n"
+            f"    for _ in range({PIDS_PROBE}):\n"
+            "        t = threading.Thread(target=stop.wait)\n"
+            "        t.start()\n"
+            "        started.append(t)\n"
+            "except RuntimeError:\n"
+            "    pass\n"
+            "stop.set()\n"
+            "for t in started:\n"
+            "    t.join()\n"
+            "print('THREADS', len(started))\n"
             "try:\n"
             f"    socket.create_connection({address!r}, timeout=3).close()\n"
             "    print('OPEN')\n"
@@ -436,7 +457,7 @@ class CrucibleKubernetesBackend(Backend):
         )
         execution = Execution(
             id=new_execution_id(),
-            request=ExecutionRequest(code=code, timeout=60, resources=Resources(0.1, 64 << 20)),
+            request=ExecutionRequest(code=code, timeout=60, resources=Resources(0.2, 256 << 20)),
             user="crucible-doctor",
         )
         try:
@@ -444,17 +465,40 @@ class CrucibleKubernetesBackend(Backend):
             text = b"".join([line async for _, line, _ in sandbox.lines()]).decode()
             outcome = await sandbox.wait()
         except CrucibleError as e:
-            return Check("network isolation", False, f"probe could not run: {e.message}")
-        if "IsolationError" in text or "OPEN" in text:
-            return Check(
-                "network isolation",
-                False,
-                f"NOT enforced: an executor pod could reach the API server at {target}",
-                fix="run a NetworkPolicy enforcer (a CNI with policy support, or kube-router)",
-            )
-        if "blocked" in text:
-            return Check("network isolation", True, f"enforced: executors cannot reach {target}")
-        return Check("network isolation", False, f"probe failed: {outcome.reason or text[-200:]}")
+            return [Check("network isolation", False, f"probe could not run: {e.message}")]
+        return [_network_check(text, outcome, target), _pids_check(text)]
+
+
+def _network_check(text: str, outcome: Outcome, target: str) -> Check:
+    if "IsolationError" in text or "OPEN" in text:
+        return Check(
+            "network isolation",
+            False,
+            f"NOT enforced: an executor pod could reach the API server at {target}",
+            fix="run a NetworkPolicy enforcer (a CNI with policy support, or kube-router)",
+        )
+    if "blocked" in text:
+        return Check("network isolation", True, f"enforced: executors cannot reach {target}")
+    return Check("network isolation", False, f"probe failed: {outcome.reason or text[-200:]}")
+
+
+def _pids_check(text: str) -> Check:
+    found = re.search(r"THREADS (\d+)", text)
+    if found and int(found.group(1)) < PIDS_PROBE:
+        return Check(
+            "process limit",
+            True,
+            f"an executor pod stops at {found.group(1)} threads (the kubelet's podPidsLimit)",
+        )
+    return Check(
+        "process limit",
+        False,
+        f"executor pods have no process limit (a probe started {PIDS_PROBE} threads): a fork"
+        " or thread bomb is stopped only by the memory limit, after it has slowed the node"
+        if found
+        else "the executor pod's process limit could not be measured",
+        fix="set podPidsLimit (e.g. 1024) in the kubelet configuration of the nodes",
+    )
 
 
 class KubernetesSandbox(Sandbox):
