@@ -189,8 +189,8 @@ def test_networkpolicy_deny_all(kube, namespace, images):
     print(f"policy enforced within {int((time.monotonic() - t0) * 1000)} ms")
     # Stays denied, and the unselected pod is unaffected.
     assert _probe(kube, namespace, "isolated", *targets) == {server: False, host: False}
-    # (a policy sync of kube-router can drop a connection for a moment, also for pods no
-    # policy selects: the free pod must reach both, not necessarily on the first try)
+    # (seen once under heavy load: one probe of the free pod failed right after the policy
+    # landed; what matters is that it is not blocked, so it may take more than one try)
     kube.wait_for(
         lambda: _probe(kube, namespace, "free", *targets) == {server: True, host: True},
         30,
