@@ -62,14 +62,15 @@ STAGE_SCRIPT = (
 
 
 #: Syscalls a cell never needs that widen the kernel's attack surface (as Docker's default
-#: profile refuses them): keyrings, io_uring, eBPF, userfaultfd, perf events, process memory
-#: of others, module/kexec loading, mounting and namespaces. x86_64 numbers; they fail with
+#: profile refuses them): keyrings, io_uring, eBPF, userfaultfd, perf events, tracing or
+#: reading other processes (the cell's own runner), module/kexec loading, mounting and
+#: namespaces. x86_64 numbers; they fail with
 #: EPERM, as do every i386 and x32 system call.
 SECCOMP_DENY_X86_64 = {
     "add_key": 248, "request_key": 249, "keyctl": 250,
     "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
     "bpf": 321, "userfaultfd": 323, "perf_event_open": 298,
-    "process_vm_readv": 310, "process_vm_writev": 311,
+    "process_vm_readv": 310, "process_vm_writev": 311, "ptrace": 101,
     "kexec_load": 246, "kexec_file_load": 320,
     "init_module": 175, "finit_module": 313, "delete_module": 176,
     "mount": 165, "umount2": 166, "pivot_root": 155, "unshare": 272, "setns": 308,

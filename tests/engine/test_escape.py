@@ -107,6 +107,7 @@ probe("io_uring", lambda: syscall(425, 4, ctypes.create_string_buffer(120)))
 probe("bpf", lambda: syscall(321, 0, ctypes.create_string_buffer(128), 128))
 probe("userfaultfd", lambda: syscall(323, 0))
 probe("process_vm_readv", lambda: syscall(310, os.getppid(), None, 0, None, 0, 0))
+probe("ptrace_runner", lambda: syscall(101, 16, os.getppid(), None, None))  # PTRACE_ATTACH
 probe("x32_abi", lambda: syscall(0x40000000 | 39))  # getpid through the x32 table
 probe("setns", lambda: syscall(308, os.open("/proc/self/ns/net", os.O_RDONLY), 0))
 probe("seccomp", lambda: [l.split()[1] for l in open("/proc/self/status")
@@ -165,6 +166,7 @@ EXPECTED = {
     "bpf": "EPERM",
     "userfaultfd": "EPERM",
     "process_vm_readv": "EPERM",
+    "ptrace_runner": "EPERM",
     "x32_abi": "EPERM",
     "setns": "EPERM",
     "seccomp": "ok: 2",
@@ -176,7 +178,7 @@ EXPECTED = {
 
 SECCOMP_PROBES = {
     "unshare_user", "perf_system_wide", "keyctl", "add_key", "io_uring", "bpf",
-    "userfaultfd", "process_vm_readv", "x32_abi", "setns", "seccomp",
+    "userfaultfd", "process_vm_readv", "ptrace_runner", "x32_abi", "setns", "seccomp",
 }  # fmt: skip
 
 _results: dict[str, str] = {}
