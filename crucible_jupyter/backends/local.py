@@ -27,6 +27,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ from .base import FRAMES, STDERR, Backend, Check, Outcome, Sandbox, read_lines
 RUNNER = Path(__file__).resolve().parent.parent / "runner.py"
 SANDBOX_DIR = "/opt/crucible"
 SANDBOX_UID = 65534
+#: Scratch folders are ``<tmp>/crucible-local-<pid>-<random>``.
+STATE_PREFIX = "crucible-local-"
 #: Memory limit of a warm sandbox until it is handed a cell (then: the cell's limit).
 WARM_MEMORY = 256 << 20
 PASSWD = "sandbox:x:65534:65534:crucible sandbox:/tmp:/usr/sbin/nologin\n"
@@ -250,7 +253,7 @@ class CrucibleLocalBackend(Backend):
 
     @cached_property
     def _state_dir(self) -> str:
-        d = tempfile.mkdtemp(prefix="crucible-local-")
+        d = tempfile.mkdtemp(prefix=f"{STATE_PREFIX}{os.getpid()}-")
         os.chmod(d, 0o755)  # bubblewrap may run as SANDBOX_HOST_UID; nothing secret in here
         Path(d, "passwd").write_text(PASSWD)
         Path(d, "group").write_text(GROUP)
@@ -614,6 +617,7 @@ class CrucibleLocalBackend(Backend):
             removed = await asyncio.to_thread(cgroups.remove_stale, layout)
             if removed:
                 self.log.info("crucible: removed %d cgroups a stopped dispatcher left", removed)
+        await asyncio.to_thread(remove_stale_state_dirs)
 
     def _keep_warm(self) -> None:
         """Start sandboxes in the background until ``warm_sandboxes`` wait for a cell."""
@@ -764,6 +768,33 @@ class CrucibleLocalBackend(Backend):
             if transport is not None:
                 transport.close()
         self._procs.clear()
+
+
+def remove_stale_state_dirs(tmp: str | None = None, older_than: float = 600.0) -> int:
+    """Delete the scratch folders (``crucible-local-<pid>-*``, older than ``older_than``
+    seconds) of dispatchers whose process is gone (killed before they could clean up);
+    returns how many."""
+    removed = 0
+    tmp = tmp or tempfile.gettempdir()
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(tmp):
+            pid = entry.name[len(STATE_PREFIX) :].split("-", 1)[0]
+            if not entry.name.startswith(STATE_PREFIX) or not pid.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if now - entry.stat(follow_symlinks=False).st_mtime < older_than:
+                    continue
+            try:
+                os.kill(int(pid), 0)
+                continue  # still running (or a new process with that pid: leave it)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 async def _off_loop(fn: Callable[[], None]) -> None:

@@ -1,4 +1,5 @@
-"""Cgroups a killed dispatcher left behind are removed, and only those."""
+"""What a killed dispatcher left behind (cgroups, scratch folders) is removed, and only
+that."""
 
 from __future__ import annotations
 
@@ -50,3 +51,28 @@ def test_only_old_empty_groups_are_removed(layout):
         sleeper.wait()
         for g in (stale, fresh, busy):
             g.remove()
+
+
+def test_only_scratch_folders_of_dead_processes_are_removed(tmp_path):
+    from crucible_jupyter.backends.local import remove_stale_state_dirs
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = tmp_path / f"crucible-local-{gone.pid}-abc"
+    alive = tmp_path / f"crucible-local-{os.getpid()}-def"
+    other = tmp_path / "crucible-local-notapid"
+    recent = tmp_path / f"crucible-local-{gone.pid}-new"
+    for d in (dead, alive, other, recent):
+        (d / "sub").mkdir(parents=True)
+        if d is not recent:
+            then = time.time() - 3600
+            os.utime(d, (then, then))
+    assert remove_stale_state_dirs(str(tmp_path)) == 1
+    assert not dead.exists() and alive.exists() and other.exists() and recent.exists()
+
+
+async def test_a_dispatcher_names_its_scratch_folder_after_its_pid(make_dispatcher):
+    d = await make_dispatcher()
+    backend = d.get_backend("local")
+    await backend.prepare()
+    assert os.path.basename(backend._state_dir).startswith(f"crucible-local-{os.getpid()}-")
