@@ -242,7 +242,14 @@ class CrucibleMixin(ExtensionHandlerMixin):
             }
         elif isinstance(exc, web.HTTPError):
             reason = exc.reason or responses.get(status_code, "Error")
-            body = {"error": reason.replace(" ", ""), "message": exc.log_message or reason}
+            message = exc.log_message or reason
+            if status_code == 403 and "not authorized" in message:
+                message += (
+                    f" The server's authorizer decides this (resource {AUTH_RESOURCE!r}:"
+                    " read to list and view, write to submit and cancel, execute to stream);"
+                    " ask whoever runs this Jupyter server for the permission."
+                )
+            body = {"error": reason.replace(" ", ""), "message": message}
         else:
             body = {"error": "InternalError", "message": "Unhandled error; see the server log"}
         body.setdefault("reason", responses.get(status_code, "Error"))

@@ -56,7 +56,8 @@ class TestReadOnlyUser:
         assert api("GET", "stats")[0] == 200
         assert api("GET", "openapi.json")[0] == 200
         code, body, _ = api("POST", "executions", body={"code": "print(1)"})
-        assert code == 403 and "not authorized" in body["message"]
+        assert code == 403 and "not authorized to write" in body["message"]
+        assert "ask whoever runs this Jupyter server for the permission" in body["message"]
         assert api("POST", "executions", ID, "cancel", body={})[0] == 403
         assert api("DELETE", "executions", ID)[0] == 403
 
