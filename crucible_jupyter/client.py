@@ -25,6 +25,7 @@ import os
 import queue
 import re
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -56,6 +57,19 @@ def final_status_line(event: dict[str, Any], t_running: int | None, execution_id
     cut = f" · output truncated, {format_bytes(dropped)} dropped" if dropped else ""
     icon = _ICONS.get(state, "")
     return f"crucible · {icon} {state.replace('_', ' ')}{took}{why}{cut} · {execution_id}"
+
+
+def live_status_line(
+    state: str, position: int | None, running_since: float | None, execution_id: str
+) -> str:
+    """The status line while a cell is not finished: ``crucible · running · 3 s · ID``,
+    ``crucible · queued at position 2 · ID`` or ``crucible · starting · ID``
+    (``running_since``: ``time.monotonic()`` when it began to run)."""
+    if state == "running" and running_since is not None:
+        return f"crucible · running · {time.monotonic() - running_since:.0f} s · {execution_id}"
+    if state == "queued" and position is not None:
+        return f"crucible · queued at position {position} · {execution_id}"
+    return f"crucible · {state} · {execution_id}"
 
 
 def is_terminal(event: dict[str, Any]) -> bool:

@@ -47,6 +47,7 @@ from .client import (
     current_kernel_id,
     final_status_line,
     is_terminal,
+    live_status_line,
 )
 from .errors import Conflict, CrucibleError, NotFound
 
@@ -412,7 +413,6 @@ class _Relay:
         self.position: int | None = None
         self.running_since: float | None = None
         self.t_running: int | None = None
-        self.t_end: int | None = None
         self.reason: str | None = None
         self.result: MimeBundle | None = None
         self.error: dict[str, Any] | None = None
@@ -424,12 +424,8 @@ class _Relay:
         short = self.id
         if self.terminal:
             text = final_status_line(self.final, self.t_running, short)
-        elif self.state == "running" and self.running_since is not None:
-            text = f"crucible · running · {time.monotonic() - self.running_since:.0f} s · {short}"
-        elif self.state == "queued" and self.position is not None:
-            text = f"crucible · queued at position {self.position} · {short}"
         else:
-            text = f"crucible · {self.state} · {short}"
+            text = live_status_line(self.state, self.position, self.running_since, short)
         self.status.show(text)
 
     def handle(self, event: dict[str, Any] | None) -> None:
@@ -458,10 +454,9 @@ class _Relay:
             if is_terminal(event):
                 self.terminal = True
                 self.final = event
-                self.t_end = event.get("t")
                 self.reason = event.get("reason")
                 if self.t_running is None:
-                    self.t_running = self.t_end
+                    self.t_running = event.get("t")
             self._render()
         elif kind == "stream":
             out = sys.stderr if event.get("name") == "stderr" else sys.stdout
@@ -470,20 +465,13 @@ class _Relay:
             out.flush()
             if text:
                 self.status.mid_line = not text.endswith("\n")
-        elif kind == "display_data":
+        elif kind in ("display_data", "update_display_data"):
             _flush_streams()
             publish_display_data(
                 data=event.get("data") or {},
                 metadata=event.get("metadata") or {},
                 transient=event.get("transient") or None,
-            )
-        elif kind == "update_display_data":
-            _flush_streams()
-            publish_display_data(
-                data=event.get("data") or {},
-                metadata=event.get("metadata") or {},
-                transient=event.get("transient") or None,
-                update=True,
+                update=kind == "update_display_data",
             )
         elif kind == "execute_result":
             self.result = MimeBundle(event.get("data") or {}, event.get("metadata"))

@@ -515,14 +515,7 @@ class CrucibleLocalBackend(Backend):
                     "crucible: cgroup for %s failed (%s); using rlimits", execution.id, e
                 )
                 group = None
-        runner_args = [
-            "--rlimit-fsize",
-            str(self.max_file_size),
-            "--rlimit-nofile",
-            str(self.max_open_files),
-        ]
-        if group is None:
-            runner_args += ["--rlimit-as", str(req.resources.memory)]
+        runner_args = ["--rlimit-as", str(req.resources.memory)] if group is None else []
 
         code_fd = os.memfd_create("crucible-cell", 0) if isolated else None
         seccomp_fd = self._seccomp_fd() if isolated else None
@@ -530,23 +523,14 @@ class CrucibleLocalBackend(Backend):
         if isolated:
             os.write(code_fd, req.code.encode("utf-8"))
             os.lseek(code_fd, 0, os.SEEK_SET)
-            setenv = [a for k, v in self._env(execution).items() for a in ("--setenv", k, v)]
-            argv = [
-                *self._bwrap_argv(code_fd, seccomp_fd),
-                *setenv,
-                "--",
-                self.python,
-                "-I",
-                f"{SANDBOX_DIR}/{Path(self.runner_path).name}",
-                "--code-file",
-                f"{SANDBOX_DIR}/cell.py",
-            ]
+            argv = self._sandboxed_runner(self._env(execution), code_fd, seccomp_fd)
             env = {}
             pass_fds = tuple(fd for fd in (code_fd, seccomp_fd) if fd is not None)
         else:
             workdir = tempfile.mkdtemp(prefix=f"crucible-{execution.id[:8]}-")
             Path(workdir, "cell.py").write_text(req.code, encoding="utf-8")  # noqa: ASYNC240
             argv = [self.python, "-I", self.runner_path, "--code-file", f"{workdir}/cell.py"]
+            argv += self._runner_limits()
             env = {**self._env(execution), "HOME": workdir, "TMPDIR": workdir}
             pass_fds = ()
         argv += runner_args
@@ -569,6 +553,34 @@ class CrucibleLocalBackend(Backend):
             max_line=self.max_line_bytes,
             workdir=workdir,
         )
+
+    def _sandboxed_runner(
+        self, env: dict[str, str], code_fd: int | None, seccomp_fd: int | None
+    ) -> list[str]:
+        """The bubblewrap command running the runner with ``env``: on the cell in ``code_fd``,
+        or, without one, waiting for its cell on stdin (a warm sandbox)."""
+        setenv = [a for k, v in env.items() for a in ("--setenv", k, v)]
+        code_file = "-" if code_fd is None else f"{SANDBOX_DIR}/cell.py"
+        return [
+            *self._bwrap_argv(code_fd, seccomp_fd),
+            *setenv,
+            "--",
+            self.python,
+            "-I",
+            f"{SANDBOX_DIR}/{Path(self.runner_path).name}",
+            "--code-file",
+            code_file,
+            *self._runner_limits(),
+        ]
+
+    def _runner_limits(self) -> list[str]:
+        """The runner's rlimit options every sandbox gets (file size, open files)."""
+        return [
+            "--rlimit-fsize",
+            str(self.max_file_size),
+            "--rlimit-nofile",
+            str(self.max_open_files),
+        ]
 
     async def _exec(
         self,
@@ -641,21 +653,7 @@ class CrucibleLocalBackend(Backend):
                     cpu=1.0,
                     pids=self.max_processes,
                 )
-            setenv = [a for k, v in self._base_env().items() for a in ("--setenv", k, v)]
-            argv = [
-                *self._bwrap_argv(None, seccomp_fd),
-                *setenv,
-                "--",
-                self.python,
-                "-I",
-                f"{SANDBOX_DIR}/{Path(self.runner_path).name}",
-                "--code-file",
-                "-",
-                "--rlimit-fsize",
-                str(self.max_file_size),
-                "--rlimit-nofile",
-                str(self.max_open_files),
-            ]
+            argv = self._sandboxed_runner(self._base_env(), None, seccomp_fd)
             fds = () if seccomp_fd is None else (seccomp_fd,)
             proc = await self._exec(argv, {}, group, pass_fds=fds)
         except Exception as e:  # the next cell then starts a sandbox of its own

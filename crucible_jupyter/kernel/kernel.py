@@ -47,6 +47,7 @@ from ..client import (
     current_kernel_id,
     final_status_line,
     is_terminal,
+    live_status_line,
 )
 from ..errors import Conflict, CrucibleError
 
@@ -418,12 +419,7 @@ class _KernelStatus:
 
     def tick(self) -> None:
         """Refresh the elapsed time."""
-        if self.state == "running" and self.since is not None:
-            self._send(f"crucible · running · {time.monotonic() - self.since:.0f} s · {self.id}")
-        elif self.state == "queued" and self.position is not None:
-            self._send(f"crucible · queued at position {self.position} · {self.id}")
-        else:
-            self._send(f"crucible · {self.state} · {self.id}")
+        self._send(live_status_line(self.state, self.position, self.since, self.id))
 
 
 _IPYTHON_LINE = re.compile(r"^\s*(?:%|!|[\w.]+\s*=\s*[%!])|\?\s*$")

@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import os
 import queue
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,25 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from .conftest import ServerKernelManager, ServerProcess, server_request, start_session
+
+
+def _embedded_env(tmp_path: Path) -> dict[str, str]:
+    """Environment of a plain-IPython process: no Jupyter server handed to it (the magic
+    embeds a dispatcher), its records in a SQLite file under ``tmp_path``."""
+    env = {**os.environ, "CRUCIBLE_DB_URL": f"sqlite:///{tmp_path}/c.db"}
+    for key in ("CRUCIBLE_SERVER_URL", "CRUCIBLE_TOKEN"):
+        env.pop(key, None)
+    return env
+
+
+def _history(env: dict[str, str]) -> list[dict[str, Any]]:
+    """The records in ``env``'s database, newest first (``crucible history --json``)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "from crucible_jupyter.cli import main; main()", "history", "--json"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    return json.loads(done.stdout)["executions"]
+
 
 pytestmark = pytest.mark.slow
 
@@ -254,10 +276,6 @@ async def _run(kc: AsyncKernelClient, code: str) -> dict[str, Any]:
 def test_plain_ipython_uses_an_embedded_dispatcher(tmp_path: Path):
     """Outside Jupyter, the magic starts its own dispatcher (here: SQLite in tmp); its options
     reach the record; ``%crucible history`` and ``%crucible status`` read the records."""
-    import os
-    import subprocess
-    import sys
-
     script = (
         "from IPython.core.interactiveshell import InteractiveShell\n"
         "shell = InteractiveShell.instance()\n"
@@ -271,9 +289,7 @@ def test_plain_ipython_uses_an_embedded_dispatcher(tmp_path: Path):
         "shell.run_cell('%crucible history -n 5')\n"
         "shell.run_cell('%crucible status ' + bad.error_in_exec.execution_id)\n"
     )
-    env = {**os.environ, "CRUCIBLE_DB_URL": f"sqlite:///{tmp_path}/c.db"}
-    for key in ("CRUCIBLE_SERVER_URL", "CRUCIBLE_TOKEN"):
-        env.pop(key, None)
+    env = _embedded_env(tmp_path)
     done = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True, text=True, timeout=120, env=env,
@@ -290,11 +306,7 @@ def test_plain_ipython_uses_an_embedded_dispatcher(tmp_path: Path):
     assert "ERROR RemoteExecutionError failed" in done.stdout
     assert "first" in done.stdout  # the history table
     assert ": failed (ZeroDivisionError: division by zero)" in done.stdout  # %crucible status
-    history = subprocess.run(
-        [sys.executable, "-c", "from crucible_jupyter.cli import main; main()", "history", "--json"],
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
-    records = json.loads(history.stdout)["executions"]
+    records = _history(env)
     first = next(r for r in records if r.get("name") == "first")
     assert first["tags"] == ["plain", "two"] and first["priority"] == "high"
     assert first["timeout"] == 5 and first["resources"] == {"cpu": 0.5, "memory": 256 << 20}
@@ -345,10 +357,6 @@ def test_plain_ipython_misuse_is_one_clear_error(tmp_path: Path):
     """Each misuse of %%crucible / %crucible in plain IPython shows one UsageError line (what
     is wrong, how to write it), no traceback from crucible's code, and leaves nothing queued
     or running. An interrupt shows one line and the execution is recorded cancelled."""
-    import os
-    import subprocess
-    import sys
-
     cells = [
         '%%crucible --name "unterminated\nprint(1)',
         "%%crucible --bogus 1\nprint(1)",
@@ -384,9 +392,7 @@ def test_plain_ipython_misuse_is_one_clear_error(tmp_path: Path):
         "r = shell.run_cell('%%crucible --name slow\\nimport time\\ntime.sleep(60)')\n"
         "print('=== INTERRUPTED', type(r.error_in_exec).__name__, flush=True)\n"
     )
-    env = {**os.environ, "CRUCIBLE_DB_URL": f"sqlite:///{tmp_path}/c.db"}
-    for key in ("CRUCIBLE_SERVER_URL", "CRUCIBLE_TOKEN"):
-        env.pop(key, None)
+    env = _embedded_env(tmp_path)
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env,
         stdin=subprocess.DEVNULL,
@@ -418,11 +424,7 @@ def test_plain_ipython_misuse_is_one_clear_error(tmp_path: Path):
     [line] = [x for x in out.splitlines() if x.startswith("KeyboardInterrupt")]
     assert line.startswith("KeyboardInterrupt: crucible execution ") and "cancelled" in line
 
-    history = subprocess.run(
-        [sys.executable, "-c", "from crucible_jupyter.cli import main; main()", "history", "--json"],
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
-    records = json.loads(history.stdout)["executions"]
+    records = _history(env)
     by_name = {r.get("name"): r for r in records}
     assert set(by_name) == {"my run", "slow"}, records  # no misuse was submitted
     assert by_name["my run"]["status"] == "succeeded"
@@ -432,10 +434,6 @@ def test_plain_ipython_misuse_is_one_clear_error(tmp_path: Path):
 def test_plain_ipython_exits_cleanly_after_an_interrupted_cell(tmp_path: Path):
     """Interrupt a running cell, then exit: the embedded dispatcher and its sandboxes (also
     the warm ones) are released while the client loop still runs; nothing complains at exit."""
-    import os
-    import subprocess
-    import sys
-
     script = (
         "import os, signal, threading\n"
         "from IPython.core.interactiveshell import InteractiveShell\n"
@@ -447,9 +445,7 @@ def test_plain_ipython_exits_cleanly_after_an_interrupted_cell(tmp_path: Path):
         "time.sleep(60)')\n"
         "print('INTERRUPTED', type(r.error_in_exec).__name__)\n"
     )
-    env = {**os.environ, "CRUCIBLE_DB_URL": f"sqlite:///{tmp_path}/c.db"}
-    for key in ("CRUCIBLE_SERVER_URL", "CRUCIBLE_TOKEN"):
-        env.pop(key, None)
+    env = _embedded_env(tmp_path)
     for _ in range(3):  # the leak this guards against showed about one run in three
         done = subprocess.run(
             [sys.executable, "-X", "dev", "-c", script],
@@ -458,9 +454,6 @@ def test_plain_ipython_exits_cleanly_after_an_interrupted_cell(tmp_path: Path):
         out = done.stdout + done.stderr
         assert "INTERRUPTED KeyboardInterrupt" in done.stdout, out
         assert "unclosed" not in out and "Event loop is closed" not in out, out
-    history = subprocess.run(
-        [sys.executable, "-c", "from crucible_jupyter.cli import main; main()", "history", "--json"],
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
-    statuses = [r["status"] for r in json.loads(history.stdout)["executions"]]
+    records = _history(env)
+    statuses = [r["status"] for r in records]
     assert sorted(statuses) == ["cancelled"] * 3 + ["succeeded"] * 3
