@@ -587,12 +587,23 @@ class CrucibleDispatcher(LoggingConfigurable):
                 )
                 continue
             size = len(line) + 1
-            over = "limit" in run.notices or execution.output_bytes + size > limit
-            if over and not (kind == FRAMES and _ERROR_FRAME in line):
-                # once over, everything after is dropped too (what fits later would show
+            cut = "limit" in run.notices
+            if cut and not (kind == FRAMES and _ERROR_FRAME in line):
+                # once cut, everything after is dropped too (what fits later would show
                 # out of context); only the cell's error still gets through
-                execution.truncated = True
                 execution.dropped_bytes += size
+                continue
+            parsed = frames.parse(line) if kind == FRAMES else frames.raw_stderr(line)
+            if parsed is None:
+                continue
+            if not cut and execution.output_bytes + size > limit and parsed[0] != "error":
+                # the frame that crosses the limit: stream text keeps what fits, the rest goes
+                kept = _fit_stream(parsed, size, limit - execution.output_bytes)
+                execution.truncated = True
+                execution.dropped_bytes += size - (kept[1] if kept else 0)
+                if kept:
+                    execution.output_bytes += kept[1]
+                    self._publish_output(run, channel, "stream", kept[0])
                 self._notice(
                     run,
                     channel,
@@ -600,9 +611,6 @@ class CrucibleDispatcher(LoggingConfigurable):
                     f"output limit of {format_bytes(limit)} reached; further output is dropped"
                     " (an error is still shown)",
                 )
-                continue
-            parsed = frames.parse(line) if kind == FRAMES else frames.raw_stderr(line)
-            if parsed is None:
                 continue
             execution.output_bytes += size
             if parsed[0] == "error":
@@ -839,6 +847,20 @@ class CrucibleDispatcher(LoggingConfigurable):
         self._per_user[execution.user] += 1
         run.task = asyncio.create_task(self._run(run), name=f"crucible-{execution.id}")
         self.log.info("crucible: reattached to %s (%d events stored)", execution.id, run.skip)
+
+
+def _fit_stream(parsed: tuple[str, dict], size: int, room: int) -> tuple[dict, int] | None:
+    """The head of a stream frame (``size`` bytes on the wire) that fits in ``room`` bytes,
+    and the bytes it counts for; None when it is not stream text or nothing fits."""
+    kind, data = parsed
+    if kind != "stream":
+        return None
+    text = data["text"].encode("utf-8")
+    overhead = size - len(text)  # the frame's fields (and any JSON escaping) around the text
+    head = text[: room - overhead].decode("utf-8", "ignore") if room > overhead else ""
+    if not head:
+        return None
+    return {**data, "text": head}, overhead + len(head.encode("utf-8"))
 
 
 def _merge(stored: list[Event], pending: list[Event], after: int) -> list[Event]:
