@@ -1327,7 +1327,7 @@ def _child_main(opts, source, supervisor_pid, out_r, out_w, err_r, err_w, ev_r, 
     sys.stderr = CellStream("stderr", 2, _channel)
 
     text = source.decode("utf-8-sig", "replace")
-    _source_lines[:] = text.replace("\r\n", "\n").replace("\r", "\n").splitlines(True)
+    _source_lines[:] = _cell_lines(text)
     if "linecache" in sys.modules:
         _patch_linecache(sys.modules["linecache"])
     sys.meta_path.insert(0, _PostImportHook(_POST_IMPORT_PATCHES))
@@ -1354,6 +1354,15 @@ def _child_main(opts, source, supervisor_pid, out_r, out_w, err_r, err_w, ev_r, 
         _exit_child(_EXIT_RUNNER_FAILURE, {})
     code = execute_cell(text, main_module.__dict__)
     _exit_child(code, main_module.__dict__)
+
+
+def _cell_lines(text):
+    """The cell's lines as linecache holds a file's: each ends with a newline, the last too
+    (the traceback module places its ``^`` markers one column right on a line without one)."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").splitlines(True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    return lines
 
 
 def _no_input(prompt=""):

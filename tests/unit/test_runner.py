@@ -712,3 +712,16 @@ def test_await_isolation_refuses_to_run_while_reachable(tmp_path):
     assert b"SHOULD NOT RUN" not in done.stdout
     (error,) = [f for f in frames if f["type"] == "error"]
     assert error["ename"] == "IsolationError"
+
+
+def test_markers_point_at_the_failing_code_on_a_cell_last_line(tmp_path):
+    # Notebook cells usually have no newline after their last line; the ^ markers under it
+    # must still start under the failing expression, as they do on any other line.
+    for code in ("x = 0\nassert x == 2, 'nope'", "x = 0\nassert x == 2, 'nope'\n", "1/0"):
+        [error] = run_cell(tmp_path, code).of("error")
+        tb = error["traceback"]
+        marks = next(i for i, line in enumerate(tb) if line.strip().startswith(("^", "~")))
+        source, under = tb[marks - 1], tb[marks]
+        start = len(under) - len(under.lstrip())
+        expression = "x == 2" if "assert" in code else "1/0"
+        assert source.index(expression) == start, (code, tb)
