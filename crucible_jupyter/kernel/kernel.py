@@ -235,6 +235,8 @@ class CrucibleKernel(Kernel):
                     error = item
                 elif not silent:
                     self._publish(item)
+                    if kind == "clear_output":
+                        status.cleared()
         finally:
             if not future.done():
                 future.cancel()
@@ -416,6 +418,13 @@ class _KernelStatus:
             self._send(final_status_line(event, self.t_running, self.id))
         else:
             self.tick()
+
+    def cleared(self) -> None:
+        """The cell cleared its output, this line with it: show the line again, as a new
+        output (an update of a cleared display shows nothing)."""
+        text, self.text, self.shown = self.text, "", False
+        if text:
+            self._send(text)
 
     def tick(self) -> None:
         """Refresh the elapsed time."""

@@ -309,3 +309,30 @@ def test_run_all_stops_at_the_failing_cell(tmp_path: Path, monkeypatch: pytest.M
     assert 'File "<cell>", line 2' in tb and "raise ValueError" in tb
     assert nb.cells[0].execution_count == 1 and nb.cells[1].execution_count == 2
     assert nb.cells[2].outputs == [] and nb.cells[2].execution_count is None
+
+
+def test_status_line_survives_clear_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cell that clears its output (a ``clear_output(wait=True)`` animation) still ends with
+    the status line saying how it ended, next to its last frame."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("CRUCIBLE_DB_URL", f"sqlite:///{tmp_path}/k.db")
+    monkeypatch.delenv("CRUCIBLE_SERVER_URL", raising=False)
+    monkeypatch.delenv("CRUCIBLE_KERNEL_STATUS_LINE", raising=False)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            "from IPython.display import clear_output\n"
+            "for i in range(3):\n"
+            "    clear_output(wait=True)\n"
+            "    print('frame', i)\n"
+        ),
+        nbformat.v4.new_code_cell("from IPython.display import clear_output\nclear_output()"),
+    ]
+    NotebookClient(nb, timeout=120, kernel_name="crucible").execute()
+    for cell, text in zip(nb.cells, ["frame 2\n", ""], strict=True):
+        streams = "".join(o.get("text", "") for o in cell.outputs if o["output_type"] == "stream")
+        assert streams == text
+        [status] = [o["data"]["text/plain"] for o in cell.outputs if "data" in o]
+        assert "✔ succeeded" in status, cell.outputs
