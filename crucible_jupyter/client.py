@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from . import errors
 from .errors import CrucibleError, Unavailable
@@ -125,6 +125,13 @@ def _error_from(status: int, body: bytes) -> CrucibleError:
     return cls(message, field=data.get("field") if isinstance(data, dict) else None)
 
 
+def _execution_path(execution_id: str, action: str = "") -> str:
+    """``executions/{id}[/action]`` with the id quoted, so an id with a space, ``/`` or ``?``
+    (typed by a user) names that id and nothing else."""
+    path = f"executions/{quote(execution_id, safe='')}"
+    return f"{path}/{action}" if action else path
+
+
 class RemoteClient:
     """Client of a Jupyter server's crucible API (``{server_url}crucible/api/``).
 
@@ -188,11 +195,11 @@ class RemoteClient:
 
     async def get(self, execution_id: str) -> dict[str, Any]:
         """GET executions/{id}."""
-        return await self._call("GET", f"executions/{execution_id}")
+        return await self._call("GET", _execution_path(execution_id))
 
     async def cancel(self, execution_id: str) -> dict[str, Any]:
         """POST executions/{id}/cancel."""
-        return await self._call("POST", f"executions/{execution_id}/cancel", {})
+        return await self._call("POST", _execution_path(execution_id, "cancel"), {})
 
     async def list(self, **filters: Any) -> dict[str, Any]:
         """GET executions with filters."""
@@ -212,7 +219,7 @@ class RemoteClient:
         base = urlunsplit((scheme, parts.netloc, parts.path, "", ""))
         failures = 0
         while True:
-            url = f"{base}executions/{execution_id}/stream?after={after}"
+            url = f"{base}{_execution_path(execution_id, 'stream')}?after={after}"
             headers = {k: v for k, v in self.headers.items() if k != "Content-Type"}
             try:
                 ws = await websocket_connect(

@@ -232,6 +232,12 @@ def test_kernel_through_a_real_server(jupyter_server_process: ServerProcess) -> 
             assert "succeeded" in status[-1]
             first_id = status[-1].rsplit(" · ", 1)[-1]
 
+            # an id is looked up as typed: not cut at a "?", not refused for a space
+            for line in (f"%crucible status '{first_id}?x'", "%crucible status 'a b'"):
+                msgs = await _collect(kc, kc.execute(line))
+                [error] = [m["content"] for m in msgs if m["msg_type"] == "error"]
+                assert "no execution with id" in error["evalue"], error
+
             kc.cell_id = "cell-two"
             interrupted: list[float] = []
 
