@@ -88,6 +88,31 @@ _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.:/@+=-]{1,64}$")
 _RESERVED_ENV = ("CRUCIBLE_", "LD_", "PYTHON")
+#: The largest size a request may name, in bytes (what a signed 64-bit count holds).
+_MAX_BYTES = 2**63 - 1
+
+
+def _shown(value: Any, width: int = 60) -> str:
+    """``value`` as a refusal quotes it: its repr, cut to ``width`` characters."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _as_float(value: int | float) -> float:
+    """A number as a float; an integer too large for a float becomes an infinity."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def _utf8(text: str) -> bool:
+    """True if ``text`` is valid Unicode (no lone surrogate such as JSON's ``"\\ud800"``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_bytes(value: Any, *, what: str = "memory") -> int:
@@ -104,15 +129,23 @@ def parse_bytes(value: Any, *, what: str = "memory") -> int:
         unit = m.group(2).lower()
         if unit not in _UNITS:
             raise InvalidRequest(
-                f"{what}: unknown unit {m.group(2)!r}; use Ki, Mi, Gi (or K, M, G)", field=what
+                f"{what}: unknown unit {_shown(m.group(2))}; use Ki, Mi, Gi (or K, M, G)",
+                field=what,
             )
-        n = int(float(m.group(1)) * _UNITS[unit])
+        size = float(m.group(1)) * _UNITS[unit]
+        n = int(size) if math.isfinite(size) else _MAX_BYTES + 1
     else:
         raise InvalidRequest(
-            f"{what} must be a size such as '512Mi' or a number of bytes, not {value!r}", field=what
+            f"{what} must be a size such as '512Mi' or a number of bytes, not {_shown(value)}",
+            field=what,
         )
     if n <= 0:
         raise InvalidRequest(f"{what} must be greater than zero", field=what)
+    if n > _MAX_BYTES:
+        raise InvalidRequest(
+            f"{what} {_shown(value)} is far too large; use a size such as '512Mi' or '2Gi'",
+            field=what,
+        )
     return n
 
 
@@ -121,22 +154,27 @@ MIN_CPU = 0.001
 
 
 def parse_cpu(value: Any) -> float:
-    """Parse a CPU amount such as ``0.5``, ``2`` or ``500m`` (millicores) into cores."""
+    """Parse a CPU amount such as ``0.5``, ``2`` or ``500m`` (millicores) into cores.
+
+    A number too large for a float is ``inf``: callers compare it with their maximum."""
     if isinstance(value, bool):
         raise InvalidRequest("cpu must be a number of cores such as 0.5 or '500m'", field="cpu")
     if isinstance(value, (int, float)):
-        cores = float(value)
+        cores = _as_float(value)
     elif isinstance(value, str):
         text = value.strip()
         try:
             cores = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
         except ValueError:
-            raise InvalidRequest(
-                f"cpu must be a number of cores such as 0.5 or '500m', not {value!r}", field="cpu"
-            ) from None
+            cores = math.nan
     else:
         raise InvalidRequest("cpu must be a number of cores such as 0.5 or '500m'", field="cpu")
-    if not math.isfinite(cores) or cores <= 0:
+    if math.isnan(cores):
+        raise InvalidRequest(
+            f"cpu must be a number of cores such as 0.5 or '500m', not {_shown(value)}",
+            field="cpu",
+        )
+    if cores <= 0:
         raise InvalidRequest("cpu must be greater than zero", field="cpu")
     if cores < MIN_CPU:
         raise InvalidRequest(
@@ -233,16 +271,17 @@ class ExecutionRequest:
         }
         unknown = sorted(set(data) - known)
         if unknown:
+            names = ", ".join(_shown(k, 40) for k in unknown[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise InvalidRequest(
-                f"unknown field(s) {', '.join(map(repr, unknown))}; "
-                f"allowed fields are {', '.join(sorted(known))}",
-                field=unknown[0],
+                f"unknown field(s) {names}{more}; allowed fields are {', '.join(sorted(known))}",
+                field=str(unknown[0])[:64],
             )
         code = _validate_code(data.get("code"), limits)
         language = data.get("language", "python")
         if not isinstance(language, str) or language.lower() not in SUPPORTED_LANGUAGES:
             raise UnsupportedLanguage(
-                f"language {language!r} is not supported;"
+                f"language {_shown(language)} is not supported;"
                 f" supported: {', '.join(SUPPORTED_LANGUAGES)}",
                 field="language",
             )
@@ -319,10 +358,11 @@ def _validate_timeout(value: Any, limits: Limits) -> float:
                 value = float(value)
             except ValueError:
                 raise InvalidRequest(
-                    f"timeout must be a number of seconds, not {value!r}", field="timeout"
+                    f"timeout must be a number of seconds, not {_shown(value)}", field="timeout"
                 ) from None
         else:
             raise InvalidRequest("timeout must be a number of seconds", field="timeout")
+    value = _as_float(value)
     if not math.isfinite(value) or value <= 0:
         raise InvalidRequest(
             f"timeout must be greater than 0 seconds (at most {limits.max_timeout:g}),"
@@ -341,19 +381,30 @@ def _validate_priority(value: Any) -> Priority:
         return Priority(value)
     except ValueError:
         raise InvalidRequest(
-            f"priority must be one of high, normal, low; got {value!r}", field="priority"
+            f"priority must be one of high, normal, low; got {_shown(value)}", field="priority"
         ) from None
 
 
 def _validate_resources(data: dict, limits: Limits) -> Resources:
-    res = data.get("resources") or {}
+    res = data.get("resources")
+    if res is None:
+        res = {}
     if not isinstance(res, dict):
-        raise InvalidRequest("resources must be an object like {'cpu': 1, 'memory': '512Mi'}")
+        raise InvalidRequest(
+            "resources must be an object like {'cpu': 1, 'memory': '512Mi'}", field="resources"
+        )
     extra = set(res) - {"cpu", "memory"}
     if extra:
         raise InvalidRequest(
-            f"resources: unknown key(s) {sorted(extra)}; use 'cpu' and 'memory'", field="resources"
+            f"resources: unknown key(s) {_shown(sorted(extra))}; use 'cpu' and 'memory'",
+            field="resources",
         )
+    for key in ("cpu", "memory"):
+        if key in data and key in res:
+            raise InvalidRequest(
+                f"{key} is given twice, at the top level and in resources; give it once",
+                field=key,
+            )
     cpu_in = data.get("cpu", res.get("cpu"))
     mem_in = data.get("memory", res.get("memory"))
     cpu = limits.default_cpu if cpu_in is None else parse_cpu(cpu_in)
@@ -385,7 +436,8 @@ def _validate_tags(value: Any, limits: Limits) -> tuple[str, ...]:
     for tag in value:
         if not isinstance(tag, str) or not _TAG_RE.match(tag):
             raise InvalidRequest(
-                f"tag {tag!r} is invalid: use 1-64 letters, digits or . _ - : / @ + =", field="tags"
+                f"tag {_shown(tag)} is invalid: use 1-64 letters, digits or . _ - : / @ + =",
+                field="tags",
             )
     return tuple(dict.fromkeys(value))
 
@@ -399,7 +451,7 @@ def _validate_env(value: Any, limits: Limits) -> dict[str, str]:
     for name, val in value.items():
         if not isinstance(name, str) or not _ENV_NAME_RE.match(name):
             raise InvalidRequest(
-                f"environment variable name {name!r} is invalid: use letters, digits and _,"
+                f"environment variable name {_shown(name)} is invalid: use letters, digits and _,"
                 " not starting with a digit",
                 field="env",
             )
@@ -409,8 +461,11 @@ def _validate_env(value: Any, limits: Limits) -> dict[str, str]:
                 f" {', '.join(_RESERVED_ENV)} cannot be set)",
                 field="env",
             )
-        if not isinstance(val, str) or "\x00" in val:
-            raise InvalidRequest(f"env[{name!r}] must be a string without NUL bytes", field="env")
+        if not isinstance(val, str) or "\x00" in val or not _utf8(val):
+            raise InvalidRequest(
+                f"env[{name!r}] must be a string of valid UTF-8 text without NUL bytes",
+                field="env",
+            )
         total += len(name) + len(val.encode("utf-8", "surrogatepass"))
     if total > limits.max_env_bytes:
         raise RequestTooLarge(
@@ -429,7 +484,10 @@ def _validate_notebook(value: Any) -> NotebookRef:
         )
     extra = set(value) - {"path", "cell_id", "kernel_id"}
     if extra:
-        raise InvalidRequest(f"notebook: unknown key(s) {sorted(extra)}", field="notebook")
+        raise InvalidRequest(
+            f"notebook: unknown key(s) {_shown(sorted(extra))}; use path, cell_id, kernel_id",
+            field="notebook",
+        )
     return NotebookRef(
         path=_optional_text(value.get("path"), "notebook.path", 4096),
         cell_id=_optional_text(value.get("cell_id"), "notebook.cell_id", 256),
@@ -442,6 +500,11 @@ def _optional_text(value: Any, name: str, max_len: int) -> str | None:
         return None
     if not isinstance(value, str) or "\x00" in value or len(value) > max_len:
         raise InvalidRequest(f"{name} must be text of at most {max_len} characters", field=name)
+    if not _utf8(value):
+        raise InvalidRequest(
+            f"{name} contains a lone surrogate (such as \\ud800) and is not valid UTF-8 text",
+            field=name,
+        )
     return value
 
 

@@ -37,6 +37,41 @@ KERNEL_TOKEN_HEADER = "X-Crucible-Token"
 #: What an execution id looks like (UUIDv7 text); anything else is a 404 without a lookup.
 EXECUTION_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.:/@+=-]{1,64}$")
+#: Longest integer a request body may hold; no field takes a number anywhere near this long.
+MAX_JSON_DIGITS = 1000
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (parsers disagree on which value wins)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise InvalidRequest(
+            f"the request body gives the key {twice[:80]!r} more than once in one object;"
+            " give each key once",
+            field=twice[:64],
+        )
+    return obj
+
+
+def _json_int(text: str) -> int:
+    """A JSON integer, refusing absurdly long ones with a message (not Python's own)."""
+    if len(text) > MAX_JSON_DIGITS:
+        raise InvalidRequest(
+            f"the request body holds an integer of {len(text)} digits;"
+            f" numbers may have at most {MAX_JSON_DIGITS}",
+            field="body",
+        )
+    return int(text)
+
+
+def decode_json(body: bytes) -> Any:
+    """``body`` decoded as JSON; InvalidRequest (400) saying why it is not acceptable JSON."""
+    try:
+        return json.loads(body, object_pairs_hook=_json_object, parse_int=_json_int)
+    except (ValueError, RecursionError) as e:
+        raise InvalidRequest(f"the request body is not valid JSON: {e}", field="body") from None
 
 
 class KernelTokenIdentity:
@@ -219,6 +254,34 @@ class CrucibleMixin(ExtensionHandlerMixin):
             if getattr(type(self), m.lower(), None) is not getattr(web.RequestHandler, m.lower())
         ]
 
+    def _refusal_before_handler(self, status_code: int) -> dict[str, str]:
+        """What jupyter_server's bare 403 or 404 (raised before any crucible code runs) meant:
+        a Host header that is not a local name, a cross-origin browser request, or no
+        credentials."""
+        if status_code == 403 and not self.check_host():  # type: ignore[attr-defined]
+            host = self.request.host[:100]  # type: ignore[attr-defined]
+            message = (
+                f"the Host header {host!r} is not a local name of this server, which refuses"
+                " such requests (DNS-rebinding protection): connect by localhost or 127.0.0.1,"
+                " or ask whoever runs the server to set ServerApp.allow_remote_access"
+            )
+            return {"error": "Forbidden", "message": message}
+        if status_code == 404 and not self.check_origin():  # type: ignore[attr-defined]
+            origin = self.request.headers.get("Origin", "")[:200]  # type: ignore[attr-defined]
+            message = (
+                f"cross-origin request from {origin!r} refused: this server does not allow"
+                " that origin (ServerApp.allow_origin); call the API from a page the server"
+                " itself serves, or authenticate with 'Authorization: token <token>'"
+            )
+            return {"error": "NotFound", "message": message}
+        if status_code == 403:
+            message = (
+                "not authenticated: send the Jupyter server's token"
+                " (header 'Authorization: token <token>'), or log in to the server first"
+            )
+            return {"error": "Forbidden", "message": message}
+        return {"error": "NotFound", "message": f"nothing at {self.request.path[:200]!r}"}  # type: ignore[attr-defined]
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Every error is JSON: ``{"error", "message", "field"?}`` with a precise status code."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
@@ -234,15 +297,17 @@ class CrucibleMixin(ExtensionHandlerMixin):
                 "message": f"{self.request.method} is not allowed on {self.request.path};"  # type: ignore[attr-defined]
                 f" use {' or '.join(allowed)}",
             }
-        elif isinstance(exc, web.HTTPError) and status_code == 403 and not exc.log_message:
-            body = {
-                "error": "Forbidden",
-                "message": "not authenticated: send the Jupyter server's token"
-                " (header 'Authorization: token <token>'), or log in to the server first",
-            }
+        elif isinstance(exc, web.HTTPError) and not exc.log_message and status_code in (403, 404):
+            body = self._refusal_before_handler(status_code)
         elif isinstance(exc, web.HTTPError):
             reason = exc.reason or responses.get(status_code, "Error")
             message = exc.log_message or reason
+            if status_code == 403 and "_xsrf" in message:
+                message += (
+                    ": a request authenticated by a browser login cookie must also send the"
+                    " value of the '_xsrf' cookie in an 'X-XSRFToken' header (JupyterLab does"
+                    " this); scripts should send 'Authorization: token <token>' instead"
+                )
             if status_code == 403 and "not authorized" in message:
                 message += (
                     f" The server's authorizer decides this (resource {AUTH_RESOURCE!r}:"
@@ -270,10 +335,7 @@ class CrucibleAPIHandler(CrucibleMixin, APIHandler):
             )
         if not body.strip():
             raise InvalidRequest("the request body is empty; send a JSON object", field="body")
-        try:
-            return json.loads(body)
-        except (ValueError, RecursionError) as e:
-            raise InvalidRequest(f"the request body is not valid JSON: {e}", field="body") from None
+        return decode_json(body)
 
     def write_json(self, data: Any, status: int = 200) -> None:
         """Finish the request with ``data`` as JSON."""

@@ -79,6 +79,7 @@ class ExecutionsHandler(CrucibleAPIHandler):
     @authorized
     async def get(self) -> None:
         """List: ``{"executions": [...], "next_cursor": str|null}``."""
+        page_max = self.crucible.max_page_size
         filters = {
             "user": self.query_text("user"),
             "status": self.query_status(),
@@ -86,7 +87,7 @@ class ExecutionsHandler(CrucibleAPIHandler):
             "since": self.query_time("since"),
             "until": self.query_time("until"),
             "cursor": self.query_text("cursor", 512),
-            "limit": self.query_int("limit", default=50, lo=1, hi=self.crucible.max_page_size),
+            "limit": self.query_int("limit", default=min(50, page_max), lo=1, hi=page_max),
         }
         if filters["since"] is not None and filters["until"] is not None:
             if filters["since"] > filters["until"]:
@@ -199,8 +200,15 @@ class OpenAPIHandler(CrucibleAPIHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        """The document; ``servers`` points at this server's ``crucible/api`` root."""
-        self.write_json(openapi_document(url_path_join(self.base_url, "crucible/api")))
+        """The document; ``servers`` points at this server's ``crucible/api`` root, and the
+        bounds are this server's (the dispatcher's limits, ``max_page_size``)."""
+        self.write_json(
+            openapi_document(
+                url_path_join(self.base_url, "crucible/api"),
+                self.crucible.dispatcher.limits,
+                max_page_size=self.crucible.max_page_size,
+            )
+        )
 
 
 class UnknownEndpointHandler(CrucibleAPIHandler):

@@ -147,8 +147,11 @@ def _request_schema(limits: Limits) -> dict[str, Any]:
     }
 
 
-def openapi_document(api_root: str, limits: Limits | None = None) -> dict[str, Any]:
-    """The OpenAPI 3.0.3 document, with ``servers`` at ``api_root`` (``{base_url}crucible/api``)."""
+def openapi_document(
+    api_root: str, limits: Limits | None = None, *, max_page_size: int = 500
+) -> dict[str, Any]:
+    """The OpenAPI 3.0.3 document, with ``servers`` at ``api_root`` (``{base_url}crucible/api``),
+    request bounds from ``limits`` and a page size of at most ``max_page_size``."""
     limits = limits or Limits()
     statuses = [s.value for s in Status]
     return {
@@ -204,7 +207,7 @@ def openapi_document(api_root: str, limits: Limits | None = None) -> dict[str, A
                         ),
                         _query(
                             "limit",
-                            {"type": "integer", "minimum": 1, "maximum": 500},
+                            {"type": "integer", "minimum": 1, "maximum": max_page_size},
                             "Page size (default 50)",
                         ),
                     ],

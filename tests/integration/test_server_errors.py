@@ -10,7 +10,7 @@ def crucible_config():
     """Small limits, so the size refusals are cheap to reach."""
     return {
         "CrucibleDispatcher": {"max_code_bytes": 1000},
-        "CrucibleApp": {"max_body_bytes": 8000},
+        "CrucibleApp": {"max_body_bytes": 8000, "max_page_size": 7},
     }
 
 
@@ -61,6 +61,15 @@ ID = "01234567-89ab-7def-8123-456789abcdef"
         ("GET", ("nothing",), None, None, 404),
         ("POST", ("executions", ID, "bogus"), b"{}", None, 404),
         ("GET", (), None, None, 404),
+        # numbers too large for a float were a 500 (OverflowError)
+        ("POST", ("executions",), b'{"code": "1", "cpu": 1' + b"0" * 400 + b"}", None, 400),
+        ("POST", ("executions",), b'{"code": "1", "timeout": 1' + b"0" * 400 + b"}", None, 400),
+        ("POST", ("executions",), b'{"code": "1", "memory": 1' + b"0" * 400 + b"}", None, 400),
+        ("POST", ("executions",), b'{"code": "1", "memory": "1' + b"0" * 400 + b'Gi"}', None, 400),
+        # these were accepted (201): a key twice, a wrong-typed resources, cpu given twice
+        ("POST", ("executions",), b'{"code": "1", "code": "2"}', None, 400),
+        ("POST", ("executions",), b'{"code": "1", "resources": []}', None, 400),
+        ("POST", ("executions",), b'{"code": "1", "cpu": 2, "resources": {"cpu": 1}}', None, 400),
     ],
 )
 def test_error_codes(api, method, path, raw, params, status, crucible_app):
@@ -135,3 +144,89 @@ class TestStorageNotReadyAtStart:
         crucible_app.dispatcher.db_url = f"sqlite:///{tmp_path}/late.db"
         code, body, _ = api("GET", "health")
         assert code == 200, body
+
+
+def test_refusals_quote_a_little_of_the_value_not_all_of_it(api):
+    for body in (
+        {"code": "1", "language": "x" * 5000},
+        {"code": "1", "priority": "x" * 5000},
+        {"code": "1", "tags": ["x" * 5000]},
+        {"code": "1", "x" * 5000: 1},
+    ):
+        code, refusal, response = api("POST", "executions", body=body)
+        assert code in (400, 422), refusal
+        assert len(response.body) < 600, refusal["message"]
+        assert "xxxx..." in refusal["message"]
+
+
+def test_absurdly_long_number_is_refused_in_our_words(api):
+    code, body, _ = api(
+        "POST", "executions", raw=b'{"code": "1", "timeout": 1' + b"0" * 5000 + b"}"
+    )
+    assert code == 400 and body["field"] == "body"
+    assert "5001 digits" in body["message"] and "sys." not in body["message"]
+
+
+def test_key_given_twice_is_named(api):
+    code, body, _ = api(
+        "POST", "executions", raw=b'{"code": "1", "notebook": {"path": "a", "path": "b"}}'
+    )
+    assert code == 400 and body["field"] == "path"
+    assert "'path' more than once" in body["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"code": "1", "name": "\\ud800"}', "name"),
+        (b'{"code": "1", "notebook": {"path": "a\\udfffb.ipynb"}}', "notebook.path"),
+        (b'{"code": "1", "env": {"A": "\\ud800"}}', "env"),
+    ],
+)
+def test_lone_surrogate_is_refused_not_stored_rewritten(api, body, field):
+    """A JSON ``\\ud800`` escape is no Unicode text: it used to be stored as the six characters
+    ``\\ud800`` (or, in env, make the cell fail in its runner)."""
+    before = len(api("GET", "executions")[1]["executions"])
+    code, refusal, _ = api("POST", "executions", raw=body)
+    assert code == 400 and refusal["field"] == field, refusal
+    assert "UTF-8" in refusal["message"]
+    assert len(api("GET", "executions")[1]["executions"]) == before
+
+
+def test_openapi_document_states_this_servers_limits(api):
+    code, doc, _ = api("GET", "openapi.json")
+    assert code == 200
+    request = doc["components"]["schemas"]["ExecutionRequest"]["properties"]
+    assert "at most 1000 UTF-8 bytes" in request["code"]["description"]
+    (limit,) = [p for p in doc["paths"]["/executions"]["get"]["parameters"] if p["name"] == "limit"]
+    assert limit["schema"]["maximum"] == 7
+
+
+def test_non_local_host_header_says_so(api):
+    code, body, _ = api("GET", "health", headers={"Host": "rebind.example"})
+    assert code == 403, body
+    assert "'rebind.example'" in body["message"] and "allow_remote_access" in body["message"]
+
+
+def _login_cookie(api, jp_serverapp) -> str:
+    """A browser login: the token in the URL once, then cookies (like opening /lab?token=)."""
+    token = jp_serverapp.identity_provider.token
+    _, _, response = api("GET", "health", params={"token": token}, headers={"Authorization": ""})
+    return "; ".join(c.split(";")[0] for c in response.headers.get_list("Set-Cookie"))
+
+
+def test_browser_session_refusals_say_what_to_send(api, jp_serverapp):
+    browser = {"Authorization": "", "Cookie": _login_cookie(api, jp_serverapp)}
+    assert api("GET", "health", headers=browser)[0] == 200
+    code, body, _ = api("POST", "executions", body={"code": "1"}, headers=browser)
+    assert code == 403 and "X-XSRFToken" in body["message"], body
+    # a page of another site, with the victim's cookies (and, say, a leaked XSRF token)
+    evil = {
+        **browser,
+        "Cookie": browser["Cookie"] + "; _xsrf=abc",
+        "X-XSRFToken": "abc",
+        "Origin": "http://evil.example",
+    }
+    code, body, _ = api("DELETE", "executions", ID, headers=evil)
+    assert code == 404 and "cross-origin" in body["message"], body
+    assert "allow_origin" in body["message"]
