@@ -59,6 +59,14 @@ def final_status_line(event: dict[str, Any], t_running: int | None, execution_id
     return f"crucible · {icon} {state.replace('_', ' ')}{took}{why}{cut} · {execution_id}"
 
 
+def outcome_text(status: str, reason: str | None) -> str:
+    """``"failed: exited with code 3"``; ``"timed out after 5 s"`` (no repeated words)."""
+    text = status.replace("_", " ")
+    if not reason:
+        return text
+    return reason if reason.startswith(text) else f"{text}: {reason}"
+
+
 def live_status_line(
     state: str, position: int | None, running_since: float | None, execution_id: str
 ) -> str:

@@ -48,17 +48,9 @@ from .client import (
     final_status_line,
     is_terminal,
     live_status_line,
+    outcome_text,
 )
 from .errors import Conflict, CrucibleError, NotFound
-
-
-def outcome_text(status: str, reason: str | None) -> str:
-    """``"failed: exited with code 3"``; ``"timed out after 5 s"`` (no repeated words)."""
-    text = status.replace("_", " ")
-    if not reason:
-        return text
-    return reason if reason.startswith(text) else f"{text}: {reason}"
-
 
 _SUBMIT_TIMEOUT = 60.0
 

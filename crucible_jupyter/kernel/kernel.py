@@ -48,6 +48,7 @@ from ..client import (
     final_status_line,
     is_terminal,
     live_status_line,
+    outcome_text,
 )
 from ..errors import Conflict, CrucibleError
 
@@ -249,7 +250,7 @@ class CrucibleKernel(Kernel):
         if error:
             tb = [*error.get("traceback", []), f"(crucible execution {execution_id}, {state})"]
             return self._fail(error.get("ename", "Error"), error.get("evalue", ""), tb, silent)
-        text = state.replace("_", " ") + (f": {reason}" if reason else "")
+        text = outcome_text(state, reason)
         return self._fail(
             "RemoteExecutionError", f"{text} (crucible execution {execution_id})", [], silent
         )

@@ -112,7 +112,7 @@ class TestCrucibleKernel(jkt.KernelTests):
         self.flush_channels()
         reply, outputs = self.execute_helper("%%crucible --timeout 1\nimport time\ntime.sleep(30)")
         assert reply["content"]["status"] == "error"
-        assert "timed out" in reply["content"]["evalue"]
+        assert reply["content"]["evalue"].startswith("timed out after 1 s (crucible execution")
 
     def _outputs(self, code: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         self.flush_channels()
