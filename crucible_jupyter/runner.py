@@ -12,7 +12,9 @@ Channels:
   in ARCHITECTURE.md): ``start``, ``stream``, ``display_data``, ``update_display_data``,
   ``execute_result``, ``clear_output``, ``error`` and finally ``end`` with the exit code;
 * with ``--code-file -`` (a warm sandbox, started before there is a cell) the first line on
-  stdin is the cell itself, as JSON (see ``_receive_cell``);
+  stdin is the cell itself, as JSON (see ``_receive_cell``); with ``--ready-line TEXT`` the
+  runner first writes TEXT as a line to fd 1 once it is ready for it (after the
+  ``--await-isolation`` check, which a warm sandbox passes before it waits);
 * stdin carries control lines: ``interrupt`` raises KeyboardInterrupt in the cell. EOF on stdin
   (or a closed stdin) only stops the reading of it;
 * the runner's own stderr only reports crashes of the runner itself.
@@ -58,7 +60,7 @@ _EXIT_RUNNER_FAILURE = 1
 _USAGE = (
     "usage: runner.py --code-file PATH|- [--rlimit-fsize BYTES] [--rlimit-as BYTES]"
     " [--rlimit-nofile N] [--max-frame-text CHARS] [--await-isolation HOST:PORT"
-    " [--isolation-timeout SECONDS]]"
+    " [--isolation-timeout SECONDS]] [--ready-line TEXT]"
 )
 _OPTIONS = {
     "--code-file": "code_file",
@@ -68,6 +70,7 @@ _OPTIONS = {
     "--max-frame-text": "max_frame_text",
     "--await-isolation": "await_isolation",
     "--isolation-timeout": "isolation_timeout",
+    "--ready-line": "ready_line",
 }
 _RLIMITS = (
     ("rlimit_fsize", "RLIMIT_FSIZE"),
@@ -226,7 +229,7 @@ def parse_args(argv):
                 raise UsageError(f"{name} needs a value\n{_USAGE}")
             value = argv[i]
         key = _OPTIONS[name]
-        if key in ("code_file", "await_isolation"):
+        if key in ("code_file", "await_isolation", "ready_line"):
             opts[key] = value
         else:
             try:
@@ -593,8 +596,14 @@ def main(argv=None):
         except OSError:
             pass
     control = b""
+    target, isolated = opts["await_isolation"], None
     if source is None:  # a warm sandbox: everything is loaded, now wait for the cell
-        source, control = _receive_cell(opts)
+        if target:  # ...once isolated: a warm pod must not be handed a cell before
+            isolated = _await_isolation(target, opts["isolation_timeout"] or 30)
+        if isolated is not False:
+            if opts["ready_line"]:  # tell whoever waits for this sandbox that it is ready
+                os.write(1, opts["ready_line"].encode("utf-8") + b"\n")
+            source, control = _receive_cell(opts)
     writer = FrameWriter(1, opts["max_frame_text"])
     supervisor_pid = os.getpid()
     writer.add("start", {"python": ".".join(map(str, sys.version_info[:3])), "pid": supervisor_pid})
@@ -602,8 +611,9 @@ def main(argv=None):
         writer.flush()
     except _FrameChannelGone:
         os._exit(_EXIT_RUNNER_FAILURE)
-    target = opts["await_isolation"]
-    if target and not _await_isolation(target, opts["isolation_timeout"] or 30):
+    if isolated is None and target:
+        isolated = _await_isolation(target, opts["isolation_timeout"] or 30)
+    if isolated is False:
         message = f"network isolation is not in place: {target} is reachable"
         hint = "the cell was not run (is a NetworkPolicy enforcer running?)"
         writer.add("error", {
