@@ -37,6 +37,8 @@ KERNEL_TOKEN_HEADER = "X-Crucible-Token"
 #: What an execution id looks like (UUIDv7 text); anything else is a 404 without a lookup.
 EXECUTION_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.:/@+=-]{1,64}$")
+#: Query parameters every endpoint tolerates: jupyter_server's own credentials.
+_JUPYTER_QUERY = frozenset({"token", "_xsrf"})
 #: Longest integer a request body may hold; no field takes a number anywhere near this long.
 MAX_JSON_DIGITS = 1000
 
@@ -149,6 +151,20 @@ class CrucibleMixin(ExtensionHandlerMixin):
         if not EXECUTION_ID_RE.match(value):
             raise NotFound(f"no execution with id {value[:80]!r}", field="id")
         return value
+
+    def only_query(self, *names: str) -> None:
+        """Refuse a query parameter this endpoint does not take, so a typo (``?state=``) is a
+        400 rather than an unfiltered answer. jupyter_server's ``token`` and ``_xsrf`` pass, as
+        does JupyterLab's cache-buster (a bare timestamp such as ``?1732890000123``)."""
+        for name in self.request.query_arguments:  # type: ignore[attr-defined]
+            if name in names or name in _JUPYTER_QUERY or (name.isascii() and name.isdigit()):
+                continue
+            takes = f"it takes {', '.join(names)}" if names else "it takes none"
+            raise InvalidRequest(
+                f"unknown query parameter {name[:40]!r} for {self.request.path[:200]};"  # type: ignore[attr-defined]
+                f" {takes}",
+                field=name[:64],
+            )
 
     def query(self, name: str) -> str | None:
         """One query parameter as text, or None; repeated or undecodable values are a 400."""

@@ -79,6 +79,7 @@ class ExecutionsHandler(CrucibleAPIHandler):
     @authorized
     async def get(self) -> None:
         """List: ``{"executions": [...], "next_cursor": str|null}``."""
+        self.only_query("user", "status", "tag", "since", "until", "cursor", "limit")
         page_max = self.crucible.max_page_size
         filters = {
             "user": self.query_text("user"),
@@ -107,6 +108,7 @@ class ExecutionHandler(CrucibleAPIHandler):
     async def get(self, execution_id: str) -> None:
         """The execution dict plus ``events`` (stored events after ``?after=SEQ``)."""
         execution_id = self.execution_id(execution_id)
+        self.only_query("after")
         after = self.query_int("after", default=-1, lo=-1, hi=2**53)
         dispatcher = await self.dispatcher()
         execution = await dispatcher.get(execution_id)
@@ -149,6 +151,7 @@ class QueueHandler(CrucibleAPIHandler):
     @authorized
     async def get(self) -> None:
         """Depth per priority, running, capacity; ``position`` when ``?execution_id=`` is given."""
+        self.only_query("execution_id")
         execution_id = self.query("execution_id")
         if execution_id:
             execution_id = self.execution_id(execution_id)
@@ -165,6 +168,7 @@ class StatsHandler(CrucibleAPIHandler):
     @authorized
     async def get(self) -> None:
         """The dispatcher's statistics for ``?user=`` since ``?since=``."""
+        self.only_query("user", "since")
         user = self.query_text("user")
         since = self.query_time("since")
         dispatcher = await self.dispatcher()

@@ -37,7 +37,8 @@ def _json(schema_ref: str, description: str) -> dict[str, Any]:
 
 
 _ERRORS = {
-    "400": "Malformed request: bad JSON, wrong type, value out of range, unknown field",
+    "400": "Malformed request: bad JSON, wrong type, value out of range, unknown field"
+    " or query parameter",
     "403": "Not authenticated, or not authorized on resource 'crucible'",
     "404": "No execution with that id",
     "409": "The execution's state forbids the action (it already finished)",

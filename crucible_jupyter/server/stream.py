@@ -7,8 +7,8 @@ reconnects with the last ``seq`` it saw misses nothing and sees nothing twice. T
 never reads from the socket; messages a client sends are ignored.
 
 Refusals happen before the upgrade, as JSON HTTP errors: 403 (not authenticated or not
-authorized for ``read`` on ``crucible``), 404 (unknown execution), 400 (bad ``after`` or not
-a WebSocket request).
+authorized for ``read`` on ``crucible``), 404 (unknown execution), 400 (bad ``after``, another
+query parameter, or not a WebSocket request).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class ExecutionStreamHandler(CrucibleMixin, WebSocketMixin, WebSocketHandler, Ju
     async def get(self, execution_id: str) -> None:  # type: ignore[override]
         """Validate, check the execution exists, then upgrade."""
         self.execution_id_value = self.execution_id(execution_id)
+        self.only_query("after")
         self.after = self.query_int("after", default=-1, lo=-1, hi=2**53)
         if self.request.headers.get("Upgrade", "").lower() != "websocket":
             raise InvalidRequest(

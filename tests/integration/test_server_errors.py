@@ -230,3 +230,27 @@ def test_browser_session_refusals_say_what_to_send(api, jp_serverapp):
     code, body, _ = api("DELETE", "executions", ID, headers=evil)
     assert code == 404 and "cross-origin" in body["message"], body
     assert "allow_origin" in body["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "takes"),
+    [
+        (("executions",), {"state": "running"}, "it takes user, status, tag,"),
+        (("queue",), {"execution": ID}, "it takes execution_id"),
+        (("stats",), {"until": "0"}, "it takes user, since"),
+        (("executions", ID), {"afer": "3"}, "it takes after"),
+    ],
+)
+def test_unknown_query_parameter_is_refused_not_ignored(api, path, params, takes):
+    """A misspelt filter used to be ignored: the answer looked right but was unfiltered."""
+    code, body, _ = api("GET", *path, params=params)
+    assert code == 400 and body["field"] == next(iter(params)), body
+    assert takes in body["message"]
+
+
+def test_jupyter_query_parameters_still_pass(api, jp_serverapp):
+    """The token in the URL, and JupyterLab's cache-buster (``?<timestamp>``)."""
+    token = jp_serverapp.identity_provider.token
+    params = {"token": token, "1732890000123": "", "status": "succeeded"}
+    code, body, _ = api("GET", "executions", params=params, headers={"Authorization": ""})
+    assert code == 200, body
