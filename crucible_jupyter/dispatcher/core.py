@@ -50,6 +50,10 @@ from .queue import WaitQueue
 T = TypeVar("T")
 #: What marks an error frame (the runner writes compact JSON): errors pass the output limit.
 _ERROR_FRAME = b'"type":"error"'
+#: Bytes of error frames kept beyond the output limit (the traceback that names the failure).
+#: Bounded: a cell can send any number of error frames, which would otherwise all be stored.
+_ERROR_ROOM = 1 << 20
+_LIMIT_NOTICE = "output limit of {} reached; further output is dropped (an error is still shown)"
 
 
 @dataclass
@@ -596,6 +600,18 @@ class CrucibleDispatcher(LoggingConfigurable):
             parsed = frames.parse(line) if kind == FRAMES else frames.raw_stderr(line)
             if parsed is None:
                 continue
+            if parsed[0] == "error":
+                run.last_error = parsed[1]  # names the failure even if it is not kept
+                if execution.output_bytes + size > limit + _ERROR_ROOM:
+                    # a flood of error frames (or of frames that only quote the marker) would
+                    # otherwise pass the limit without end and fill the database
+                    execution.truncated = True
+                    execution.dropped_bytes += size
+                    self._notice(run, channel, "limit", _LIMIT_NOTICE.format(format_bytes(limit)))
+                    continue
+            elif cut:  # not an error, it only contains the marker (a display of a dict)
+                execution.dropped_bytes += size
+                continue
             if not cut and execution.output_bytes + size > limit and parsed[0] != "error":
                 # the frame that crosses the limit: stream text keeps what fits, the rest goes
                 kept = _fit_stream(parsed, size, limit - execution.output_bytes)
@@ -604,17 +620,9 @@ class CrucibleDispatcher(LoggingConfigurable):
                 if kept:
                     execution.output_bytes += kept[1]
                     self._publish_output(run, channel, "stream", kept[0])
-                self._notice(
-                    run,
-                    channel,
-                    "limit",
-                    f"output limit of {format_bytes(limit)} reached; further output is dropped"
-                    " (an error is still shown)",
-                )
+                self._notice(run, channel, "limit", _LIMIT_NOTICE.format(format_bytes(limit)))
                 continue
             execution.output_bytes += size
-            if parsed[0] == "error":
-                run.last_error = parsed[1]
             self._publish_output(run, channel, *parsed)
 
     @staticmethod

@@ -417,3 +417,24 @@ async def test_nothing_of_a_cell_reaches_the_next(make_dispatcher):
     for _ in range(3):  # the third runs in a sandbox started after the first cell ended
         execution, events = await run_cell(d, later)
         assert stream_text(events, "stdout") == "False None\n"
+
+
+async def test_error_frames_do_not_pass_the_output_limit_without_end(make_dispatcher):
+    """Errors pass the output limit (the one that names the failure must show), but a cell can
+    send any number of error frames, or displays of a dict holding ``"type":"error"``: neither
+    may carry more than a bounded amount past the limit into the database."""
+    d = await make_dispatcher(output_limit=64 << 10)
+    code = textwrap.dedent("""
+        import sys
+        for i in range(40):
+            sys.stdout._channel.send({"type": "error", "ename": "E", "evalue": "e" * 60000,
+                                      "traceback": []})
+            display({"application/json": {"type": "error"}, "text/plain": "d" * 60000}, raw=True)
+        raise ValueError("the real one")
+    """)
+    execution, events = await run_cell(d, code, timeout=60)
+    stored = await d.events(execution.id)
+    kept = sum(len(json.dumps(e.data)) for e in stored)
+    assert kept < (64 << 10) + (1 << 20) + (64 << 10), kept  # limit + error room + notices
+    assert execution.truncated and execution.dropped_bytes > 3 << 20
+    assert execution.reason == "ValueError: the real one"
