@@ -280,8 +280,8 @@ class CrucibleMagics(Magics):
             for event in self.client.events(execution["id"]):
                 relay.handle(event)
         except KeyboardInterrupt:
-            relay.interrupted()
-            raise _interrupted(execution["id"], relay.state) from None
+            state = relay.interrupted()
+            raise _interrupted(execution["id"], state) from None
         except CrucibleError as e:  # the server went away mid-cell
             status.show(f"crucible · lost track of {execution['id']}: {e}")
             raise UsageError(
@@ -301,8 +301,8 @@ class CrucibleMagics(Magics):
             try:
                 execution_id = future.result(15)["id"]
                 self.client.call("cancel", execution_id, timeout=15)
-            except Exception:
-                pass  # refused, never accepted or already over: nothing to cancel
+            except (Exception, KeyboardInterrupt):
+                pass  # refused, never accepted, already over, or interrupted again
             raise _interrupted(execution_id, "cancelled") from None
         except CrucibleError as e:
             status.show(f"crucible · refused · {e}")
@@ -474,9 +474,18 @@ class _Relay:
             clear_output(wait=bool(event.get("wait")))
             self.status.show(self.status.text, force=True)
 
-    def interrupted(self) -> None:
-        """Cancel the remote execution and show what it did until it ended (bounded)."""
+    def interrupted(self) -> str:
+        """Cancel the remote execution and show what it did until it ended (bounded); the
+        state to report. Interrupted again meanwhile, it stops waiting at once (the cancel
+        goes on): impatience is no reason for a traceback."""
         _flush_streams()
+        try:
+            self._cancel_and_follow()
+        except KeyboardInterrupt:
+            return self.state if self.terminal else "being cancelled"
+        return self.state
+
+    def _cancel_and_follow(self) -> None:
         client = self.client
         try:
             client.call("cancel", self.id, timeout=15)

@@ -457,3 +457,37 @@ def test_plain_ipython_exits_cleanly_after_an_interrupted_cell(tmp_path: Path):
     records = _history(env)
     statuses = [r["status"] for r in records]
     assert sorted(statuses) == ["cancelled"] * 3 + ["succeeded"] * 3
+
+
+def test_plain_ipython_interrupted_twice_shows_one_line(tmp_path: Path):
+    """A second interrupt while the first one's cancel is under way (the cell ignores the
+    first) stops the waiting: one KeyboardInterrupt line, no traceback through crucible's
+    code, and the execution still ends cancelled."""
+    script = (
+        "import os, signal, threading, time\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "shell = InteractiveShell.instance()\n"
+        "shell.run_cell('%load_ext crucible_jupyter')\n"
+        "def interrupt_twice():\n"
+        "    time.sleep(3)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(0.5)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "threading.Thread(target=interrupt_twice, daemon=True).start()\n"
+        "r = shell.run_cell('%%crucible --name stubborn\\nimport time\\n"
+        "print(\\'go\\', flush=True)\\nwhile True:\\n    try:\\n        time.sleep(10)\\n"
+        "    except KeyboardInterrupt:\\n        pass\\n')\n"
+        "print('=== INTERRUPTED', type(r.error_in_exec).__name__, flush=True)\n"
+        "time.sleep(5)\n"  # the cancel completes (interrupt, grace, kill) before the exit
+    )
+    env = _embedded_env(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    assert "=== INTERRUPTED KeyboardInterrupt" in done.stdout, out
+    assert "crucible_jupyter/" not in out and "Traceback" not in out, out
+    [line] = [x for x in out.splitlines() if x.startswith("KeyboardInterrupt")]
+    assert line.startswith("KeyboardInterrupt: crucible execution ") and "cancelled" in line
+    [record] = _history(env)
+    assert record["name"] == "stubborn" and record["status"] == "cancelled"
