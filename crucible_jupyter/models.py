@@ -87,6 +87,7 @@ _UNITS = {
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.:/@+=-]{1,64}$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _RESERVED_ENV = ("CRUCIBLE_", "LD_", "PYTHON")
 #: The largest size a request may name, in bytes (what a signed 64-bit count holds).
 _MAX_BYTES = 2**63 - 1
@@ -291,7 +292,7 @@ class ExecutionRequest:
         tags = _validate_tags(data.get("tags", []), limits)
         env = _validate_env(data.get("env", {}), limits)
         notebook = _validate_notebook(data.get("notebook"))
-        name = _optional_text(data.get("name"), "name", 200)
+        name = _validate_name(data.get("name"))
         backend = _optional_text(data.get("backend"), "backend", 64)
         if backend is not None and limits.backends and backend not in limits.backends:
             raise InvalidRequest(
@@ -493,6 +494,18 @@ def _validate_notebook(value: Any) -> NotebookRef:
         cell_id=_optional_text(value.get("cell_id"), "notebook.cell_id", 256),
         kernel_id=_optional_text(value.get("kernel_id"), "notebook.kernel_id", 256),
     )
+
+
+def _validate_name(value: Any) -> str | None:
+    """A one-line label: no control characters (a newline or an escape sequence would break,
+    or rewrite, every history listing that shows it)."""
+    name = _optional_text(value, "name", 200)
+    if name is not None and (bad := _CONTROL_RE.search(name)):
+        raise InvalidRequest(
+            f"name contains the control character {bad.group()!r}; use one line of plain text",
+            field="name",
+        )
+    return name
 
 
 def _optional_text(value: Any, name: str, max_len: int) -> str | None:

@@ -16,6 +16,7 @@ from ..models import Limits, Priority, Status
 _RESERVED_ENV = "^([Cc][Rr][Uu][Cc][Ii][Bb][Ll][Ee]_|[Ll][Dd]_|[Pp][Yy][Tt][Hh][Oo][Nn])"
 _TAG = "^[A-Za-z0-9_.:/@+=-]{1,64}$"
 _NO_NUL = "^[^\\x00]*$"
+_NO_CONTROL = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +142,7 @@ def _request_schema(limits: Limits) -> dict[str, Any]:
                 "description": "Names starting with CRUCIBLE_, LD_ or PYTHON are reserved.",
             },
             "notebook": {"$ref": "#/components/schemas/NotebookRef"},
-            "name": {"type": "string", "maxLength": 200, "pattern": _NO_NUL},
+            "name": {"type": "string", "maxLength": 200, "pattern": _NO_CONTROL},
             "backend": backend,
             "image": image,
         },

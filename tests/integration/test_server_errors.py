@@ -70,6 +70,9 @@ ID = "01234567-89ab-7def-8123-456789abcdef"
         ("POST", ("executions",), b'{"code": "1", "code": "2"}', None, 400),
         ("POST", ("executions",), b'{"code": "1", "resources": []}', None, 400),
         ("POST", ("executions",), b'{"code": "1", "cpu": 2, "resources": {"cpu": 1}}', None, 400),
+        # a name with a newline or an escape sequence rewrote `crucible history` listings
+        ("POST", ("executions",), b'{"code": "1", "name": "\\u001b[2Jgone"}', None, 400),
+        ("POST", ("executions",), b'{"code": "1", "name": "two\\nlines"}', None, 400),
     ],
 )
 def test_error_codes(api, method, path, raw, params, status, crucible_app):
