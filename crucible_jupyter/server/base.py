@@ -272,8 +272,8 @@ class CrucibleMixin(ExtensionHandlerMixin):
 
     def _refusal_before_handler(self, status_code: int) -> dict[str, str]:
         """What jupyter_server's bare 403 or 404 (raised before any crucible code runs) meant:
-        a Host header that is not a local name, a cross-origin browser request, or no
-        credentials."""
+        a Host header that is not a local name, a cross-origin browser request, a stale kernel
+        credential, or no credentials."""
         if status_code == 403 and not self.check_host():  # type: ignore[attr-defined]
             host = self.request.host[:100]  # type: ignore[attr-defined]
             message = (
@@ -290,6 +290,14 @@ class CrucibleMixin(ExtensionHandlerMixin):
                 " itself serves, or authenticate with 'Authorization: token <token>'"
             )
             return {"error": "NotFound", "message": message}
+        if status_code == 403 and self.request.headers.get(KERNEL_TOKEN_HEADER):  # type: ignore[attr-defined]
+            message = (
+                f"not authenticated: the {KERNEL_TOKEN_HEADER} header is not this server's"
+                " kernel credential, which is new each time the server starts; restart the"
+                " kernel to get the current one (CRUCIBLE_TOKEN), or send the server's token"
+                " (header 'Authorization: token <token>')"
+            )
+            return {"error": "Forbidden", "message": message}
         if status_code == 403:
             message = (
                 "not authenticated: send the Jupyter server's token"

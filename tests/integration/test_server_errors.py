@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from crucible_jupyter.server.base import KERNEL_TOKEN_HEADER
+
 
 @pytest.fixture
 def crucible_config():
@@ -257,3 +259,11 @@ def test_jupyter_query_parameters_still_pass(api, jp_serverapp):
     params = {"token": token, "1732890000123": "", "status": "succeeded"}
     code, body, _ = api("GET", "executions", params=params, headers={"Authorization": ""})
     assert code == 200, body
+
+
+def test_stale_kernel_credential_says_to_restart_the_kernel(api):
+    """A kernel holding the credential of an earlier server start was told to send a token."""
+    stale = {KERNEL_TOKEN_HEADER: "from-an-earlier-start", "Authorization": ""}
+    code, body, _ = api("GET", "health", headers=stale)
+    assert code == 403 and KERNEL_TOKEN_HEADER in body["message"], body
+    assert "restart the kernel" in body["message"]
