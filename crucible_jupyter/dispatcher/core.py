@@ -650,12 +650,14 @@ class CrucibleDispatcher(LoggingConfigurable):
         code = outcome.exit_code
         if code == 0:
             return Status.SUCCEEDED, None
+        err = run.last_error
+        # the runner exits 1 after an exception, 130 after KeyboardInterrupt (raised or SIGINT)
+        if err and (code == 1 or (code == 130 and err["ename"] == "KeyboardInterrupt")):
+            text = f"{err['ename']}: {err['evalue']}" if err["evalue"] else err["ename"]
+            return Status.FAILED, text[:500]
         if code is not None and code > 128:
             with contextlib.suppress(ValueError):
                 return Status.FAILED, f"killed by {signal.Signals(code - 128).name}"
-        if run.last_error and code == 1:
-            err = run.last_error
-            return Status.FAILED, f"{err['ename']}: {err['evalue']}"[:500]
         return Status.FAILED, f"exited with code {code}"
 
     async def _stop_sandbox(self, run: _Run) -> None:

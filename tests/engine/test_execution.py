@@ -181,6 +181,20 @@ async def test_cancel_while_queued_and_while_running(make_dispatcher):
         await d.cancel(running.id)
 
 
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        ("raise KeyboardInterrupt", "KeyboardInterrupt"),
+        ("raise KeyboardInterrupt('stop here')", "KeyboardInterrupt: stop here"),
+        ("import os, signal\nos.kill(os.getpid(), signal.SIGINT)", "KeyboardInterrupt"),
+    ],
+)
+async def test_a_cell_interrupting_itself_is_named_by_its_exception(dispatcher, code, reason):
+    # not "killed by SIGINT": nothing killed it, the cell ended with an exception
+    execution, _ = await run_cell(dispatcher, code)
+    assert execution.status is Status.FAILED and execution.reason == reason
+
+
 async def test_cancel_kills_a_cell_that_ignores_interrupts(make_dispatcher):
     d = await make_dispatcher(cancel_grace_seconds=0.5)
     code = textwrap.dedent("""
