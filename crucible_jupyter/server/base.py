@@ -132,15 +132,15 @@ class CrucibleMixin(ExtensionHandlerMixin):
     def username(self) -> str:
         """The jupyter_server identity of the caller, as recorded on executions.
 
-        jupyter_server gives each request authenticated by the server's token alone (no
-        cookie) a new random anonymous identity; whoever holds that token is the server's
-        own user, so those requests are recorded as ``kernel_user`` and history stays
-        searchable by user.
+        jupyter_server's own identity provider knows no user names: it gives whoever logs in
+        with the server's token or password (a browser, in a cookie) or sends the token (a
+        script) a random anonymous identity, new for each login or request. Whoever holds
+        that token is the server's own user, so those requests are recorded as
+        ``kernel_user``, like the kernels', and history stays searchable by user. Real
+        identities (JupyterHub's, a custom provider's) are recorded as they are.
         """
         user = self.current_user  # type: ignore[attr-defined]
-        if str(getattr(user, "name", "")).startswith("Anonymous ") and (
-            self.identity_provider.is_token_authenticated(self)
-        ):
+        if str(getattr(user, "name", "")).startswith("Anonymous "):
             return self.crucible.kernel_user
         return getattr(user, "username", None) or str(user)
 

@@ -6,6 +6,8 @@ import pytest
 
 from crucible_jupyter.server.base import KERNEL_TOKEN_HEADER
 
+from .conftest import wait_terminal
+
 
 @pytest.fixture
 def crucible_config():
@@ -235,6 +237,17 @@ def test_browser_session_refusals_say_what_to_send(api, jp_serverapp):
     code, body, _ = api("DELETE", "executions", ID, headers=evil)
     assert code == 404 and "cross-origin" in body["message"], body
     assert "allow_origin" in body["message"]
+
+
+def test_browser_login_is_recorded_as_the_servers_user(api, jp_serverapp, crucible_app):
+    # jupyter_server gives each login a random anonymous identity; the history would
+    # otherwise hold a new "user" for every browser session
+    cookie = _login_cookie(api, jp_serverapp) + "; _xsrf=same"  # the double-submit pair
+    browser = {"Authorization": "", "Cookie": cookie, "X-XSRFToken": "same"}
+    code, execution, _ = api("POST", "executions", body={"code": "1"}, headers=browser)
+    assert code == 201, execution
+    assert execution["user"] == crucible_app.kernel_user
+    wait_terminal(api, execution["id"])
 
 
 @pytest.mark.parametrize(
