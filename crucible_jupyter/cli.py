@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -28,6 +29,7 @@ from .models import Event, Execution, Status, format_bytes
 
 EXIT_TIMED_OUT = 124
 EXIT_CANCELLED = 130
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline
 
 
 def load_config(db_url: str | None) -> Config:
@@ -170,7 +172,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _short(text: str, width: int) -> str:
+    """The first non-blank line of ``text`` in at most ``width`` characters, with control
+    characters shown escaped (a cell's code must not drive the reader's terminal)."""
     line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    line = _CONTROL.sub(lambda m: repr(m.group())[1:-1], line)
     return line if len(line) <= width else line[: width - 1] + "…"
 
 

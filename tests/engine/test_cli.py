@@ -75,3 +75,10 @@ def test_doctor_reports_bubblewrap(crucible):
     human = crucible("doctor").stdout
     assert "isolation: bubblewrap" in human
     assert "[ok  ] warm sandboxes: 2 kept started, each for one cell" in human
+
+
+def test_history_does_not_pass_a_cells_control_characters_to_the_terminal(crucible):
+    crucible("run", "-", input="'\x1b[2J\x1b]0;owned\x07'  # clears the screen, retitles")
+    table = crucible("history").stdout
+    assert "\x1b" not in table and "\x07" not in table
+    assert "\\x1b[2J" in table  # shown, escaped
