@@ -124,6 +124,11 @@ OPTIONS_HELP = (
     " --memory SIZE (256Mi, 2Gi), --image NAME, --backend NAME, --tag TAG (repeatable),"
     " --name NAME"
 )
+CELL_HELP = (
+    "%%crucible [options] on a cell's first line runs the rest of the cell as an isolated,"
+    " recorded execution (a fresh process: nothing is shared with this kernel or other"
+    f" cells). Options: {OPTIONS_HELP}. See also %crucible history | status ID | queue."
+)
 _OPTION_KEYS = ("timeout", "priority", "cpu", "memory", "image", "backend", "name")
 LINE_USAGE = (
     "usage: %crucible history [-n N] [--status S] [--tag T] [--user U] | status ID | queue"
@@ -138,6 +143,11 @@ class _Once(argparse.Action):
         if getattr(namespace, self.dest, None) is not None:
             raise argparse.ArgumentError(self, "given more than once; give it once")
         setattr(namespace, self.dest, values)
+
+
+def wants_help(line: str) -> bool:
+    """Whether a ``%%crucible`` options line asks for help (``-h`` or ``--help``)."""
+    return not {"-h", "--help"}.isdisjoint(line.split())
 
 
 def parse_cell_options(line: str) -> dict[str, Any]:
@@ -262,6 +272,8 @@ class CrucibleMagics(Magics):
     def crucible_cell(self, line: str, cell: str) -> Any:
         """Run this cell as an isolated, recorded crucible execution (fresh process, no state
         shared with the kernel); output streams into the cell as it is produced."""
+        if wants_help(line):
+            return _Text(CELL_HELP)
         request = parse_cell_options(line)
         check_cell_body(cell)
         request["code"] = cell

@@ -139,6 +139,13 @@ class CrucibleKernel(Kernel):
         line = _line_command(code)
         if line is not None:
             return await self._line_command(line, silent, expressions)
+        if _cell_help(code):
+            if not silent:
+                from ..magic import CELL_HELP
+
+                text = {"name": "stdout", "text": CELL_HELP + "\n"}
+                self.send_response(self.iopub_socket, "stream", text)
+            return self._ok(expressions)
         try:
             request = self._request(code, cell_meta, cell_id)
         except UsageError as e:
@@ -440,6 +447,16 @@ def _line_command(code: str) -> str | None:
     text = code.strip()
     m = re.fullmatch(r"%crucible(?:\s+(.*))?", text)
     return None if m is None else (m.group(1) or "")
+
+
+def _cell_help(code: str) -> bool:
+    """Whether ``code``'s first line is ``%%crucible`` asking for help (``-h``/``--help``)."""
+    first = code.lstrip().partition("\n")[0]
+    if not re.match(r"%%crucible(\s|$)", first):
+        return False
+    from ..magic import wants_help
+
+    return wants_help(first[len("%%crucible") :])
 
 
 def _ipython_syntax(code: str) -> str | None:

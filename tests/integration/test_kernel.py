@@ -162,6 +162,13 @@ class TestCrucibleKernel(jkt.KernelTests):
         content, outputs = self._outputs('%%crucible --name "two words" --tag x\nprint(1)')
         assert content["status"] == "ok", content
 
+    def test_cell_help_is_shown_and_nothing_runs(self) -> None:
+        content, outputs = self._outputs("%%crucible --help\nprint('not run')")
+        assert content["status"] == "ok", content
+        [shown] = [m["content"]["text"] for m in outputs if m["msg_type"] == "stream"]
+        assert shown.startswith("%%crucible [options]") and "--timeout SECONDS" in shown
+        assert "not run" not in shown
+
     def test_display_updates_replace_in_place(self) -> None:
         content, outputs = self._outputs(
             "from IPython.display import display, update_display\n"

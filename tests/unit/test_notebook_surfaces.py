@@ -9,9 +9,11 @@ from IPython.core.error import UsageError
 from test_runner import run_cell
 
 from crucible_jupyter.dispatcher import frames
-from crucible_jupyter.kernel.kernel import _ipython_syntax, _line_command
+from crucible_jupyter.kernel.kernel import _cell_help, _ipython_syntax, _line_command
 from crucible_jupyter.magic import (
+    CELL_HELP,
     OPTIONS_HELP,
+    CrucibleMagics,
     QueueSummary,
     check_cell_body,
     line_command,
@@ -55,6 +57,19 @@ def test_option_misuse_is_one_usage_error(line, says):
     assert message.startswith("%%crucible")
     if "quotation" not in says:
         assert OPTIONS_HELP in message  # says how to write it
+
+
+@pytest.mark.parametrize("line", ["-h", "--help", "--timeout 5 --help"])
+def test_cell_help_is_shown_and_nothing_runs(line):
+    class NoDispatcher:
+        def __getattr__(self, name):
+            raise AssertionError("asking for help must not reach a dispatcher")
+
+    magics = CrucibleMagics(shell=None, client=NoDispatcher())
+    shown = magics.crucible_cell(line, "print(1)\n")
+    assert repr(shown) == CELL_HELP and OPTIONS_HELP in CELL_HELP
+    assert _cell_help(f"%%crucible {line}\nprint(1)")
+    assert not _cell_help("%%crucible --name x\nprint('-h')") and not _cell_help("print(1)")
 
 
 def test_an_empty_cell_is_refused():
