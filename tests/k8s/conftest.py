@@ -88,12 +88,15 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture
 def k8s(kube, namespace, make_dispatcher):
     """Start dispatchers on the Kubernetes backend in the module's namespace
-    (keywords: ``CrucibleKubernetesBackend`` traits; ``dispatcher={...}`` for the rest)."""
+    (keywords: ``CrucibleKubernetesBackend`` traits; ``dispatcher={...}`` for the rest).
+    Without warm pods unless ``warm_pods`` is given: every cell takes the Job path."""
 
     async def make(db_url: str | None = None, dispatcher: dict | None = None, **backend):
+        backend = {"namespace": namespace, "kubeconfig": kube["kubeconfig"], "warm_pods": 0,
+                   **backend}  # fmt: skip
         return await make_dispatcher(
             db_url,
-            kubernetes={"namespace": namespace, "kubeconfig": kube["kubeconfig"], **backend},
+            kubernetes=backend,
             **{"backend": "kubernetes", "max_concurrency": 50, **(dispatcher or {})},
         )
 

@@ -390,6 +390,8 @@ def test_doctor_reports_enforced_network_isolation(kube, namespace, tmp_path):
     assert checks["process limit"]["ok"], checks["process limit"]
     stopped_at = int(checks["process limit"]["detail"].split(" stops at ")[1].split()[0])
     assert 1000 < stopped_at < 1024  # podPidsLimit 1024 of dev/cluster, minus the pod's own
+    assert checks["warm pods"]["ok"], checks["warm pods"]  # the pool is reported
+    assert checks["warm pods"]["detail"].startswith("warm_pods = 1; in namespace")
     assert done.returncode == 0
 
 

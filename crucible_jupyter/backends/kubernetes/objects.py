@@ -7,12 +7,15 @@
   privilege escalation, read-only root, all capabilities dropped, seccomp RuntimeDefault,
   no service-account token, no service links, a size-limited in-memory ``emptyDir``
   ``/tmp``;
-* the deny-all NetworkPolicy selecting every executor pod.
+* the deny-all NetworkPolicy selecting every executor pod;
+* for warm pods (see ``warm.py``): the same Job with the cell coming on stdin, the labels
+  of the pool, and the JSON patch that claims a warm pod for one execution.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 
@@ -22,7 +25,11 @@ APP = "crucible-executor"
 EXECUTION_LABEL = f"{LABEL_PREFIX}/execution"
 USER_LABEL = f"{LABEL_PREFIX}/user"
 DISPATCHER_LABEL = f"{LABEL_PREFIX}/dispatcher"
+POOL_LABEL = f"{LABEL_PREFIX}/pool"  # what a warm pod can run (see pool_key)
+STATE_LABEL = f"{LABEL_PREFIX}/state"  # of a warm pod: warming, warm, claimed, retired
 POLICY_NAME = "crucible-executors-deny-all"
+#: The line a warm pod's runner writes (first, on its log) once it is isolated and waits.
+READY_LINE = "crucible-warm-pod-ready"
 MOUNT = "/opt/crucible"
 
 _LABEL_OK = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
@@ -98,12 +105,17 @@ def make_job(
     pull_policy: str = "IfNotPresent",
     priority_class: str | None = None,
     await_isolation: str | None = None,
+    warm: bool = False,
 ) -> dict:
     """The Job running one execution's runner in a hardened pod.
 
     ``await_isolation`` (``HOST:PORT``) makes the runner wait until that address is no
     longer reachable before it runs the cell: NetworkPolicies take effect a moment after a
     pod starts, and the cell must not run in that moment.
+
+    ``warm``: a warm pod's Job. Its runner, once isolated, writes :data:`READY_LINE` and
+    waits for its cell on stdin (``stdin``/``stdinOnce``: the first attach sends it, and
+    stdin closes when that attach ends); ``timeout`` is then how long it may wait unclaimed.
     """
     container = {
         "name": "cell",
@@ -114,10 +126,11 @@ def make_job(
             "-I",
             f"{MOUNT}/runner.py",
             "--code-file",
-            f"{MOUNT}/cell.py",
+            "-" if warm else f"{MOUNT}/cell.py",
             "--rlimit-fsize",
             str(max_file_size),
             *(["--await-isolation", await_isolation] if await_isolation else []),
+            *(["--ready-line", READY_LINE] if warm else []),
         ],
         "workingDir": "/tmp",
         "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
@@ -140,6 +153,8 @@ def make_job(
         ],
         "terminationMessagePolicy": "File",
     }
+    if warm:
+        container.update(stdin=True, stdinOnce=True)
     pod_spec: dict = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -176,6 +191,49 @@ def make_job(
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }
+
+
+def pool_key(job: dict, runner_source: str) -> str:
+    """A short hash of what a warm pod runs (its pod spec and runner): a dispatcher claims
+    only warm pods whose key equals its own, so a claimed pod is the pod a cold Job of the
+    same request would have been."""
+    spec = job["spec"]["template"]["spec"]
+    text = json.dumps([spec["containers"], spec.get("runtimeClassName"), runner_source],
+                      sort_keys=True)  # fmt: skip
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def warm_labels(name: str, dispatcher: str, key: str) -> dict[str, str]:
+    """Labels of a warm pod (and its Job) while no execution owns it: the execution label
+    holds the Job's name, so the pod watch can follow it before it is claimed."""
+    return {**labels(name, "crucible-pool", dispatcher), POOL_LABEL: key, STATE_LABEL: "warming"}
+
+
+def _label_path(name: str) -> str:
+    return "/metadata/labels/" + name.replace("~", "~0").replace("/", "~1")
+
+
+def claim_patch(key: str, execution_id: str, user: str, dispatcher: str, deadline: int) -> list:
+    """The JSON patch that claims a warm pod for one execution, atomically: it applies only
+    if the pod is still warm for ``key`` (the API server checks the ``test`` operations and
+    writes the pod in one step, so two dispatchers never claim the same pod). It also sets
+    the pod's ``activeDeadlineSeconds`` (seconds since the pod started) as the backstop."""
+    claimed = labels(execution_id, user, dispatcher)
+    return [
+        {"op": "test", "path": _label_path(STATE_LABEL), "value": "warm"},
+        {"op": "test", "path": _label_path(POOL_LABEL), "value": key},
+        {"op": "replace", "path": _label_path(STATE_LABEL), "value": "claimed"},
+        *({"op": "replace", "path": _label_path(k), "value": v} for k, v in claimed.items()),
+        {"op": "add", "path": "/spec/activeDeadlineSeconds", "value": deadline},
+    ]
+
+
+def state_patch(old: str, new: str) -> list:
+    """The JSON patch moving a warm pod from state ``old`` to ``new``, only if in ``old``."""
+    return [
+        {"op": "test", "path": _label_path(STATE_LABEL), "value": old},
+        {"op": "replace", "path": _label_path(STATE_LABEL), "value": new},
+    ]
 
 
 def make_network_policy() -> dict:

@@ -36,6 +36,8 @@ class PodReflector:
         self.pods: dict[str, Pod] = {}  # pod name -> pod (raw API dict)
         self.gone: dict[str, Pod] = {}  # last state of deleted pods, by execution label
         self._changed: dict[str, asyncio.Event] = {}  # execution label -> event
+        #: called with every pod that changes or goes (e.g. the warm pool, to refill)
+        self.listeners: list[Callable[[Pod], None]] = []
         self.ready = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -112,6 +114,7 @@ class PodReflector:
     def _store(self, pod: Pod) -> None:
         self.pods[pod["metadata"]["name"]] = pod
         self._wake(self._key(pod))
+        self._tell(pod)
 
     def _forget(self, pod: Pod) -> None:
         self.pods.pop(pod["metadata"]["name"], None)
@@ -119,6 +122,14 @@ class PodReflector:
         if key:
             self.gone[key] = pod
         self._wake(key)
+        self._tell(pod)
+
+    def _tell(self, pod: Pod) -> None:
+        for listener in self.listeners:
+            try:
+                listener(pod)
+            except Exception:  # a listener's bug must not stop the watch
+                self.log.exception("crucible: pod listener failed")
 
     def _wake(self, key: str | None) -> None:
         if key and key in self._changed:

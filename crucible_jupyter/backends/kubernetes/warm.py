@@ -1,0 +1,430 @@
+"""Warm pods: executor pods started ahead of their cell, each waiting for exactly one cell.
+
+A cold execution waits for its Job's pod to be scheduled, its container to start and the
+runner to load (about 2 s on the dev cluster). A warm pod has done all of that, and passed
+the runner's ``--await-isolation`` check (the deny-all NetworkPolicy is in effect), before
+it counts as warm: its runner then writes :data:`~.objects.READY_LINE` to its log and waits
+for the cell on stdin. Claiming one costs an API patch and an attach that writes one JSON
+line (``{"code", "env"}``) and closes stdin (``stdinOnce``). The pod stays one-shot: it
+runs that cell, ends and is deleted; the pool starts a new one in the background.
+
+Design: warm pods are **Jobs** with generic names (``crucible-warm-…``), found by label,
+not bare Pods with an ownerReference, because a Job makes a pod that nobody looks after
+again clean itself up: the Job's ``activeDeadlineSeconds`` (:attr:`warm_pod_lifetime
+<.backend.CrucibleKubernetesBackend.warm_pod_lifetime>`) ends a warm pod that no cell
+claimed, and ``ttlSecondsAfterFinished`` then deletes it. So a dispatcher that dies leaks
+nothing, even where no sole dispatcher sweeps (several dispatchers sharing a namespace). A
+bare pod needs an owner whose deletion removes it, and that owner would leak in turn.
+Everything the cold path does with a Job (cancel deletes it; the sandbox's end deletes it
+with its ConfigMap; the same pod watch, log follow, outcome and OOM reading) then applies
+to a warm pod unchanged. A claim sets the Job's deadline to the cell's timeout.
+
+Labels of a warm pod: ``pool`` (a hash of what it runs: :func:`~.objects.pool_key`) and
+``state``: ``warming`` → ``warm`` → ``claimed`` (or ``retired`` when its dispatcher stops).
+Claiming is one JSON patch with ``test`` operations on both labels, so it applies only while
+the pod is warm for that hash, atomically on the API server: two dispatchers sharing a
+namespace never get the same pod, and either may claim a pod the other started. The claim
+also writes the execution's labels onto the pod, so everything that finds an execution's pod
+by label (the pod watch, kill, reattach after a restart, the sweep of orphans) works for it.
+
+Only requests a warm pod can honour use one: the default image and the default resources
+(those of the pool's pods). Anything else takes the cold path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import secrets
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ...models import Execution, ExecutionRequest, Resources
+from . import objects
+from .api import raw, raw_json
+from .reflector import Pod
+
+if TYPE_CHECKING:
+    from .backend import CrucibleKubernetesBackend
+
+#: What a warm pod runs: a request with the default resources.
+POOL_RESOURCES: Resources = ExecutionRequest(code="").resources
+JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
+JSON_PATCH = "application/json-patch+json"
+
+
+def fits(backend: CrucibleKubernetesBackend, request: ExecutionRequest) -> bool:
+    """Whether a warm pod of ``backend`` can run ``request``: the default image and the
+    default resources (those of every warm pod)."""
+    return (
+        backend.image_for(request.image) == backend.image_for(None)
+        and request.resources == POOL_RESOURCES
+    )
+
+
+def job_of(pod: Pod) -> str | None:
+    """The name of the Job that made ``pod``."""
+    labels = pod["metadata"].get("labels") or {}
+    return next((labels[k] for k in JOB_NAME_LABELS if k in labels), None)
+
+
+def state_of(pod: Pod | None) -> str | None:
+    """The warm-pool state of ``pod`` (None for a pod of a cold Job)."""
+    return ((pod or {}).get("metadata", {}).get("labels") or {}).get(objects.STATE_LABEL)
+
+
+def _age(pod: Pod) -> float:
+    created = pod["metadata"].get("creationTimestamp")
+    if not created:
+        return 0.0
+    when = datetime.fromisoformat(created.replace("Z", "+00:00"))
+    return max(0.0, time.time() - when.timestamp())
+
+
+def _container(pod: Pod | None) -> dict:
+    statuses = ((pod or {}).get("status") or {}).get("containerStatuses") or []
+    return next((c for c in statuses if c.get("name") == "cell"), {})
+
+
+def _running(pod: Pod | None) -> bool:
+    return pod is not None and "running" in (_container(pod).get("state") or {})
+
+
+class WarmPool:
+    """Keeps ``size`` warm pods of this dispatcher in the namespace and claims warm pods
+    (its own first, any with the same pool key next) for the executions that fit them."""
+
+    def __init__(self, backend: CrucibleKubernetesBackend, size: int) -> None:
+        self.backend = backend
+        self.size = size
+        self.log = backend.log
+        template = self._job("crucible-warm-template")
+        self.key = objects.pool_key(template, backend._runner_source)
+        self.problem: str | None = None  # why the last warm pod did not become warm
+        self._jobs: set[str] = set()  # Jobs this pool created (to retire them at stop)
+        self._ready: dict[str, str] = {}  # pods of this pool that became warm -> Job
+        self._starting: set[asyncio.Task] = set()
+        self._claiming: set[str] = set()  # pods a claim here is trying or took
+        self._waiting = 0  # claims waiting for a pod being started
+        self._failures = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    # ----- keeping the pool full ---------------------------------------------------
+
+    def start(self) -> None:
+        """Start filling the pool in the background."""
+        if self._task is None and self.size > 0:
+            self.backend._reflector.listeners.append(self._on_pod)
+            self._fill()  # now: a cell that comes next waits for these, not for the loop
+            self._task = asyncio.create_task(self._keep(), name="crucible-warm-pool")
+
+    def _job(self, name: str) -> dict:
+        labels = objects.warm_labels(name, self.backend.dispatcher_id, getattr(self, "key", ""))
+        return self.backend.make_job(
+            name,
+            labels,
+            self.backend.image_for(None),
+            POOL_RESOURCES,
+            max(0, self.backend.warm_pod_lifetime - self.backend.deadline_padding),
+            {},
+            warm=True,
+        )
+
+    def _on_pod(self, pod: Pod) -> None:
+        if pod["metadata"]["name"] in self._ready:
+            self._wake.set()
+
+    def _alive(self, name: str) -> bool:
+        pod = self.backend._reflector.pods.get(name)
+        return (
+            pod is not None
+            and state_of(pod) in ("warming", "warm")
+            and not pod["metadata"].get("deletionTimestamp")
+            and not (_container(pod).get("state") or {}).get("terminated")
+            and (pod.get("status") or {}).get("phase") not in ("Failed", "Succeeded")
+        )
+
+    def available(self) -> int:
+        """Warm pods of this pool, and those being started."""
+        for name in [n for n in self._ready if not self._alive(n)]:
+            job = self._ready.pop(name)
+            self._jobs.discard(job)  # claimed, or ended
+            pod = self.backend._reflector.pods.get(name)
+            if pod is not None and state_of(pod) in ("warming", "warm"):
+                self._later(self._delete(job))  # ended unclaimed (its lifetime)
+        return len(self._starting) + len(self._ready)
+
+    def _fill(self) -> None:
+        for _ in range(self.size - self.available()):
+            task = asyncio.create_task(self._start_one())
+            self._starting.add(task)
+            task.add_done_callback(self._started)
+
+    async def _keep(self) -> None:
+        while True:
+            self._wake.clear()
+            self._fill()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 30)
+            if self._failures:  # do not start pod after pod that cannot become warm
+                await asyncio.sleep(min(60.0, 2.0**self._failures))
+
+    def _started(self, task: asyncio.Task) -> None:
+        self._starting.discard(task)
+        self._wake.set()
+
+    async def _start_one(self) -> None:
+        name = f"crucible-warm-{secrets.token_hex(5)}"
+        self._jobs.add(name)
+        try:
+            await self.backend.create_job(name, "", self._job(name))
+            pod_name = await self._until_ready(name)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._failures += 1
+            self.problem = str(getattr(e, "message", e))
+            self.log.warning("crucible: a warm pod did not become warm: %s", self.problem)
+            await self._delete(name)
+            return
+        self._failures = 0
+        self.problem = None
+        self._ready[pod_name] = name
+
+    async def _until_ready(self, name: str) -> str:
+        """Wait until the pod of warm Job ``name`` says it is ready; mark it warm."""
+        reflector = self.backend._reflector
+        limit = self.backend.unschedulable_timeout + 60
+
+        def started(pod: Pod | None) -> Any:
+            if pod is None:
+                return "gone" if name in reflector.gone else None
+            state = _container(pod).get("state") or {}
+            waiting = (state.get("waiting") or {}).get("reason")
+            if "running" in state or "terminated" in state:
+                return pod
+            if waiting in ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull"):
+                return f"image {self.backend.image_for(None)}: {waiting}"
+            if (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded"):
+                return "the pod ended"
+            return None
+
+        try:
+            pod = await reflector.wait_for(name, started, limit)
+        except TimeoutError:
+            raise TimeoutError(f"its pod did not start within {limit:.0f} s") from None
+        if not isinstance(pod, dict):
+            raise RuntimeError(pod)
+        pod_name = pod["metadata"]["name"]
+        core, ns = self.backend._core, self.backend.namespace
+        resp = await raw(
+            core.read_namespaced_pod_log(
+                pod_name, ns, container="cell", follow=True, _preload_content=False
+            )
+        )
+        try:
+            first = await asyncio.wait_for(resp.content.readline(), 60)
+        finally:
+            resp.close()
+        if first.rstrip(b"\n").decode(errors="replace") != objects.READY_LINE:
+            text = await raw(core.read_namespaced_pod_log(pod_name, ns, container="cell",
+                                                          _preload_content=False))  # fmt: skip
+            said = (await text.read()).decode(errors="replace").strip()
+            raise RuntimeError(f"its runner said: {said[-400:] or '(nothing)'}")
+        await raw_json(
+            core.patch_namespaced_pod(
+                pod_name, ns, objects.state_patch("warming", "warm"),
+                _content_type=JSON_PATCH, _preload_content=False,
+            )
+        )  # fmt: skip
+        return pod_name
+
+    # ----- claiming ----------------------------------------------------------------
+
+    def fits(self, request: ExecutionRequest) -> bool:
+        """Whether a warm pod can run ``request``: the default image and resources."""
+        return fits(self.backend, request)
+
+    def warm_pods(self) -> list[Pod]:
+        """Warm pods in the namespace this pool could claim, its own first, oldest first."""
+        reflector = self.backend._reflector
+        self._claiming &= set(reflector.pods)
+        fresh = self.backend.warm_pod_lifetime - 60  # not one about to reach its lifetime
+        pods = [
+            p
+            for p in reflector.pods.values()
+            if (state_of(p) == "warm" or p["metadata"]["name"] in self._ready)
+            and state_of(p) in ("warm", "warming")  # (the watch may not show our patch yet)
+            and (p["metadata"].get("labels") or {}).get(objects.POOL_LABEL) == self.key
+            and not p["metadata"].get("deletionTimestamp")
+            and p["metadata"]["name"] not in self._claiming
+            and _running(p)
+            and _age(p) < fresh
+        ]
+        mine = self.backend.dispatcher_id
+        return sorted(
+            pods,
+            key=lambda p: (
+                p["metadata"]["labels"].get(objects.DISPATCHER_LABEL) != mine,
+                p["metadata"].get("creationTimestamp", ""),
+            ),
+        )
+
+    async def run(self, execution: Execution) -> str | None:
+        """Claim a warm pod for ``execution`` and send it the cell; the name of its Job,
+        or None when no warm pod can run it (the caller then creates a cold Job). With
+        none warm, it waits for one this pool is starting if no other cell waits for it."""
+        if not self.fits(execution.request):
+            return None
+        pods = self.warm_pods()
+        if not pods and len(self._starting) > self._waiting:
+            # none warm, one starting for no one yet: it started before a cold Job would
+            self._waiting += 1
+            try:
+                await asyncio.wait(set(self._starting), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self._waiting -= 1
+            pods = self.warm_pods()
+        return await self._claim(execution, pods)
+
+    async def _claim(self, execution: Execution, pods: list[Pod]) -> str | None:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        req = execution.request
+        for pod in pods:
+            name = pod["metadata"]["name"]
+            self._claiming.add(name)
+            deadline = math.ceil(_age(pod) + req.timeout) + self.backend.deadline_padding
+            patch = objects.claim_patch(
+                self.key, execution.id, execution.user, self.backend.dispatcher_id, deadline
+            )
+            try:
+                await raw_json(
+                    self.backend._core.patch_namespaced_pod(
+                        name, self.backend.namespace, patch,
+                        _content_type=JSON_PATCH, _preload_content=False,
+                    )
+                )  # fmt: skip
+            except ApiException as e:
+                if e.status in (404, 409, 422):  # claimed by another, or gone: the next
+                    continue
+                self.log.warning("crucible: cannot claim a warm pod (%s); starting a Job", e)
+                return None
+            self._wake.set()  # refill
+            job = job_of(pod) or name
+            try:
+                await asyncio.gather(self._send(name, execution), self._adopt(job, pod, execution))
+            except Exception as e:
+                self.log.warning("crucible: warm pod %s did not take its cell (%r)", name, e)
+                await self._abandon(job, execution)
+                return None
+            return job
+        return None
+
+    async def _send(self, pod_name: str, execution: Execution) -> None:
+        """Attach to the pod's stdin, write the cell as one JSON line, close stdin."""
+        from kubernetes_asyncio import client
+
+        cell = {
+            "code": execution.request.code,
+            "env": {**execution.request.env, "CRUCIBLE_EXECUTION_ID": execution.id},
+            "rlimit_as": None,
+        }
+        line = json.dumps(cell).encode() + b"\n"
+        api = client.CoreV1Api(self.backend._ws_api())
+        connect = await api.connect_get_namespaced_pod_attach(
+            pod_name, self.backend.namespace, container="cell",
+            stdin=True, stdout=False, stderr=False, tty=False, _preload_content=False,
+        )  # fmt: skip
+        async with connect as ws:
+            await ws.send_bytes(b"\x00" + line)  # channel 0: stdin
+
+    async def _adopt(self, job: str, pod: Pod, execution: Execution) -> None:
+        """Label the Job with its execution and give it the cell's deadline (it had the
+        pool's), so a sweep and ``kubectl get jobs`` see whose it is."""
+        labels = objects.labels(execution.id, execution.user, self.backend.dispatcher_id)
+        labels[objects.STATE_LABEL] = "claimed"
+        deadline = (
+            math.ceil(_age(pod) + execution.request.timeout) + self.backend.deadline_padding + 10
+        )
+        await self.backend._batch.patch_namespaced_job(
+            job,
+            self.backend.namespace,
+            {"metadata": {"labels": labels}, "spec": {"activeDeadlineSeconds": deadline}},
+        )
+
+    async def _abandon(self, job: str, execution: Execution) -> None:
+        """Delete a claimed pod that did not get its cell, so a cold Job can run it."""
+        key = objects.label_value(execution.id)
+        reflector = self.backend._reflector
+        await self.backend.delete(job, grace=0)
+        with contextlib.suppress(TimeoutError):
+            await reflector.wait_for(key, lambda p: p is None, 15)
+        reflector.gone.pop(key, None)
+
+    # ----- stopping and reporting ----------------------------------------------------
+
+    async def stop(self) -> None:
+        """Stop filling the pool; delete this pool's pods that no cell claimed."""
+        if self._task is not None:
+            self._task.cancel()
+        tasks = [t for t in [self._task, *self._starting] if t]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
+        if self._on_pod in self.backend._reflector.listeners:
+            self.backend._reflector.listeners.remove(self._on_pod)
+        pods = {job_of(p): p for p in self.backend._reflector.pods.values() if job_of(p)}
+        await asyncio.gather(*(self._retire(job, pods.get(job)) for job in list(self._jobs)))
+        self._jobs.clear()
+
+    async def _retire(self, job: str, pod: Pod | None) -> None:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        if state_of(pod) == "warm":  # atomically, or a claim by another dispatcher wins
+            try:
+                await raw_json(
+                    self.backend._core.patch_namespaced_pod(
+                        pod["metadata"]["name"], self.backend.namespace,
+                        objects.state_patch("warm", "retired"),
+                        _content_type=JSON_PATCH, _preload_content=False,
+                    )
+                )  # fmt: skip
+            except ApiException as e:
+                if e.status == 422:
+                    return  # claimed meanwhile: its execution deletes it
+        elif state_of(pod) not in (None, "warming"):
+            return  # claimed
+        await self._delete(job)
+
+    async def _delete(self, job: str | None) -> None:
+        if job:
+            self._jobs.discard(job)
+            with contextlib.suppress(Exception):
+                await self.backend.delete(job, grace=0)
+
+    def _later(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.backend._background.add(task)
+        task.add_done_callback(self.backend._background.discard)
+
+    def report(self) -> str:
+        """The pool in a line: configured size, warm / starting / running pods of its key."""
+        pods = [
+            p
+            for p in self.backend._reflector.pods.values()
+            if (p["metadata"].get("labels") or {}).get(objects.POOL_LABEL) == self.key
+            and not p["metadata"].get("deletionTimestamp")
+        ]
+        count = {s: sum(state_of(p) == s for p in pods) for s in ("warm", "warming", "claimed")}
+        return (
+            f"warm_pods = {self.size}; in namespace {self.backend.namespace!r}:"
+            f" {count['warm']} warm, {count['warming']} starting, {count['claimed']} running"
+            f" a cell (pool {self.key}; {POOL_RESOURCES.cpu:g} CPU,"
+            f" {POOL_RESOURCES.memory >> 20} MiB, image {self.backend.image_for(None)})"
+        )
