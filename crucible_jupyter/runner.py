@@ -48,7 +48,8 @@ _READ_SIZE = 65536
 _PIPE_BUF = getattr(select, "PIPE_BUF", 4096)
 _DRAIN_IDLE_MS = 50  # after the cell ended: stop reading once this long without data...
 _DRAIN_MAX = 2.0  # ...or after this many seconds in total (a background writer never stops)
-_BARRIER_CAP = 0.05  # longest wait for the supervisor to catch up with fd-level output
+_BARRIER_CAP = 0.05  # longest wait for the supervisor to catch up with fd-level output...
+_BARRIER_STALL_CAP = 2.0  # ...that nothing else adds to (a busy machine descheduled it)
 _BARRIER_SLEEP = 0.0002
 _COALESCE_CHARS = 8192  # send buffered Python-level text once this much is pending
 _PARTIAL_LINE_DELAY = 0.02  # ...or this many seconds after a write without a newline
@@ -858,7 +859,8 @@ class _EventChannel:
         import fcntl
         import termios
 
-        deadline = None
+        deadline = stall_deadline = last = None
+        writing = False  # the backlog grew while we waited: something else keeps writing
         while True:
             pending = 0
             for fd in self._raw_fds:
@@ -872,13 +874,18 @@ class _EventChannel:
             if not pending:
                 self._barrier_cap = _BARRIER_CAP
                 return
+            writing = writing or (last is not None and pending > last)
+            last = pending
             now = time.monotonic()
             if deadline is None:
                 deadline = now + self._barrier_cap
-            elif now >= deadline:
+                stall_deadline = now + _BARRIER_STALL_CAP
+            elif writing and now >= deadline:
                 # Something keeps writing: do not stall every print by the full cap.
                 self._barrier_cap = max(self._barrier_cap / 4, 0.001)
                 return
+            elif now >= stall_deadline:
+                return  # the supervisor is not reading (stopped?): do not wait forever
             time.sleep(_BARRIER_SLEEP)
 
 
