@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import math
 import os
 import select
 import sys
@@ -45,6 +46,7 @@ CELL_FILENAME = "<cell>"
 DEFAULT_MAX_FRAME_TEXT = 65536
 
 _READ_SIZE = 65536
+_FRAME_INTERVAL = 0.005  # output that keeps coming is sent at most this often, merged
 _PIPE_BUF = getattr(select, "PIPE_BUF", 4096)
 _DRAIN_IDLE_MS = 50  # after the cell ended: stop reading once this long without data...
 _DRAIN_MAX = 2.0  # ...or after this many seconds in total (a background writer never stops)
@@ -285,6 +287,11 @@ class FrameWriter:
             self._stream_t = _now_ms()
         self._stream_parts.append(text)
 
+    @property
+    def pending(self):
+        """Whether frames or stream text wait for ``flush()``."""
+        return bool(self._lines or self._stream_parts)
+
     def flush(self):
         """Write every queued frame; raise _FrameChannelGone when the channel is unusable."""
         self._close_stream()
@@ -431,6 +438,7 @@ def _supervise(pid, out_r, err_r, ev_r, writer, control=b""):
     status = None
     exited_at = None
     backoff = 1
+    flushed_at = 0.0
 
     def take_control(data):
         nonlocal pending
@@ -466,6 +474,9 @@ def _supervise(pid, out_r, err_r, ev_r, writer, control=b""):
         else:  # the child is about to end: look often without a pidfd to tell us
             timeout = backoff
             backoff = min(backoff * 2, 50)
+        if writer.pending:  # held back (see below): wake up when it is due
+            due = max(1, math.ceil((flushed_at + _FRAME_INTERVAL - time.monotonic()) * 1000))
+            timeout = due if timeout < 0 else min(timeout, due)
         ready = poller.poll(timeout)
         if not ready and status is not None:
             break
@@ -504,7 +515,12 @@ def _supervise(pid, out_r, err_r, ev_r, writer, control=b""):
                 if pidfd >= 0:
                     poller.unregister(pidfd)
                     os.close(pidfd)
-        writer.flush()
+        # Output is sent at once, except in a flood: then at most every _FRAME_INTERVAL,
+        # merged (ordering was settled when it was read; this only saves frames downstream)
+        now = time.monotonic()
+        if status is not None or now - flushed_at >= _FRAME_INTERVAL:
+            writer.flush()
+            flushed_at = now
         if exited_at is not None and time.monotonic() - exited_at > _DRAIN_MAX:
             break
     if status is None:
