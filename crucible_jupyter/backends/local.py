@@ -66,7 +66,8 @@ STAGE_SCRIPT = (
 
 #: Syscalls a cell never needs that widen the kernel's attack surface (as Docker's default
 #: profile refuses them): keyrings, io_uring, eBPF, userfaultfd, perf events, tracing or
-#: reading other processes (the cell's own runner), module/kexec loading, mounting and
+#: reading other processes or taking their file descriptors (the cell's own runner, the
+#: sandbox's init and the dispatcher's pipes it holds), module/kexec loading, mounting and
 #: namespaces. x86_64 numbers; they fail with
 #: EPERM, as do every i386 and x32 system call.
 SECCOMP_DENY_X86_64 = {
@@ -74,6 +75,7 @@ SECCOMP_DENY_X86_64 = {
     "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
     "bpf": 321, "userfaultfd": 323, "perf_event_open": 298,
     "process_vm_readv": 310, "process_vm_writev": 311, "ptrace": 101,
+    "pidfd_getfd": 438, "kcmp": 312, "process_madvise": 440,
     "kexec_load": 246, "kexec_file_load": 320,
     "init_module": 175, "finit_module": 313, "delete_module": 176,
     "mount": 165, "umount2": 166, "pivot_root": 155, "unshare": 272, "setns": 308,
@@ -130,7 +132,8 @@ class CrucibleLocalBackend(Backend):
     ).tag(config=True)
 
     tmp_size = Integer(
-        256 << 20, help="Size limit of the private /tmp of each sandbox, in bytes."
+        256 << 20,
+        help="Size limit of the private /tmp of each sandbox, in bytes (and of its /dev/shm).",
     ).tag(config=True)
 
     max_processes = Integer(
@@ -367,7 +370,24 @@ class CrucibleLocalBackend(Backend):
         argv += [
             "--proc",
             "/proc",
+            # /proc/1 is bubblewrap's init in the sandbox, same user as the cell: through
+            # /proc/1/mem a cell rewrote its code (setsid, clear its parent-death signal) so the
+            # sandbox outlived every kill without a cgroup and held the dispatcher's pipes open
+            # (the execution never ended). Hidden under an empty read-only folder.
+            "--tmpfs",
+            "/proc/1",
+            "--remount-ro",
+            "/proc/1",
             "--dev",
+            "/dev",
+            # /dev is a tmpfs of half the host's RAM, writable by the cell, /dev/shm a folder in
+            # it: without a memory cgroup (rlimits only) a cell held that much RAM in files.
+            # /dev/shm gets a size-limited tmpfs of its own and /dev itself is made read-only.
+            "--size",
+            str(self.tmp_size),
+            "--tmpfs",
+            "/dev/shm",
+            "--remount-ro",
             "/dev",
             "--ro-bind",
             self.runner_path,

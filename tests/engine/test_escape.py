@@ -110,6 +110,10 @@ probe("process_vm_readv", lambda: syscall(310, os.getppid(), None, 0, None, 0, 0
 probe("ptrace_runner", lambda: syscall(101, 16, os.getppid(), None, None))  # PTRACE_ATTACH
 probe("x32_abi", lambda: syscall(0x40000000 | 39))  # getpid through the x32 table
 probe("setns", lambda: syscall(308, os.open("/proc/self/ns/net", os.O_RDONLY), 0))
+init_fd = libc.syscall(434, 1, 0)  # pidfd_open of bubblewrap's init, which holds the pipes
+probe("pidfd_getfd", lambda: syscall(438, init_fd, 1, 0))  # ...to the dispatcher
+probe("kcmp", lambda: syscall(312, os.getpid(), os.getppid(), 0, 1, 1))  # KCMP_FILE
+probe("init_mem", lambda: open("/proc/1/mem", "r+b"))
 probe("seccomp", lambda: [l.split()[1] for l in open("/proc/self/status")
                           if l.startswith("Seccomp:")][0])
 probe("su", lambda: subprocess.run(["su", "-c", "id"], input="x\n", capture_output=True,
@@ -169,6 +173,9 @@ EXPECTED = {
     "ptrace_runner": "EPERM",
     "x32_abi": "EPERM",
     "setns": "EPERM",
+    "pidfd_getfd": "EPERM",
+    "kcmp": "EPERM",
+    "init_mem": "ENOENT",  # /proc/1 is an empty folder
     "seccomp": "ok: 2",
     "su": "ok: 1",
     "mount_setuid": "ok: 32",
@@ -179,6 +186,7 @@ EXPECTED = {
 SECCOMP_PROBES = {
     "unshare_user", "perf_system_wide", "keyctl", "add_key", "io_uring", "bpf",
     "userfaultfd", "process_vm_readv", "ptrace_runner", "x32_abi", "setns", "seccomp",
+    "pidfd_getfd", "kcmp",
 }  # fmt: skip
 
 _results: dict[str, str] = {}
@@ -438,3 +446,91 @@ async def test_error_frames_do_not_pass_the_output_limit_without_end(make_dispat
     assert kept < (64 << 10) + (1 << 20) + (64 << 10), kept  # limit + error room + notices
     assert execution.truncated and execution.dropped_bytes > 3 << 20
     assert execution.reason == "ValueError: the real one"
+
+
+async def test_dev_holds_no_more_than_tmp_without_a_memory_cgroup(make_dispatcher):
+    """Without a memory cgroup (rlimits only), files in memory-backed folders are not counted
+    as the cell's memory: /dev (a tmpfs of half the host's RAM) and /dev/shm in it let a cell
+    hold that much RAM. /dev/shm is a tmpfs of ``tmp_size``, /dev is read-only."""
+    d = await make_dispatcher(local={"use_cgroups": False, "tmp_size": 16 << 20})
+    code = textwrap.dedent("""
+        import errno
+        def fill(prefix):
+            written = 0
+            try:
+                for i in range(4):
+                    with open(f"{prefix}{i}", "wb") as f:
+                        for _ in range(16):
+                            f.write(b"x" * (1 << 20))
+                            written += 1
+            except OSError as e:
+                return f"{errno.errorcode[e.errno]} after {written} MiB"
+            return f"{written} MiB"
+        print(fill("/dev/shm/fill"))
+        print(fill("/dev/fill"))
+    """)
+    execution, events = await run_cell(d, code, memory="128Mi", timeout=60)
+    assert execution.status is Status.SUCCEEDED, (execution.reason, stream_text(events))
+    shm, dev = stream_text(events, "stdout").splitlines()
+    assert shm.startswith("ENOSPC after ") and int(shm.split()[2]) <= 16, shm
+    assert dev == "EROFS after 0 MiB"
+
+
+TAKEOVER = textwrap.dedent("""
+    import os, subprocess, time
+    subprocess.Popen(["sleep", "{marker}"], start_new_session=True)
+    try:  # bubblewrap's init (pid 1) waits in wait4: the code after that call becomes
+        # setsid(); prctl(PR_SET_PDEATHSIG, 0); for (;;) pause();
+        pc = int(open("/proc/1/syscall").read().split()[-1], 16)
+        with open("/proc/1/mem", "r+b", buffering=0) as mem:
+            mem.seek(pc)
+            mem.write(bytes.fromhex("b8700000000f05bf0100000031f6b89d0000000f05b8220000000f05ebf7"))
+        if os.fork() == 0:  # an orphan that ends wakes the init up into that code
+            if os.fork() == 0:
+                time.sleep(0.2)
+            os._exit(0)
+        print("took over the init", flush=True)
+    except OSError as e:
+        print("init out of reach:", type(e).__name__, flush=True)
+    time.sleep(60)
+""")
+
+
+def _kill_sandbox_of(pid: int) -> None:
+    """SIGKILL the bubblewrap init above ``pid`` (its whole pid namespace ends with it)."""
+    while pid > 1:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            fields = dict(
+                ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+            )
+        except OSError:
+            return
+        if cmd.startswith(b"/usr/bin/bwrap") or b"bwrap\0" in cmd[:64]:
+            os.kill(pid, 9)
+            return
+        pid = int(fields["PPid"])
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86_64 machine code")
+async def test_cell_cannot_take_over_the_sandbox_init(make_dispatcher):
+    """Without a cgroup, the sandbox ends when bubblewrap's init (pid 1 inside) dies: killed
+    with bubblewrap's process group, or by its parent-death signal. A cell that rewrote the
+    init's code through /proc/1/mem (same user) left both, outlived the timeout with every
+    process it started, and held the dispatcher's pipes open: the execution never ended."""
+    d = await make_dispatcher(local={"use_cgroups": False})
+    marker = f"{3000 + secrets.randbelow(1000)}.{secrets.randbelow(1000)}"
+    try:
+        execution, events = await asyncio.wait_for(
+            run_cell(d, TAKEOVER.format(marker=marker), timeout=3), 30
+        )
+        assert stream_text(events, "stdout") == "init out of reach: FileNotFoundError\n"
+        assert execution.status is Status.TIMED_OUT
+        for _ in range(100):
+            if not _alive(marker):
+                break
+            await asyncio.sleep(0.05)
+        assert _alive(marker) == []
+    finally:
+        for pid in _alive(marker):
+            _kill_sandbox_of(pid)
