@@ -68,3 +68,46 @@ class Channel:
         self.finished.set()
         for q in self.subscribers:
             q.put_nowait(None)
+
+
+class Changes:
+    """Fan-out of "this execution changed status" notices to every watcher.
+
+    Each watcher has a bounded queue: a watcher that stops reading loses notices (it is told
+    with a ``{"overflow": True}`` notice once room is back) instead of growing memory.
+    ``close()`` ends every watch.
+    """
+
+    def __init__(self, maxsize: int = 1000) -> None:
+        self.maxsize = maxsize
+        self.watchers: dict[asyncio.Queue, bool] = {}  # queue -> lost a notice since read
+        self.closed = False
+
+    def notify(self, notice: dict) -> None:
+        """Hand ``notice`` to every watcher that has room for it."""
+        for q, lost in self.watchers.items():
+            if lost and q.qsize() < self.maxsize - 1:
+                q.put_nowait({"overflow": True})
+                self.watchers[q] = lost = False
+            if q.qsize() < self.maxsize - 1:
+                q.put_nowait(notice)
+            else:
+                self.watchers[q] = True
+
+    def watch(self) -> asyncio.Queue:
+        """A queue receiving every notice from now on, then ``None`` at close."""
+        q: asyncio.Queue = asyncio.Queue()
+        self.watchers[q] = False
+        if self.closed:
+            q.put_nowait(None)
+        return q
+
+    def unwatch(self, q: asyncio.Queue) -> None:
+        """Stop delivering to ``q``."""
+        self.watchers.pop(q, None)
+
+    def close(self) -> None:
+        """End every watch."""
+        self.closed = True
+        for q in self.watchers:
+            q.put_nowait(None)

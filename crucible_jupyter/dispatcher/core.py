@@ -44,7 +44,7 @@ from ..models import (
 )
 from ..storage import Storage
 from . import frames
-from .channel import Channel
+from .channel import Changes, Channel
 from .queue import WaitQueue
 
 T = TypeVar("T")
@@ -175,6 +175,7 @@ class CrucibleDispatcher(LoggingConfigurable):
         self._backends: dict[str, Backend] = {}
         self._queue = WaitQueue(self.aging_seconds)
         self._channels: dict[str, Channel] = {}
+        self._changes = Changes()
         self._live: dict[str, Execution] = {}
         self._runs: dict[str, _Run] = {}
         self._per_user: Counter = Counter()
@@ -262,6 +263,7 @@ class CrucibleDispatcher(LoggingConfigurable):
         await asyncio.gather(*tasks, *self._tasks, return_exceptions=True)
         for execution_id in list(self._channels):
             await self._flush(execution_id)
+        self._changes.close()
         for backend in self._backends.values():
             with contextlib.suppress(Exception):
                 await backend.close()
@@ -327,6 +329,7 @@ class CrucibleDispatcher(LoggingConfigurable):
         channel.publish(
             "status", {"status": "queued", "position": self._queue.position(execution.id)}
         )
+        self._changed(execution)
         self._wake.set()
 
     async def get(self, execution_id: str) -> Execution:
@@ -345,6 +348,19 @@ class CrucibleDispatcher(LoggingConfigurable):
         if not stored and not snapshot and execution_id not in self._live:
             await self.get(execution_id)  # NotFound for unknown ids
         return _merge(stored, snapshot, after)
+
+    async def changes(self) -> AsyncIterator[dict]:
+        """Yield ``{"id", "status", "user"}`` each time an execution this dispatcher handles
+        is queued, starts, runs or ends (once the record says so), until the dispatcher
+        stops. A watcher too slow to keep up gets ``{"overflow": True}`` where it lost
+        notices. Executions run by other dispatchers sharing the database are not seen."""
+        self._require_started()
+        queue = self._changes.watch()
+        try:
+            while (notice := await queue.get()) is not None:
+                yield notice
+        finally:
+            self._changes.unwatch(queue)
 
     async def subscribe(self, execution_id: str, after: int = -1) -> AsyncIterator[Event]:
         """Yield the events after ``after``, then live ones, ending with the terminal status."""
@@ -456,7 +472,9 @@ class CrucibleDispatcher(LoggingConfigurable):
                 )
             ],
         )
-        return await self._db(self.storage.get, execution.id)
+        execution = await self._db(self.storage.get, execution.id)
+        self._changed(execution)
+        return execution
 
     async def list(self, **filters: Any) -> tuple[list[Execution], str | None]:
         """A page of stored executions, newest first: ``(executions, next_cursor)``.
@@ -682,6 +700,13 @@ class CrucibleDispatcher(LoggingConfigurable):
             setattr(execution, k, v)
         await self._db(self.storage.update, execution.id, status=status, **fields)
         self._channels[execution.id].publish("status", {"status": status.value})
+        self._changed(execution)
+
+    def _changed(self, execution: Execution) -> None:
+        """Tell watchers of :meth:`changes` that ``execution`` has its status now (stored)."""
+        self._changes.notify(
+            {"id": execution.id, "status": execution.status.value, "user": execution.user}
+        )
 
     async def _finish(
         self,
@@ -738,6 +763,7 @@ class CrucibleDispatcher(LoggingConfigurable):
         execution.reason = reason
         execution.exit_code = exit_code
         execution.finished_at = finished_at
+        self._changed(execution)
         if channel is not None:
             channel.announce(last)
             channel.close()

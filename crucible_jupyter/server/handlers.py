@@ -34,7 +34,7 @@ from .. import __version__
 from ..errors import InvalidRequest, NotFound
 from .base import CrucibleAPIHandler
 from .openapi import openapi_document
-from .stream import ExecutionStreamHandler
+from .stream import ChangesHandler, ExecutionStreamHandler
 
 _ID = r"(?P<execution_id>[^/]+)"
 
@@ -238,6 +238,7 @@ default_handlers = [
     (rf"crucible/api/executions/{_ID}/cancel/?", CancelHandler),
     (rf"crucible/api/executions/{_ID}/stream/?", ExecutionStreamHandler),
     (rf"crucible/api/executions/{_ID}/?", ExecutionHandler),
+    (r"crucible/api/changes/?", ChangesHandler),
     (r"crucible/api/queue/?", QueueHandler),
     (r"crucible/api/stats/?", StatsHandler),
     (r"crucible/api/health/?", HealthHandler),

@@ -277,6 +277,21 @@ def openapi_document(
                     },
                 },
             },
+            "/changes": {
+                "get": {
+                    "operationId": "watchChanges",
+                    "summary": "WebSocket: one {id, status, user} message each time an execution"
+                    " of this server is queued, starts, runs or ends (sent once the record"
+                    " says so); {overflow: true} where a slow client lost some. Open until"
+                    " the server stops",
+                    "responses": {
+                        "101": {
+                            "description": "Switching to WebSocket; messages are status changes"
+                        },
+                        **_errors("400", "403", "503"),
+                    },
+                },
+            },
             "/queue": {
                 "get": {
                     "operationId": "queueStatus",

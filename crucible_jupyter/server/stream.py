@@ -1,20 +1,27 @@
-"""``executions/{id}/stream?after=SEQ``: the live events of one execution over a WebSocket.
+"""The WebSockets of the API: live events of one execution, and status changes of all.
 
-Promise: after the upgrade, the server sends every event with ``seq > after`` as one JSON text
-message each (``Event.to_dict()``), first the stored ones the client missed, then live ones as
-they happen, and closes with code 1000 right after the terminal status event. A client that
-reconnects with the last ``seq`` it saw misses nothing and sees nothing twice. The server
-never reads from the socket; messages a client sends are ignored.
+``executions/{id}/stream?after=SEQ``: after the upgrade, the server sends every event with
+``seq > after`` as one JSON text message each (``Event.to_dict()``), first the stored ones the
+client missed, then live ones as they happen, and closes with code 1000 right after the
+terminal status event. A client that reconnects with the last ``seq`` it saw misses nothing
+and sees nothing twice.
 
-Refusals happen before the upgrade, as JSON HTTP errors: 403 (not authenticated or not
-authorized for ``read`` on ``crucible``), 404 (unknown execution), 400 (bad ``after``, another
-query parameter, or not a WebSocket request).
+``changes``: one message ``{"id", "status", "user"}`` each time an execution of this server is
+queued, starts, runs or ends (sent once the stored record says so: fetching it then shows the
+new status), so a history view can stay current without polling; ``{"overflow": true}`` when
+the client read too slowly and lost some. Open until the server stops.
+
+The server never reads from these sockets; messages a client sends are ignored. Refusals
+happen before the upgrade, as JSON HTTP errors: 403 (not authenticated or not authorized for
+``read`` on ``crucible``), 404 (unknown execution), 400 (bad ``after``, another query
+parameter, or not a WebSocket request).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from jupyter_server.auth.decorator import authorized, ws_authenticated
@@ -26,49 +33,43 @@ from ..errors import InvalidRequest
 from .base import CrucibleMixin
 
 
-class ExecutionStreamHandler(CrucibleMixin, WebSocketMixin, WebSocketHandler, JupyterHandler):
-    """WebSocket that relays one execution's events until its terminal status."""
+class _CrucibleSocket(CrucibleMixin, WebSocketMixin, WebSocketHandler, JupyterHandler):
+    """A server-to-client WebSocket: relays what :meth:`relay` yields, one JSON message each."""
 
     _pump: asyncio.Task | None = None
+    endpoint = ""
 
     def set_default_headers(self) -> None:
         """No HTML security headers on a WebSocket handshake."""
 
-    @ws_authenticated
-    @authorized(action="read")
-    async def get(self, execution_id: str) -> None:  # type: ignore[override]
-        """Validate, check the execution exists, then upgrade."""
-        self.execution_id_value = self.execution_id(execution_id)
-        self.only_query("after")
-        self.after = self.query_int("after", default=-1, lo=-1, hi=2**53)
+    def require_upgrade(self, plain_http: str) -> None:
+        """InvalidRequest (400) unless this is a WebSocket handshake."""
         if self.request.headers.get("Upgrade", "").lower() != "websocket":
             raise InvalidRequest(
-                "this endpoint is a WebSocket: connect with 'Upgrade: websocket'"
-                " (GET executions/{id} returns the stored events over plain HTTP)",
+                f"this endpoint is a WebSocket: connect with 'Upgrade: websocket' ({plain_http})",
                 field="Upgrade",
             )
-        self._dispatcher = await self.dispatcher()
-        await self._dispatcher.get(self.execution_id_value)  # 404 before the upgrade
-        await super().get(execution_id)
 
     def open(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        """Start relaying events."""
+        """Start relaying."""
         super().open()
         self._pump = asyncio.ensure_future(self._relay())
 
+    def relay(self) -> AsyncIterator[dict]:
+        """The messages to send; the socket closes (1000) when it ends."""
+        raise NotImplementedError
+
     async def _relay(self) -> None:
         try:
-            async for event in self._dispatcher.subscribe(
-                self.execution_id_value, after=self.after
-            ):
-                await self.write_message(json.dumps(event.to_dict()))
+            async for message in self.relay():
+                await self.write_message(json.dumps(message))
         except (WebSocketClosedError, asyncio.CancelledError):
             return
         except Exception as e:  # the dispatcher failed: say so, do not hang the client
-            self.log.warning("crucible stream %s failed: %s", self.execution_id_value, e)
-            self.close(1011, "stream failed; fetch GET executions/{id} for the stored events")
+            self.log.warning("crucible %s failed: %s", self.request.path, e)
+            self.close(1011, f"failed; {self.endpoint}")
             return
-        self.close(1000, "execution finished")
+        self.close(1000, "finished")
 
     def on_message(self, message: Any) -> None:
         """Messages from the client are ignored."""
@@ -77,3 +78,45 @@ class ExecutionStreamHandler(CrucibleMixin, WebSocketMixin, WebSocketHandler, Ju
         """Stop relaying when the client goes away."""
         if self._pump is not None and not self._pump.done():
             self._pump.cancel()
+
+
+class ExecutionStreamHandler(_CrucibleSocket):
+    """WebSocket that relays one execution's events until its terminal status."""
+
+    endpoint = "fetch GET executions/{id} for the stored events"
+
+    @ws_authenticated
+    @authorized(action="read")
+    async def get(self, execution_id: str) -> None:  # type: ignore[override]
+        """Validate, check the execution exists, then upgrade."""
+        self.execution_id_value = self.execution_id(execution_id)
+        self.only_query("after")
+        self.after = self.query_int("after", default=-1, lo=-1, hi=2**53)
+        self.require_upgrade("GET executions/{id} returns the stored events over plain HTTP")
+        self._dispatcher = await self.dispatcher()
+        await self._dispatcher.get(self.execution_id_value)  # 404 before the upgrade
+        await super().get(execution_id)
+
+    async def relay(self) -> AsyncIterator[dict]:
+        """Every event after ``after``, up to the terminal status."""
+        async for event in self._dispatcher.subscribe(self.execution_id_value, after=self.after):
+            yield event.to_dict()
+
+
+class ChangesHandler(_CrucibleSocket):
+    """WebSocket that tells of every execution's status changes while the server runs."""
+
+    endpoint = "reconnect, or list GET executions"
+
+    @ws_authenticated
+    @authorized(action="read")
+    async def get(self) -> None:  # type: ignore[override]
+        """Validate, then upgrade."""
+        self.only_query()
+        self.require_upgrade("GET executions lists them over plain HTTP")
+        self._dispatcher = await self.dispatcher()
+        await super().get()
+
+    def relay(self) -> AsyncIterator[dict]:
+        """The dispatcher's change notices."""
+        return self._dispatcher.changes()

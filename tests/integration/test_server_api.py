@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from tornado.httpclient import HTTPClientError
 
 from .conftest import kernel_headers, wait_terminal
 
+ACTIVE = ("queued", "starting", "running")
 LONG = "import time\nprint('started', flush=True)\ntime.sleep(60)\n"
 
 
@@ -251,6 +253,31 @@ def test_generated_config_documents_the_settings(tmp_path):
     text = (tmp_path / "jupyter_server_config.py").read_text()
     for name in ("c.CrucibleApp.kernel_env", "c.CrucibleDispatcher.backend"):
         assert name in text, name
+
+
+def test_changes_tell_of_every_status_as_it_is_recorded(api, jp_ws_fetch, run):
+    ws = run(jp_ws_fetch("crucible", "api", "changes"))
+    ok = submit(api, {"code": "print(1)"})
+    bad = submit(api, {"code": "1/0"})
+    seen: dict[str, list[str]] = {ok["id"]: [], bad["id"]: []}
+    while seen[ok["id"]][-1:] != ["succeeded"] or seen[bad["id"]][-1:] != ["failed"]:
+        notice = json.loads(run(asyncio.wait_for(ws.read_message(), 30)))
+        seen[notice["id"]].append(notice["status"])
+        # sent once stored: the record already says so
+        _, record, _ = api("GET", "executions", notice["id"])
+        assert record["status"] == notice["status"] or notice["status"] in ACTIVE, record
+        assert notice["user"] == record["user"]
+    assert seen[ok["id"]] == ["queued", "starting", "running", "succeeded"]
+    assert seen[bad["id"]] == ["queued", "starting", "running", "failed"]
+    ws.close()
+
+
+def test_changes_errors_before_upgrade(api, jp_ws_fetch, run):
+    code, body, _ = api("GET", "changes")
+    assert code == 400 and "WebSocket" in body["message"], body
+    with pytest.raises(HTTPClientError) as e:
+        run(jp_ws_fetch("crucible", "api", "changes", params={"status": "running"}))
+    assert e.value.code == 400
 
 
 def test_stream_subscribers_come_and_go(api, jp_ws_fetch, run):

@@ -25,6 +25,9 @@ def test_unauthenticated_is_refused(api, jp_ws_fetch, run):
             )
         )
     assert e.value.code == 403
+    with pytest.raises(HTTPClientError) as e:
+        run(jp_ws_fetch("crucible", "api", "changes", headers={"Authorization": ""}))
+    assert e.value.code == 403
 
 
 def test_kernel_credential_is_the_servers_user(api, crucible_app):
@@ -55,6 +58,7 @@ class TestReadOnlyUser:
         assert api("GET", "queue")[0] == 200
         assert api("GET", "stats")[0] == 200
         assert api("GET", "openapi.json")[0] == 200
+        run(jp_ws_fetch("crucible", "api", "changes")).close()  # watching is reading
         code, body, _ = api("POST", "executions", body={"code": "print(1)"})
         assert code == 403 and "not authorized to write" in body["message"]
         assert "ask whoever runs this Jupyter server for the permission" in body["message"]
@@ -85,6 +89,7 @@ class TestNoCrucibleUser:
         # the kernel credential authenticates but does not bypass authorization
         code, _, _ = api("GET", "executions", headers=kernel_headers(crucible_app))
         assert code == 403
-        with pytest.raises(HTTPClientError) as e:
-            run(jp_ws_fetch("crucible", "api", "executions", ID, "stream"))
-        assert e.value.code == 403
+        for socket in (("executions", ID, "stream"), ("changes",)):
+            with pytest.raises(HTTPClientError) as e:
+                run(jp_ws_fetch("crucible", "api", *socket))
+            assert e.value.code == 403, socket
