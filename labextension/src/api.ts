@@ -65,6 +65,17 @@ export interface ExecutionEvent {
   traceback?: string[];
 }
 
+/**
+ * A status change of some execution (sent once recorded), or `overflow` when this client
+ * read too slowly and missed some.
+ */
+export interface ExecutionChange {
+  id?: string;
+  status?: Status;
+  user?: string;
+  overflow?: boolean;
+}
+
 /** A page of history, newest first; `next_cursor` fetches the next page. */
 export interface ExecutionPage {
   executions: Execution[];
@@ -140,24 +151,44 @@ export class CrucibleAPI {
     onEvent: (event: ExecutionEvent) => void,
     onClose: () => void
   ): WebSocket {
-    let url = URLExt.join(
-      this.settings.wsUrl,
-      'crucible/api/executions',
-      encodeURIComponent(id),
-      'stream'
+    return this.socket(
+      `executions/${encodeURIComponent(id)}/stream`,
+      { after: String(after) },
+      onEvent,
+      onClose
     );
-    const query: Record<string, string> = { after: String(after) };
+  }
+
+  /**
+   * Hear of every execution's status changes (queued, starting, running, its end) while
+   * the server runs: `onChange` for each, `onClose` once the socket is closed.
+   */
+  changes(onChange: (change: ExecutionChange) => void, onClose: () => void): WebSocket {
+    return this.socket('changes', {}, onChange, onClose);
+  }
+
+  /** A WebSocket under crucible/api whose JSON messages go to `onMessage`. */
+  private socket<T>(
+    path: string,
+    query: Record<string, string>,
+    onMessage: (message: T) => void,
+    onClose: () => void
+  ): WebSocket {
+    let url = URLExt.join(this.settings.wsUrl, 'crucible/api', path);
     if (this.settings.appendToken && this.settings.token) {
-      query.token = this.settings.token;
+      query = { ...query, token: this.settings.token };
     }
     url += URLExt.objectToQueryString(query);
     const socket = new this.settings.WebSocket(url);
     socket.onmessage = message => {
+      let parsed: T;
       try {
-        onEvent(JSON.parse(message.data));
+        parsed = JSON.parse(message.data);
       } catch (e) {
-        console.warn('crucible: ignored a stream message that is not JSON', e);
+        console.warn(`crucible: ignored a message on ${path} that is not JSON`, e);
+        return;
       }
+      onMessage(parsed);
     };
     socket.onclose = () => onClose();
     return socket;

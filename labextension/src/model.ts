@@ -2,9 +2,11 @@
  * The history panel's state: the listed executions, which rows are expanded and their
  * events, and live updates for the executions that are still queued or running.
  *
- * The first page is refreshed every few seconds while the panel is visible (so executions
- * submitted elsewhere appear); each active execution is followed over its WebSocket, so
- * its status and output change as they happen, and it is fetched again once it ends.
+ * While the panel is visible, the server's change feed (WebSocket `changes`) says when an
+ * execution is submitted or changes status anywhere, and the first page is fetched again
+ * then; without the feed (not connected yet, or lost) the page is refreshed every few
+ * seconds instead. Each active execution is followed over its own WebSocket, so its
+ * status and output change as they happen, and it is fetched again once it ends.
  */
 import { Poll } from '@lumino/polling';
 import { ISignal, Signal } from '@lumino/signaling';
@@ -26,13 +28,18 @@ export interface Detail {
 
 const PAGE_SIZE = 25;
 const REFRESH_MS = 3000;
+/** How often the first page is fetched without the change feed (backing off on errors)... */
+const POLLING = { interval: REFRESH_MS, backoff: true, max: 30 * 1000 };
+/** ...and with it (a safety net only). */
+const WITH_FEED = { interval: 60 * 1000, backoff: true, max: 60 * 1000 };
+const FEED_DEBOUNCE_MS = 100; // changes that come together cause one fetch
 
 /** State of the history panel; `changed` fires after every change. */
 export class HistoryModel {
   constructor(readonly api: CrucibleAPI) {
     this._poll = new Poll({
       factory: () => this.refresh(),
-      frequency: { interval: REFRESH_MS, backoff: true, max: 30 * 1000 },
+      frequency: POLLING,
       standby: () => !this._visible || 'when-hidden',
       name: 'crucible-jupyter:history'
     });
@@ -72,8 +79,16 @@ export class HistoryModel {
   set visible(value: boolean) {
     this._visible = value;
     if (value) {
+      this._watch();
       void this._poll.refresh();
+    } else {
+      this._unwatch();
     }
+  }
+
+  /** Whether the change feed is connected (the history is then current within moments). */
+  get live(): boolean {
+    return this._feedOpen;
   }
 
   isExpanded(id: string): boolean {
@@ -180,12 +195,64 @@ export class HistoryModel {
 
   /** Stop polling and close every stream. */
   dispose(): void {
+    this._disposed = true;
+    this._unwatch();
     this._poll.dispose();
     for (const socket of this._streams.values()) {
       socket.close();
     }
     this._streams.clear();
     Signal.clearData(this);
+  }
+
+  /** Connect the change feed (if not connected); it reconnects while the panel is shown. */
+  private _watch(): void {
+    if (this._feed || this._disposed) {
+      return;
+    }
+    const feed = this.api.changes(
+      () => this._onChange(),
+      () => {
+        if (this._feed !== feed) {
+          return; // closed on purpose
+        }
+        this._feed = null;
+        this._feedOpen = false;
+        this._poll.frequency = POLLING;
+        this._emit();
+        if (this._visible && !this._disposed) {
+          window.setTimeout(() => this._visible && this._watch(), REFRESH_MS);
+        }
+      }
+    );
+    feed.onopen = () => {
+      this._feedOpen = true;
+      this._poll.frequency = WITH_FEED;
+      void this._poll.refresh(); // what happened before the feed was there
+      this._emit();
+    };
+    this._feed = feed;
+  }
+
+  private _unwatch(): void {
+    const feed = this._feed;
+    this._feed = null;
+    this._feedOpen = false;
+    feed?.close();
+    if (!this._disposed) {
+      this._poll.frequency = POLLING;
+    }
+  }
+
+  /** Something changed: fetch the first page again, once for changes that come together. */
+  private _onChange(): void {
+    if (this._debounce !== null) {
+      return;
+    }
+    this._debounce = window.setTimeout(() => {
+      this._debounce = null;
+      void this._poll.refresh();
+    }, FEED_DEBOUNCE_MS);
   }
 
   /** A listed row, unless a live stream already knows a newer status for it. */
@@ -278,6 +345,10 @@ export class HistoryModel {
   private _expanded = new Set<string>();
   private _details = new Map<string, Detail>();
   private _streams = new Map<string, WebSocket>();
+  private _feed: WebSocket | null = null;
+  private _feedOpen = false;
+  private _debounce: number | null = null;
+  private _disposed = false;
   private _poll: Poll;
 }
 

@@ -60,8 +60,18 @@ function History({ model }: { model: HistoryModel }): JSX.Element {
   useTick(5000); // relative times and running durations move on
   return (
     <div className="jp-CrucibleHistory-body">
-      <div className="jp-CrucibleHistory-header">
+      <div className="jp-CrucibleHistory-header" data-live={String(model.live)}>
         <h2 className="jp-CrucibleHistory-title">Crucible executions</h2>
+        <span
+          className="jp-CrucibleHistory-live"
+          title={
+            model.live
+              ? 'Live: new executions and status changes show as they happen'
+              : 'Not connected to the live feed: refreshing every few seconds'
+          }
+        >
+          {model.live ? '● live' : '○ polling'}
+        </span>
         <select
           className="jp-CrucibleHistory-filter jp-mod-styled"
           aria-label="Show executions of status"

@@ -2,8 +2,9 @@
 the status bar.
 
 An execution submitted through the REST API appears in the open panel as running without a
-reload, its output streams into the expanded row, the panel's Cancel button stops it, the
-row turns cancelled and the REST API records it so; the status bar counts it while it runs.
+reload (told by the live change feed), its output streams into the expanded row, the panel's
+Cancel button stops it, the row turns cancelled and the REST API records it so; the status
+bar counts it while it runs.
 The extension loads without console errors and ``jupyter labextension list`` reports it
 enabled and OK. The extension must be built and installed (``dev/setup`` does both).
 """
@@ -118,6 +119,16 @@ def queue_text(lab: LabServer) -> str:
 def test_panel_shows_a_running_execution_live_and_cancels_it(panel: Any, lab: LabServer) -> None:
     driver = panel
     wait_until(lambda: status_bar(driver) == queue_text(lab), 30, "the queue in the status bar")
+    # connected to the change feed: the panel then refreshes on changes, otherwise only
+    # every minute (so a row that shows up within the wait below came through the feed)
+    wait_until(
+        lambda: driver.execute_script(
+            "const h = document.querySelector('#crucible-history .jp-CrucibleHistory-header');"
+            "return h && h.dataset.live === 'true';"
+        ),
+        30,
+        "the panel to connect to the live change feed",
+    )
 
     created = lab.call(
         "POST",
