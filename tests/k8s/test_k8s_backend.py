@@ -366,9 +366,14 @@ async def test_dispatcher_sigkilled_mid_run_resumes_with_complete_output(
     assert stream_text(await d.events(execution.id)) == "".join(f"{i}\n" for i in range(8))
     seqs = [e.seq for e in await d.events(execution.id)]
     assert seqs == list(range(len(seqs)))
-    jobs = json.loads(kubectl(kube, "-n", namespace, "get", "jobs", "-o", "json"))["items"]
-    assert not [j for j in jobs if execution.id in j["metadata"]["name"]
-                and not j["metadata"].get("deletionTimestamp")]  # fmt: skip
+    for _ in range(50):  # deleted in the background once the outcome is known
+        jobs = json.loads(kubectl(kube, "-n", namespace, "get", "jobs", "-o", "json"))["items"]
+        if not [j for j in jobs if execution.id in j["metadata"]["name"]
+                and not j["metadata"].get("deletionTimestamp")]:  # fmt: skip
+            break
+        await asyncio.sleep(0.2)
+    else:
+        pytest.fail("the Job was not deleted after the execution finished")
 
 
 def test_doctor_reports_enforced_network_isolation(kube, namespace, tmp_path):

@@ -43,6 +43,9 @@ from .warm import WarmPool, fits, job_of, state_of
 
 RUNNER = Path(__file__).resolve().parent.parent.parent / "runner.py"
 READY = objects.READY_LINE.encode()
+ENDED = object()  # the container ended while its log was followed
+#: The runner's last frame (as its FrameWriter writes it: keys in this order).
+END_FRAME = re.compile(rb'\{"v":1,"seq":\d+,"t":\d+,"type":"end"')
 #: Threads the doctor probe tries to start; a pod that stops short of it has a process limit.
 PIDS_PROBE = 1500
 IMAGE_FAILURES = {
@@ -237,6 +240,8 @@ class CrucibleKubernetesBackend(Backend):
             with contextlib.suppress(Exception):
                 await self._pool.stop()
             self._pool = None
+        if self._background:  # deletions under way
+            await asyncio.wait(set(self._background), timeout=10)
         if self._ws is not None:
             await self._ws.close()
             self._ws = None
@@ -339,10 +344,14 @@ class CrucibleKubernetesBackend(Backend):
                 await self._core.delete_namespaced_config_map(name, self.namespace)
             raise Unavailable(f"Kubernetes refused the Job: {_api_message(e)}") from e
         # the ConfigMap goes when the Job goes; not waited for: the pod does not need it
-        task = asyncio.create_task(self._own_configmap(name, created))
+        self.later(self._own_configmap(name, created))
+        return created
+
+    def later(self, coro: Any) -> None:
+        """Run an API call in the background (``close`` waits for it)."""
+        task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        return created
 
     async def start(self, execution: Execution) -> Sandbox:
         """Hand the execution to a warm pod if one can run it, else create its ConfigMap
@@ -449,18 +458,20 @@ class CrucibleKubernetesBackend(Backend):
             )
 
     async def delete(self, name: str, grace: int | None = None) -> None:
-        """Delete a Job (and its pods, in the background); a gone Job is not an error."""
+        """Delete a Job (and its pods, in the background) and its ConfigMap, both at once;
+        a gone Job is not an error."""
         from kubernetes_asyncio.client.exceptions import ApiException
 
-        with contextlib.suppress(ApiException):
-            await self._batch.delete_namespaced_job(
-                name,
-                self.namespace,
-                propagation_policy="Background",
-                grace_period_seconds=grace,
-            )
-        with contextlib.suppress(ApiException):
-            await self._core.delete_namespaced_config_map(name, self.namespace)
+        async def quietly(call) -> None:
+            with contextlib.suppress(ApiException):
+                await call
+
+        await asyncio.gather(
+            quietly(self._batch.delete_namespaced_job(
+                name, self.namespace, propagation_policy="Background", grace_period_seconds=grace
+            )),
+            quietly(self._core.delete_namespaced_config_map(name, self.namespace)),
+        )  # fmt: skip
 
     async def delete_pods(self, execution_id: str, grace: int) -> None:
         """Delete the pods of an execution with a grace period (SIGTERM, then SIGKILL)."""
@@ -705,11 +716,18 @@ class KubernetesSandbox(Sandbox):
             self.started = await self._wait_started()
 
     async def lines(self) -> AsyncIterator[tuple[str, bytes, int]]:
-        """The pod's log, line by line, as it is written; reopened if the stream breaks."""
+        """The pod's log, line by line, as it is written; reopened if the stream breaks.
+
+        Once the pod watch shows the container ended, the stream ends there if the runner's
+        ``end`` frame (the last line it writes) was read, else the rest is read from the log
+        whole (complete then): either way without waiting for the kubelet to end the
+        followed stream, which it does up to seconds later."""
         await self.ready()
         if not self.started:
             return
         consumed = 0
+        follow = True
+        saw_end = False
         while True:
             pod = self._reflector().pod_for(self.key) or self._reflector().gone.get(self.key)
             if pod is None:
@@ -720,7 +738,7 @@ class KubernetesSandbox(Sandbox):
                         pod["metadata"]["name"],
                         self.backend.namespace,
                         container="cell",
-                        follow=True,
+                        follow=follow,
                         _preload_content=False,
                     )
                 )
@@ -735,8 +753,15 @@ class KubernetesSandbox(Sandbox):
                 continue
             index = 0
             lines = read_lines(resp.content, self.backend.max_line_bytes)
+            ended = (
+                asyncio.ensure_future(self._reflector().wait_for(self.key, self._terminated))
+                if follow
+                else asyncio.get_running_loop().create_future()  # a whole log just ends
+            )
             try:
-                while (item := await self._next_unless_stopped(lines)) is not None:
+                while (item := await self._next_unless_stopped(lines, ended)) is not None:
+                    if item is ENDED:
+                        break
                     line, dropped = item
                     index += 1
                     if index <= consumed:
@@ -744,13 +769,22 @@ class KubernetesSandbox(Sandbox):
                     consumed = index
                     if index == 1 and line == READY:
                         continue  # a warm pod's runner said it was ready: not the cell's
+                    saw_end = saw_end or bool(END_FRAME.match(line))
                     yield FRAMES, line, dropped
+                    if saw_end and self._terminated(self._reflector().pod_for(self.key)):
+                        return
             except Exception as e:
                 self.log_warning(f"log stream of {self.name} broke ({e!r}); reopening")
                 continue
             finally:
+                ended.cancel()
                 await lines.aclose()
                 resp.release()
+            if item is ENDED:
+                if saw_end:
+                    return  # the runner's last line was read, and the container ended
+                follow = False  # the container ended: read the rest of its log whole
+                continue
             # the stream ended: normally because the container ended
             if self.cancelled:
                 return  # being deleted: nothing more will come
@@ -762,21 +796,22 @@ class KubernetesSandbox(Sandbox):
             except TimeoutError:
                 continue  # still running: the stream broke early; reopen and skip
 
-    async def _next_unless_stopped(self, lines: AsyncIterator) -> Any:
-        """The next log line, or None at its end or once the execution is being stopped."""
+    async def _next_unless_stopped(self, lines: AsyncIterator, ended: asyncio.Future) -> Any:
+        """The next log line; None at its end or once the execution is being stopped;
+        ENDED when ``ended`` (the container's end) comes first."""
         if self._stopped.is_set():
             return None
         nxt = asyncio.ensure_future(anext(lines))
         stop = asyncio.ensure_future(self._stopped.wait())
         try:
-            done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({nxt, stop, ended}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
         if nxt not in done:
             nxt.cancel()
             with contextlib.suppress(BaseException):
                 await nxt
-            return None
+            return ENDED if ended in done and stop not in done else None
         try:
             return nxt.result()
         except StopAsyncIteration:
@@ -796,7 +831,8 @@ class KubernetesSandbox(Sandbox):
         return (self._container(pod).get("state") or {}).get("terminated")
 
     async def wait(self) -> Outcome:
-        """Wait for the pod's end and read the outcome from its status; delete the Job."""
+        """Wait for the pod's end and read the outcome from its status; delete the Job
+        (in the background: the outcome is known, so it is not kept waiting for that)."""
         try:
             if self.failure:
                 return Outcome(exit_code=None, reason=self.failure)
@@ -824,7 +860,7 @@ class KubernetesSandbox(Sandbox):
                 return Outcome(exit_code=None, reason=reason)
             return Outcome(exit_code=term.get("exitCode"))
         finally:
-            await self.backend.delete(self.name)
+            self.backend.later(self.backend.delete(self.name))
 
     async def interrupt(self) -> None:
         """Delete the Job (background propagation); its pod gets SIGTERM, which the runner

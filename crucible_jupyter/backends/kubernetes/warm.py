@@ -54,6 +54,9 @@ if TYPE_CHECKING:
 POOL_RESOURCES: Resources = ExecutionRequest(code="").resources
 JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
 JSON_PATCH = "application/json-patch+json"
+#: Seconds the refill waits after a claim for the claimed cell to end (it starts sooner
+#: when the cell ends); a pod started beside the cell would slow the cell down.
+REFILL_PAUSE = 1.0
 
 
 def fits(backend: CrucibleKubernetesBackend, request: ExecutionRequest) -> bool:
@@ -109,6 +112,8 @@ class WarmPool:
         self._starting: set[asyncio.Task] = set()
         self._claiming: set[str] = set()  # pods a claim here is trying or took
         self._waiting = 0  # claims waiting for a pod being started
+        self._busy: set[str] = set()  # pods claimed here whose cell may still run
+        self._quiet_until = 0.0  # no refill before this (loop time) while a cell runs
         self._failures = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -135,8 +140,15 @@ class WarmPool:
         )
 
     def _on_pod(self, pod: Pod) -> None:
-        if pod["metadata"]["name"] in self._ready:
+        name = pod["metadata"]["name"]
+        if name in self._ready or name in self._busy:
             self._wake.set()
+
+    def _cell_running(self) -> bool:
+        """Whether a cell claimed here in the last moment still runs."""
+        pods = self.backend._reflector.pods
+        self._busy = {n for n in self._busy if _running(pods.get(n))}
+        return bool(self._busy)
 
     def _alive(self, name: str) -> bool:
         pod = self.backend._reflector.pods.get(name)
@@ -155,7 +167,7 @@ class WarmPool:
             self._jobs.discard(job)  # claimed, or ended
             pod = self.backend._reflector.pods.get(name)
             if pod is not None and state_of(pod) in ("warming", "warm"):
-                self._later(self._delete(job))  # ended unclaimed (its lifetime)
+                self.backend.later(self._delete(job))  # ended unclaimed (its lifetime)
         return len(self._starting) + len(self._ready)
 
     def _fill(self) -> None:
@@ -165,8 +177,16 @@ class WarmPool:
             task.add_done_callback(self._started)
 
     async def _keep(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
+            quiet = self._quiet_until - loop.time()
+            if quiet > 0 and self._cell_running():
+                # a pod starting beside a cell that was just handed over slows it down (its
+                # attach, its run, its end): refill when it ends, or after a moment
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), quiet)
+                continue
             self._fill()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 30)
@@ -298,6 +318,8 @@ class WarmPool:
         for pod in pods:
             name = pod["metadata"]["name"]
             self._claiming.add(name)
+            self._busy.add(name)  # before the patch: the watch may show it claimed at once
+            self._quiet_until = asyncio.get_running_loop().time() + REFILL_PAUSE
             deadline = math.ceil(_age(pod) + req.timeout) + self.backend.deadline_padding
             patch = objects.claim_patch(
                 self.key, execution.id, execution.user, self.backend.dispatcher_id, deadline
@@ -310,11 +332,12 @@ class WarmPool:
                     )
                 )  # fmt: skip
             except ApiException as e:
+                self._busy.discard(name)
                 if e.status in (404, 409, 422):  # claimed by another, or gone: the next
                     continue
                 self.log.warning("crucible: cannot claim a warm pod (%s); starting a Job", e)
                 return None
-            self._wake.set()  # refill
+            self._wake.set()  # refill (after the pause)
             job = job_of(pod) or name
             try:
                 await asyncio.gather(self._send(name, execution), self._adopt(job, pod, execution))
@@ -407,11 +430,6 @@ class WarmPool:
             self._jobs.discard(job)
             with contextlib.suppress(Exception):
                 await self.backend.delete(job, grace=0)
-
-    def _later(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self.backend._background.add(task)
-        task.add_done_callback(self.backend._background.discard)
 
     def report(self) -> str:
         """The pool in a line: configured size, warm / starting / running pods of its key."""
