@@ -564,6 +564,18 @@ def _interrupt(pid):
         pass
 
 
+def _set_dumpable(on):
+    """prctl(PR_SET_DUMPABLE): when off, processes of the same user (the cell) can no longer
+    read or write this one's memory, environment or file descriptors through /proc (which
+    would let a cell rewrite its runner and forge frames). Inherited by fork()."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(4, 1 if on else 0, 0, 0, 0)  # 4: PR_SET_DUMPABLE
+    except Exception:
+        pass
+
+
 def _ensure_std_fds():
     """Make sure fds 0 and 2 are open (so pipes never land on them); return False without fd 1."""
     for fd in (0, 1, 2):
@@ -598,6 +610,7 @@ def main(argv=None):
         os._exit(_EXIT_USAGE)
     if not _ensure_std_fds():
         os._exit(_EXIT_USAGE)
+    _set_dumpable(False)  # the cell runs as the same user: keep it out of this process
     if "MPLBACKEND" not in os.environ:
         os.environ["MPLBACKEND"] = "Agg"
     try:
@@ -1342,6 +1355,7 @@ class _PostImportHook:
 def _child_main(opts, source, supervisor_pid, out_r, out_w, err_r, err_w, ev_r, ev_w):
     """Set up the child's fds, streams and hooks, run the cell and exit with its exit code."""
     global _channel
+    _set_dumpable(True)  # the cell's processes may inspect each other, as usual
     os.close(ev_r)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)

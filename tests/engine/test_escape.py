@@ -114,6 +114,26 @@ init_fd = libc.syscall(434, 1, 0)  # pidfd_open of bubblewrap's init, which hold
 probe("pidfd_getfd", lambda: syscall(438, init_fd, 1, 0))  # ...to the dispatcher
 probe("kcmp", lambda: syscall(312, os.getpid(), os.getppid(), 0, 1, 1))  # KCMP_FILE
 probe("init_mem", lambda: open("/proc/1/mem", "r+b"))
+# the runner (the cell's parent, same user) is not dumpable: its memory, environment and fds
+# are out of reach (it could be rewritten to forge frames); the cell's own /proc still works
+probe("runner_mem", lambda: open(f"/proc/{os.getppid()}/mem", "r+b"))
+probe("runner_environ", lambda: open(f"/proc/{os.getppid()}/environ", "rb").read())
+probe("runner_fds", lambda: os.listdir(f"/proc/{os.getppid()}/fd"))
+probe("own_environ", lambda: bool(open("/proc/self/environ", "rb").read()))
+def forked_child_environ():  # a forked (not exec'd) child of the cell is readable too
+    pid = os.fork()
+    if pid == 0:
+        __import__("time").sleep(5)
+        os._exit(0)
+    try:
+        return bool(open(f"/proc/{pid}/environ", "rb").read())
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+probe("forked_child_environ", forked_child_environ)
+probe("child_environ", lambda: subprocess.run(
+    ["sh", "-c", "head -c1 /proc/$$/environ >/dev/null && echo readable"],
+    capture_output=True, text=True, timeout=10).stdout.strip())
 probe("seccomp", lambda: [l.split()[1] for l in open("/proc/self/status")
                           if l.startswith("Seccomp:")][0])
 probe("su", lambda: subprocess.run(["su", "-c", "id"], input="x\n", capture_output=True,
@@ -176,6 +196,12 @@ EXPECTED = {
     "pidfd_getfd": "EPERM",
     "kcmp": "EPERM",
     "init_mem": "ENOENT",  # /proc/1 is an empty folder
+    "runner_mem": "EACCES",
+    "runner_environ": "EACCES",
+    "runner_fds": "EACCES",
+    "own_environ": "ok: True",
+    "child_environ": "ok: readable",
+    "forked_child_environ": "ok: True",
     "seccomp": "ok: 2",
     "su": "ok: 1",
     "mount_setuid": "ok: 32",
