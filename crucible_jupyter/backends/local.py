@@ -51,6 +51,11 @@ STATE_PREFIX = "crucible-local-"
 WARM_MEMORY = 256 << 20
 PASSWD = "sandbox:x:65534:65534:crucible sandbox:/tmp:/usr/sbin/nologin\n"
 GROUP = "sandbox:x:65534:\n"
+EXPOSURE_FIX = (
+    "run crucible with a Python installed in its own folder (a venv such as"
+    " python3 -m venv ~/crucible-venv, or /usr/bin/python3) or set"
+    " c.CrucibleLocalBackend.python; keep extra_ro_binds to folders without secrets"
+)
 ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives", "/etc/fonts")
 #: When crucible runs as root, bubblewrap is started as this host uid/gid (nobody) instead:
 #: bubblewrap started by root maps the sandbox's user to host root, whose writes to host-wide
@@ -248,6 +253,32 @@ class CrucibleLocalBackend(Backend):
         ).stdout.split("\n")
         paths = {str(Path(out[0]).parent.parent), *out[1:4]}
         return sorted(p for p in paths if p and not p.startswith("/usr"))
+
+    @cached_property
+    def exposed_secrets(self) -> list[str]:
+        """Folders with secrets that the read-only binds (``python_paths``, ``extra_ro_binds``)
+        would show to cells: the home folder itself, the Jupyter runtime folder (server
+        tokens) and data folder (the history database), ``~/.ssh``, ``~/.kube``. A Python
+        installed with its prefix in the home folder (or at ``/``) would expose them all."""
+        from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
+
+        home = Path.home()
+        secret = [home, Path(jupyter_runtime_dir()), Path(jupyter_data_dir()), home / ".ssh"]
+        secret = [p.resolve() for p in [*secret, home / ".kube"]]
+        exposed = []
+        for bound in [*self.python_paths, *self.extra_ro_binds]:
+            top = Path(bound).resolve()
+            hit = next((p for p in secret if p == top or top in p.parents), None)
+            if hit is not None:
+                exposed.append(f"{bound} (holds {hit})")
+        return exposed
+
+    def _exposure_problem(self) -> str | None:
+        """Why sandboxes must not start with these binds, or None."""
+        if not self.exposed_secrets:
+            return None
+        bound = ", ".join(self.exposed_secrets)
+        return f"cells would see secrets: the folders bound into every sandbox include {bound}"
 
     @cached_property
     def _as_root(self) -> bool:
@@ -452,6 +483,9 @@ class CrucibleLocalBackend(Backend):
         )
         try:
             out.append(Check("python", True, f"{self.python} ({', '.join(self.python_paths)})"))
+            exposure = self._exposure_problem()
+            if exposure:
+                out.append(Check("secrets", False, exposure, fix=EXPOSURE_FIX))
         except (OSError, subprocess.SubprocessError) as e:
             out.append(
                 Check(
@@ -481,6 +515,7 @@ class CrucibleLocalBackend(Backend):
                     self.bwrap_problem,
                     self.cgroup_layout,
                     self.python_paths,
+                    self.exposed_secrets,
                     self.runner_path,
                     self._binds,
                 )
@@ -500,6 +535,9 @@ class CrucibleLocalBackend(Backend):
         """Start the runner for ``execution`` in a fresh sandbox."""
         await self._discover()
         isolated = self.bwrap_problem is None
+        exposure = self._exposure_problem()
+        if isolated and exposure:
+            raise Unavailable(f"{exposure}. To fix: {EXPOSURE_FIX}")
         if not isolated:
             if not self.allow_unisolated:
                 raise Unavailable(
@@ -642,7 +680,7 @@ class CrucibleLocalBackend(Backend):
         """Start the warm sandboxes (when bubblewrap isolates here); remove the empty cgroups
         a killed dispatcher left behind."""
         await self._discover()
-        if self.bwrap_problem is None:
+        if self.bwrap_problem is None and self._exposure_problem() is None:
             self._keep_warm()
         layout, _ = self.cgroup_layout
         if layout is not None:

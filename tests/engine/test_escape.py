@@ -560,3 +560,25 @@ async def test_cell_cannot_take_over_the_sandbox_init(make_dispatcher):
     finally:
         for pid in _alive(marker):
             _kill_sandbox_of(pid)
+
+
+async def test_no_sandbox_starts_when_its_binds_would_show_secrets(
+    make_dispatcher, tmp_path, monkeypatch
+):
+    """A Python whose prefix holds the home folder (``./configure --prefix=$HOME``), or an
+    extra bind of it, would show cells the Jupyter server's tokens, the history database,
+    ~/.ssh: the execution fails with the reason and the fix, nothing runs, nothing warm."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("SECRET")
+    monkeypatch.setenv("HOME", str(home))
+    d = await make_dispatcher(local={"extra_ro_binds": [str(home)]})
+    execution, events = await run_cell(d, f"print(open({str(home / '.ssh/id_ed25519')!r}).read())")
+    assert execution.status is Status.FAILED
+    assert "cells would see secrets" in execution.reason and str(home) in execution.reason
+    assert "own folder" in execution.reason  # says how to fix it
+    assert "SECRET" not in stream_text(events)
+    backend = d.get_backend("local")
+    assert not backend._warm and not backend._warming
+    checks = {c.name: c for c in await backend.checks()}
+    assert not checks["secrets"].ok and "own folder" in checks["secrets"].fix
