@@ -57,6 +57,8 @@ JSON_PATCH = "application/json-patch+json"
 #: Seconds the refill waits after a claim for the claimed cell to end (it starts sooner
 #: when the cell ends); a pod started beside the cell would slow the cell down.
 REFILL_PAUSE = 1.0
+#: Longest wait of a cell for a warm pod being started, when none is warm (then: cold).
+WAIT_FOR_STARTING = 10.0
 
 
 def fits(backend: CrucibleKubernetesBackend, request: ExecutionRequest) -> bool:
@@ -301,11 +303,15 @@ class WarmPool:
         if not self.fits(execution.request):
             return None
         pods = self.warm_pods()
-        if not pods and len(self._starting) > self._waiting:
+        if not pods and len(self._starting) > self._waiting and not self._failures:
             # none warm, one starting for no one yet: it started before a cold Job would
+            # (but a pod that does not come soon, e.g. refused by a quota, is not awaited)
             self._waiting += 1
             try:
-                await asyncio.wait(set(self._starting), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    set(self._starting), timeout=WAIT_FOR_STARTING,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )  # fmt: skip
             finally:
                 self._waiting -= 1
             pods = self.warm_pods()
