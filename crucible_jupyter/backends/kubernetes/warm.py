@@ -4,9 +4,11 @@ A cold execution waits for its Job's pod to be scheduled, its container to start
 runner to load (about 2 s on the dev cluster). A warm pod has done all of that, and passed
 the runner's ``--await-isolation`` check (the deny-all NetworkPolicy is in effect), before
 it counts as warm: its runner then writes :data:`~.objects.READY_LINE` to its log and waits
-for the cell on stdin. Claiming one costs an API patch and an attach that writes one JSON
-line (``{"code", "env"}``) and closes stdin (``stdinOnce``). The pod stays one-shot: it
-runs that cell, ends and is deleted; the pool starts a new one in the background.
+for the cell on stdin. The pool attaches to its stdin as soon as it is warm and holds that
+connection, so claiming it costs an API patch and one websocket message: the cell as one
+JSON line (``{"code", "env"}``); closing the connection then closes stdin (``stdinOnce``).
+The pod stays one-shot: it runs that cell, ends and is deleted; the pool starts a new one
+in the background once the cell has ended (or ``REFILL_PAUSE`` after the claim).
 
 Design: warm pods are **Jobs** with generic names (``crucible-warm-…``), found by label,
 not bare Pods with an ownerReference, because a Job makes a pod that nobody looks after
@@ -15,6 +17,8 @@ again clean itself up: the Job's ``activeDeadlineSeconds`` (:attr:`warm_pod_life
 claimed, and ``ttlSecondsAfterFinished`` then deletes it. So a dispatcher that dies leaks
 nothing, even where no sole dispatcher sweeps (several dispatchers sharing a namespace). A
 bare pod needs an owner whose deletion removes it, and that owner would leak in turn.
+(Sooner still: the stdin connection a dead dispatcher held drops, stdin closes, and the
+waiting runner exits at once; its Job completes and is deleted after the TTL.)
 Everything the cold path does with a Job (cancel deletes it; the sandbox's end deletes it
 with its ConfigMap; the same pod watch, log follow, outcome and OOM reading) then applies
 to a warm pod unchanged. A claim sets the Job's deadline to the cell's timeout.
@@ -23,7 +27,10 @@ Labels of a warm pod: ``pool`` (a hash of what it runs: :func:`~.objects.pool_ke
 ``state``: ``warming`` → ``warm`` → ``claimed`` (or ``retired`` when its dispatcher stops).
 Claiming is one JSON patch with ``test`` operations on both labels, so it applies only while
 the pod is warm for that hash, atomically on the API server: two dispatchers sharing a
-namespace never get the same pod, and either may claim a pod the other started. The claim
+namespace never get the same pod, and either may claim a pod the other started (attaching
+to it then; the pool that started it keeps its own connection open until that pod ends,
+since closing it would close the pod's stdin — a dispatcher that dies in the tenth of a
+second between another's claim and its write is the one case left). The claim
 also writes the execution's labels onto the pod, so everything that finds an execution's pod
 by label (the pod watch, kill, reattach after a restart, the sweep of orphans) works for it.
 
@@ -115,6 +122,7 @@ class WarmPool:
         self._claiming: set[str] = set()  # pods a claim here is trying or took
         self._waiting = 0  # claims waiting for a pod being started
         self._busy: set[str] = set()  # pods claimed here whose cell may still run
+        self._stdin: dict[str, Any] = {}  # pod -> its stdin, attached while it warmed
         self._quiet_until = 0.0  # no refill before this (loop time) while a cell runs
         self._failures = 0
         self._wake = asyncio.Event()
@@ -143,7 +151,7 @@ class WarmPool:
 
     def _on_pod(self, pod: Pod) -> None:
         name = pod["metadata"]["name"]
-        if name in self._ready or name in self._busy:
+        if name in self._ready or name in self._busy or name in self._stdin:
             self._wake.set()
 
     def _cell_running(self) -> bool:
@@ -164,6 +172,8 @@ class WarmPool:
 
     def available(self) -> int:
         """Warm pods of this pool, and those being started."""
+        for name in [n for n in self._stdin if not _running(self.backend._reflector.pods.get(n))]:
+            self._detach(name)  # (kept open while another dispatcher's cell runs there)
         for name in [n for n in self._ready if not self._alive(n)]:
             job = self._ready.pop(name)
             self._jobs.discard(job)  # claimed, or ended
@@ -257,6 +267,9 @@ class WarmPool:
                                                           _preload_content=False))  # fmt: skip
             said = (await text.read()).decode(errors="replace").strip()
             raise RuntimeError(f"its runner said: {said[-400:] or '(nothing)'}")
+        # attach to its stdin now, so a claim here only writes the cell (an attach takes
+        # ~0.1 s); stdin stays open while this is open (stdinOnce), and closes with it
+        self._stdin[pod_name] = await self._attach(pod_name)
         await raw_json(
             core.patch_namespaced_pod(
                 pod_name, ns, objects.state_patch("warming", "warm"),
@@ -346,31 +359,54 @@ class WarmPool:
             self._wake.set()  # refill (after the pause)
             job = job_of(pod) or name
             try:
-                await asyncio.gather(self._send(name, execution), self._adopt(job, pod, execution))
+                await self._send(name, execution)
             except Exception as e:
                 self.log.warning("crucible: warm pod %s did not take its cell (%r)", name, e)
                 await self._abandon(job, execution)
                 return None
+            self.backend.later(self._adopt(job, pod, execution))  # not needed to run the cell
             return job
         return None
 
-    async def _send(self, pod_name: str, execution: Execution) -> None:
-        """Attach to the pod's stdin, write the cell as one JSON line, close stdin."""
+    async def _attach(self, pod_name: str) -> Any:
+        """A websocket attached to the stdin of the pod's container."""
         from kubernetes_asyncio import client
 
+        api = client.CoreV1Api(self.backend._ws_api())
+        connect = await api.connect_get_namespaced_pod_attach(
+            pod_name, self.backend.namespace, container="cell",
+            stdin=True, stdout=False, stderr=False, tty=False, _preload_content=False,
+        )  # fmt: skip
+        ws = await connect
+        self.backend.later(self._read(ws))
+        return ws
+
+    @staticmethod
+    async def _read(ws: Any) -> None:
+        """Read what the server sends until it closes (answers its pings meanwhile)."""
+        with contextlib.suppress(Exception):
+            async for _ in ws:
+                pass
+
+    def _detach(self, pod_name: str) -> None:
+        ws = self._stdin.pop(pod_name, None)
+        if ws is not None:
+            self.backend.later(ws.close())
+
+    async def _send(self, pod_name: str, execution: Execution) -> None:
+        """Write the cell as one JSON line to the pod's stdin (attached while it warmed, or
+        now for a pod of another dispatcher's pool), then close stdin."""
         cell = {
             "code": execution.request.code,
             "env": {**execution.request.env, "CRUCIBLE_EXECUTION_ID": execution.id},
             "rlimit_as": None,
         }
         line = json.dumps(cell).encode() + b"\n"
-        api = client.CoreV1Api(self.backend._ws_api())
-        connect = await api.connect_get_namespaced_pod_attach(
-            pod_name, self.backend.namespace, container="cell",
-            stdin=True, stdout=False, stderr=False, tty=False, _preload_content=False,
-        )  # fmt: skip
-        async with connect as ws:
+        ws = self._stdin.pop(pod_name, None) or await self._attach(pod_name)
+        try:
             await ws.send_bytes(b"\x00" + line)  # channel 0: stdin
+        finally:
+            self.backend.later(ws.close())  # stdin closes after what was written
 
     async def _adopt(self, job: str, pod: Pod, execution: Execution) -> None:
         """Label the Job with its execution and give it the cell's deadline (it had the
@@ -380,11 +416,14 @@ class WarmPool:
         deadline = (
             math.ceil(_age(pod) + execution.request.timeout) + self.backend.deadline_padding + 10
         )
-        await self.backend._batch.patch_namespaced_job(
-            job,
-            self.backend.namespace,
-            {"metadata": {"labels": labels}, "spec": {"activeDeadlineSeconds": deadline}},
-        )
+        try:
+            await self.backend._batch.patch_namespaced_job(
+                job,
+                self.backend.namespace,
+                {"metadata": {"labels": labels}, "spec": {"activeDeadlineSeconds": deadline}},
+            )
+        except Exception as e:  # the pod's own deadline (set by the claim) still applies
+            self.log.warning("crucible: cannot label warm pod Job %s as claimed: %s", job, e)
 
     async def _abandon(self, job: str, execution: Execution) -> None:
         """Delete a claimed pod that did not get its cell, so a cold Job can run it."""
@@ -411,6 +450,12 @@ class WarmPool:
         pods = {job_of(p): p for p in self.backend._reflector.pods.values() if job_of(p)}
         await asyncio.gather(*(self._retire(job, pods.get(job)) for job in list(self._jobs)))
         self._jobs.clear()
+        if self._stdin:  # pods claimed by another dispatcher: let its cell arrive first
+            pods = self.backend._reflector.pods
+            if any(state_of(pods.get(n)) == "claimed" for n in self._stdin):
+                await asyncio.sleep(1.0)
+            for name in list(self._stdin):
+                self._detach(name)
 
     async def _retire(self, job: str, pod: Pod | None) -> None:
         from kubernetes_asyncio.client.exceptions import ApiException
@@ -429,6 +474,8 @@ class WarmPool:
                     return  # claimed meanwhile: its execution deletes it
         elif state_of(pod) not in (None, "warming"):
             return  # claimed
+        if pod is not None:
+            self._detach(pod["metadata"]["name"])
         await self._delete(job)
 
     async def _delete(self, job: str | None) -> None:
