@@ -188,12 +188,9 @@ class CrucibleMixin(ExtensionHandlerMixin):
         text = self.query(name)
         if text is None or text == "":
             return default
-        try:
-            value = int(text)
-        except ValueError:
-            raise InvalidRequest(
-                f"{name} must be an integer, not {text[:40]!r}", field=name
-            ) from None
+        if not re.fullmatch(r"-?[0-9]{1,20}", text):  # int() would take " 1_0 " or "١٢"
+            raise InvalidRequest(f"{name} must be an integer, not {text[:40]!r}", field=name)
+        value = int(text)
         if not lo <= value <= hi:
             raise InvalidRequest(f"{name} must be between {lo} and {hi}, got {value}", field=name)
         return value

@@ -44,6 +44,10 @@ ID = "01234567-89ab-7def-8123-456789abcdef"
         ("GET", ("executions",), None, {"limit": "0"}, 400),
         ("GET", ("executions",), None, {"limit": "ten"}, 400),
         ("GET", ("executions",), None, {"limit": "100000"}, 400),
+        ("GET", ("executions",), None, {"limit": "1_0"}, 400),  # int() would take these
+        ("GET", ("executions",), None, {"limit": " 10 "}, 400),
+        ("GET", ("executions",), None, {"limit": "\u0661\u0660"}, 400),  # Arabic-Indic 10
+        ("GET", ("executions", ID), None, {"after": "\uff11"}, 400),  # a full-width 1
         ("GET", ("executions",), None, {"status": "bogus"}, 400),
         ("GET", ("executions",), None, {"tag": "a b"}, 400),
         ("GET", ("executions",), None, {"since": "yesterday"}, 400),
