@@ -154,6 +154,17 @@ def parse_bytes(value: Any, *, what: str = "memory") -> int:
 MIN_CPU = 0.001
 
 
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _decimal(text: str) -> float:
+    """A number written in plain ASCII decimal (float() would also take '1_000', 'inf' or
+    other scripts' digits); ValueError otherwise."""
+    if not _DECIMAL.fullmatch(text):
+        raise ValueError(text)
+    return float(text)
+
+
 def parse_cpu(value: Any) -> float:
     """Parse a CPU amount such as ``0.5``, ``2`` or ``500m`` (millicores) into cores.
 
@@ -165,7 +176,7 @@ def parse_cpu(value: Any) -> float:
     elif isinstance(value, str):
         text = value.strip()
         try:
-            cores = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+            cores = _decimal(text[:-1]) / 1000 if text.endswith("m") else _decimal(text)
         except ValueError:
             cores = math.nan
     else:
@@ -356,7 +367,7 @@ def _validate_timeout(value: Any, limits: Limits) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         if isinstance(value, str):
             try:
-                value = float(value)
+                value = _decimal(value.strip())
             except ValueError:
                 raise InvalidRequest(
                     f"timeout must be a number of seconds, not {_shown(value)}", field="timeout"

@@ -67,6 +67,16 @@ def test_sizes_and_cpu_units():
     assert (r.resources.memory, r.resources.cpu) == (1 << 30, 2.0)
 
 
+@pytest.mark.parametrize("field", ["cpu", "timeout"])
+@pytest.mark.parametrize("text", ["1_000", "\u0661", "\uff12", "inf", "nan", "0x10", "1,5"])
+def test_numbers_in_strings_are_plain_decimal(field, text):
+    # float() takes all of these; the OpenAPI document (and a reader) expect plain decimals
+    with pytest.raises(InvalidRequest, match=f"{field} must be a number") as info:
+        ExecutionRequest.from_dict({"code": "1", field: text})
+    assert info.value.field == field
+    assert ExecutionRequest.from_dict({"code": "1", field: " 1.5 "}).to_dict()  # spaces pass
+
+
 def test_limits_are_configurable():
     limits = Limits(max_code_bytes=10, max_timeout=5, images=("a",))
     with pytest.raises(RequestTooLarge):
