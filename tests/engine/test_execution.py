@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from crucible_jupyter.errors import Conflict, Unavailable
+from crucible_jupyter.errors import Conflict, InvalidRequest
 from crucible_jupyter.models import Status
 
 from .conftest import run_cell, statuses, stream_text
@@ -303,6 +303,8 @@ async def test_rich_display_and_environment(dispatcher):
 async def test_a_backend_without_a_cluster_refuses_before_storing(make_dispatcher, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     d = await make_dispatcher(kubernetes={"kubeconfig": "/nonexistent/kubeconfig"})
-    with pytest.raises(Unavailable, match="kubeconfig '/nonexistent/kubeconfig' does not exist"):
+    # a 400 (the request's backend cannot serve here; retrying will not help), not a 503
+    with pytest.raises(InvalidRequest, match="kubeconfig '/nonexistent/kubeconfig' does not") as e:
         await d.submit({"code": "print(1)", "backend": "kubernetes"})
+    assert e.value.field == "backend" and "run on backend 'local'" in e.value.message
     assert (await d.list())[0] == []

@@ -276,11 +276,12 @@ class CrucibleKubernetesBackend(Backend):
         and any request when there is no Kubernetes configuration to reach a cluster with."""
         self.image_for(request.image)
         problem = self.configuration_problem()
-        if problem:
-            raise Unavailable(
+        if problem:  # a 400 like any backend not configured here: retrying will not help
+            raise InvalidRequest(
                 f"the kubernetes backend cannot be used here: {problem}. Set"
-                " c.CrucibleKubernetesBackend.kubeconfig (or KUBECONFIG), or run on backend"
-                " 'local'"
+                " c.CrucibleKubernetesBackend.kubeconfig (or KUBECONFIG) on the server, or"
+                " run on backend 'local'",
+                field="backend",
             )
 
     def configuration_problem(self) -> str | None:
