@@ -50,6 +50,7 @@ from .queue import WaitQueue
 T = TypeVar("T")
 #: What marks an error frame (the runner writes compact JSON): errors pass the output limit.
 _ERROR_FRAME = b'"type":"error"'
+_START_FRAME = b'"type":"start"'  # the runner's first line (JSON-escaped text cannot hold it)
 #: Bytes of error frames kept beyond the output limit (the traceback that names the failure).
 #: Bounded: a cell can send any number of error frames, which would otherwise all be stored.
 _ERROR_ROOM = 1 << 20
@@ -68,6 +69,7 @@ class _Run:
     task: asyncio.Task | None = None
     stopper: asyncio.Task | None = None
     notices: set = field(default_factory=set)
+    runner_started: bool = False  # the runner's start frame was read: it has the cell
     skip: int = 0  # output events already stored before a restart: replayed, not repeated
     timeout: float | None = None  # seconds left, when resumed after a restart
 
@@ -608,6 +610,8 @@ class CrucibleDispatcher(LoggingConfigurable):
                     " was too large and was dropped",
                 )
                 continue
+            if not run.runner_started and kind == FRAMES and _START_FRAME in line:
+                run.runner_started = True
             size = len(line) + 1
             cut = "limit" in run.notices
             if cut and not (kind == FRAMES and _ERROR_FRAME in line):
@@ -666,6 +670,11 @@ class CrucibleDispatcher(LoggingConfigurable):
         if outcome.reason:
             return Status.FAILED, outcome.reason
         code = outcome.exit_code
+        if code == 0 and not run.runner_started:  # e.g. a warm pod whose stdin closed first
+            return (
+                Status.FAILED,
+                "the sandbox ended without running the cell (its runner never started)",
+            )
         if code == 0:
             return Status.SUCCEEDED, None
         err = run.last_error

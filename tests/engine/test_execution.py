@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -308,3 +311,23 @@ async def test_a_backend_without_a_cluster_refuses_before_storing(make_dispatche
         await d.submit({"code": "print(1)", "backend": "kubernetes"})
     assert e.value.field == "backend" and "run on backend 'local'" in e.value.message
     assert (await d.list())[0] == []
+
+
+async def test_a_sandbox_that_ends_without_running_the_cell_is_not_a_success(make_dispatcher):
+    # a runner that exits 0 before its start frame never had the cell: a warm pod whose
+    # stdin closed first does this. NeverStartsRunner models that failure.
+    folder = Path(tempfile.mkdtemp(prefix="crucible-test-"))  # readable by the sandbox user
+    try:
+        folder.chmod(0o755)
+        never_starts = folder / "never_starts_runner.py"
+        never_starts.write_text("raise SystemExit(0)\n")
+        never_starts.chmod(0o644)
+        d = await make_dispatcher(local={"warm_sandboxes": 0})
+        d.get_backend("local").__dict__["runner_path"] = str(never_starts)
+        execution, _ = await run_cell(d, "print('never runs')")
+    finally:
+        shutil.rmtree(folder)
+    assert execution.status is Status.FAILED, execution
+    assert execution.reason == (
+        "the sandbox ended without running the cell (its runner never started)"
+    )
