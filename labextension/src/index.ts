@@ -12,6 +12,7 @@ import { IStatusBar } from '@jupyterlab/statusbar';
 import { LabIcon } from '@jupyterlab/ui-components';
 
 import { CrucibleAPI } from './api';
+import { ChangeFeed } from './feed';
 import { HistoryPanel } from './panel';
 import { QueueStatusItem } from './status';
 
@@ -37,8 +38,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
     palette: ICommandPalette | null
   ) => {
     const api = new CrucibleAPI();
+    const feed = new ChangeFeed(api); // one WebSocket for the panel and the status bar
 
-    const panel = new HistoryPanel(api);
+    const panel = new HistoryPanel(api, feed);
     panel.title.icon = crucibleIcon;
     panel.title.caption = 'Crucible';
     app.shell.add(panel, 'left', { rank: 600 });
@@ -51,7 +53,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
     palette?.addItem({ command: SHOW_HISTORY, category: 'Crucible' });
 
     if (statusBar) {
-      const item = new QueueStatusItem(api, () => void app.commands.execute(SHOW_HISTORY));
+      const item = new QueueStatusItem(api, feed, () => {
+        void app.commands.execute(SHOW_HISTORY);
+      });
       statusBar.registerStatusItem('crucible-jupyter:queue', {
         item,
         align: 'left',

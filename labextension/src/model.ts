@@ -18,6 +18,7 @@ import {
   ExecutionEvent,
   isActive
 } from './api';
+import { ChangeFeed } from './feed';
 
 /** The events of one expanded (or followed) execution. */
 export interface Detail {
@@ -29,20 +30,24 @@ export interface Detail {
 const PAGE_SIZE = 25;
 const REFRESH_MS = 3000;
 /** How often the first page is fetched without the change feed (backing off on errors)... */
-const POLLING = { interval: REFRESH_MS, backoff: true, max: 30 * 1000 };
+export const POLLING = { interval: REFRESH_MS, backoff: true, max: 30 * 1000 };
 /** ...and with it (a safety net only). */
-const WITH_FEED = { interval: 60 * 1000, backoff: true, max: 60 * 1000 };
-const FEED_DEBOUNCE_MS = 100; // changes that come together cause one fetch
+export const WITH_FEED = { interval: 60 * 1000, backoff: true, max: 60 * 1000 };
 
 /** State of the history panel; `changed` fires after every change. */
 export class HistoryModel {
-  constructor(readonly api: CrucibleAPI) {
+  constructor(
+    readonly api: CrucibleAPI,
+    readonly feed: ChangeFeed
+  ) {
     this._poll = new Poll({
       factory: () => this.refresh(),
-      frequency: POLLING,
+      frequency: feed.connected ? WITH_FEED : POLLING,
       standby: () => !this._visible || 'when-hidden',
       name: 'crucible-jupyter:history'
     });
+    feed.changed.connect(this._onChange, this);
+    feed.connectionChanged.connect(this._onConnection, this);
   }
 
   /** Fires whenever anything shown changes. */
@@ -79,16 +84,13 @@ export class HistoryModel {
   set visible(value: boolean) {
     this._visible = value;
     if (value) {
-      this._watch();
       void this._poll.refresh();
-    } else {
-      this._unwatch();
     }
   }
 
   /** Whether the change feed is connected (the history is then current within moments). */
   get live(): boolean {
-    return this._feedOpen;
+    return this.feed.connected;
   }
 
   isExpanded(id: string): boolean {
@@ -195,8 +197,6 @@ export class HistoryModel {
 
   /** Stop polling and close every stream. */
   dispose(): void {
-    this._disposed = true;
-    this._unwatch();
     this._poll.dispose();
     for (const socket of this._streams.values()) {
       socket.close();
@@ -205,54 +205,20 @@ export class HistoryModel {
     Signal.clearData(this);
   }
 
-  /** Connect the change feed (if not connected); it reconnects while the panel is shown. */
-  private _watch(): void {
-    if (this._feed || this._disposed) {
-      return;
-    }
-    const feed = this.api.changes(
-      () => this._onChange(),
-      () => {
-        if (this._feed !== feed) {
-          return; // closed on purpose
-        }
-        this._feed = null;
-        this._feedOpen = false;
-        this._poll.frequency = POLLING;
-        this._emit();
-        if (this._visible && !this._disposed) {
-          window.setTimeout(() => this._visible && this._watch(), REFRESH_MS);
-        }
-      }
-    );
-    feed.onopen = () => {
-      this._feedOpen = true;
-      this._poll.frequency = WITH_FEED;
-      void this._poll.refresh(); // what happened before the feed was there
-      this._emit();
-    };
-    this._feed = feed;
-  }
-
-  private _unwatch(): void {
-    const feed = this._feed;
-    this._feed = null;
-    this._feedOpen = false;
-    feed?.close();
-    if (!this._disposed) {
-      this._poll.frequency = POLLING;
-    }
-  }
-
-  /** Something changed: fetch the first page again, once for changes that come together. */
+  /** Some execution changed: fetch the first page again (when shown). */
   private _onChange(): void {
-    if (this._debounce !== null) {
-      return;
-    }
-    this._debounce = window.setTimeout(() => {
-      this._debounce = null;
+    if (this._visible) {
       void this._poll.refresh();
-    }, FEED_DEBOUNCE_MS);
+    }
+  }
+
+  /** The feed connected (then poll rarely, and catch up) or was lost (then poll often). */
+  private _onConnection(_: ChangeFeed, connected: boolean): void {
+    this._poll.frequency = connected ? WITH_FEED : POLLING;
+    if (connected && this._visible) {
+      void this._poll.refresh(); // what happened before the feed was there
+    }
+    this._emit();
   }
 
   /** A listed row, unless a live stream already knows a newer status for it. */
@@ -345,10 +311,6 @@ export class HistoryModel {
   private _expanded = new Set<string>();
   private _details = new Map<string, Detail>();
   private _streams = new Map<string, WebSocket>();
-  private _feed: WebSocket | null = null;
-  private _feedOpen = false;
-  private _debounce: number | null = null;
-  private _disposed = false;
   private _poll: Poll;
 }
 

@@ -9,6 +9,7 @@ import { Message } from '@lumino/messaging';
 import * as React from 'react';
 
 import { CrucibleAPI, Execution, ExecutionEvent, isActive, Status } from './api';
+import { ChangeFeed } from './feed';
 import { HistoryModel } from './model';
 
 const STATUSES: Status[] = [
@@ -23,9 +24,9 @@ const STATUSES: Status[] = [
 
 /** The sidebar widget; it refreshes the history only while it is shown. */
 export class HistoryPanel extends ReactWidget {
-  constructor(api: CrucibleAPI) {
+  constructor(api: CrucibleAPI, feed: ChangeFeed) {
     super();
-    this.model = new HistoryModel(api);
+    this.model = new HistoryModel(api, feed);
     this.id = 'crucible-history';
     this.addClass('jp-CrucibleHistory');
   }

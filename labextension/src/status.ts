@@ -1,19 +1,21 @@
 /**
- * The status-bar item "crucible: N running, M queued", refreshed every few seconds while
- * the page is visible (GET queue); clicking it opens the history panel.
+ * The status-bar item "crucible: N running, M queued" (GET queue), fetched again when the
+ * change feed says an execution changed (or every few seconds without the feed) while the
+ * page is visible; clicking it opens the history panel.
  */
 import { Poll } from '@lumino/polling';
+import { Signal } from '@lumino/signaling';
 import { Widget } from '@lumino/widgets';
 
 import { CrucibleAPI } from './api';
-import { messageOf } from './model';
-
-const REFRESH_MS = 3000;
+import { ChangeFeed } from './feed';
+import { messageOf, POLLING, WITH_FEED } from './model';
 
 /** The queue summary in the status bar. */
 export class QueueStatusItem extends Widget {
   constructor(
     private readonly api: CrucibleAPI,
+    feed: ChangeFeed,
     onClick: () => void
   ) {
     super();
@@ -22,10 +24,14 @@ export class QueueStatusItem extends Widget {
     this.node.addEventListener('click', onClick);
     this._poll = new Poll({
       factory: () => this.refresh(),
-      frequency: { interval: REFRESH_MS, backoff: true, max: 60 * 1000 },
+      frequency: feed.connected ? WITH_FEED : POLLING,
       standby: 'when-hidden',
       name: 'crucible-jupyter:queue'
     });
+    feed.changed.connect(() => void this._poll.refresh(), this);
+    feed.connectionChanged.connect((_, connected) => {
+      this._poll.frequency = connected ? WITH_FEED : POLLING;
+    }, this);
   }
 
   /** Fetch the queue and show it. */
@@ -47,6 +53,7 @@ export class QueueStatusItem extends Widget {
 
   dispose(): void {
     this._poll.dispose();
+    Signal.clearData(this);
     super.dispose();
   }
 
