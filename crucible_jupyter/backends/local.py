@@ -262,15 +262,20 @@ class CrucibleLocalBackend(Backend):
         installed with its prefix in the home folder (or at ``/``) would expose them all."""
         from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
 
-        home = Path.home()
-        secret = [home, Path(jupyter_runtime_dir()), Path(jupyter_data_dir()), home / ".ssh"]
-        secret = [p.resolve() for p in [*secret, home / ".kube"]]
+        home = Path.home().resolve()
+        folders = [Path(jupyter_runtime_dir()), Path(jupyter_data_dir()), home / ".ssh"]
+        folders = [p.resolve() for p in [*folders, home / ".kube"]]
         exposed = []
         for bound in [*self.python_paths, *self.extra_ro_binds]:
             top = Path(bound).resolve()
-            hit = next((p for p in secret if p == top or top in p.parents), None)
+            # the home folder when the bind holds it (a venv inside it is fine); a secret
+            # folder when the bind holds it or lies inside it
+            hit = home if top == home or top in home.parents else None
+            hit = hit or next(
+                (p for p in folders if p == top or top in p.parents or p in top.parents), None
+            )
             if hit is not None:
-                exposed.append(f"{bound} (holds {hit})")
+                exposed.append(f"{bound} (holds {hit})" if top != hit else bound)
         return exposed
 
     def _exposure_problem(self) -> str | None:

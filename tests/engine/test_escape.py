@@ -580,5 +580,10 @@ async def test_no_sandbox_starts_when_its_binds_would_show_secrets(
     assert "SECRET" not in stream_text(events)
     backend = d.get_backend("local")
     assert not backend._warm and not backend._warming
+    for inside in (home / ".ssh", home / ".local/share/jupyter/crucible"):  # not only above
+        inside.mkdir(parents=True, exist_ok=True)
+        other = await make_dispatcher(local={"extra_ro_binds": [str(inside)]})
+        refused, _ = await run_cell(other, "print(1)")
+        assert "cells would see secrets" in refused.reason, (inside, refused)
     checks = {c.name: c for c in await backend.checks()}
     assert not checks["secrets"].ok and "own folder" in checks["secrets"].fix
