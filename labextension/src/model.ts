@@ -31,8 +31,11 @@ const PAGE_SIZE = 25;
 const REFRESH_MS = 3000;
 /** How often the first page is fetched without the change feed (backing off on errors)... */
 export const POLLING = { interval: REFRESH_MS, backoff: true, max: 30 * 1000 };
-/** ...and with it (a safety net only). */
-export const WITH_FEED = { interval: 60 * 1000, backoff: true, max: 60 * 1000 };
+/**
+ * ...and with it: the feed tells of this server's executions at once; this catches those
+ * of other processes on the same database (the `crucible` CLI, another dispatcher).
+ */
+export const WITH_FEED = { interval: 15 * 1000, backoff: true, max: 60 * 1000 };
 
 /** State of the history panel; `changed` fires after every change. */
 export class HistoryModel {

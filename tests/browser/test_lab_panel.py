@@ -120,7 +120,7 @@ def test_panel_shows_a_running_execution_live_and_cancels_it(panel: Any, lab: La
     driver = panel
     wait_until(lambda: status_bar(driver) == queue_text(lab), 30, "the queue in the status bar")
     # connected to the change feed: the panel then refreshes on changes, otherwise only
-    # every minute (so a row that shows up within the wait below came through the feed)
+    # every 15 s (so a row that shows up within the first wait below came through the feed)
     wait_until(
         lambda: driver.execute_script(
             "const h = document.querySelector('#crucible-history .jp-CrucibleHistory-header');"
@@ -137,7 +137,12 @@ def test_panel_shows_a_running_execution_live_and_cancels_it(panel: Any, lab: La
     )
     execution_id = created["id"]
 
-    # appears, running, without a reload
+    # appears without a reload (told by the feed), then shows it running
+    wait_until(
+        lambda: row_state(driver, execution_id),
+        10,
+        "the submitted execution to appear in the panel (through the change feed)",
+    )
     state = wait_until(
         lambda: (s := row_state(driver, execution_id)) and s["status"] == "running" and s,
         30,
