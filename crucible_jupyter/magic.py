@@ -146,8 +146,17 @@ class _Once(argparse.Action):
 
 
 def wants_help(line: str) -> bool:
-    """Whether a ``%%crucible`` options line asks for help (``-h`` or ``--help``)."""
-    return not {"-h", "--help"}.isdisjoint(line.split())
+    """Whether a ``%%crucible`` options line asks for help (``-h`` or ``--help`` as an
+    option: not inside a quoted value, not as the value of an option)."""
+    try:
+        words = shlex.split(line)
+    except ValueError:
+        return False  # unbalanced quotes: parse_cell_options says so
+    takes_value = {f"--{key}" for key in (*_OPTION_KEYS, "tag")}
+    return any(
+        w in ("-h", "--help") and (i == 0 or words[i - 1] not in takes_value)
+        for i, w in enumerate(words)
+    )
 
 
 def parse_cell_options(line: str) -> dict[str, Any]:

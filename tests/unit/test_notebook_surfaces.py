@@ -70,6 +70,8 @@ def test_cell_help_is_shown_and_nothing_runs(line):
     assert repr(shown) == CELL_HELP and OPTIONS_HELP in CELL_HELP
     assert _cell_help(f"%%crucible {line}\nprint(1)")
     assert not _cell_help("%%crucible --name x\nprint('-h')") and not _cell_help("print(1)")
+    assert not _cell_help('%%crucible --name "a -h b"\nprint(1)')  # inside a value
+    assert not _cell_help("%%crucible --tag --help\nprint(1)")  # a value (an odd tag)
 
 
 def test_an_empty_cell_is_refused():
