@@ -63,6 +63,15 @@ async def test_a_cell_runs_on_a_warm_pod_and_the_pool_refills(k8s):
     assert stream_text(events) == after + "\n"
 
 
+async def test_the_pool_serves_the_dispatchers_configured_defaults(k8s):
+    # warm pods get what a request without resources gets here, not the library's defaults
+    d = await k8s(warm_pods=1, dispatcher={"default_memory": 256 << 20, "default_cpu": 0.5})
+    (pod,) = await warm(d)
+    execution, events = await run_cell(d, HOSTNAME)
+    assert execution.request.resources.memory == 256 << 20
+    assert execution.isolation == "kubernetes+warm" and stream_text(events) == pod + "\n"
+
+
 async def test_requests_a_warm_pod_cannot_honour_take_the_cold_path(k8s):
     d = await k8s(warm_pods=1)
     (pod,) = await warm(d)

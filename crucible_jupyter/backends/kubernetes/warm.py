@@ -49,7 +49,7 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ...models import Execution, ExecutionRequest, Resources
+from ...models import Execution, ExecutionRequest, Limits, Resources
 from . import objects
 from .api import raw, raw_json
 from .reflector import Pod
@@ -57,8 +57,6 @@ from .reflector import Pod
 if TYPE_CHECKING:
     from .backend import CrucibleKubernetesBackend
 
-#: What a warm pod runs: a request with the default resources.
-POOL_RESOURCES: Resources = ExecutionRequest(code="").resources
 JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
 JSON_PATCH = "application/json-patch+json"
 #: Seconds the refill waits after a claim for the claimed cell to end (it starts sooner
@@ -68,13 +66,19 @@ REFILL_PAUSE = 1.0
 WAIT_FOR_STARTING = 10.0
 
 
+def pool_resources(backend: CrucibleKubernetesBackend) -> Resources:
+    """What every warm pod of ``backend`` is given: the resources a request gets when it
+    asks for none (the dispatcher's ``default_cpu`` and ``default_memory``)."""
+    limits = getattr(backend.parent, "limits", None) or Limits()
+    return Resources(limits.default_cpu, limits.default_memory)
+
+
 def fits(backend: CrucibleKubernetesBackend, request: ExecutionRequest) -> bool:
     """Whether a warm pod of ``backend`` can run ``request``: the default image and the
     default resources (those of every warm pod)."""
-    return (
-        backend.image_for(request.image) == backend.image_for(None)
-        and request.resources == POOL_RESOURCES
-    )
+    return backend.image_for(request.image) == backend.image_for(
+        None
+    ) and request.resources == pool_resources(backend)
 
 
 def job_of(pod: Pod) -> str | None:
@@ -143,7 +147,7 @@ class WarmPool:
             name,
             labels,
             self.backend.image_for(None),
-            POOL_RESOURCES,
+            pool_resources(self.backend),
             max(0, self.backend.warm_pod_lifetime - self.backend.deadline_padding),
             {},
             warm=True,
@@ -493,9 +497,10 @@ class WarmPool:
             and not p["metadata"].get("deletionTimestamp")
         ]
         count = {s: sum(state_of(p) == s for p in pods) for s in ("warm", "warming", "claimed")}
+        resources = pool_resources(self.backend)
         return (
             f"warm_pods = {self.size}; in namespace {self.backend.namespace!r}:"
             f" {count['warm']} warm, {count['warming']} starting, {count['claimed']} running"
-            f" a cell (pool {self.key}; {POOL_RESOURCES.cpu:g} CPU,"
-            f" {POOL_RESOURCES.memory >> 20} MiB, image {self.backend.image_for(None)})"
+            f" a cell (pool {self.key}; {resources.cpu:g} CPU,"
+            f" {resources.memory >> 20} MiB, image {self.backend.image_for(None)})"
         )
