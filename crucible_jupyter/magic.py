@@ -318,13 +318,17 @@ class CrucibleMagics(Magics):
         try:
             return future.result(_SUBMIT_TIMEOUT)
         except KeyboardInterrupt:
-            execution_id = None
+            # whatever happens to this wait (another interrupt), the execution the request
+            # becomes is cancelled once it is accepted
+            future.add_done_callback(self._cancel_when_accepted)
+            execution_id, state = None, "being cancelled"
             try:
                 execution_id = future.result(15)["id"]
                 self.client.call("cancel", execution_id, timeout=15)
+                state = "cancelled"
             except (Exception, KeyboardInterrupt):
                 pass  # refused, never accepted, already over, or interrupted again
-            raise _interrupted(execution_id, "cancelled") from None
+            raise _interrupted(execution_id, state) from None
         except CrucibleError as e:
             status.show(f"crucible · refused · {e}")
             raise UsageError(f"crucible: {e}") from None
@@ -335,6 +339,21 @@ class CrucibleMagics(Magics):
                 f"crucible: {self.client.description} did not accept the cell within"
                 f" {_SUBMIT_TIMEOUT:g} s; see %crucible queue and %crucible history"
             ) from None
+
+    def _cancel_when_accepted(self, future: concurrent.futures.Future) -> None:
+        """Done-callback of an interrupted submit: cancel the execution it became, if any,
+        on the client's loop (a refusal, e.g. already cancelled, is fine)."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        execution_id = future.result()["id"]
+
+        async def cancel() -> None:
+            try:
+                await self.client.client.cancel(execution_id)
+            except CrucibleError:
+                pass
+
+        self.client.run(cancel())
 
     # -- %crucible -----------------------------------------------------------------------------
 
