@@ -135,11 +135,12 @@ class CrucibleKubernetesBackend(Backend):
     warm_pods = Integer(
         1,
         help="""Executor pods kept started ahead, each isolated and waiting for one cell
-        (0: a Job per cell). A cell with the default image and resources runs on one in
-        about a tenth of a cold Job's time; the pool refills in the background (a cold
-        start, ~2 s). Default 1: a notebook runs its cells one after another, so one warm
-        pod serves each next cell, while every warm pod holds its requests (0.25 CPU,
-        512 MiB) on a node while it waits. Raise it for many users or bursts of cells.""",
+        (0: a Job per cell). A cell with the default image and resources (the dispatcher's
+        default_cpu and default_memory) runs on one, its output showing in about a tenth of
+        a cold Job's time; the pool refills in the background (a cold start, ~2 s).
+        Default 1: a notebook runs its cells one after another, so one warm pod serves each
+        next cell, while every warm pod holds its requests (at most 0.25 CPU, and
+        default_memory) on a node while it waits. Raise it for many users or bursts.""",
     ).tag(config=True)
     warm_pod_lifetime = Integer(
         3600,
@@ -349,10 +350,16 @@ class CrucibleKubernetesBackend(Backend):
         return created
 
     def later(self, coro: Any) -> None:
-        """Run an API call in the background (``close`` waits for it)."""
+        """Run an API call in the background (``close`` waits for it); a failure is logged,
+        never left as an unretrieved task exception."""
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._log_failure)
+
+    def _log_failure(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.log.warning("crucible: a background Kubernetes call failed: %s", task.exception())
 
     async def start(self, execution: Execution) -> Sandbox:
         """Hand the execution to a warm pod if one can run it, else create its ConfigMap

@@ -274,12 +274,16 @@ class WarmPool:
         # attach to its stdin now, so a claim here only writes the cell (an attach takes
         # ~0.1 s); stdin stays open while this is open (stdinOnce), and closes with it
         self._stdin[pod_name] = await self._attach(pod_name)
-        await raw_json(
-            core.patch_namespaced_pod(
-                pod_name, ns, objects.state_patch("warming", "warm"),
-                _content_type=JSON_PATCH, _preload_content=False,
-            )
-        )  # fmt: skip
+        try:
+            await raw_json(
+                core.patch_namespaced_pod(
+                    pod_name, ns, objects.state_patch("warming", "warm"),
+                    _content_type=JSON_PATCH, _preload_content=False,
+                )
+            )  # fmt: skip
+        except BaseException:
+            self._detach(pod_name)  # its Job is deleted: do not keep its stdin open
+            raise
         return pod_name
 
     # ----- claiming ----------------------------------------------------------------
