@@ -112,12 +112,21 @@ async def test_cancel_running_deletes_the_job(k8s, kube, namespace):
     elapsed = loop.time() - t0
     assert final.status is Status.CANCELLED, final
     print(f"cancel recorded after {elapsed:.2f} s")
-    jobs = json.loads(kubectl(kube, "-n", namespace, "get", "jobs", "-o", "json"))["items"]
-    assert not [
-        j
-        for j in jobs
-        if execution.id in j["metadata"]["name"] and not j["metadata"].get("deletionTimestamp")
-    ]
+
+    def live_jobs() -> list[dict]:
+        jobs = json.loads(kubectl(kube, "-n", namespace, "get", "jobs", "-o", "json"))["items"]
+        return [
+            j
+            for j in jobs
+            if execution.id in j["metadata"]["name"] and not j["metadata"].get("deletionTimestamp")
+        ]
+
+    # the Job is deleted in the background once the outcome is recorded: wait (bounded)
+    for _ in range(150):
+        if not live_jobs():
+            break
+        await asyncio.sleep(0.2)
+    assert not live_jobs()
 
 
 # ----- imports --------------------------------------------------------------------------------
