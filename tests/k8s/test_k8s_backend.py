@@ -12,7 +12,7 @@ from engine.conftest import run_cell, statuses, stream_text
 from crucible_jupyter.errors import InvalidRequest, UnsupportedLanguage
 from crucible_jupyter.models import Status
 
-from .conftest import kubectl
+from .conftest import dispatcher_env, kubectl, run_and_kill_mid_cell, wait_until_job_deleted
 
 pytestmark = pytest.mark.k8s
 
@@ -32,13 +32,7 @@ async def test_lifecycle_output_and_storage_survive_the_job(k8s, kube, namespace
     assert stream_text(events, "stderr") == "oops\n"
     assert [e.data["data"]["text/plain"] for e in events if e.type == "execute_result"] == ["42"]
     # the Job is cleaned up, the record and its output stay
-    for _ in range(50):
-        jobs = json.loads(kubectl(kube, "-n", namespace, "get", "jobs", "-o", "json"))["items"]
-        if not [j for j in jobs if execution.id in j["metadata"]["name"]]:
-            break
-        await asyncio.sleep(0.2)
-    else:
-        pytest.fail("the Job was not deleted after the execution finished")
+    await wait_until_job_deleted(kube, namespace, execution.id, fully=True)
     stored = await d.events(execution.id)
     assert stream_text(stored, "stdout") == "hello\n"
 
@@ -112,21 +106,7 @@ async def test_cancel_running_deletes_the_job(k8s, kube, namespace):
     elapsed = loop.time() - t0
     assert final.status is Status.CANCELLED, final
     print(f"cancel recorded after {elapsed:.2f} s")
-
-    def live_jobs() -> list[dict]:
-        jobs = json.loads(kubectl(kube, "-n", namespace, "get", "jobs", "-o", "json"))["items"]
-        return [
-            j
-            for j in jobs
-            if execution.id in j["metadata"]["name"] and not j["metadata"].get("deletionTimestamp")
-        ]
-
-    # the Job is deleted in the background once the outcome is recorded: wait (bounded)
-    for _ in range(150):
-        if not live_jobs():
-            break
-        await asyncio.sleep(0.2)
-    assert not live_jobs()
+    await wait_until_job_deleted(kube, namespace, execution.id)
 
 
 # ----- imports --------------------------------------------------------------------------------
@@ -339,34 +319,8 @@ async def test_fifty_concurrent_executions_none_stuck(k8s):
 async def test_dispatcher_sigkilled_mid_run_resumes_with_complete_output(
     k8s, kube, namespace, tmp_path
 ):
-    import os
-    import signal
-    import subprocess
-    import sys
-
     url = f"sqlite:///{tmp_path}/restart.db"
-    cell = tmp_path / "cell.py"
-    cell.write_text(
-        "import time\nfor i in range(8):\n    print(i, flush=True)\n    time.sleep(0.5)\n"
-    )
-    env = {
-        **os.environ,
-        "CRUCIBLE_BACKEND": "kubernetes",
-        "CRUCIBLE_K8S_NAMESPACE": namespace,
-        "KUBECONFIG": kube["kubeconfig"],
-    }
-    with subprocess.Popen(
-        [sys.executable, "-m", "crucible_jupyter.cli", "--db-url", url, "run", str(cell)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    ) as proc:
-        assert proc.stdout.readline() == "0\n"
-        assert proc.stdout.readline() == "1\n"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    run_and_kill_mid_cell(dispatcher_env(kube, namespace, tmp_path, warm_pods=0), url, tmp_path)
     d = await k8s(db_url=url)
     page, _ = await d.list()
     (execution,) = page
@@ -375,14 +329,7 @@ async def test_dispatcher_sigkilled_mid_run_resumes_with_complete_output(
     assert stream_text(await d.events(execution.id)) == "".join(f"{i}\n" for i in range(8))
     seqs = [e.seq for e in await d.events(execution.id)]
     assert seqs == list(range(len(seqs)))
-    for _ in range(50):  # deleted in the background once the outcome is known
-        jobs = json.loads(kubectl(kube, "-n", namespace, "get", "jobs", "-o", "json"))["items"]
-        if not [j for j in jobs if execution.id in j["metadata"]["name"]
-                and not j["metadata"].get("deletionTimestamp")]:  # fmt: skip
-            break
-        await asyncio.sleep(0.2)
-    else:
-        pytest.fail("the Job was not deleted after the execution finished")
+    await wait_until_job_deleted(kube, namespace, execution.id)
 
 
 def test_doctor_reports_enforced_network_isolation(kube, namespace, tmp_path):

@@ -21,7 +21,7 @@ from engine.conftest import run_cell, stream_text
 from crucible_jupyter.backends.kubernetes import objects
 from crucible_jupyter.models import Execution, ExecutionRequest, Status, new_execution_id
 
-from .conftest import kubectl
+from .conftest import dispatcher_env, kubectl, run_and_kill_mid_cell
 
 pytestmark = pytest.mark.k8s
 
@@ -172,35 +172,11 @@ async def test_a_warm_pod_is_as_isolated_as_a_cold_one(k8s, kube):
     assert "token False" in out and "uid 65534 65534" in out, out
 
 
-def _dispatcher_env(kube, namespace) -> dict:
-    return {
-        **os.environ,
-        "CRUCIBLE_BACKEND": "kubernetes",
-        "CRUCIBLE_K8S_NAMESPACE": namespace,
-        "KUBECONFIG": kube["kubeconfig"],
-    }
-
-
 async def test_reattach_to_a_warm_pod_after_the_dispatcher_is_killed(
     k8s, kube, namespace, tmp_path
 ):
     url = f"sqlite:///{tmp_path}/restart.db"
-    cell = tmp_path / "cell.py"
-    cell.write_text(
-        "import time\nfor i in range(8):\n    print(i, flush=True)\n    time.sleep(0.5)\n"
-    )
-    with subprocess.Popen(
-        [sys.executable, "-m", "crucible_jupyter.cli", "--db-url", url, "run", str(cell)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_dispatcher_env(kube, namespace),  # warm_pods: the default (1)
-        start_new_session=True,
-    ) as proc:
-        assert proc.stdout.readline() == "0\n"
-        assert proc.stdout.readline() == "1\n"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    run_and_kill_mid_cell(dispatcher_env(kube, namespace, tmp_path, warm_pods=1), url, tmp_path)
     d = await k8s(db_url=url)
     (execution,) = (await d.list())[0]
     assert execution.isolation == "kubernetes+warm"  # the CLI's cell waited for its pool
@@ -236,7 +212,7 @@ async def test_warm_pods_of_a_killed_dispatcher_are_swept(k8s, kube, namespace, 
         [sys.executable, "-c", script],
         stdout=subprocess.PIPE,
         text=True,
-        env=_dispatcher_env(kube, namespace),
+        env=dispatcher_env(kube, namespace, tmp_path, warm_pods=2),
         start_new_session=True,
     ) as proc:
         assert proc.stdout.readline() == "warm\n"
