@@ -87,7 +87,9 @@ _UNITS = {
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.:/@+=-]{1,64}$")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: Control characters (C0, DEL, C1) as a regular-expression class body, for a one-line name.
+CONTROL_CHARS = r"\x00-\x1f\x7f-\x9f"
+_CONTROL_RE = re.compile(f"[{CONTROL_CHARS}]")
 _RESERVED_ENV = ("CRUCIBLE_", "LD_", "PYTHON")
 #: The largest size a request may name, in bytes (what a signed 64-bit count holds).
 _MAX_BYTES = 2**63 - 1

@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from .. import __version__
-from ..models import Limits, Priority, Status
+from ..models import CONTROL_CHARS, Limits, Priority, Status
 
 _RESERVED_ENV = "^([Cc][Rr][Uu][Cc][Ii][Bb][Ll][Ee]_|[Ll][Dd]_|[Pp][Yy][Tt][Hh][Oo][Nn])"
 _TAG = "^[A-Za-z0-9_.:/@+=-]{1,64}$"
 _NO_NUL = "^[^\\x00]*$"
-_NO_CONTROL = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
+_NO_CONTROL = f"^[^{CONTROL_CHARS}]*$"
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
