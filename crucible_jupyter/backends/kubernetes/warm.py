@@ -288,10 +288,6 @@ class WarmPool:
 
     # ----- claiming ----------------------------------------------------------------
 
-    def fits(self, request: ExecutionRequest) -> bool:
-        """Whether a warm pod can run ``request``: the default image and resources."""
-        return fits(self.backend, request)
-
     def warm_pods(self) -> list[Pod]:
         """Warm pods in the namespace this pool could claim, its own first, oldest first."""
         reflector = self.backend._reflector
@@ -321,7 +317,7 @@ class WarmPool:
         """Claim a warm pod for ``execution`` and send it the cell; the name of its Job,
         or None when no warm pod can run it (the caller then creates a cold Job). With
         none warm, it waits for one this pool is starting if no other cell waits for it."""
-        if not self.fits(execution.request):
+        if not fits(self.backend, execution.request):
             return None
         pods = self.warm_pods()
         if not pods and len(self._starting) > self._waiting and not self._failures:
@@ -347,7 +343,7 @@ class WarmPool:
             self._claiming.add(name)
             self._busy.add(name)  # before the patch: the watch may show it claimed at once
             self._quiet_until = asyncio.get_running_loop().time() + REFILL_PAUSE
-            deadline = math.ceil(_age(pod) + req.timeout) + self.backend.deadline_padding
+            deadline = self._deadline(pod, req.timeout)
             patch = objects.claim_patch(
                 self.key, execution.id, execution.user, self.backend.dispatcher_id, deadline
             )
@@ -416,14 +412,17 @@ class WarmPool:
         finally:
             self.backend.later(ws.close())  # stdin closes after what was written
 
+    def _deadline(self, pod: Pod, timeout: float) -> int:
+        """activeDeadlineSeconds for a claimed pod: counted from its start, so its age plus
+        the cell's timeout, plus the backstop padding (as for a cold Job)."""
+        return math.ceil(_age(pod) + timeout) + self.backend.deadline_padding
+
     async def _adopt(self, job: str, pod: Pod, execution: Execution) -> None:
         """Label the Job with its execution and give it the cell's deadline (it had the
         pool's), so a sweep and ``kubectl get jobs`` see whose it is."""
         labels = objects.labels(execution.id, execution.user, self.backend.dispatcher_id)
         labels[objects.STATE_LABEL] = "claimed"
-        deadline = (
-            math.ceil(_age(pod) + execution.request.timeout) + self.backend.deadline_padding + 10
-        )
+        deadline = self._deadline(pod, execution.request.timeout) + 10  # after the pod's
         try:
             await self.backend._batch.patch_namespaced_job(
                 job,
