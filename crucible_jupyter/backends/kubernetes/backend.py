@@ -238,13 +238,14 @@ class CrucibleKubernetesBackend(Backend):
     async def close(self) -> None:
         """Retire the warm pods no cell claimed, stop the pod watch, close the API."""
         if self._pool is not None:
-            with contextlib.suppress(Exception):
-                await self._pool.stop()
+            with contextlib.suppress(Exception):  # bounded: a hung API call must not
+                await asyncio.wait_for(self._pool.stop(), 30)  # keep the dispatcher up
             self._pool = None
         if self._background:  # deletions under way
             await asyncio.wait(set(self._background), timeout=10)
         if self._ws is not None:
-            await self._ws.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._ws.close(), 10)
             self._ws = None
         if self._reflector is not None:
             await self._reflector.stop()
