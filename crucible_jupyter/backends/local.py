@@ -90,26 +90,70 @@ SECCOMP_DENY_X86_64 = {
 }  # fmt: skip
 
 
+#: Socket address families a cell may open (``socket``, ``socketpair``): local and IP sockets,
+#: which the sandbox's empty network namespace confines, and netlink for NETLINK_ROUTE only
+#: (glibc's if_nameindex and getifaddrs read the sandbox's own interfaces through it: without
+#: it socket.if_nameindex failed with EAFNOSUPPORT, getaddrinfo worked either way; the cell
+#: has no capability to change anything there). Every other family fails with EAFNOSUPPORT,
+#: as if the kernel had none: vsock has no network namespace (a cell took a port in the
+#: host's vsock space and could reach the hypervisor); packet, key, alg (the kernel's crypto
+#: API), bluetooth, xdp, tipc, rds and the rest are kernel code a cell never needs. Other
+#: netlink protocols (netfilter, generic, audit, ...) fail with EPROTONOSUPPORT.
+SOCKET_FAMILIES = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10}
+AF_NETLINK, NETLINK_ROUTE = 16, 0
+SOCKET_CALLS_X86_64 = {"socket": 41, "socketpair": 53}
+
+
 def seccomp_program() -> bytes | None:
     """The classic-BPF seccomp filter bubblewrap installs (``--seccomp``) before it runs
-    the runner; None where it is not written for this architecture (x86_64 only)."""
+    the runner; None where it is not written for this architecture (x86_64 only).
+
+    Written by hand rather than with libseccomp: it is about sixty instructions built once,
+    while libseccomp's Python binding comes as a system package bound to the system's Python
+    (crucible's own environment could not import it) or as a ctypes wrapper of the native
+    library: a dependency bigger than the program. Each rule is checked against the real
+    kernel by the escape tests (tests/engine/test_escape.py)."""
     if platform.machine() != "x86_64":
         return None
-    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
-    deny, allow = 0x00050000 | 1, 0x7FFF0000  # SECCOMP_RET_ERRNO | EPERM, SECCOMP_RET_ALLOW
-    numbers = sorted(SECCOMP_DENY_X86_64.values())
-    deny_at = 6 + len(numbers)
-    prog = [
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, |JGE|K, BPF_RET
+    errno_ = 0x00050000  # SECCOMP_RET_ERRNO | errno
+    returns = {
+        "allow": 0x7FFF0000,  # SECCOMP_RET_ALLOW
+        "deny": errno_ | 1,  # EPERM
+        "no_family": errno_ | 97,  # EAFNOSUPPORT
+        "no_protocol": errno_ | 93,  # EPROTONOSUPPORT
+    }
+    arg0, arg2 = 16, 32  # low halves (little-endian) of args[0] and args[2] in seccomp_data
+    # (code, jump if true, jump if false, k): a jump is 0 (next) or a label; a label is a str
+    prog: list = [
         (ld, 0, 0, 4),  # arch
-        (jeq, 1, 0, 0xC000003E),  # AUDIT_ARCH_X86_64, else (i386 ABI):
-        (ret, 0, 0, deny),
+        (jeq, 0, "deny", 0xC000003E),  # AUDIT_ARCH_X86_64, else the i386 ABI
         (ld, 0, 0, 0),  # syscall number
-        (jge, deny_at - 5, 0, 0x40000000),  # x32 ABI
-        *((jeq, deny_at - (6 + i), 0, nr) for i, nr in enumerate(numbers)),
-        (ret, 0, 0, allow),
-        (ret, 0, 0, deny),
+        (jge, "deny", 0, 0x40000000),  # the x32 ABI
+        *((jeq, "sockets", 0, nr) for nr in SOCKET_CALLS_X86_64.values()),
+        *((jeq, "deny", 0, nr) for nr in sorted(SECCOMP_DENY_X86_64.values())),
+        (ret, 0, 0, returns["allow"]),
+        "sockets",
+        (ld, 0, 0, arg0),  # the address family (an int: the kernel reads the low half only)
+        *((jeq, "allow", 0, af) for af in SOCKET_FAMILIES.values()),
+        (jeq, 0, "no_family", AF_NETLINK),
+        (ld, 0, 0, arg2),  # the netlink protocol
+        (jeq, "allow", "no_protocol", NETLINK_ROUTE),
     ]
-    return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
+    for name, value in returns.items():
+        prog += [name, (ret, 0, 0, value)]
+    where, n = {}, 0
+    for insn in prog:
+        if isinstance(insn, str):
+            where[insn] = n
+        else:
+            n += 1
+    out: list[bytes] = []
+    for insn in filter(lambda i: not isinstance(i, str), prog):
+        code, jt, jf, k = insn
+        jt, jf = (where[j] - len(out) - 1 if isinstance(j, str) else j for j in (jt, jf))
+        out.append(struct.pack("=HBBI", code, jt, jf, k))
+    return b"".join(out)
 
 
 class CrucibleLocalBackend(Backend):
@@ -637,12 +681,15 @@ class CrucibleLocalBackend(Backend):
         ]
 
     def _runner_limits(self) -> list[str]:
-        """The runner's rlimit options every sandbox gets (file size, open files)."""
+        """The runner's options every sandbox gets: rlimits (file size, open files) and the
+        dispatcher's output limit (the runner writes no more output than that keeps)."""
+        limit = getattr(self.parent, "output_limit", None)
         return [
             "--rlimit-fsize",
             str(self.max_file_size),
             "--rlimit-nofile",
             str(self.max_open_files),
+            *(["--output-limit", str(limit)] if isinstance(limit, int) else []),
         ]
 
     async def _exec(

@@ -143,6 +143,34 @@ probe("mount_setuid", lambda: subprocess.run(["mount", "-t", "tmpfs", "x", "/tmp
 probe("nosuid", lambda: "nosuid" in open("/proc/self/mountinfo").read().split("\n")[0] or "SUID")
 probe("no_new_privs", lambda: [l.split()[1] for l in open("/proc/self/status")
                                if l.startswith("NoNewPrivs")][0])
+# socket families: only local, IP (the empty network namespace) and netlink's route protocol
+def vsock_listen():  # vsock has no network namespace: the host's (hypervisor's) vsock space
+    s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    s.bind((socket.VMADDR_CID_ANY, 4242))
+    s.listen()
+    return "LISTENING"
+probe("vsock_listen", vsock_listen)
+probe("alg_socket", lambda: socket.socket(socket.AF_ALG, socket.SOCK_SEQPACKET))
+probe("key_socket", lambda: socket.socket(15, socket.SOCK_RAW, 2))  # AF_KEY, PF_KEY_V2
+probe("tipc_socket", lambda: socket.socket(30, socket.SOCK_RDM))  # AF_TIPC
+probe("netlink_netfilter", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12))
+probe("netlink_generic", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 16))
+probe("netlink_route", lambda: socket.if_nameindex())
+def loopback(family, host):  # a cell's own servers on its own loopback still work
+    server = socket.socket(family)
+    server.bind((host, 0))
+    server.listen()
+    client = socket.create_connection(server.getsockname()[:2], timeout=3)
+    conn, _ = server.accept()
+    client.sendall(b"ping")
+    return conn.recv(4).decode()
+probe("loopback_tcp", lambda: loopback(socket.AF_INET, "127.0.0.1"))
+probe("loopback_tcp6", lambda: loopback(socket.AF_INET6, "::1"))
+def unix_pair():
+    a, b = socket.socketpair()
+    a.sendall(b"ping")
+    return b.recv(4).decode()
+probe("unix_socketpair", unix_pair)
 print("RESULTS " + json.dumps(results))
 """
 
@@ -177,7 +205,17 @@ EXPECTED = {
     "host_unix": "ENOENT",
     "postgres_unix": "ENOENT",
     "raw_socket": "EPERM",
-    "packet_socket": "EPERM",
+    "packet_socket": "EAFNOSUPPORT",  # seccomp; without it EPERM (no CAP_NET_RAW)
+    "vsock_listen": "EAFNOSUPPORT",
+    "alg_socket": "EAFNOSUPPORT",
+    "key_socket": "EAFNOSUPPORT",
+    "tipc_socket": "EAFNOSUPPORT",
+    "netlink_netfilter": "EPROTONOSUPPORT",
+    "netlink_generic": "EPROTONOSUPPORT",
+    "netlink_route": "ok: [(1, 'lo')]",
+    "loopback_tcp": "ok: ping",
+    "loopback_tcp6": "ok: ping",
+    "unix_socketpair": "ok: ping",
     "setuid_root": "EINVAL",  # uid 0 does not even exist in the sandbox
     "unshare_user": "EPERM",  # seccomp; without it ENOSPC (max_user_namespaces = 0)
     "unshare_mount": "EPERM",
@@ -212,7 +250,8 @@ EXPECTED = {
 SECCOMP_PROBES = {
     "unshare_user", "perf_system_wide", "keyctl", "add_key", "io_uring", "bpf",
     "userfaultfd", "process_vm_readv", "ptrace_runner", "x32_abi", "setns", "seccomp",
-    "pidfd_getfd", "kcmp",
+    "pidfd_getfd", "kcmp", "packet_socket", "vsock_listen", "alg_socket", "key_socket",
+    "tipc_socket", "netlink_netfilter", "netlink_generic",
 }  # fmt: skip
 
 _results: dict[str, str] = {}
