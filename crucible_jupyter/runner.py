@@ -4,7 +4,7 @@ This file is copied unchanged into sandboxes and pods: it uses only the standard
 on any Python >= 3.8 and never imports crucible_jupyter::
 
     python3 runner.py --code-file PATH|- [--rlimit-fsize BYTES] [--rlimit-as BYTES]
-                      [--rlimit-nofile N] [--max-frame-text CHARS]
+                      [--rlimit-nofile N] [--max-frame-text CHARS] [--output-limit BYTES]
 
 Channels:
 
@@ -18,6 +18,11 @@ Channels:
 * stdin carries control lines: ``interrupt`` raises KeyboardInterrupt in the cell. EOF on stdin
   (or a closed stdin) only stops the reading of it;
 * the runner's own stderr only reports crashes of the runner itself.
+
+With ``--output-limit BYTES`` (the dispatcher's limit) the runner writes output frames until
+their lines pass that many bytes (the frame that crosses it whole), then only ``error``
+frames, up to ``_ERROR_ROOM`` more bytes, and ``end``, which reports the bytes it dropped
+(``dropped_bytes``): a flood costs the pod's log (on the node's disk) no more than that.
 
 How: this process (the supervisor) forks a child that runs the cell. The child's fd 1 and fd 2
 are pipes the supervisor reads, so output of subprocesses, ``os.write`` and C extensions is
@@ -58,11 +63,19 @@ _PARTIAL_LINE_DELAY = 0.02  # ...or this many seconds after a write without a ne
 _STREAM_PIECE = 2048  # characters per stream event (keeps one event within PIPE_BUF)
 _CO_COROUTINE = 0x0080
 _EXIT_USAGE = 2
+#: Bytes of error frames written past --output-limit (the traceback that names the failure);
+#: the dispatcher keeps 1 MiB of them, this leaves room for the frame that crossed the limit.
+_ERROR_ROOM = 2 << 20
+#: Longest line read from the event pipe; a longer one is dropped whole (counted), so a cell
+#: writing without a newline cannot grow the supervisor's memory without end.
+_MAX_EVENT_LINE = 32 << 20
+_ERROR_MARK = b'"type":"error"'  # in every error event the child writes (compact JSON)
 _EXIT_RUNNER_FAILURE = 1
 
 _USAGE = (
     "usage: runner.py --code-file PATH|- [--rlimit-fsize BYTES] [--rlimit-as BYTES]"
-    " [--rlimit-nofile N] [--max-frame-text CHARS] [--await-isolation HOST:PORT"
+    " [--rlimit-nofile N] [--max-frame-text CHARS] [--output-limit BYTES]"
+    " [--await-isolation HOST:PORT"
     " [--isolation-timeout SECONDS]] [--ready-line TEXT]"
 )
 _OPTIONS = {
@@ -71,6 +84,7 @@ _OPTIONS = {
     "--rlimit-as": "rlimit_as",
     "--rlimit-nofile": "rlimit_nofile",
     "--max-frame-text": "max_frame_text",
+    "--output-limit": "output_limit",
     "--await-isolation": "await_isolation",
     "--isolation-timeout": "isolation_timeout",
     "--ready-line": "ready_line",
@@ -260,12 +274,17 @@ class FrameWriter:
     """Numbers frames densely from 0 and writes them, one JSON line each, to *fd*.
 
     Consecutive stream text of the same name is merged until ``flush()``; text frames never
-    carry more than *max_text* characters.
+    carry more than *max_text* characters. With *output_limit*, output frames stop once
+    their lines passed that many bytes (see the module's docstring); ``dropped`` counts the
+    bytes not written.
     """
 
-    def __init__(self, fd, max_text=DEFAULT_MAX_FRAME_TEXT):
+    def __init__(self, fd, max_text=DEFAULT_MAX_FRAME_TEXT, output_limit=None):
         self._fd = fd
         self._max_text = max_text
+        self._limit = output_limit
+        self._written = 0  # bytes of output frame lines written (as the dispatcher counts)
+        self.dropped = 0
         self._seq = 0
         self._lines = []
         self._stream_name = None
@@ -277,9 +296,22 @@ class FrameWriter:
         self._close_stream()
         self._add(type_, fields, _now_ms())
 
+    @property
+    def cut(self):
+        """Whether output passed the limit: from now on only errors (and end) are written."""
+        return self._limit is not None and self._written > self._limit
+
+    def drop(self, size):
+        """Count *size* bytes of output that were not written (past the limit)."""
+        self.dropped += size
+
     def add_stream(self, name, text):
         """Queue stream text for *name* ("stdout" or "stderr")."""
         if not text:
+            return
+        if self.cut:  # counted, not encoded: a flood past the limit costs little
+            self._close_stream()
+            self.dropped += len(text.encode("utf-8", "replace"))
             return
         if name != self._stream_name:
             self._close_stream()
@@ -309,8 +341,15 @@ class FrameWriter:
     def _add(self, type_, fields, t):
         frame = {"v": PROTOCOL_VERSION, "seq": self._seq, "t": t, "type": type_}
         frame.update(fields)
+        line = encode_json_line(frame)
+        if self._limit is not None and type_ not in ("start", "end"):
+            room = self._limit + (_ERROR_ROOM if type_ == "error" else 0)
+            if self._written > room or (self.cut and self._written + len(line) > room):
+                self.dropped += len(line)  # (seq stays dense: only written frames count)
+                return
+            self._written += len(line)
         self._seq += 1
-        self._lines.append(encode_json_line(frame))
+        self._lines.append(line)
 
     def _close_stream(self):
         name = self._stream_name
@@ -325,35 +364,59 @@ class FrameWriter:
 
 
 class _EventReader:
-    """Turns the child's event lines into frames (the child is untrusted: validate)."""
+    """Turns the child's event lines into frames. The child is untrusted: any bytes may come
+    (validated; a line that is not an event is shown as stderr text), and a line longer than
+    ``_MAX_EVENT_LINE`` is dropped whole (counted) rather than held in memory."""
 
     def __init__(self, writer):
         self._writer = writer
         self._partial = bytearray()
+        self._skipping = False  # inside a line that was too long: drop until its newline
 
     def feed(self, data):
-        end = data.rfind(b"\n")
-        if end < 0:
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                self._keep(data[start:])
+                return
+            self._keep(data[start:end])
+            line = None if self._skipping else bytes(self._partial)
+            self._partial = bytearray()
+            self._skipping = False
+            if line is not None:
+                self._handle(line)
+            start = end + 1
+
+    def _keep(self, data):
+        """Add *data* (no newline in it) to the line being read, within the bound."""
+        if self._skipping:
+            self._writer.drop(len(data))
+        elif len(self._partial) + len(data) > _MAX_EVENT_LINE:
+            self._writer.drop(len(self._partial) + len(data))
+            self._partial = bytearray()
+            self._skipping = True
+            note = f"runner: an output over {_MAX_EVENT_LINE >> 20} MiB was dropped\n"
+            self._writer.add_stream("stderr", note)
+        else:
             self._partial += data
-            return
-        self._partial += data[:end]
-        lines = bytes(self._partial).split(b"\n")
-        self._partial = bytearray(data[end + 1 :])
-        for line in lines:
-            self._handle(line)
 
     def finish(self):
-        if self._partial:
+        if self._partial and not self._skipping:
             self._handle(bytes(self._partial))
-            self._partial = bytearray()
+        self._partial = bytearray()
+        self._skipping = False
 
     def _handle(self, line):
         if not line.strip():
             return
+        if self._writer.cut and _ERROR_MARK not in line:
+            self._writer.drop(len(line))  # past the limit only errors are written: skip the rest
+            return
         text = line.decode("utf-8", "replace")
         try:
             msg = _loads(text)
-        except ValueError:
+        except Exception:  # not JSON, or nested too deep for the parser (RecursionError)
             msg = None
         fields = _validate_event(msg) if isinstance(msg, dict) else None
         if fields is None:  # not ours: show it rather than lose it
@@ -610,6 +673,7 @@ def main(argv=None):
         os._exit(_EXIT_USAGE)
     if not _ensure_std_fds():
         os._exit(_EXIT_USAGE)
+    _drop_cluster_env()  # (re-executes the runner when the kubelet added its variables)
     _set_dumpable(False)  # the cell runs as the same user: keep it out of this process
     if "MPLBACKEND" not in os.environ:
         os.environ["MPLBACKEND"] = "Agg"
@@ -630,11 +694,11 @@ def main(argv=None):
     if source is None:  # a warm sandbox: everything is loaded, now wait for the cell
         if target:  # ...once isolated: a warm pod must not be handed a cell before
             isolated = _await_isolation(target, opts["isolation_timeout"] or 30)
-        if isolated is not False:
+        if isolated is True:
             if opts["ready_line"]:  # tell whoever waits for this sandbox that it is ready
                 os.write(1, opts["ready_line"].encode("utf-8") + b"\n")
             source, control = _receive_cell(opts)
-    writer = FrameWriter(1, opts["max_frame_text"])
+    writer = FrameWriter(1, opts["max_frame_text"], opts["output_limit"])
     supervisor_pid = os.getpid()
     writer.add("start", {"python": ".".join(map(str, sys.version_info[:3])), "pid": supervisor_pid})
     try:
@@ -643,8 +707,8 @@ def main(argv=None):
         os._exit(_EXIT_RUNNER_FAILURE)
     if isolated is None and target:
         isolated = _await_isolation(target, opts["isolation_timeout"] or 30)
-    if isolated is False:
-        message = f"network isolation is not in place: {target} is reachable"
+    if isolated is not None and isolated is not True:
+        message = f"network isolation is not in place: {isolated} is reachable"
         hint = "the cell was not run (is a NetworkPolicy enforcer running?)"
         writer.add("error", {
             "ename": "IsolationError",
@@ -672,7 +736,10 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda signum, frame: _interrupt(pid))
     try:
         code = _supervise(pid, out_r, err_r, ev_r, writer, control)
-        writer.add("end", {"exit_code": code})
+        end = {"exit_code": code}
+        if writer.dropped:
+            end["dropped_bytes"] = writer.dropped
+        writer.add("end", end)
         writer.flush()
     except _FrameChannelGone:
         code = _EXIT_RUNNER_FAILURE
@@ -721,29 +788,158 @@ def _receive_cell(opts):
     return code.encode("utf-8"), rest
 
 
-def _await_isolation(target, limit=30.0):
-    """Wait until ``HOST:PORT`` can no longer be reached; False if it still can after ``limit`` s.
+#: Variables the kubelet puts into every container, even with enableServiceLinks: false
+#: (they name the API server's address); the runner removes them before a cell runs.
+_CLUSTER_ENV = ("KUBERNETES_SERVICE_", "KUBERNETES_PORT")
+
+
+def _drop_cluster_env():
+    """Re-execute the runner without the kubelet's ``KUBERNETES_SERVICE_*``/``KUBERNETES_PORT*``
+    variables, if it has any: deleting them from ``os.environ`` alone would leave them in the
+    process's initial environment, which the cell can read in ``/proc/self/environ``."""
+    names = [k for k in os.environ if k.startswith(_CLUSTER_ENV)]
+    if not names:
+        return
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
+    try:
+        os.execve(sys.executable, argv, env)
+    except OSError:  # cannot re-execute: at least the cell's os.environ lacks them
+        for k in names:
+            os.environ.pop(k, None)
+
+
+def _await_isolation(spec, limit=30.0):
+    """Wait until nothing ``spec`` names can be reached: True then, else (after ``limit`` s)
+    the address that still can.
+
+    ``spec``: ``HOST:PORT`` targets, comma-separated (IPv6 in brackets, ``[fd00::1]:6443``),
+    addresses where something listens (the API server's). The node, as this pod sees it, is
+    probed too on the targets' ports: its IPv4 default gateway and, when the pod has IPv6 on
+    that interface, its IPv6 default routers and the link-local address formed (EUI-64) from
+    the gateway's MAC address — the policy must hold for every address family. Reached means
+    a TCP connection was accepted; a refusal (a reset, or the policy enforcer's reject) or no
+    answer within a quarter of a second counts as not reached.
 
     Network policies are enforced asynchronously to a pod's start: for a moment a new pod
     may still reach the network. The cell must not run in that moment.
     """
-    import socket
-
-    host, _, port = target.rpartition(":")
     try:
-        address = (host.strip("[]"), int(port))
+        targets = _parse_targets(spec)
     except ValueError:
-        return False  # cannot check it, so it is not known to be in place
+        return f"{spec!r} (not HOST:PORT[,HOST:PORT...], so nothing was checked)"
+    ports = sorted({port for _, port in targets})
     deadline = time.monotonic() + limit
     while True:
-        try:
-            conn = socket.create_connection(address, timeout=0.25)
-        except OSError:
-            return True
-        conn.close()
+        probed = targets + _node_targets(ports)
+        reached = _reachable(probed)
+        if reached is None:
+            if probed == targets + _node_targets(ports):
+                return True
+            continue  # the probe taught the pod the gateway's MAC: probe its IPv6 address too
         if time.monotonic() > deadline:
-            return False
+            return reached
         time.sleep(0.05)
+
+
+def _parse_targets(spec):
+    """``"h:p,[v6]:p"`` as ``[(host, port)]``; ValueError when malformed."""
+    targets = []
+    for item in spec.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not host or not 0 < int(port) < 65536:
+            raise ValueError(item)
+        targets.append((host, int(port)))
+    return targets
+
+
+def _reachable(targets, timeout=0.25):
+    """The first of ``targets`` (``[(host, port)]``) that accepts a TCP connection within
+    ``timeout`` seconds (all are tried at once), as ``host:port``; None if none does."""
+    import errno
+    import socket
+
+    pending, reached = {}, None
+    for host, port in targets:
+        label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                           flags=socket.AI_NUMERICHOST)  # fmt: skip
+            except socket.gaierror:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            continue  # a name that does not resolve (no DNS in an isolated pod)
+        for family, type_, proto, _, address in infos:
+            try:
+                sock = socket.socket(family, type_, proto)
+            except OSError:
+                continue  # e.g. no IPv6 at all
+            sock.setblocking(False)
+            err = sock.connect_ex(address)
+            if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+                pending[sock] = label
+                continue
+            sock.close()
+            if err == 0:
+                reached = reached or label
+    end = time.monotonic() + timeout
+    while pending and reached is None and time.monotonic() < end:
+        _, ready, _ = select.select([], list(pending), [], max(0.0, end - time.monotonic()))
+        for sock in ready:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                reached = reached or pending[sock]
+            sock.close()
+            del pending[sock]
+    for sock in pending:
+        sock.close()
+    return reached
+
+
+def _node_targets(ports):
+    """The node as this pod sees it, on ``ports``: the IPv4 default gateway; if the default
+    route's interface has IPv6, the IPv6 default routers and the EUI-64 link-local address
+    of the gateway's MAC (as learnt by ARP), scoped to that interface."""
+    import socket
+
+    def rows(path):
+        try:
+            with open(path) as f:
+                return [line.split() for line in f.read().splitlines()[1:]]
+        except OSError:
+            return []
+
+    route = [r for r in rows("/proc/net/route") if len(r) > 2 and r[1] == "00000000"]
+    if not route:
+        return []
+    iface = route[0][0]
+    gateway = socket.inet_ntoa(bytes.fromhex(route[0][2])[::-1])
+    found = [(gateway, p) for p in ports]
+    try:
+        with open("/proc/net/if_inet6") as f:  # (no header line)
+            with_v6 = [line for line in f.read().splitlines() if line.split()[-1:] == [iface]]
+    except OSError:
+        with_v6 = []
+    if not with_v6:
+        return found
+    nodes = set()
+    for row in rows("/proc/net/arp"):
+        if len(row) > 5 and row[0] == gateway and row[2] == "0x2" and row[5] == iface:
+            mac = bytearray.fromhex(row[3].replace(":", ""))
+            mac[0] ^= 2
+            eui64 = b"\xfe\x80" + bytes(6) + mac[:3] + b"\xff\xfe" + mac[3:]
+            nodes.add(socket.inet_ntop(socket.AF_INET6, eui64))
+    try:
+        with open("/proc/net/ipv6_route") as f:
+            for row in (line.split() for line in f):
+                if len(row) > 9 and row[0] == "0" * 32 and row[4] != "0" * 32:
+                    if row[9] == iface:
+                        nodes.add(socket.inet_ntop(socket.AF_INET6, bytes.fromhex(row[4])))
+    except OSError:
+        pass
+    return found + [(f"{a}%{iface}", p) for a in sorted(nodes) for p in ports]
 
 
 def _kill(pid):

@@ -51,6 +51,7 @@ T = TypeVar("T")
 #: What marks an error frame (the runner writes compact JSON): errors pass the output limit.
 _ERROR_FRAME = b'"type":"error"'
 _START_FRAME = b'"type":"start"'  # the runner's first line (JSON-escaped text cannot hold it)
+_END_FRAME = b'"type":"end"'  # the runner's last line (it counts what it dropped)
 #: Bytes of error frames kept beyond the output limit (the traceback that names the failure).
 #: Bounded: a cell can send any number of error frames, which would otherwise all be stored.
 _ERROR_ROOM = 1 << 20
@@ -613,6 +614,10 @@ class CrucibleDispatcher(LoggingConfigurable):
             if not run.runner_started and kind == FRAMES and _START_FRAME in line:
                 run.runner_started = True
             size = len(line) + 1
+            if kind == FRAMES and _END_FRAME in line and (gone := frames.runner_dropped(line)):
+                execution.truncated = True  # what the runner dropped at the limit, counted
+                execution.dropped_bytes += gone
+                continue
             cut = "limit" in run.notices
             if cut and not (kind == FRAMES and _ERROR_FRAME in line):
                 # once cut, everything after is dropped too (what fits later would show

@@ -46,6 +46,21 @@ def raw_stderr(line: bytes) -> tuple[str, dict[str, Any]]:
     return "stream", {"name": "stderr", "text": line.decode("utf-8", "replace") + "\n"}
 
 
+def runner_dropped(line: bytes) -> int:
+    """The bytes of output the runner dropped past its ``--output-limit``, as its ``end``
+    frame reports them (0 for any other line, or a value that is not a plain count)."""
+    try:
+        frame = json.loads(line)
+    except (ValueError, RecursionError):
+        return 0
+    if not isinstance(frame, dict) or frame.get("type") != "end":
+        return 0
+    value = frame.get("dropped_bytes")
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 0
+    return min(max(value, 0), 1 << 62)
+
+
 def parse(line: bytes) -> tuple[str, dict[str, Any]] | None:
     """``(type, payload)`` for one runner line, or None for a frame to ignore."""
     if not line.strip():

@@ -725,3 +725,89 @@ def test_markers_point_at_the_failing_code_on_a_cell_last_line(tmp_path):
         start = len(under) - len(under.lstrip())
         expression = "x == 2" if "assert" in code else "1/0"
         assert source.index(expression) == start, (code, tb)
+
+
+# --- hostile bytes and floods (issue 13) ------------------------------------------------------
+
+WRITE_EVENT_PIPE = (
+    "import fcntl, os\n"
+    "def to_event_pipe(data):\n"
+    "    for fd in map(int, os.listdir('/proc/self/fd')):\n"
+    "        try:\n"
+    "            writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY\n"
+    "        except OSError:\n"
+    "            continue\n"
+    "        if fd > 2 and writable:\n"
+    "            os.write(fd, data)\n"
+)
+
+
+def test_deeply_nested_json_on_the_event_pipe_is_shown_as_text(tmp_path):
+    # `[` x 200000 made the supervisor's JSON parser raise RecursionError, which ended the
+    # runner (no end frame, the cell killed); it is a line that is not an event, like any other
+    code = WRITE_EVENT_PIPE + "to_event_pipe(b'[' * 200000 + b'\\n')\nprint('still fine')\n"
+    result = run_cell(tmp_path, code)  # checks: valid JSON, dense seq, exactly one end
+    assert result.returncode == 0
+    assert result.text("stdout") == "still fine\n"
+    assert result.text("stderr") == "[" * 200000 + "\n"
+
+
+def test_an_endless_event_line_is_dropped_not_held(tmp_path):
+    code = WRITE_EVENT_PIPE + (
+        "for _ in range(40):\n"
+        "    to_event_pipe(b'x' * (1 << 20))\n"
+        "to_event_pipe(b'\\n')\n"
+        "print('after')\n"
+    )
+    result = run_cell(tmp_path, code)
+    assert result.returncode == 0
+    assert result.text("stdout") == "after\n"
+    assert "an output over 32 MiB was dropped" in result.text("stderr")
+    assert "x" * 100 not in result.text("stderr")
+    assert result.frames[-1]["dropped_bytes"] == 40 << 20
+
+
+def test_output_limit_stops_output_but_not_the_error_or_end(tmp_path):
+    # a flood wrote gigabytes to the pod's log (the node's disk) while the dispatcher kept
+    # 10 MiB: the runner itself stops writing output frames past the limit
+    limit = 200_000
+    code = (
+        "import os, sys\n"
+        "for _ in range(50):\n"
+        "    os.write(1, b'y' * 100_000)\n"
+        "    sys.stdout.write('z' * 100_000)\n"
+        "    display({'text/plain': 'shown?'}, raw=True)\n"
+        "raise ValueError('the end')\n"
+    )
+    path = write_cell(tmp_path, code)
+    proc = subprocess.run(
+        [PYTHON, str(RUNNER), "--code-file", str(path), "--output-limit", str(limit)],
+        stdin=subprocess.PIPE, capture_output=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    frames = parse_frames(proc.stdout)
+    check_frames(frames, 1)
+    output = proc.stdout.split(b"\n")[1:-2]  # between start and end
+    written = sum(len(line) + 1 for line in output)
+    # up to the limit, plus the frame that crossed it (at most 64 Ki characters), plus the error
+    assert limit < written < limit + (70 << 10) + 1000, written
+    (error,) = [f for f in frames if f["type"] == "error"]
+    assert error["evalue"] == "the end"
+    dropped = frames[-1]["dropped_bytes"]
+    assert 10_000_000 - written < dropped < 10_000_000, dropped
+
+
+def test_without_an_output_limit_nothing_is_dropped(tmp_path):
+    code = "import os\nfor _ in range(20):\n    os.write(1, b'y' * 100_000)\n"
+    result = run_cell(tmp_path, code)
+    assert len(result.text("stdout")) == 2_000_000
+    assert "dropped_bytes" not in result.frames[-1]
+
+
+def test_output_limit_must_be_a_number(tmp_path):
+    done = subprocess.run(
+        [PYTHON, str(RUNNER), "--code-file", str(write_cell(tmp_path, "1")),
+         "--output-limit", "lots"],
+        capture_output=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stdout == b""
+    assert b"--output-limit needs an integer" in done.stderr
