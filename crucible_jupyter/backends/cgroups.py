@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 
 CGROUP_ROOT = "/sys/fs/cgroup"
+#: cgroup v1's limit on the TCP socket buffers of a group (v2 counts them as memory).
+TCP_LIMIT_V1 = "memory.kmem.tcp.limit_in_bytes"
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,13 @@ def probe(base: str = "crucible") -> tuple[Layout | None, str]:
         except OSError as e:
             problems.append(f"{parent} is not writable: {e.strerror}")
     if "memory" in parents and "pids" in parents:
-        return Layout(1, parents), "cgroup v1 (" + ", ".join(sorted(parents)) + ")"
+        tcp = os.path.exists(os.path.join(parents["memory"], TCP_LIMIT_V1))
+        sockets = (
+            "socket buffers limited by memory.kmem.tcp"
+            if tcp
+            else "socket buffers NOT counted: this kernel has no memory.kmem.tcp.limit_in_bytes"
+        )
+        return Layout(1, parents), f"cgroup v1 ({', '.join(sorted(parents))}; {sockets})"
     return None, "; ".join(problems) or "no usable cgroup controllers"
 
 
@@ -116,6 +124,11 @@ class Group:
         except OSError:  # v1 wants memsw >= limit at all times: lower memsw first, then retry
             self._write(mem, "memory.memsw.limit_in_bytes", str(memory), optional=True)
             self._write(mem, "memory.limit_in_bytes", str(memory))
+        # v1 charges socket buffers to a group only once it has a TCP limit (counted apart
+        # from memory.limit_in_bytes), and only for sockets made after that: set with the
+        # group's first limits, before any process joins. Without it a cell with 64 MiB
+        # queued 400 MiB in loopback TCP buffers (host TCP memory, shared by every socket).
+        self._write(mem, TCP_LIMIT_V1, str(memory), optional=True)
         self._write(self.dirs["pids"], "pids.max", str(pids))
         if "cpu" in self.dirs:
             self._write(self.dirs["cpu"], "cpu.cfs_period_us", "100000", optional=True)

@@ -626,3 +626,62 @@ async def test_no_sandbox_starts_when_its_binds_would_show_secrets(
         assert "cells would see secrets" in refused.reason, (inside, refused)
     checks = {c.name: c for c in await backend.checks()}
     assert not checks["secrets"].ok and "own folder" in checks["secrets"].fix
+
+
+TCP_FLOOD = textwrap.dedent("""
+    import errno, socket, time
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1024)
+    held, conns, stopped = 0, [], "target reached"
+    try:
+        while held < {target} and len(conns) < 400:
+            client = socket.create_connection(server.getsockname())
+            conns.append((client, server.accept()[0]))  # the receiver never reads
+            client.setblocking(False)
+            while True:
+                try:
+                    held += client.send(b"x" * 65536)
+                except BlockingIOError:
+                    break
+    except OSError as e:
+        stopped = errno.errorcode.get(e.errno, str(e))
+    print("queued", held >> 20, "MiB in", len(conns), "connections:", stopped, flush=True)
+    time.sleep(60)
+""")
+
+
+def _host_tcp_pages() -> int:
+    """The host's TCP memory (all network namespaces), in pages: /proc/net/sockstat."""
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()
+            return int(fields[fields.index("mem") + 1])
+    raise AssertionError("no TCP line in /proc/net/sockstat")
+
+
+@pytest.mark.parametrize("warm", [2, 0], ids=["warm", "cold"])
+async def test_socket_buffers_count_against_the_memory_limit(make_dispatcher, warm):
+    """A cell with 64 MiB queued 400 MiB in loopback TCP buffers (receivers that never read):
+    under cgroup v1 socket memory is charged to the cell only with a kmem TCP limit, and host
+    TCP memory grew by 412 MiB (600 such connections starve every TCP socket on the host).
+    Host TCP memory may not grow by more than twice the cell's limit."""
+    d = await make_dispatcher(local={"warm_sandboxes": warm})
+    layout, _ = d.get_backend("local").cgroup_layout
+    if layout is None:
+        pytest.skip("no cgroup here: memory is limited by RLIMIT_AS, sockets are not counted")
+    limit = 64 << 20
+    before = _host_tcp_pages()
+    execution = await d.submit(
+        {"code": TCP_FLOOD.format(target=400 << 20), "memory": "64Mi", "timeout": 120}
+    )
+    said = ""
+    async for event in d.subscribe(execution.id):
+        if event.type == "stream":
+            said += event.data["text"]
+            if "queued" in said:
+                break
+    during = _host_tcp_pages()
+    await d.cancel(execution.id)
+    grown = (during - before) * os.sysconf("SC_PAGE_SIZE")
+    assert grown < 2 * limit, (said, grown >> 20)
