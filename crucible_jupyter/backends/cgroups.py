@@ -158,7 +158,12 @@ class Group:
         return sorted(out)
 
     def kill(self) -> None:
-        """SIGKILL every process in the group."""
+        """SIGKILL every process in the group, and nothing else.
+
+        v2's ``cgroup.kill`` does it in the kernel. Otherwise the pids are read from
+        ``cgroup.procs``: one of them may have ended and its pid gone to a host process by
+        the time it is signalled (by a dispatcher running as root), so each process is
+        pinned with a pidfd first and signalled through it only if it is in this group."""
         d = self.dirs["memory"]
         if self.layout.version == 2 and os.path.exists(os.path.join(d, "cgroup.kill")):
             with contextlib.suppress(OSError):
@@ -169,8 +174,48 @@ class Group:
             if not pids:
                 return
             for pid in pids:
+                self._kill_member(pid)
+
+    def _kill_member(self, pid: int) -> None:
+        """SIGKILL the process ``pid`` if it is in this group (see :meth:`kill`)."""
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return  # ended (and not reused: then it would be found)
+        except (OSError, AttributeError):  # no pidfd (Linux < 5.3): a window remains
+            if self.holds(pid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
+            return
+        try:
+            # the pidfd names one process whatever becomes of the pid: if that process is
+            # in the group now, it is the one signalled; if it has ended meanwhile (and the
+            # pid was reused), the signal fails with ESRCH and reaches no one
+            if self.holds(pid):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        finally:
+            os.close(fd)
+
+    def holds(self, pid: int) -> bool:
+        """True if the process ``pid`` is in this group now (by ``/proc/PID/cgroup``)."""
+        ctrl = "memory"
+        mount = CGROUP_ROOT if self.layout.version == 2 else os.path.join(CGROUP_ROOT, ctrl)
+        want = "/" + os.path.relpath(self.dirs[ctrl], mount)
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return False
+        for line in lines:
+            hid, ctrls, path = line.split(":", 2)
+            mine = (
+                hid == "0" and not ctrls if self.layout.version == 2 else ctrl in ctrls.split(",")
+            )
+            if mine:
+                return path == want
+        return False
 
     def _read_kv(self, ctrl: str, name: str) -> dict[str, int]:
         try:

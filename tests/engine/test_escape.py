@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -685,3 +686,77 @@ async def test_socket_buffers_count_against_the_memory_limit(make_dispatcher, wa
     await d.cancel(execution.id)
     grown = (during - before) * os.sysconf("SC_PAGE_SIZE")
     assert grown < 2 * limit, (said, grown >> 20)
+
+
+def _start_in(group, script: str) -> subprocess.Popen:
+    """A real process that joins ``group`` before it runs ``script`` (sh)."""
+    joins = "".join(f'echo $$ > "{f}" && ' for f in group.procs_files())
+    proc = subprocess.Popen(["/bin/sh", "-c", f"{joins}exec /bin/sh -c '{script}'"])
+    for _ in range(500):  # joining takes a few ms
+        if proc.pid in group.pids():
+            return proc
+        assert proc.poll() is None, "the process could not join the group"
+        time.sleep(0.01)
+    raise AssertionError("the process did not join the group")
+
+
+@pytest.fixture
+def cgroup():
+    """A real per-execution cgroup of the local backend's layout (removed afterwards)."""
+    from crucible_jupyter.backends import cgroups
+
+    layout, detail = cgroups.probe()
+    if layout is None:
+        pytest.skip(f"no usable cgroups here: {detail}")
+    group = cgroups.Group.create(
+        layout, f"test-kill-{secrets.token_hex(4)}", memory=256 << 20, cpu=1.0, pids=512
+    )
+    yield group
+    group.remove()
+
+
+def test_group_kill_signals_no_pid_that_left_the_group(cgroup):
+    """Under cgroup v1 a kill reads cgroup.procs, then signals each pid: a pid that ended in
+    between and went to a host process was killed by the root dispatcher. A read that is
+    stale by the time it is acted on (a host process's pid in it) must spare that process."""
+    from crucible_jupyter.backends import cgroups
+
+    inside = _start_in(cgroup, "sleep 60")
+    outsider = subprocess.Popen(["sleep", "60"])  # has the pid the stale read names
+
+    class StaleRead(cgroups.Group):
+        """cgroup.procs as read just before its pid was reused by a host process."""
+
+        def pids(self) -> list[int]:
+            return [*super().pids(), outsider.pid]
+
+    stale = StaleRead(cgroup.layout, os.path.basename(cgroup.dirs["memory"]))
+    try:
+        stale.kill()
+        assert inside.wait(timeout=30) == -9
+        assert outsider.poll() is None, "a process outside the group was killed"
+    finally:
+        for proc in (inside, outsider):
+            proc.kill()
+            proc.wait()
+
+
+def test_group_kill_ends_a_forking_tree(cgroup):
+    """The pidfd path still kills a tree that keeps forking while it is being killed."""
+    bomb = _start_in(cgroup, "while :; do sleep 60 & done")
+    try:
+        for _ in range(500):
+            if len(cgroup.pids()) > 50:
+                break
+            time.sleep(0.01)
+        assert len(cgroup.pids()) > 50
+        for _ in range(3000):  # killed processes take a moment to exit (bounded: 30 s)
+            cgroup.kill()
+            if not cgroup.pids():
+                break
+            time.sleep(0.01)
+        assert cgroup.pids() == []
+        assert bomb.wait(timeout=30) == -9
+    finally:
+        bomb.kill()
+        bomb.wait()
