@@ -36,7 +36,7 @@ from ...models import (
     new_execution_id,
 )
 from ..base import FRAMES, Backend, Check, Outcome, Sandbox, read_lines
-from . import objects
+from . import objects, probes
 from .api import raw, raw_json
 from .reflector import Pod, PodReflector
 from .warm import WarmPool, fits, job_of, state_of
@@ -121,9 +121,11 @@ class CrucibleKubernetesBackend(Backend):
         message, or `wait` (retrying) until it fits or the timeout ends.""",
     ).tag(config=True)
     isolation_probe = Unicode(
-        help="""HOST:PORT an executor must be unable to reach before its cell runs (the
-        NetworkPolicy takes effect a moment after the pod starts). Default: the API
-        server's address. `off` disables the wait.""",
+        help="""HOST:PORT[,HOST:PORT...] (IPv6 as [ADDR]:PORT) an executor must be unable
+        to reach before its cell runs (the NetworkPolicy takes effect a moment after the pod
+        starts); the runner also probes the node it runs on (IPv4 gateway, IPv6 link-local)
+        on these ports. Default: every address of the API server (IPv4 and IPv6, from its
+        EndpointSlices). `off` disables the wait.""",
     ).tag(config=True)
 
     create_namespace = Bool(
@@ -408,23 +410,45 @@ class CrucibleKubernetesBackend(Backend):
         return self.isolation_probe or self._api_endpoint
 
     async def _find_api_endpoint(self) -> str | None:
-        """The API server's address as pods see it (the `kubernetes` Endpoints)."""
+        """Every address of the API server as pods see it, IPv4 and IPv6 (the `kubernetes`
+        EndpointSlices, else its Endpoints), as ``HOST:PORT,[V6]:PORT``."""
+        from kubernetes_asyncio import client
+
+        found: list[str] = []
+        problems = []
+        try:
+            slices = await raw_json(
+                client.DiscoveryV1Api(self._api).list_namespaced_endpoint_slice(
+                    "default",
+                    label_selector="kubernetes.io/service-name=kubernetes",
+                    _preload_content=False,
+                )
+            )
+            for item in slices.get("items", []):
+                ports = [p["port"] for p in item.get("ports") or [] if p.get("port")]
+                for endpoint in item.get("endpoints") or []:
+                    found += [(a, p) for a in endpoint.get("addresses", []) for p in ports]
+        except Exception as e:
+            problems.append(f"EndpointSlices: {e}")
         try:
             endpoints = await raw_json(
                 self._core.read_namespaced_endpoints(
                     "kubernetes", "default", _preload_content=False
                 )
             )
-            subset = endpoints["subsets"][0]
-            host, port = subset["addresses"][0]["ip"], subset["ports"][0]["port"]
-            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            for subset in endpoints.get("subsets") or []:
+                ports = [p["port"] for p in subset.get("ports") or []]
+                found += [(a["ip"], p) for a in subset.get("addresses") or [] for p in ports]
         except Exception as e:
+            problems.append(f"Endpoints: {e}")
+        targets = sorted({f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in found})
+        if not targets:
             self.log.warning(
                 "crucible: cannot find the API server's address for the isolation probe (%s);"
                 " set c.CrucibleKubernetesBackend.isolation_probe",
-                e,
+                "; ".join(problems) or "no addresses",
             )
-            return None
+        return ",".join(targets) or None
 
     async def sweep(self, live: set[str]) -> int:
         """Delete executor Jobs whose execution is not live here (orphans of a crash)."""
@@ -537,67 +561,127 @@ class CrucibleKubernetesBackend(Backend):
         )
 
     async def _probe_executor(self) -> list[Check]:
-        """Run a real executor that tries to reach the API server (is egress really denied?)
-        and reads its process limit (does the kubelet set podPidsLimit?)."""
-        target = self._api_endpoint or self.isolation_probe
-        if not target or target == "off":
+        """Run real executors (see ``probes.py``): a listener, and a prober that tries to
+        reach the API server, the node (IPv4, IPv6), the listener (IPv4, IPv6, multicast,
+        broadcast) and node ports, and counts the threads it can start (does the kubelet
+        set podPidsLimit?)."""
+        target = self._isolation_probe()
+        if not target:
             return [
                 Check(
                     "network isolation",
                     False,
-                    "no address to probe (API server unknown)",
+                    "no address to probe (API server unknown, or isolation_probe = 'off')",
                     fix="set c.CrucibleKubernetesBackend.isolation_probe = 'HOST:PORT'",
                 )
             ]
-        host, _, port = target.rpartition(":")
-        address = (host.strip("[]"), int(port))
-        # the pod's limit (podPidsLimit) sits on the pod's cgroup, which a container cannot
-        # read: count the threads it can start instead (up to PIDS_PROBE, then let them go)
-        code = (
-            "import socket, threading\n"
-            "threading.stack_size(65536)\n"
-            "stop, started = threading.Event(), []\n"
-            "try:\n"
-            f"    for _ in range({PIDS_PROBE}):\n"
-            "        t = threading.Thread(target=stop.wait)\n"
-            "        t.start()\n"
-            "        started.append(t)\n"
-            "except RuntimeError:\n"
-            "    pass\n"
-            "stop.set()\n"
-            "for t in started:\n"
-            "    t.join()\n"
-            "print('THREADS', len(started))\n"
-            "try:\n"
-            f"    socket.create_connection({address!r}, timeout=3).close()\n"
-            "    print('OPEN')\n"
-            "except OSError:\n"
-            "    print('blocked')\n"
-        )
-        execution = Execution(
+        resources = Resources(0.2, 256 << 20)
+        listener = Execution(
             id=new_execution_id(),
-            request=ExecutionRequest(code=code, timeout=60, resources=Resources(0.2, 256 << 20)),
+            request=ExecutionRequest(code=probes.listener_code(90), timeout=120,
+                                     resources=resources),
             user="crucible-doctor",
-        )
+        )  # fmt: skip
+        lines: list[bytes] = []
+        listening = asyncio.Event()
+
+        async def follow(sandbox: Sandbox) -> None:
+            async for _, line, _ in sandbox.lines():
+                lines.append(line)
+                if b"LISTENING" in line:
+                    listening.set()
+
         try:
-            sandbox = await self.start(execution)
-            text = b"".join([line async for _, line, _ in sandbox.lines()]).decode()
-            outcome = await sandbox.wait()
+            sandbox = await self.start(listener)
         except CrucibleError as e:
             return [Check("network isolation", False, f"probe could not run: {e.message}")]
-        return [_network_check(text, outcome, target), _pids_check(text)]
+        following = asyncio.ensure_future(follow(sandbox))
+        try:
+            await asyncio.wait(
+                {following, asyncio.ensure_future(listening.wait())},
+                timeout=90,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            text = b"\n".join(lines).decode("utf-8", "replace")
+            peer = probes.find_json(text, "LISTENING")
+            if peer is None:
+                outcome = await sandbox.wait() if following.done() else None
+                if "IsolationError" in text:
+                    return [_network_check(text, outcome, target)]
+                why = (outcome and outcome.reason) or text[-300:] or "no output"
+                return [Check("network isolation", False, f"probe listener failed: {why}")]
+            pod = self._reflector.pod_for(objects.label_value(listener.id)) or {}
+            nodes = [ip for ip in [(pod.get("status") or {}).get("hostIP")] if ip]
+            node_ports = list(probes.NODE_PORTS)
+            with contextlib.suppress(Exception):
+                node_ports += probes.service_node_ports(
+                    await raw_json(
+                        self._core.list_service_for_all_namespaces(_preload_content=False)
+                    )
+                )
+            plan = {"api": target, "peer": peer, "nodes": nodes, "node_ports": node_ports}
+            code = probes.prober_code(plan, f"{objects.MOUNT}/runner.py") + _threads_code()
+            prober = Execution(
+                id=new_execution_id(),
+                request=ExecutionRequest(code=code, timeout=90, resources=resources),
+                user="crucible-doctor",
+            )
+            try:
+                probe_box = await self.start(prober)
+                out = b"".join([line async for _, line, _ in probe_box.lines()]).decode()
+                outcome = await probe_box.wait()
+            except CrucibleError as e:
+                return [Check("network isolation", False, f"probe could not run: {e.message}")]
+        finally:
+            with contextlib.suppress(Exception):
+                await sandbox.kill()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(following, 10)
+            with contextlib.suppress(Exception):
+                await sandbox.wait()
+        text = b"\n".join(lines).decode("utf-8", "replace")
+        contacts = re.findall(r"CONTACT (tcp|udp) ([0-9a-fA-F.:]+)", text)
+        if "IsolationError" in out:
+            check = _network_check(out, outcome, target)
+        elif (report := probes.find_json(out, "NETPROBE")) is None:
+            reason = outcome.reason or out[-300:] or "no output"
+            check = Check("network isolation", False, f"probe failed: {reason}")
+        else:
+            check = probes.network_check(report, [" from ".join(c) for c in contacts], peer)
+        return [check, _pids_check(out)]
+
+
+def _threads_code() -> str:
+    """Cell code printing ``THREADS n``: how many threads an executor can start (up to
+    PIDS_PROBE, then lets them go). The pod's limit (podPidsLimit) sits on the pod's cgroup,
+    which a container cannot read."""
+    return (
+        "\nimport threading\n"
+        "threading.stack_size(65536)\n"
+        "stop, started = threading.Event(), []\n"
+        "try:\n"
+        f"    for _ in range({PIDS_PROBE}):\n"
+        "        t = threading.Thread(target=stop.wait)\n"
+        "        t.start()\n"
+        "        started.append(t)\n"
+        "except RuntimeError:\n"
+        "    pass\n"
+        "stop.set()\n"
+        "for t in started:\n"
+        "    t.join()\n"
+        "print('THREADS', len(started))\n"
+    )
 
 
 def _network_check(text: str, outcome: Outcome, target: str) -> Check:
-    if "IsolationError" in text or "OPEN" in text:
+    if "IsolationError" in text:
         return Check(
             "network isolation",
             False,
-            f"NOT enforced: an executor pod could reach the API server at {target}",
+            f"NOT enforced: an executor pod could still reach {target} or the node"
+            f" (its runner refused to run the cell: {text[-300:]})",
             fix="run a NetworkPolicy enforcer (a CNI with policy support, or kube-router)",
         )
-    if "blocked" in text:
-        return Check("network isolation", True, f"enforced: executors cannot reach {target}")
     return Check("network isolation", False, f"probe failed: {outcome.reason or text[-200:]}")
 
 
