@@ -8,7 +8,9 @@ in-process dispatcher is started on first use.
 Promises of ``%%crucible [options]``:
 
 - stdout and stderr appear as they are produced (stderr as stderr), rich display data through
-  IPython's display machinery unchanged, the cell's result as its ``Out``;
+  IPython's display machinery, the cell's result as its ``Out``; rich output passes the
+  output policy (:func:`crucible_jupyter.output_policy.clean_output`) once more just before
+  it is shown, whatever server sent it: nothing in it can run in the browser;
 - one status line, updated in place: queued (position N) → running, elapsed → finished in X s,
   with the execution id;
 - a cell that does not succeed raises :class:`RemoteExecutionError` showing the remote
@@ -51,6 +53,7 @@ from .client import (
     outcome_text,
 )
 from .errors import Conflict, CrucibleError, NotFound
+from .output_policy import DISPLAY_KINDS, clean_output, trusted_types_from_env
 
 _SUBMIT_TIMEOUT = 60.0
 
@@ -106,7 +109,8 @@ class RemoteExecutionError(Exception):
 
 
 class MimeBundle:
-    """The cell's ``execute_result``, handed to IPython unchanged so it becomes ``Out[n]``."""
+    """The cell's ``execute_result`` (as the output policy left it), handed to IPython as it
+    is so it becomes ``Out[n]``."""
 
     def __init__(self, data: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
         self.data = data
@@ -476,6 +480,8 @@ class _Relay:
         if isinstance(event.get("seq"), int):
             self.last_seq = max(self.last_seq, event["seq"])
         kind = event.get("type")
+        if kind in DISPLAY_KINDS:
+            event = clean_output(kind, event, trusted_types_from_env())
         if kind == "status":
             self.state = event.get("status", self.state)
             if event.get("position") is not None:

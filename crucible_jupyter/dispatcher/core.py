@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
+from .. import output_policy
 from ..backends.base import FRAMES, Backend, Sandbox, installed_backends, load_backend_class
 from ..errors import Conflict, CrucibleError, NotFound, StorageError, Unavailable
 from ..models import (
@@ -167,6 +168,24 @@ class CrucibleDispatcher(LoggingConfigurable):
     allowed_images = List(
         Unicode(), help="Images a request may name (Kubernetes backend); empty: any."
     ).tag(config=True)
+
+    trusted_output_types = List(
+        Unicode(),
+        help="""MIME types of a cell's rich output passed to every surface (JupyterLab, the API,
+        history) unchanged. By default only inert types pass (plain text, LaTeX, JSON, raster
+        images), HTML, Markdown and SVG are sanitized and every other type is replaced by a
+        notice (see crucible_jupyter/output_policy.py). RISK: a type listed here reaches the
+        browser as the cell wrote it, and output of a live session is trusted there: listing
+        text/html or application/javascript lets any cell run script in the user's
+        JupyterLab, with their session (files, terminals, kernels); a type handled by a
+        JavaScript renderer (application/vnd.jupyter.widget-view+json, Plotly's, Vega's) is
+        only as safe as that renderer. Env: CRUCIBLE_TRUSTED_OUTPUT_TYPES (comma separated);
+        the Jupyter server hands the value to its kernels the same way.""",
+    ).tag(config=True)
+
+    @default("trusted_output_types")
+    def _default_trusted_output_types(self) -> list[str]:
+        return sorted(output_policy.trusted_types_from_env())
 
     # ----- life cycle ----------------------------------------------------------------
 
@@ -347,10 +366,21 @@ class CrucibleDispatcher(LoggingConfigurable):
         self._require_started()
         channel = self._channels.get(execution_id)
         snapshot = list(channel.pending) if channel else []
-        stored = await self._db(self.storage.events, execution_id, after)
+        stored = await self._stored_events(execution_id, after)
         if not stored and not snapshot and execution_id not in self._live:
             await self.get(execution_id)  # NotFound for unknown ids
         return _merge(stored, snapshot, after)
+
+    async def _stored_events(self, execution_id: str, after: int) -> list[Event]:
+        """Stored events after ``after``, their rich output cleaned by the output policy
+        again: a record stored before the policy (or under a wider setting) leaves clean."""
+        trusted = frozenset(self.trusted_output_types)
+        return [
+            Event(e.seq, e.t, e.type, output_policy.clean_output(e.type, e.data, trusted))
+            if e.type in output_policy.DISPLAY_KINDS
+            else e
+            for e in await self._db(self.storage.events, execution_id, after)
+        ]
 
     async def changes(self) -> AsyncIterator[dict]:
         """Yield ``{"id", "status", "user"}`` each time an execution this dispatcher handles
@@ -392,7 +422,7 @@ class CrucibleDispatcher(LoggingConfigurable):
                 if _is_terminal(event):
                     return
             # closed before we saw the end: whatever is left is in storage now
-            for event in await self._db(self.storage.events, execution_id, last):
+            for event in await self._stored_events(execution_id, last):
                 yield event
         finally:
             channel.unsubscribe(queue)
@@ -402,7 +432,7 @@ class CrucibleDispatcher(LoggingConfigurable):
         last = after
         while True:
             execution = await self.get(execution_id)
-            for event in await self._db(self.storage.events, execution_id, last):
+            for event in await self._stored_events(execution_id, last):
                 yield event
                 last = event.seq
                 if _is_terminal(event):
@@ -599,6 +629,7 @@ class CrucibleDispatcher(LoggingConfigurable):
         execution = run.execution
         channel = self._channels[execution.id]
         limit = self.output_limit
+        trusted = frozenset(self.trusted_output_types)
         async for kind, line, dropped in sandbox.lines():
             if dropped:
                 execution.truncated = True
@@ -624,7 +655,7 @@ class CrucibleDispatcher(LoggingConfigurable):
                 # out of context); only the cell's error still gets through
                 execution.dropped_bytes += size
                 continue
-            parsed = frames.parse(line) if kind == FRAMES else frames.raw_stderr(line)
+            parsed = frames.parse(line, trusted) if kind == FRAMES else frames.raw_stderr(line)
             if parsed is None:
                 continue
             if parsed[0] == "error":

@@ -4,12 +4,18 @@ The runner writes one JSON object per line. User code may write anything, so eac
 checked: a known frame type with fields of the right types becomes an event payload; any
 other line (a crash before the runner started, forged junk) is kept as raw stderr text.
 Lifecycle frames (``start``, ``end``) are dropped: the dispatcher decides status itself.
+Rich output (``display_data``, ``update_display_data``, ``execute_result``) leaves here
+already cleaned by :func:`crucible_jupyter.output_policy.clean_output`: nothing a browser
+could run is stored or sent to anyone.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
+
+from ..output_policy import clean_output
 
 OUTPUT_TYPES = (
     "stream",
@@ -61,8 +67,11 @@ def runner_dropped(line: bytes) -> int:
     return min(max(value, 0), 1 << 62)
 
 
-def parse(line: bytes) -> tuple[str, dict[str, Any]] | None:
-    """``(type, payload)`` for one runner line, or None for a frame to ignore."""
+def parse(line: bytes, trusted: Iterable[str] = ()) -> tuple[str, dict[str, Any]] | None:
+    """``(type, payload)`` for one runner line, or None for a frame to ignore.
+
+    ``trusted``: MIME types the output policy passes unchanged (the operator's setting).
+    """
     if not line.strip():
         return None
     try:
@@ -89,7 +98,7 @@ def parse(line: bytes) -> tuple[str, dict[str, Any]] | None:
             isinstance(transient, dict) and isinstance(transient.get("display_id"), str)
         ):
             kind = "display_data"  # an update needs the display id it replaces
-        return kind, payload
+        return kind, clean_output(kind, payload, trusted)
     if kind == "error":
         tb = frame.get("traceback")
         return kind, {

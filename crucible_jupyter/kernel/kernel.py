@@ -6,10 +6,11 @@ imports, files in /tmp): put everything a cell needs in that cell.
 
 Promises:
 
-- output frames become Jupyter messages unchanged: ``stream`` (stdout/stderr),
-  ``display_data``, ``update_display_data``, ``execute_result`` (with this kernel's
-  execution count), ``error`` (remote traceback), ``clear_output``; they are published as
-  they arrive;
+- output frames become Jupyter messages: ``stream`` (stdout/stderr), ``display_data``,
+  ``update_display_data``, ``execute_result`` (with this kernel's execution count),
+  ``error`` (remote traceback), ``clear_output``; they are published as they arrive, rich
+  output cleaned by the output policy once more
+  (:func:`crucible_jupyter.output_policy.clean_output`): nothing in it can run in the browser;
 - a status line (display id, updated in place) says queued/running/finished and the
   execution id, unless ``CrucibleKernel.status_line`` is off
   (env ``CRUCIBLE_KERNEL_STATUS_LINE=0``);
@@ -51,6 +52,7 @@ from ..client import (
     outcome_text,
 )
 from ..errors import Conflict, CrucibleError
+from ..output_policy import DISPLAY_KINDS, clean_output, trusted_types_from_env
 
 BANNER = (
     f"Python (Crucible isolated) {__version__} - Python {sys.version.split()[0]}\n"
@@ -264,6 +266,8 @@ class CrucibleKernel(Kernel):
 
     def _publish(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
+        if kind in DISPLAY_KINDS:
+            frame = clean_output(kind, frame, trusted_types_from_env())
         if kind == "stream":
             content = {"name": frame.get("name", "stdout"), "text": frame.get("text", "")}
         elif kind in ("display_data", "update_display_data"):

@@ -7,7 +7,9 @@ It promises:
 - the REST + WebSocket API under ``{base_url}crucible/api/`` (see :mod:`.handlers`);
 - kernels the server starts can reach that API with no configuration: the server's URL and a
   dedicated credential are put in the environment kernels inherit (``CRUCIBLE_SERVER_URL``,
-  ``CRUCIBLE_TOKEN``); the credential only opens the crucible API, as the server's user;
+  ``CRUCIBLE_TOKEN``); the credential only opens the crucible API, as the server's user; they
+  also get the dispatcher's ``trusted_output_types`` (``CRUCIBLE_TRUSTED_OUTPUT_TYPES``), so
+  the magic and the kernel apply the same output policy before they display;
 - while anything is queued or running, the server counts as active, so idle culling
   (``ServerApp.shutdown_no_activity_timeout``, JupyterHub's culler) does not stop it mid-cell.
 """
@@ -30,6 +32,7 @@ from .. import __version__
 from ..backends.local import CrucibleLocalBackend
 from ..dispatcher import Dispatcher
 from ..errors import Unavailable
+from ..output_policy import ENV_TRUSTED_TYPES
 from .base import KernelTokenIdentity
 
 ENV_SERVER_URL = "CRUCIBLE_SERVER_URL"
@@ -195,7 +198,11 @@ class CrucibleApp(ExtensionApp):
         return url if url.endswith("/") else url + "/"
 
     def _export_kernel_env(self) -> None:
-        values = {ENV_SERVER_URL: self.kernel_api_url(), ENV_TOKEN: self.kernel_token}
+        values = {
+            ENV_SERVER_URL: self.kernel_api_url(),
+            ENV_TOKEN: self.kernel_token,
+            ENV_TRUSTED_TYPES: ",".join(self.dispatcher.trusted_output_types),
+        }
         for key, value in values.items():
             if key not in self._saved_env:
                 self._saved_env[key] = os.environ.get(key)
