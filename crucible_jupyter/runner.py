@@ -10,7 +10,8 @@ Channels:
 
 * the runner's original fd 1 carries frames, one JSON object per line (see "The frame protocol"
   in ARCHITECTURE.md): ``start``, ``stream``, ``display_data``, ``update_display_data``,
-  ``execute_result``, ``clear_output``, ``error`` and finally ``end`` with the exit code;
+  ``execute_result``, ``clear_output``, ``error`` and finally ``end`` with the exit code
+  (and ``signal`` when a signal ended the cell);
 * with ``--code-file -`` (a warm sandbox, started before there is a cell) the first line on
   stdin is the cell itself, as JSON (see ``_receive_cell``); with ``--ready-line TEXT`` the
   runner first writes TEXT as a line to fd 1 once it is ready for it (after the
@@ -476,7 +477,8 @@ def _reap(pid, block=False):
 
 
 def _supervise(pid, out_r, err_r, ev_r, writer, control=b""):
-    """Relay the child's output until it ended; return its exit code (128+N for signal N).
+    """Relay the child's output until it ended; return its exit code (128+N for signal N)
+    and the signal that ended it (None when it exited).
 
     *control* holds stdin bytes already read (after a warm sandbox's cell line)."""
     POLLIN = select.POLLIN
@@ -605,7 +607,7 @@ def _supervise(pid, out_r, err_r, ev_r, writer, control=b""):
         writer.flush()
     for name, decoder in raw.values():
         writer.add_stream(name, decoder.decode(b"", True))
-    return _exit_code(status)
+    return _exit_code(status), os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
 
 
 def _interrupt(pid):
@@ -735,8 +737,10 @@ def main(argv=None):
     # SIGTERM (a pod being deleted: cancel) interrupts the cell, so its output still ends cleanly
     signal.signal(signal.SIGTERM, lambda signum, frame: _interrupt(pid))
     try:
-        code = _supervise(pid, out_r, err_r, ev_r, writer, control)
+        code, killed_by = _supervise(pid, out_r, err_r, ev_r, writer, control)
         end = {"exit_code": code}
+        if killed_by:  # what the exit code alone cannot say: a cell can exit with 137 too
+            end["signal"] = killed_by
         if writer.dropped:
             end["dropped_bytes"] = writer.dropped
         writer.add("end", end)

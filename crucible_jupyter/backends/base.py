@@ -33,10 +33,15 @@ class Outcome:
 
     ``exit_code`` is the process's exit status (128+N for a signal N). ``reason`` is a
     human-readable cause when the orchestrator knows one ("memory limit exceeded").
+    ``signal`` is the signal that ended the cell (or its sandbox) when the backend knows it
+    from something the cell cannot forge (the wait status of a process it spawned, the
+    runner's report of the cell's wait status); never inferred from ``exit_code``, which a
+    cell chooses (``SystemExit(137)``).
     """
 
     exit_code: int | None
     reason: str | None = None
+    signal: int | None = None
 
 
 @dataclass

@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -47,6 +48,10 @@ SANDBOX_DIR = "/opt/crucible"
 SANDBOX_UID = 65534
 #: Scratch folders are ``<tmp>/crucible-local-<pid>-<random>``.
 STATE_PREFIX = "crucible-local-"
+#: The runner's end frame (it may carry the signal that ended the cell).
+END_FRAME = re.compile(rb'\{"v":1,"seq":\d+,"t":\d+,"type":"end"[,}]')
+#: Longest wait, once the sandbox has exited, for its last frames to be read (normally none).
+END_FRAME_WAIT = 10.0
 #: Memory limit of a warm sandbox until it is handed a cell (then: the cell's limit).
 WARM_MEMORY = 256 << 20
 PASSWD = "sandbox:x:65534:65534:crucible sandbox:/tmp:/usr/sbin/nologin\n"
@@ -62,10 +67,19 @@ ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives", "/etc/fo
 #: /proc/sys files (kernel.core_pattern: a command the kernel runs as root) are allowed.
 SANDBOX_HOST_UID = 65534
 #: Runs as root in a private mount namespace before bubblewrap: binds the folders the sandbox
-#: needs where uid 65534 can reach them (a Python under /root), then drops to that uid.
+#: needs where uid 65534 can reach them (a Python under /root), says so in the launch report
+#: (a file, or -), then drops to that uid. ``$0`` uid, ``$1`` report, ``$2`` bind count.
 STAGE_SCRIPT = (
-    'n=$1; shift; while [ "$n" -gt 0 ]; do mount --bind "$1" "$2" || exit 125; shift 2;'
-    ' n=$((n - 1)); done; exec setpriv --reuid=$0 --regid=$0 --clear-groups -- "$@"'
+    'r=$1; n=$2; shift 2; while [ "$n" -gt 0 ]; do mount --bind "$1" "$2" || exit 125; shift 2;'
+    ' n=$((n - 1)); done; [ "$r" = - ] || echo staged >> "$r" || exit 125;'
+    ' exec setpriv --reuid=$0 --regid=$0 --clear-groups -- "$@"'
+)
+#: Joins the execution's cgroup(s) (``$CRUCIBLE_CGROUP_PROCS``), says so in the launch report
+#: (file ``$1``), then runs the rest. The cell cannot reach the report: its own exit code 125
+#: is only an exit code.
+PLACE_SCRIPT = (
+    'for f in $CRUCIBLE_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done;'
+    ' unset CRUCIBLE_CGROUP_PROCS; echo placed >> "$1" || exit 125; shift; exec "$@"'
 )
 
 
@@ -363,15 +377,19 @@ class CrucibleLocalBackend(Backend):
             out.append((str(spot), path))
         return out
 
-    def _drop_argv(self, binds: list[tuple[str, str]]) -> list[str]:
+    def _drop_argv(
+        self, binds: list[tuple[str, str]], report: _LaunchReport | None = None
+    ) -> list[str]:
         """As root: the launcher that binds ``binds`` (stand-in ← real folder) in a private
-        mount namespace and starts what follows as SANDBOX_HOST_UID. Empty otherwise."""
+        mount namespace, reports it on ``report`` and starts what follows as
+        SANDBOX_HOST_UID. Empty otherwise."""
         if not self._as_root:
             return []
         pairs = [a for spot, path in binds for a in (path, spot)]
+        path = "-" if report is None or report.path is None else report.path
         return [
             "unshare", "--mount", "--propagation", "private", "--",
-            "/bin/sh", "-c", STAGE_SCRIPT, str(SANDBOX_HOST_UID), str(len(binds)), *pairs,
+            "/bin/sh", "-c", STAGE_SCRIPT, str(SANDBOX_HOST_UID), path, str(len(binds)), *pairs,
         ]  # fmt: skip
 
     @cached_property
@@ -397,6 +415,13 @@ class CrucibleLocalBackend(Backend):
 
     # ----- starting ----------------------------------------------------------------------
 
+    def _launch_report(self, group: cgroups.Group | None, isolated: bool) -> _LaunchReport:
+        """The report of the launcher's steps for one sandbox: joining ``group``, and as root
+        the binds of an isolated sandbox."""
+        placed = ("placed",) if group is not None else ()
+        steps = (*placed, *(("staged",) if isolated and self._as_root else ()))
+        return _LaunchReport(steps, os.path.join(self._state_dir, "launch"))
+
     def _seccomp_fd(self) -> int | None:
         """A memfd holding the seccomp filter for one bubblewrap start (close it after)."""
         program = seccomp_program()
@@ -407,7 +432,12 @@ class CrucibleLocalBackend(Backend):
         os.lseek(fd, 0, os.SEEK_SET)
         return fd
 
-    def _bwrap_argv(self, code_fd: int | None, seccomp_fd: int | None = None) -> list[str]:
+    def _bwrap_argv(
+        self,
+        code_fd: int | None,
+        seccomp_fd: int | None = None,
+        report: _LaunchReport | None = None,
+    ) -> list[str]:
         argv = [
             self.bwrap_path or "bwrap",
             "--unshare-all",
@@ -478,7 +508,7 @@ class CrucibleLocalBackend(Backend):
         if seccomp_fd is not None:
             argv += ["--seccomp", str(seccomp_fd)]
         argv += ["--remount-ro", "/", "--chdir", "/tmp"]
-        return [*self._drop_argv(self._binds), *argv]
+        return [*self._drop_argv(self._binds, report), *argv]
 
     def _env(self, execution: Execution) -> dict[str, str]:
         return {**self._base_env(), **self._cell_env(execution)}
@@ -626,11 +656,12 @@ class CrucibleLocalBackend(Backend):
 
         code_fd = os.memfd_create("crucible-cell", 0) if isolated else None
         seccomp_fd = self._seccomp_fd() if isolated else None
+        report = self._launch_report(group, isolated)
         workdir = None
         if isolated:
             os.write(code_fd, req.code.encode("utf-8"))
             os.lseek(code_fd, 0, os.SEEK_SET)
-            argv = self._sandboxed_runner(self._env(execution), code_fd, seccomp_fd)
+            argv = self._sandboxed_runner(self._env(execution), code_fd, seccomp_fd, report)
             env = {}
             pass_fds = tuple(fd for fd in (code_fd, seccomp_fd) if fd is not None)
         else:
@@ -642,8 +673,9 @@ class CrucibleLocalBackend(Backend):
             pass_fds = ()
         argv += runner_args
         try:
-            proc = await self._exec(argv, env, group, pass_fds=pass_fds, cwd=workdir or "/")
+            proc = await self._exec(argv, env, group, report, pass_fds=pass_fds, cwd=workdir or "/")
         except OSError as e:
+            report.close()
             if group:
                 group.remove()
             raise Unavailable(f"could not start the sandbox: {e}") from e
@@ -659,17 +691,22 @@ class CrucibleLocalBackend(Backend):
             max_processes=self.max_processes,
             max_line=self.max_line_bytes,
             workdir=workdir,
+            report=report,
         )
 
     def _sandboxed_runner(
-        self, env: dict[str, str], code_fd: int | None, seccomp_fd: int | None
+        self,
+        env: dict[str, str],
+        code_fd: int | None,
+        seccomp_fd: int | None,
+        report: _LaunchReport,
     ) -> list[str]:
         """The bubblewrap command running the runner with ``env``: on the cell in ``code_fd``,
         or, without one, waiting for its cell on stdin (a warm sandbox)."""
         setenv = [a for k, v in env.items() for a in ("--setenv", k, v)]
         code_file = "-" if code_fd is None else f"{SANDBOX_DIR}/cell.py"
         return [
-            *self._bwrap_argv(code_fd, seccomp_fd),
+            *self._bwrap_argv(code_fd, seccomp_fd, report),
             *setenv,
             "--",
             self.python,
@@ -697,21 +734,16 @@ class CrucibleLocalBackend(Backend):
         argv: list[str],
         env: dict[str, str],
         group: cgroups.Group | None,
+        report: _LaunchReport,
         *,
         pass_fds: tuple[int, ...] = (),
         cwd: str = "/",
     ) -> asyncio.subprocess.Process:
-        """Start ``argv``; with a cgroup, the process joins it before exec'ing anything."""
+        """Start ``argv``; with a cgroup, the process joins it before exec'ing anything. The
+        launcher's steps are reported on ``report`` (see :class:`_LaunchReport`)."""
         if group is not None:
             env = {**env, "CRUCIBLE_CGROUP_PROCS": " ".join(group.procs_files())}
-            argv = [
-                "/bin/sh",
-                "-c",
-                'for f in $CRUCIBLE_CGROUP_PROCS; do echo $$ > "$f" || exit 125; done;'
-                ' unset CRUCIBLE_CGROUP_PROCS; exec "$@"',
-                "crucible-sandbox",
-                *argv,
-            ]
+            argv = ["/bin/sh", "-c", PLACE_SCRIPT, "crucible-sandbox", str(report.path), *argv]
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.PIPE,
@@ -753,6 +785,7 @@ class CrucibleLocalBackend(Backend):
         layout, _ = self.cgroup_layout
         group = None
         seccomp_fd = None
+        report = None
         try:
             seccomp_fd = self._seccomp_fd()
             if layout is not None:
@@ -763,18 +796,21 @@ class CrucibleLocalBackend(Backend):
                     cpu=1.0,
                     pids=self.max_processes,
                 )
-            argv = self._sandboxed_runner(self._base_env(), None, seccomp_fd)
+            report = self._launch_report(group, True)
+            argv = self._sandboxed_runner(self._base_env(), None, seccomp_fd, report)
             fds = () if seccomp_fd is None else (seccomp_fd,)
-            proc = await self._exec(argv, {}, group, pass_fds=fds)
+            proc = await self._exec(argv, {}, group, report, pass_fds=fds)
         except Exception as e:  # the next cell then starts a sandbox of its own
             self.log.warning("crucible: could not start a warm sandbox: %s", e)
+            if report is not None:
+                report.close()
             if group is not None:
                 await _off_loop(group.remove)
             return
         finally:
             if seccomp_fd is not None:
                 os.close(seccomp_fd)
-        warm = _Warm(proc, group)
+        warm = _Warm(proc, group, report)
         if self._closed:
             await self._discard(warm)
         else:
@@ -833,6 +869,7 @@ class CrucibleLocalBackend(Backend):
                 max_line=self.max_line_bytes,
                 workdir=None,
                 on_exit=self._keep_warm,
+                report=warm.report,
             )
         return None
 
@@ -847,6 +884,7 @@ class CrucibleLocalBackend(Backend):
             await warm.proc.wait()
         if warm.group is not None:
             await _off_loop(warm.group.remove)
+        warm.report.close()
 
     async def close(self) -> None:
         """End the warm sandboxes; remove the backend's scratch folder."""
@@ -920,6 +958,49 @@ class _Warm:
 
     proc: asyncio.subprocess.Process
     group: cgroups.Group | None
+    report: _LaunchReport
+
+
+class _LaunchReport:
+    """What the launcher did before it started bubblewrap (or the runner): each step it
+    finished (``placed`` in the cgroup, ``staged`` the binds as root) is appended as a word to
+    a file in the backend's state folder, which no sandbox has in view. An infrastructure
+    failure is a missing word, so a cell's exit code (125 for ``SystemExit(125)``) can neither
+    forge one nor hide one. (Not a pipe: /bin/sh may only name fds 0-9, and a pipe the
+    launcher could not close would reach the sandbox.)"""
+
+    #: Each step, and the reason an execution fails with when the launcher did not finish it.
+    REASONS = {
+        "placed": "could not place the sandbox in its cgroup",
+        "staged": "could not prepare the sandbox (binding its folders as root)",
+    }
+
+    def __init__(self, steps: tuple[str, ...], folder: str) -> None:
+        self.steps = steps
+        self.path: str | None = None
+        self._said: bytes | None = None
+        if steps:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            fd, self.path = tempfile.mkstemp(dir=folder, prefix="launch-")
+            os.close(fd)
+
+    def failure(self) -> str | None:
+        """The reason for the first step the launcher did not report (ask once it has
+        ended); None when every step was done."""
+        if self._said is None and self.path is not None:
+            with contextlib.suppress(OSError):
+                self._said = Path(self.path).read_bytes()
+        done = (self._said or b"").split()
+        missing = [s for s in self.steps if s.encode() not in done]
+        return self.REASONS[missing[0]] if missing else None
+
+    def close(self) -> None:
+        """Delete the file (what it said is kept for :meth:`failure`)."""
+        if self.path is not None:
+            self.failure()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            self.path = None
 
 
 class LocalSandbox(Sandbox):
@@ -935,10 +1016,14 @@ class LocalSandbox(Sandbox):
         max_processes: int,
         max_line: int,
         workdir: str | None,
+        report: _LaunchReport,
         on_exit: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(isolation=isolation)
         self._on_exit = on_exit
+        self.report = report
+        self._end: dict | None = None  # the runner's end frame
+        self._frames_read: asyncio.Event | None = None  # set once its frames are all read
         self.proc = proc
         self.group = group
         self.memory = memory
@@ -951,8 +1036,17 @@ class LocalSandbox(Sandbox):
         queue: asyncio.Queue = asyncio.Queue(maxsize=64)  # back-pressure on a flood
 
         async def pump(kind: str, reader: asyncio.StreamReader) -> None:
-            async for line, dropped in read_lines(reader, self.max_line):
-                await queue.put((kind, line, dropped))
+            try:
+                async for line, dropped in read_lines(reader, self.max_line):
+                    if kind == FRAMES and not dropped and END_FRAME.match(line):
+                        with contextlib.suppress(ValueError):
+                            self._end = json.loads(line)
+                    await queue.put((kind, line, dropped))
+            finally:
+                if kind == FRAMES:
+                    frames_read.set()
+
+        frames_read = self._frames_read = asyncio.Event()
 
         tasks = [
             asyncio.create_task(pump(FRAMES, self.proc.stdout)),
@@ -979,11 +1073,13 @@ class LocalSandbox(Sandbox):
                 await done
 
     async def wait(self) -> Outcome:
-        """Wait for exit; say whether a limit ended it; remove the cgroup."""
+        """Wait for exit; say whether a limit, the launcher or a signal ended it (each known
+        from something the cell cannot forge, never from its exit code); remove the cgroup."""
         rc = await self.proc.wait()
         if self._on_exit is not None:
             self._on_exit()
         code = 128 - rc if rc < 0 else rc
+        killed_by = -rc if rc < 0 else await self._reported_signal(code)
         reason = None
         if self.group is not None:
             if self.group.oom_killed():
@@ -993,11 +1089,23 @@ class LocalSandbox(Sandbox):
                     f"process limit reached ({self.max_processes} processes; {forks} forks refused)"
                 )
             await _off_loop(self.group.remove)
-        if code == 125 and self.group is not None and reason is None:
-            reason = "could not place the sandbox in its cgroup"
+        reason = reason or self.report.failure()
+        self.report.close()
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-        return Outcome(exit_code=code, reason=reason)
+        return Outcome(exit_code=code, reason=reason, signal=killed_by)
+
+    async def _reported_signal(self, code: int) -> int | None:
+        """The signal that ended the cell, as its runner reported it in its end frame (the
+        runner saw the cell's wait status; the cell cannot write frames), if the sandbox's
+        exit code agrees. None when the cell exited, or nothing was reported."""
+        if self._frames_read is not None:  # the end frame may still be on its way
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._frames_read.wait(), END_FRAME_WAIT)
+        signum = (self._end or {}).get("signal")
+        if isinstance(signum, int) and not isinstance(signum, bool) and code == 128 + signum:
+            return signum
+        return None
 
     async def interrupt(self) -> None:
         """Send ``interrupt`` to the runner, which raises KeyboardInterrupt in the cell."""

@@ -718,9 +718,9 @@ class CrucibleDispatcher(LoggingConfigurable):
         if err and (code == 1 or (code == 130 and err["ename"] == "KeyboardInterrupt")):
             text = f"{err['ename']}: {err['evalue']}" if err["evalue"] else err["ename"]
             return Status.FAILED, text[:500]
-        if code is not None and code > 128:
+        if outcome.signal:  # known, never guessed from the code: a cell can exit with 137
             with contextlib.suppress(ValueError):
-                return Status.FAILED, f"killed by {signal.Signals(code - 128).name}"
+                return Status.FAILED, f"killed by {signal.Signals(outcome.signal).name}"
         return Status.FAILED, f"exited with code {code}"
 
     async def _stop_sandbox(self, run: _Run) -> None:

@@ -414,7 +414,9 @@ async def test_kill_everything_ends_only_the_sandbox(dispatcher):
         code = "import os, signal\nprint('bye', flush=True)\nos.kill(-1, signal.SIGKILL)"
         execution, _ = await run_cell(dispatcher, code)
         assert execution.status is Status.FAILED
-        assert execution.reason == "killed by SIGKILL"
+        # the runner was killed before it could report how the cell ended: all that is known
+        # is the sandbox's exit code (bubblewrap's 128+9), which a cell can choose too
+        assert execution.reason == "exited with code 137"
         assert host.poll() is None
     finally:
         host.kill()
@@ -760,3 +762,27 @@ def test_group_kill_ends_a_forking_tree(cgroup):
     finally:
         bomb.kill()
         bomb.wait()
+
+
+@pytest.mark.parametrize("warm", [2, 0], ids=["warm", "cold"])
+@pytest.mark.parametrize(
+    "code,reason",
+    [
+        ("raise SystemExit(125)", "exited with code 125"),  # was "could not place the sandbox"
+        ("raise SystemExit(137)", "exited with code 137"),  # was "killed by SIGKILL"
+        ("import os\nos._exit(137)", "exited with code 137"),
+        ("import os\nos._exit(139)", "exited with code 139"),
+        # a real signal, seen by the runner in the cell's wait status
+        ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "killed by SIGKILL"),
+        ("import ctypes\nctypes.string_at(0)", "killed by SIGSEGV"),
+    ],
+    ids=["exit125", "exit137", "_exit137", "_exit139", "sigkill", "sigsegv"],
+)
+async def test_a_cell_cannot_forge_a_reason(make_dispatcher, warm, code, reason):
+    """An exit code is only an exit code: infrastructure failures (the cgroup placement) and
+    signals are known from what the cell cannot write (the launcher's report, a wait status)."""
+    d = await make_dispatcher(local={"warm_sandboxes": warm})
+    execution, events = await run_cell(d, code)
+    assert execution.status is Status.FAILED
+    assert execution.reason == reason, stream_text(events)
+    assert execution.exit_code == int(reason.rsplit(" ", 1)[1]) if "code" in reason else True
