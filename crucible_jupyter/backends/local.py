@@ -40,7 +40,7 @@ from traitlets import Bool, Integer, List, Unicode, default
 
 from ..errors import InvalidRequest, Unavailable
 from ..models import Execution, ExecutionRequest, format_bytes
-from . import cgroups
+from . import cgroups, uids
 from .base import FRAMES, STDERR, Backend, Check, Outcome, Sandbox, read_lines
 
 RUNNER = Path(__file__).resolve().parent.parent / "runner.py"
@@ -62,10 +62,14 @@ EXPOSURE_FIX = (
     " c.CrucibleLocalBackend.python; keep extra_ro_binds to folders without secrets"
 )
 ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives", "/etc/fonts")
-#: When crucible runs as root, bubblewrap is started as this host uid/gid (nobody) instead:
-#: bubblewrap started by root maps the sandbox's user to host root, whose writes to host-wide
-#: /proc/sys files (kernel.core_pattern: a command the kernel runs as root) are allowed.
-SANDBOX_HOST_UID = 65534
+#: When crucible runs as root, bubblewrap is started as a host uid of the sandbox's own (from
+#: ``uid_range``, see uids.py) instead: bubblewrap started by root maps the sandbox's user to
+#: host root, whose writes to host-wide /proc/sys files (kernel.core_pattern: a command the
+#: kernel runs as root) are allowed. Inside, the cell is uid 65534 whatever its host uid.
+#: Per-uid rlimits of that uid: processes (above ``max_processes``, so that the cgroup, which
+#: names the cause, refuses first; the only process limit where no cgroup can be had) and
+#: POSIX message-queue bytes (the kernel's default is 800 KiB).
+MSGQUEUE_BYTES = 256 << 10
 #: Runs as root in a private mount namespace before bubblewrap: binds the folders the sandbox
 #: needs where uid 65534 can reach them (a Python under /root), says so in the launch report
 #: (a file, or -), then drops to that uid. ``$0`` uid, ``$1`` report, ``$2`` bind count.
@@ -224,6 +228,22 @@ class CrucibleLocalBackend(Backend):
         True, help="Use per-execution cgroups for memory, pids and CPU when available."
     ).tag(config=True)
 
+    uid_range = Unicode(
+        uids.DEFAULT_RANGE,
+        help="""Host uids for sandboxes, "FIRST-LAST", when crucible runs as root: each
+        running sandbox (warm ones too) runs as one of its own, so per-user kernel limits
+        (inotify instances, message-queue bytes, fanotify groups, processes) are not shared
+        between sandboxes or with the host's users. No user of the host may have a uid in it.
+        The default lies between the ranges systemd gives to containers and to its "foreign"
+        uids. Not root: every sandbox runs as crucible's own user (see `crucible doctor`).""",
+    ).tag(config=True)
+
+    uid_lock_dir = Unicode(
+        uids.DEFAULT_FOLDER,
+        help="""Folder of the lock files that lease the uids of ``uid_range`` host-wide (every
+        dispatcher on the host must use the same one).""",
+    ).tag(config=True)
+
     warm_sandboxes = Integer(
         2,
         help="""Sandboxes kept started and waiting for a cell, so a cell skips the start-up of
@@ -254,17 +274,19 @@ class CrucibleLocalBackend(Backend):
         if not self.bwrap_path:
             return "bubblewrap (bwrap) is not installed"
         if self._as_root:
-            missing = [t for t in ("unshare", "setpriv", "mount") if not shutil.which(t)]
+            missing = [t for t in ("unshare", "setpriv", "prlimit", "mount") if not shutil.which(t)]
             if missing:
                 return (
                     f"crucible runs as root and needs {', '.join(missing)} (util-linux) to start"
-                    f" bubblewrap as uid {SANDBOX_HOST_UID}: started by root, a sandbox's user"
-                    " would be host root"
+                    " bubblewrap as a uid of the sandbox's own: started by root, a sandbox's"
+                    " user would be host root"
                 )
+        lease = None
         try:
+            lease = self._uid_leases.take() if self._as_root else None
             probe = subprocess.run(
                 [
-                    *self._drop_argv([]),
+                    *self._drop_argv([], uid=lease.uid if lease else None),
                     self.bwrap_path,
                     "--unshare-all",
                     "--unshare-user",
@@ -280,8 +302,11 @@ class CrucibleLocalBackend(Backend):
                 timeout=20,
                 text=True,
             )
-        except (OSError, subprocess.TimeoutExpired) as e:
+        except (OSError, subprocess.TimeoutExpired, ValueError, Unavailable) as e:
             return f"bubblewrap could not start: {e}"
+        finally:
+            if lease is not None:
+                lease.release()
         if probe.returncode != 0:
             return f"bubblewrap cannot create namespaces here: {probe.stderr.strip()}"
         return None
@@ -345,13 +370,24 @@ class CrucibleLocalBackend(Backend):
 
     @cached_property
     def _as_root(self) -> bool:
-        """True when crucible runs as root: sandboxes are then started as SANDBOX_HOST_UID."""
+        """True when crucible runs as root: each sandbox is then started as a host uid of its
+        own, from ``uid_range``."""
         return os.geteuid() == 0
+
+    @cached_property
+    def _uid_leases(self) -> uids.UidLeases:
+        """The host uids of sandboxes (as root), leased host-wide: see uids.py."""
+        first, last = uids.parse_range(self.uid_range)
+        return uids.UidLeases(first, last, self.uid_lock_dir)
+
+    def _take_uid(self, isolated: bool) -> uids.Lease | None:
+        """A host uid for one isolated sandbox, when crucible runs as root (None otherwise)."""
+        return self._uid_leases.take() if isolated and self._as_root else None
 
     @cached_property
     def _state_dir(self) -> str:
         d = tempfile.mkdtemp(prefix=f"{STATE_PREFIX}{os.getpid()}-")
-        os.chmod(d, 0o755)  # bubblewrap may run as SANDBOX_HOST_UID; nothing secret in here
+        os.chmod(d, 0o755)  # bubblewrap may run as a sandbox's uid; nothing secret in here
         Path(d, "passwd").write_text(PASSWD)
         Path(d, "group").write_text(GROUP)
         return d
@@ -378,18 +414,26 @@ class CrucibleLocalBackend(Backend):
         return out
 
     def _drop_argv(
-        self, binds: list[tuple[str, str]], report: _LaunchReport | None = None
+        self,
+        binds: list[tuple[str, str]],
+        report: _LaunchReport | None = None,
+        uid: int | None = None,
     ) -> list[str]:
         """As root: the launcher that binds ``binds`` (stand-in ← real folder) in a private
-        mount namespace, reports it on ``report`` and starts what follows as
-        SANDBOX_HOST_UID. Empty otherwise."""
+        mount namespace, reports it in ``report`` and starts what follows as host ``uid``
+        (the sandbox's own), with low per-uid rlimits. Empty otherwise."""
         if not self._as_root:
             return []
+        if uid is None:
+            raise ValueError("a sandbox started by root needs a uid of its own")
         pairs = [a for spot, path in binds for a in (path, spot)]
         path = "-" if report is None or report.path is None else report.path
+        nproc = self.max_processes + 16
         return [
             "unshare", "--mount", "--propagation", "private", "--",
-            "/bin/sh", "-c", STAGE_SCRIPT, str(SANDBOX_HOST_UID), path, str(len(binds)), *pairs,
+            "/bin/sh", "-c", STAGE_SCRIPT, str(uid), path, str(len(binds)), *pairs,
+            "prlimit", f"--nproc={nproc}:{nproc}",
+            f"--msgqueue={MSGQUEUE_BYTES}:{MSGQUEUE_BYTES}", "--",
         ]  # fmt: skip
 
     @cached_property
@@ -437,6 +481,7 @@ class CrucibleLocalBackend(Backend):
         code_fd: int | None,
         seccomp_fd: int | None = None,
         report: _LaunchReport | None = None,
+        uid: int | None = None,
     ) -> list[str]:
         argv = [
             self.bwrap_path or "bwrap",
@@ -508,7 +553,7 @@ class CrucibleLocalBackend(Backend):
         if seccomp_fd is not None:
             argv += ["--seccomp", str(seccomp_fd)]
         argv += ["--remount-ro", "/", "--chdir", "/tmp"]
-        return [*self._drop_argv(self._binds, report), *argv]
+        return [*self._drop_argv(self._binds, report, uid), *argv]
 
     def _env(self, execution: Execution) -> dict[str, str]:
         return {**self._base_env(), **self._cell_env(execution)}
@@ -574,6 +619,28 @@ class CrucibleLocalBackend(Backend):
                     fix="set c.CrucibleLocalBackend.python to a working interpreter",
                 )
             )
+        if problem is None and self._as_root:
+            out.append(
+                Check(
+                    "sandbox users",
+                    True,
+                    f"each sandbox runs as a host uid of its own, from {self.uid_range} (uid"
+                    " 65534 inside): per-user kernel limits are not shared",
+                )
+            )
+        elif problem is None:
+            out.append(
+                Check(
+                    "sandbox users",
+                    False,
+                    f"every sandbox runs as your uid {os.geteuid()} (65534 inside): per-user"
+                    " kernel limits (inotify instances, message-queue bytes, processes) are"
+                    " shared between sandboxes and with your own processes",
+                    fix="run crucible as root: each sandbox then gets a host uid of its own"
+                    " (c.CrucibleLocalBackend.uid_range)",
+                    severity="warning",
+                )
+            )
         if problem is None:
             n = self.warm_sandboxes
             out.append(
@@ -637,6 +704,7 @@ class CrucibleLocalBackend(Backend):
                 return warm
         req = execution.request
         layout, _ = self.cgroup_layout
+        lease = self._take_uid(isolated)
         group = None
         if layout is not None:
             try:
@@ -661,7 +729,9 @@ class CrucibleLocalBackend(Backend):
         if isolated:
             os.write(code_fd, req.code.encode("utf-8"))
             os.lseek(code_fd, 0, os.SEEK_SET)
-            argv = self._sandboxed_runner(self._env(execution), code_fd, seccomp_fd, report)
+            argv = self._sandboxed_runner(
+                self._env(execution), code_fd, seccomp_fd, report, lease.uid if lease else None
+            )
             env = {}
             pass_fds = tuple(fd for fd in (code_fd, seccomp_fd) if fd is not None)
         else:
@@ -678,6 +748,8 @@ class CrucibleLocalBackend(Backend):
             report.close()
             if group:
                 group.remove()
+            if lease:
+                lease.release()
             raise Unavailable(f"could not start the sandbox: {e}") from e
         finally:
             for fd in (code_fd, seccomp_fd):
@@ -692,6 +764,7 @@ class CrucibleLocalBackend(Backend):
             max_line=self.max_line_bytes,
             workdir=workdir,
             report=report,
+            lease=lease,
         )
 
     def _sandboxed_runner(
@@ -700,13 +773,15 @@ class CrucibleLocalBackend(Backend):
         code_fd: int | None,
         seccomp_fd: int | None,
         report: _LaunchReport,
+        uid: int | None,
     ) -> list[str]:
         """The bubblewrap command running the runner with ``env``: on the cell in ``code_fd``,
-        or, without one, waiting for its cell on stdin (a warm sandbox)."""
+        or, without one, waiting for its cell on stdin (a warm sandbox); as host ``uid``
+        when crucible runs as root."""
         setenv = [a for k, v in env.items() for a in ("--setenv", k, v)]
         code_file = "-" if code_fd is None else f"{SANDBOX_DIR}/cell.py"
         return [
-            *self._bwrap_argv(code_fd, seccomp_fd, report),
+            *self._bwrap_argv(code_fd, seccomp_fd, report, uid),
             *setenv,
             "--",
             self.python,
@@ -786,8 +861,10 @@ class CrucibleLocalBackend(Backend):
         group = None
         seccomp_fd = None
         report = None
+        lease = None
         try:
             seccomp_fd = self._seccomp_fd()
+            lease = self._take_uid(True)
             if layout is not None:
                 group = cgroups.Group.create(
                     layout,
@@ -797,7 +874,8 @@ class CrucibleLocalBackend(Backend):
                     pids=self.max_processes,
                 )
             report = self._launch_report(group, True)
-            argv = self._sandboxed_runner(self._base_env(), None, seccomp_fd, report)
+            uid = lease.uid if lease else None
+            argv = self._sandboxed_runner(self._base_env(), None, seccomp_fd, report, uid)
             fds = () if seccomp_fd is None else (seccomp_fd,)
             proc = await self._exec(argv, {}, group, report, pass_fds=fds)
         except Exception as e:  # the next cell then starts a sandbox of its own
@@ -806,11 +884,13 @@ class CrucibleLocalBackend(Backend):
                 report.close()
             if group is not None:
                 await _off_loop(group.remove)
+            if lease is not None:
+                lease.release()
             return
         finally:
             if seccomp_fd is not None:
                 os.close(seccomp_fd)
-        warm = _Warm(proc, group, report)
+        warm = _Warm(proc, group, report, lease)
         if self._closed:
             await self._discard(warm)
         else:
@@ -870,6 +950,7 @@ class CrucibleLocalBackend(Backend):
                 workdir=None,
                 on_exit=self._keep_warm,
                 report=warm.report,
+                lease=warm.lease,
             )
         return None
 
@@ -885,6 +966,8 @@ class CrucibleLocalBackend(Backend):
         if warm.group is not None:
             await _off_loop(warm.group.remove)
         warm.report.close()
+        if warm.lease is not None:
+            warm.lease.release()  # nothing of the sandbox runs any more
 
     async def close(self) -> None:
         """End the warm sandboxes; remove the backend's scratch folder."""
@@ -959,6 +1042,7 @@ class _Warm:
     proc: asyncio.subprocess.Process
     group: cgroups.Group | None
     report: _LaunchReport
+    lease: uids.Lease | None  # its host uid, as root
 
 
 class _LaunchReport:
@@ -1017,11 +1101,13 @@ class LocalSandbox(Sandbox):
         max_line: int,
         workdir: str | None,
         report: _LaunchReport,
+        lease: uids.Lease | None = None,
         on_exit: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(isolation=isolation)
         self._on_exit = on_exit
         self.report = report
+        self.lease = lease
         self._end: dict | None = None  # the runner's end frame
         self._frames_read: asyncio.Event | None = None  # set once its frames are all read
         self.proc = proc
@@ -1091,6 +1177,8 @@ class LocalSandbox(Sandbox):
             await _off_loop(self.group.remove)
         reason = reason or self.report.failure()
         self.report.close()
+        if self.lease is not None:  # the cgroup is empty, or bubblewrap's init is gone
+            self.lease.release()
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         return Outcome(exit_code=code, reason=reason, signal=killed_by)

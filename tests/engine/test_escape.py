@@ -24,7 +24,7 @@ from crucible_jupyter.models import Status
 
 from .conftest import run_cell, stream_text
 
-SANDBOX_HOST_UID = 65534
+NOBODY = 65534  # the host user every sandbox ran as, before each had a uid of its own
 
 PROBES = r"""
 import ctypes, errno, glob, json, os, socket, subprocess
@@ -318,9 +318,10 @@ async def test_escape_attempt_is_stopped(probe_results, probe, expected):
     assert probe_results[probe] == expected
 
 
-def _sandbox_processes() -> dict[int, tuple[int, str]]:
-    """Host pid → (real uid, command line) of the sandboxes this test process's dispatchers
-    started: each bubblewrap process and everything under it (runners, cells)."""
+def _sandboxes() -> dict[int, dict[int, tuple[int, str]]]:
+    """The sandboxes this test process's dispatchers started, seen from the host: for each
+    outermost bubblewrap process, host pid → (real uid, command line) of it and everything
+    under it (runners, cells)."""
     info = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -330,38 +331,62 @@ def _sandbox_processes() -> dict[int, tuple[int, str]]:
             continue
         fields = dict(line.split(":", 1) for line in status if ":" in line)
         info[int(pid)] = (int(fields["PPid"]), int(fields["Uid"].split()[0]), cmd)
-    mine, grew = {os.getpid()}, True
-    while grew:
-        more = {pid for pid, (ppid, _, _) in info.items() if ppid in mine} - mine
-        mine |= more
-        grew = bool(more)
+
+    def tree(top: int) -> set[int]:
+        out, grew = {top}, True
+        while grew:
+            more = {pid for pid, (ppid, _, _) in info.items() if ppid in out} - out
+            out |= more
+            grew = bool(more)
+        return out
+
+    def bwrap(pid: int) -> bool:
+        return pid in info and "bwrap" in info[pid][2].split(" ", 1)[0]
+
     # only the sandboxes: the bubblewrap processes and what runs under them (a browser the
     # session's browser tests keep open is a descendant too, and not a sandbox)
-    tops = {pid for pid in mine if "bwrap" in info[pid][2].split(" ", 1)[0]}
-    sandbox, grew = set(tops), True
-    while grew:
-        more = {pid for pid, (ppid, _, _) in info.items() if ppid in sandbox} - sandbox
-        sandbox |= more
-        grew = bool(more)
-    return {pid: info[pid][1:] for pid in sandbox}
+    tops = {pid for pid in tree(os.getpid()) if bwrap(pid) and not bwrap(info[pid][0])}
+    return {top: {pid: info[pid][1:] for pid in tree(top) if pid in info} for top in tops}
+
+
+def _sandbox_processes() -> dict[int, tuple[int, str]]:
+    """Host pid → (real uid, command line) of every process of :func:`_sandboxes`."""
+    return {pid: p for procs in _sandboxes().values() for pid, p in procs.items()}
+
+
+def _sandbox_uid_range() -> range:
+    from crucible_jupyter.backends import uids
+
+    first, last = uids.parse_range(uids.DEFAULT_RANGE)
+    return range(first, last + 1)
 
 
 @pytest.mark.parametrize("warm", [2, 0], ids=["warm", "cold"])
 async def test_sandbox_user_is_not_host_root(make_dispatcher, warm):
     """Started by root, bubblewrap mapped the sandbox's user to host root: its writes to
     host-wide /proc/sys files (kernel.core_pattern) went through. Seen from the host, every
-    sandbox process must belong to an unprivileged user."""
+    sandbox process must belong to an unprivileged user: as root, one of the sandbox's own
+    (per-user kernel limits were shared by every sandbox when all ran as uid 65534)."""
     d = await make_dispatcher(local={"warm_sandboxes": warm})
-    execution = await d.submit({"code": "import time\nprint('ready', flush=True)\ntime.sleep(60)"})
-    async for event in d.subscribe(execution.id):
-        if event.type == "stream" and "ready" in event.data["text"]:
-            break
-    procs = _sandbox_processes()
-    await d.cancel(execution.id)
-    runners = [cmd for _, cmd in procs.values() if "/opt/crucible/runner" in cmd]
-    assert len(runners) >= 2, procs  # the runner and the cell (and warm ones)
-    expected = SANDBOX_HOST_UID if os.geteuid() == 0 else os.geteuid()
-    assert {uid for uid, _ in procs.values()} == {expected}, procs
+    cell = "import time\nprint('ready', flush=True)\ntime.sleep(60)"
+    executions = [await d.submit({"code": cell}) for _ in range(2)]
+    for execution in executions:  # both run at once
+        async for event in d.subscribe(execution.id):
+            if event.type == "stream" and "ready" in event.data["text"]:
+                break
+    sandboxes = _sandboxes()
+    for execution in executions:
+        await d.cancel(execution.id)
+    runners = [cmd for p in sandboxes.values() for _, cmd in p.values() if "runner" in cmd]
+    assert len(runners) >= 4, sandboxes  # two runners and their cells (and warm ones)
+    users = [{uid for uid, _ in procs.values()} for procs in sandboxes.values()]
+    assert all(len(u) == 1 for u in users), sandboxes  # one user per sandbox
+    users = [u.pop() for u in users]
+    if os.geteuid() == 0:
+        assert len(set(users)) == len(users) >= 2, sandboxes  # a host uid of its own each
+        assert all(uid in _sandbox_uid_range() for uid in users), users
+    else:
+        assert set(users) == {os.geteuid()}
 
 
 DAEMON = textwrap.dedent("""
@@ -408,7 +433,7 @@ async def test_kill_everything_ends_only_the_sandbox(dispatcher):
     the user the sandbox runs as)."""
     host = subprocess.Popen(
         ["sleep", "60"],
-        **({"user": SANDBOX_HOST_UID, "group": SANDBOX_HOST_UID} if os.geteuid() == 0 else {}),
+        **({"user": NOBODY, "group": NOBODY} if os.geteuid() == 0 else {}),
     )
     try:
         code = "import os, signal\nprint('bye', flush=True)\nos.kill(-1, signal.SIGKILL)"
@@ -786,3 +811,69 @@ async def test_a_cell_cannot_forge_a_reason(make_dispatcher, warm, code, reason)
     assert execution.status is Status.FAILED
     assert execution.reason == reason, stream_text(events)
     assert execution.exit_code == int(reason.rsplit(" ", 1)[1]) if "code" in reason else True
+
+
+PER_USER = textwrap.dedent("""
+    import ctypes, errno, os, time
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def count(make, most):  # how many could be made, and why no more
+        made = 0
+        while made < most:
+            if make(made) < 0:
+                return made, errno.errorcode.get(ctypes.get_errno(), "?")
+            made += 1
+        return made, "ok"
+
+    inotify = lambda i: libc.inotify_init1(0)
+    mqueue = lambda i: libc.mq_open(f"/crucible-{{os.getpid()}}-{{i}}".encode(), 0o102, 0o600, None)
+    fanotify = lambda i: libc.fanotify_init(0x200, 0)  # FAN_REPORT_FID: allowed unprivileged
+    MOST = {most}
+    print("inotify", *count(inotify, MOST), "mqueue", *count(mqueue, MOST),
+          "fanotify", *count(fanotify, MOST), flush=True)
+    if MOST > 1:
+        time.sleep(60)
+""")
+
+
+def _counts(line: str) -> dict[str, tuple[int, str]]:
+    words = line.split()
+    return {words[i]: (int(words[i + 1]), words[i + 2]) for i in range(0, len(words), 3)}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="sandboxes have uids of their own only as root")
+@pytest.mark.parametrize("warm", [2, 0], ids=["warm", "cold"])
+async def test_per_user_kernel_limits_are_not_shared(make_dispatcher, warm):
+    """Inotify instances, message-queue bytes and fanotify groups are limited per user: while
+    all sandboxes ran as host uid 65534, one cell holding its 128 inotify instances made every
+    other sandbox, and the host's processes of that uid, get EMFILE. With a host uid of its
+    own each, a cell exhausting them leaves another sandbox and the host's users theirs."""
+    d = await make_dispatcher(local={"warm_sandboxes": warm})
+    hog = await d.submit({"code": PER_USER.format(most=100_000), "timeout": 120})
+    said = ""
+    async for event in d.subscribe(hog.id):
+        if event.type == "stream":
+            said += event.data["text"]
+            if said.endswith("\n"):
+                break
+    try:
+        held = _counts(said)
+        assert held["inotify"] == (
+            int(Path("/proc/sys/fs/inotify/max_user_instances").read_text()),
+            "EMFILE",
+        ), held
+        assert held["mqueue"][1] == "EMFILE" and held["mqueue"][0] >= 1, held
+        other, events = await run_cell(d, PER_USER.format(most=1))
+        assert other.status is Status.SUCCEEDED, (other.reason, stream_text(events))
+        theirs = _counts(stream_text(events, "stdout"))
+        host = subprocess.run(
+            ["/usr/bin/python3", "-I", "-c", PER_USER.format(most=1)],
+            user=NOBODY, group=NOBODY, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        await d.cancel(hog.id)
+    assert theirs["inotify"] == theirs["mqueue"] == (1, "ok"), theirs
+    assert _counts(host.stdout)["inotify"] == _counts(host.stdout)["mqueue"] == (1, "ok"), host
+    if held["fanotify"][0] > 0:  # permitted to unprivileged users on this kernel
+        assert held["fanotify"][1] == "EMFILE", held
+        assert theirs["fanotify"] == _counts(host.stdout)["fanotify"] == (1, "ok"), theirs
