@@ -696,7 +696,7 @@ def main(argv=None):
     if source is None:  # a warm sandbox: everything is loaded, now wait for the cell
         if target:  # ...once isolated: a warm pod must not be handed a cell before
             isolated = _await_isolation(target, opts["isolation_timeout"] or 30)
-        if isolated is True:
+        if not target or isolated is True:  # (a local sandbox has nothing to wait for)
             if opts["ready_line"]:  # tell whoever waits for this sandbox that it is ready
                 os.write(1, opts["ready_line"].encode("utf-8") + b"\n")
             source, control = _receive_cell(opts)
