@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -26,10 +25,11 @@ from traitlets.config import Config
 
 from .errors import CrucibleError
 from .models import Event, Execution, Status, format_bytes
+from .terminal import Output, escape
 
 EXIT_TIMED_OUT = 124
 EXIT_CANCELLED = 130
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline
+_TONES = {"succeeded": "ok", "failed": "bad", "timed_out": "bad", "cancelled": "bad"}
 
 
 def load_config(db_url: str | None) -> Config:
@@ -81,21 +81,24 @@ def exit_code_for(execution: Execution) -> int:
     return code if code and 0 < code < 256 else 1
 
 
-def render(event: Event, out=sys.stdout, err=sys.stderr, quiet: bool = False) -> None:
-    """Print one event the way a terminal user expects."""
+def render(event: Event, output: Output, quiet: bool = False) -> None:
+    """Show one event the way a terminal user expects (``output`` escapes what a cell wrote
+    where it reaches a terminal, and styles crucible's own lines there)."""
     d = event.data
     if event.type == "stream":
-        (err if d.get("name") == "stderr" else out).write(d.get("text", ""))
+        name = "stderr" if d.get("name") == "stderr" else "stdout"
+        output.cell(name, str(d.get("text", "")), keep_cr=True)
     elif event.type in ("display_data", "execute_result"):
         data = d.get("data", {})
         text = data.get("text/plain")
-        others = [k for k in data if k != "text/plain"]
+        others = [str(k) for k in data if k != "text/plain"]
         if text is not None:
-            out.write(str(text) + "\n")
+            output.cell("stdout", str(text) + "\n")
         if others and not quiet:
-            err.write(f"[crucible] rich output ({', '.join(others)}): open it in Jupyter to view\n")
+            output.line(f"rich output ({', '.join(others)}): open it in Jupyter to view")
     elif event.type == "error":
-        err.write("\n".join(d.get("traceback") or [f"{d.get('ename')}: {d.get('evalue')}"]) + "\n")
+        lines = d.get("traceback") or [f"{d.get('ename')}: {d.get('evalue')}"]
+        output.cell("stderr", "\n".join(str(line) for line in lines) + "\n")
     elif event.type == "status" and not quiet:
         status = d.get("status")
         extra = ""
@@ -105,9 +108,7 @@ def render(event: Event, out=sys.stdout, err=sys.stderr, quiet: bool = False) ->
             extra = f": {d['reason']}"
         if d.get("duration_ms") is not None:
             extra += f" in {d['duration_ms'] / 1000:.2f} s"
-        err.write(f"[crucible] {status}{extra}\n")
-    out.flush()
-    err.flush()
+        output.line(f"{status}{extra}", tone=_TONES.get(str(status)))
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
@@ -133,12 +134,16 @@ async def cmd_run(args: argparse.Namespace) -> int:
             return 2
         env[name] = value
     request["env"] = env
+    # written from a thread, never blocking this loop (it enforces the timeout): a reader
+    # that does not keep up loses output, and is told so, instead of stalling the run
+    output = Output(background=True)
     dispatcher = make_dispatcher(args)
     await dispatcher.start()
     try:
         execution = await dispatcher.submit(request, user=os.environ.get("USER", "local"))
+        output.hint = execution.id
         if not args.quiet and not args.json:
-            print(f"[crucible] execution {execution.id}", file=sys.stderr)
+            output.line(f"execution {execution.id}")
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -147,35 +152,37 @@ async def cmd_run(args: argparse.Namespace) -> int:
         async def follow() -> None:
             async for event in dispatcher.subscribe(execution.id):
                 if args.json:
-                    print(json.dumps(event.to_dict()), flush=True)
+                    output.json(json.dumps(event.to_dict()))
                 else:
-                    render(event, quiet=args.quiet)
+                    render(event, output, quiet=args.quiet)
 
         follower = asyncio.create_task(follow())
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait([follower, stopper], return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set() and not follower.done():
-            print("\n[crucible] cancelling…", file=sys.stderr)
+            output.line("cancelling…")
             with contextlib.suppress(CrucibleError):
                 await dispatcher.cancel(execution.id)
             await follower
         stopper.cancel()
         final = await dispatcher.wait(execution.id)
         if final.isolation == "none" and not args.quiet:
-            print(
-                "[crucible] WARNING: this cell ran WITHOUT isolation; see `crucible doctor`",
-                file=sys.stderr,
+            output.line(
+                "WARNING: this cell ran WITHOUT isolation; see `crucible doctor`", tone="bad"
             )
         return exit_code_for(final)
     finally:
-        await dispatcher.stop()
+        try:
+            await dispatcher.stop()
+        finally:  # the run is over and recorded: what is left only waits for the reader
+            await asyncio.to_thread(output.close)
 
 
 def _short(text: str, width: int) -> str:
     """The first non-blank line of ``text`` in at most ``width`` characters, with control
     characters shown escaped (a cell's code must not drive the reader's terminal)."""
     line = next((ln for ln in text.splitlines() if ln.strip()), "")
-    line = _CONTROL.sub(lambda m: repr(m.group())[1:-1], line)
+    line = escape(line)
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
@@ -212,27 +219,29 @@ async def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**execution.to_dict(), "events": [e.to_dict() for e in events]}))
         return 0
+    output = Output()
     d = execution.to_dict()
     for key in ("id", "status", "reason", "exit_code", "user", "backend", "isolation"):
         if d.get(key) is not None:
-            print(f"{key + ':':12} {d[key]}")
-    print(f"{'created:':12} {_when(execution.created_at)}")
+            output.text(f"{key + ':':12} {d[key]}\n")
+    output.text(f"{'created:':12} {_when(execution.created_at)}\n")
     if execution.duration_ms is not None:
-        print(f"{'duration:':12} {execution.duration_ms / 1000:.3f} s")
-    print(
+        output.text(f"{'duration:':12} {execution.duration_ms / 1000:.3f} s\n")
+    output.text(
         f"{'output:':12} {format_bytes(execution.output_bytes)}"
         + (
             f" (truncated, {format_bytes(execution.dropped_bytes)} dropped)"
             if execution.truncated
             else ""
         )
+        + "\n"
     )
-    print("--- code ---")
-    print(execution.request.code.rstrip("\n"))
-    print("--- output ---")
+    output.text("--- code ---\n")
+    output.text(execution.request.code.rstrip("\n") + "\n")
+    output.text("--- output ---\n")
     for event in events:
         if event.type != "status":
-            render(event, quiet=True)
+            render(event, output, quiet=True)
     return 0
 
 
@@ -242,7 +251,7 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
         execution = await dispatcher.cancel(args.id)
     print(
         f"{execution.id}: {execution.status.value}"
-        + (f" ({execution.reason})" if execution.reason else "")
+        + (f" ({escape(execution.reason)})" if execution.reason else "")
     )
     return 0 if execution.status.terminal else 1
 

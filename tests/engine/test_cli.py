@@ -78,7 +78,7 @@ def test_doctor_reports_bubblewrap(crucible):
 
 
 def test_history_does_not_pass_a_cells_control_characters_to_the_terminal(crucible):
-    crucible("run", "-", input="'\x1b[2J\x1b]0;owned\x07'  # clears the screen, retitles")
+    crucible("run", "-", input="'\x1b[2J\x1b]0;owned\x07\u202e'  # clears, retitles, reorders")
     table = crucible("history").stdout
-    assert "\x1b" not in table and "\x07" not in table
-    assert "\\x1b[2J" in table  # shown, escaped
+    assert "\x1b" not in table and "\x07" not in table and "\u202e" not in table
+    assert "\\x1b[2J" in table and "\\u202e" in table  # shown, escaped
