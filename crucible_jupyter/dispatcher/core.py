@@ -45,7 +45,7 @@ from ..models import (
 )
 from ..storage import Storage
 from . import frames
-from .channel import Changes, Channel
+from .channel import BEHIND, Changes, Channel
 from .queue import WaitQueue
 
 T = TypeVar("T")
@@ -396,7 +396,11 @@ class CrucibleDispatcher(LoggingConfigurable):
             self._changes.unwatch(queue)
 
     async def subscribe(self, execution_id: str, after: int = -1) -> AsyncIterator[Event]:
-        """Yield the events after ``after``, then live ones, ending with the terminal status."""
+        """Yield the events after ``after``, then live ones, ending with the terminal status.
+
+        However slowly the caller reads, the execution goes on (and times out) on time: what
+        it has not read is held up to a bound, past which it reads the rest from storage.
+        """
         self._require_started()
         channel = self._channels.get(execution_id)
         if channel is None:
@@ -406,15 +410,24 @@ class CrucibleDispatcher(LoggingConfigurable):
         queue = channel.subscribe()
         try:
             last = after
-            for event in await self.events(execution_id, after):
-                yield event
-                last = event.seq
-                if _is_terminal(event):
-                    return
+            catch_up = True
             while True:
+                if catch_up:  # what came before, or what passed while this one was behind
+                    catch_up = False
+                    for event in await self.events(execution_id, last):
+                        if event.seq <= last:
+                            continue
+                        yield event
+                        last = event.seq
+                        if _is_terminal(event):
+                            return
+                    continue
                 event = await queue.get()
                 if event is None:
                     break
+                if event is BEHIND:
+                    catch_up = True
+                    continue
                 if event.seq <= last:
                     continue
                 yield event

@@ -11,6 +11,11 @@ queued, starts, runs or ends (sent once the stored record says so: fetching it t
 new status), so a history view can stay current without polling; ``{"overflow": true}`` when
 the client read too slowly and lost some. Open until the server stops.
 
+A client that reads slowly costs the server a bounded amount of memory and never holds up an
+execution (the dispatcher's subscription is bounded: past it, what the client missed is read
+again from storage); one that takes nothing for ``write_stall_seconds`` (60 s) is
+disconnected with code 1008, and reconnects with ``after`` set to the last ``seq`` it got.
+
 The server never reads from these sockets; messages a client sends are ignored. Refusals
 happen before the upgrade, as JSON HTTP errors: 403 (not authenticated or not authorized for
 ``read`` on ``crucible``), 404 (unknown execution), 400 (bad ``after``, another query
@@ -38,6 +43,8 @@ class _CrucibleSocket(CrucibleMixin, WebSocketMixin, WebSocketHandler, JupyterHa
 
     _pump: asyncio.Task | None = None
     endpoint = ""
+    #: Seconds one message may wait for a client that reads nothing before it is dropped.
+    write_stall_seconds = 60.0
 
     def set_default_headers(self) -> None:
         """No HTML security headers on a WebSocket handshake."""
@@ -62,8 +69,20 @@ class _CrucibleSocket(CrucibleMixin, WebSocketMixin, WebSocketHandler, JupyterHa
     async def _relay(self) -> None:
         try:
             async for message in self.relay():
-                await self.write_message(json.dumps(message))
+                # awaiting the write holds this relay (not the loop) while the client is slow;
+                # a client that takes nothing at all is let go
+                await asyncio.wait_for(
+                    self.write_message(json.dumps(message)), self.write_stall_seconds
+                )
         except (WebSocketClosedError, asyncio.CancelledError):
+            return
+        except asyncio.TimeoutError:
+            self.log.warning(
+                "crucible %s: the client read nothing for %g s; disconnected",
+                self.request.path,
+                self.write_stall_seconds,
+            )
+            self.close(1008, f"too slow: read nothing for {self.write_stall_seconds:g} s")
             return
         except Exception as e:  # the dispatcher failed: say so, do not hang the client
             self.log.warning("crucible %s failed: %s", self.request.path, e)
