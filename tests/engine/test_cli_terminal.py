@@ -10,6 +10,7 @@ import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ GUARD = 60  # seconds: a run that takes longer than this is stuck
 # what a cell writes to take over the reader's terminal, then a forged status line; it fails
 HOSTILE = r"""
 import sys
+import termios
 sys.stdout.write("clip\x1b]52;c;cm0gLXJmIH4=\x07 title\x1b]0;owned\x07\n")
 sys.stdout.flush()
 sys.stderr.write("conceal\x1b[8m secret \x1b[0m up\x1b[2A csi8\x9b2J del\x7f nul\x00 bell\x07\n")
@@ -189,3 +191,34 @@ def test_timeout_does_not_wait_for_a_reader(tmp_path, same):
         assert "of output were not shown here: the terminal or pipe did not keep up" in said
         assert "of output were not shown: the terminal or pipe took none of it" in said
         assert f"see `crucible show {record['id']}`" in said
+
+
+def test_timeout_does_not_wait_for_a_paused_terminal(tmp_path):
+    """The same cell, in a terminal the user paused (Ctrl-S) before it printed anything."""
+    url = f"sqlite:///{tmp_path}/crucible.db"
+    cell = tmp_path / "cell.py"
+    cell.write_text("for i in range(65536):\n    print('x' * 63)\nwhile True:\n    pass\n")
+    master, slave = os.openpty()
+    assert termios.tcgetattr(slave)[0] & termios.IXON  # flow control on, as in a terminal
+    os.write(master, b"\x13")  # Ctrl-S: the terminal stops taking output
+    proc = subprocess.Popen(
+        cli(url, "run", "--timeout", "3", str(cell)),
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
+    os.close(slave)
+    try:
+        code = proc.wait(GUARD)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        os.write(master, b"\x11")  # Ctrl-Q
+        os.close(master)
+    assert code == 124
+    (record,) = json.loads(
+        subprocess.run(cli(url, "history", "--json"), capture_output=True, check=True).stdout
+    )["executions"]
+    assert record["status"] == "timed_out" and record["reason"] == "timed out after 3 s"
