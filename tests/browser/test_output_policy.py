@@ -1,0 +1,129 @@
+"""No runnable content leaves a sandbox, seen in a real JupyterLab (issue 12, item 1).
+
+A ``%%crucible`` cell, then a cell of the "Python (Crucible isolated)" kernel, display script
+in each form JupyterLab would run in live (trusted) output: ``<script>`` and ``<img
+onerror>`` in HTML, ``<script>`` and ``onload`` in inline SVG, ``application/javascript``,
+an SVG image with a script, Markdown with raw ``<script>`` and ``<img onerror>``. Each
+payload, if it ran, would mark ``window``, change ``document.title``, write a file through
+``PUT /api/contents`` and open a terminal through ``POST /api/terminals`` with the page's
+own session. After the cells: nothing marked the page, the title is unchanged, no such file
+exists, no terminal was opened, and the cell's table (a pandas DataFrame's HTML) is shown as
+an HTML ``<table>``.
+
+Without the output policy this test fails: run it with
+``CRUCIBLE_TRUSTED_OUTPUT_TYPES=text/html,text/markdown,image/svg+xml,application/javascript``
+(the documented way to pass those types unchanged) and the payloads run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from .conftest import LabPage, LabServer
+from .test_lab import CRUCIBLE, FINISHED, PYTHON3, finished, write_notebook
+
+pytestmark = pytest.mark.browser
+
+# Builds each payload inside the cell: the page's XSRF cookie makes the requests count.
+PAYLOADS = r'''
+def steal(vector):
+    return (
+        "(window.crucibleRan = window.crucibleRan || []).push('" + vector + "');"
+        "document.title = 'pwned by " + vector + "';"
+        "var m = document.cookie.match(/_xsrf=([^;]+)/);"
+        "var h = {'Content-Type': 'application/json'};"
+        "if (m) { h['X-XSRFToken'] = decodeURIComponent(m[1]); }"
+        "fetch('/api/contents/pwned-" + vector + ".txt', {method: 'PUT', headers: h,"
+        " body: JSON.stringify({type: 'file', format: 'text', content: 'pwned'})});"
+        "fetch('/api/terminals', {method: 'POST', headers: h});"
+    )
+
+display({"text/html": "<p>chart</p><script>" + steal(PREFIX + "html-script") + "</script>",
+         "text/plain": "chart"}, raw=True)
+display({"text/html": '<img src="x" onerror="' + steal(PREFIX + "html-img") + '">'}, raw=True)
+display({"text/html": "<svg><script>" + steal(PREFIX + "html-svg-script") + "</script></svg>"
+                      '<svg onload="' + steal(PREFIX + "html-svg-onload") + '"></svg>'},
+        raw=True)
+display({"application/javascript": steal(PREFIX + "js")}, raw=True)
+display({"image/svg+xml": '<svg xmlns="http://www.w3.org/2000/svg" onload="'
+                          + steal(PREFIX + "svg-image") + '"><script>'
+                          + steal(PREFIX + "svg-image-script") + "</script></svg>"}, raw=True)
+display({"text/markdown": "**md** <script>" + steal(PREFIX + "md-script") + "</script>\n\n"
+                          '<img src="x" onerror="' + steal(PREFIX + "md-img") + '">'},
+        raw=True)
+
+TABLE = """<div>
+<style scoped>
+    .dataframe tbody tr th { vertical-align: top; }
+    .dataframe thead th { text-align: right; }
+</style>
+<table border="1" class="dataframe">
+  <thead>
+    <tr style="text-align: right;"><th></th><th>city</th><th>temp</th></tr>
+  </thead>
+  <tbody>
+    <tr><th>0</th><td>Oslo</td><td>3.5</td></tr>
+    <tr><th>1</th><td>Lima</td><td>19.0</td></tr>
+  </tbody>
+</table>
+</div>"""
+display({"text/html": TABLE, "text/plain": "  city  temp\n0 Oslo   3.5\n1 Lima  19.0"}, raw=True)
+'''
+VECTORS = [
+    *("html-script", "html-img", "html-svg-script", "html-svg-onload", "js"),
+    *("svg-image", "svg-image-script", "md-script", "md-img"),
+]
+
+MAGIC_CELL = f'%%crucible --name output-policy\nPREFIX = "magic-"\n{PAYLOADS}'
+KERNEL_CELL = f'PREFIX = "kernel-"\n{PAYLOADS}'
+
+# What the page shows for one code cell: was anything run, the title, and its tables.
+_PAGE_JS = """
+const index = arguments[0];
+const panel = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden)');
+const cell = panel.querySelectorAll('.jp-Notebook .jp-CodeCell')[index];
+return {
+  ran: window.crucibleRan || [],
+  title: document.title,
+  tables: Array.from(cell.querySelectorAll('.jp-OutputArea-output table.dataframe')).map(
+    t => Array.from(t.querySelectorAll('td')).map(td => td.textContent)),
+  scripts: cell.querySelectorAll('.jp-OutputArea-output script').length,
+  handlers: Array.from(cell.querySelectorAll('.jp-OutputArea-output *')).filter(
+    e => Array.from(e.attributes).some(a => a.name.startsWith('on'))).length,
+};
+"""
+
+
+def _run_and_check(page: LabPage, lab: LabServer, index: int, prefix: str) -> None:
+    title = page.driver.title
+    page.run_cell(index)
+    page.wait_cell(index, finished, "the cell to finish", timeout=90)
+    cell = page.cell(index)
+    icon, state, _ = FINISHED.search(cell.text).groups()
+    assert state == "succeeded", cell
+    shown: dict[str, Any] = page.driver.execute_script(_PAGE_JS, index)
+    # the table is there, so every output before it has been rendered
+    assert shown["tables"] == [["Oslo", "3.5", "Lima", "19.0"]], shown
+    assert shown["ran"] == [], f"script from the cell's output ran in the page: {shown['ran']}"
+    assert shown["title"] == title and page.driver.title == title, shown
+    assert shown["scripts"] == 0 and shown["handlers"] == 0, shown
+    assert "application/javascript was removed" in cell.text, cell
+    written = [v for v in VECTORS if (lab.root / f"pwned-{prefix}{v}.txt").exists()]
+    assert written == [], f"the cell's output wrote files through /api/contents: {written}"
+    assert lab.call("GET", "api/terminals") == [], "the cell's output opened a terminal"
+
+
+def test_output_of_a_cell_cannot_run_in_jupyterlab(page: LabPage, lab: LabServer) -> None:
+    write_notebook(lab, "policy-magic.ipynb", "python3", ["%load_ext crucible_jupyter", MAGIC_CELL])
+    write_notebook(lab, "policy-kernel.ipynb", "crucible", [KERNEL_CELL])
+    assert lab.call("GET", "api/terminals") == []  # terminals are on: their absence means
+
+    page.open("policy-magic.ipynb", PYTHON3)
+    page.run_cell(0)
+    page.wait_cell(0, lambda c: c.done, "%load_ext to finish")
+    _run_and_check(page, lab, 1, "magic-")
+
+    page.open("policy-kernel.ipynb", CRUCIBLE)
+    _run_and_check(page, lab, 0, "kernel-")
