@@ -21,13 +21,16 @@ import contextlib
 import json
 import os
 import re
+import secrets
+import time
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Dict, Enum, Float, Integer, Unicode, default
+from traitlets import Bool, Dict, Enum, Float, Integer, List, TraitError, Unicode, default, validate
 
-from ...errors import CrucibleError, InvalidRequest, Unavailable
+from ...errors import CrucibleError, InvalidRequest, RequestTooLarge, Unavailable
 from ...models import (
     Execution,
     ExecutionRequest,
@@ -98,7 +101,39 @@ class CrucibleKubernetesBackend(Backend):
     pull_policy = Enum(
         ["IfNotPresent", "Never", "Always"], "IfNotPresent", help="imagePullPolicy of executors."
     ).tag(config=True)
-    run_as_uid = Integer(65534, help="Fixed non-root UID executor pods run as.").tag(config=True)
+    uid_range = List(
+        Integer(min=1, max=2147483647),
+        default_value=[1_000_000_000, 1_000_065_535],
+        minlen=0,
+        maxlen=2,
+        help="""[first, last]: each executor pod (cold or warm) runs as a user and group of
+        its own from this range, one no other executor pod in the namespace runs as. The
+        kernel limits some resources per user (inotify instances, POSIX message queues,
+        RLIMIT_NPROC): shared, one cell could exhaust them for all. Use a range no other
+        workload on the nodes runs as (the default is far above host users, subordinate
+        uids and Kubernetes' user namespaces). Images need no passwd entry for it (HOME is
+        /tmp). Empty: every pod runs as run_as_uid (one shared user).""",
+    ).tag(config=True)
+    run_as_uid = Integer(
+        65534, help="UID of every executor pod when uid_range is empty (shared by all)."
+    ).tag(config=True)
+    seccomp_profile = Unicode(
+        "profiles/crucible-executor.json",
+        help="""Localhost seccomp profile of executor pods, relative to the kubelet's
+        seccomp directory (<kubelet root-dir>/seccomp) on every node: install
+        crucible_jupyter/backends/kubernetes/seccomp-executor.json there under this name
+        (the dev cluster does). It is the runtime's default profile without io_uring,
+        ptrace and process_vm_*, with sockets of the UNIX, IP and netlink-route families
+        only (no vsock). A node without the file cannot start executors ("container could
+        not be created"). Empty: the runtime's default (RuntimeDefault).""",
+    ).tag(config=True)
+    ephemeral_storage = Integer(
+        0,
+        help="""Node disk (ephemeral-storage, bytes) an executor pod may use, limit and
+        request: its log is on the node's disk. 0: twice the dispatcher's output_limit
+        plus 20 MiB (the runner writes no more output than output_limit, plus 2 MiB of
+        errors). The kubelet evicts a pod past it.""",
+    ).tag(config=True)
     tmp_size = Integer(256 << 20, help="Size limit of the emptyDir /tmp, in bytes.").tag(
         config=True
     )
@@ -162,6 +197,7 @@ class CrucibleKubernetesBackend(Backend):
         self._pool: WarmPool | None = None
         self._ws: Any = None
         self._runner_source = RUNNER.read_text()
+        self._picked: dict[int, float] = {}  # uids picked lately -> when (see _pick_uid)
         self.dispatcher_id = objects.label_value(getattr(self.parent, "owner", "crucible"))
 
     # ----- connection ----------------------------------------------------------------
@@ -277,8 +313,18 @@ class CrucibleKubernetesBackend(Backend):
 
     def admit(self, request: ExecutionRequest) -> None:
         """Refuse, before the request is stored, an image that is not one of :attr:`images`,
-        and any request when there is no Kubernetes configuration to reach a cluster with."""
+        a cell larger than :meth:`max_code_bytes` (413), and any request when there is no
+        Kubernetes configuration to reach a cluster with."""
         self.image_for(request.image)
+        size, room = len(request.code.encode("utf-8")), self.max_code_bytes()
+        if size > room:
+            raise RequestTooLarge(
+                f"'code' is {size:,} bytes, over the kubernetes backend's limit of {room:,}"
+                f" bytes ({format_bytes(room)}: a cell travels to its pod in a ConfigMap, at"
+                " most 1 MiB with the runner); load large data from a file instead of pasting"
+                " it into the cell",
+                field="code",
+            )
         problem = self.configuration_problem()
         if problem:  # a 400 like any backend not configured here: retrying will not help
             raise InvalidRequest(
@@ -287,6 +333,11 @@ class CrucibleKubernetesBackend(Backend):
                 " run on backend 'local'",
                 field="backend",
             )
+
+    def max_code_bytes(self) -> int:
+        """The largest cell (UTF-8 bytes) this backend can run: what fits in its ConfigMap
+        beside the runner (Kubernetes refuses a ConfigMap over 1 MiB)."""
+        return objects.configmap_room(self._runner_source)
 
     def configuration_problem(self) -> str | None:
         """Why no cluster can be reached from here (no configuration at all), else None."""
@@ -320,7 +371,11 @@ class CrucibleKubernetesBackend(Backend):
                 "MPLCONFIGDIR": "/tmp/.matplotlib",
                 "PYTHONDONTWRITEBYTECODE": "1",
             },
-            uid=self.run_as_uid,
+            uid=self._pick_uid(),
+            seccomp_profile=self.seccomp_profile or None,
+            output_limit=self._output_limit(),
+            ephemeral_storage=self.ephemeral_storage
+            or objects.ephemeral_storage_for(self._output_limit() or 10 << 20),
             tmp_size=self.tmp_size,
             max_file_size=self.max_file_size,
             deadline_padding=self.deadline_padding,
@@ -331,12 +386,47 @@ class CrucibleKubernetesBackend(Backend):
             warm=warm,
         )
 
+    def _output_limit(self) -> int | None:
+        """The dispatcher's output limit (the runner writes no more output than that)."""
+        limit = getattr(self.parent, "output_limit", None)
+        return limit if isinstance(limit, int) and limit > 0 else None
+
+    def _pick_uid(self) -> int:
+        """A uid from :attr:`uid_range` that no executor pod in the namespace runs as, nor
+        one this backend picked in the last minutes (its pod may not be watched yet)."""
+        if not self.uid_range:
+            return self.run_as_uid
+        first, last = self.uid_range
+        now = time.monotonic()
+        self._picked = {u: t for u, t in self._picked.items() if now - t < 300}
+        used = set(self._picked)
+        for pod in self._reflector.pods.values() if self._reflector else ():
+            context = (pod.get("spec") or {}).get("securityContext") or {}
+            used.add(context.get("runAsUser"))
+        uid = first
+        for _ in range(100):  # random: two dispatchers sharing a namespace rarely collide
+            uid = first + secrets.randbelow(last - first + 1)
+            if uid not in used:
+                break
+        self._picked[uid] = now
+        return uid
+
+    @validate("uid_range")
+    def _valid_uid_range(self, proposal: Any) -> list[int]:
+        value = proposal["value"]
+        if len(value) == 1 or (len(value) == 2 and value[0] > value[1]):
+            raise TraitError(f"uid_range must be [first, last] with first <= last, or []: {value}")
+        return value
+
     async def create_job(self, name: str, code: str, job: dict) -> dict:
         """Create the ConfigMap (runner and ``code``) and the Job; the Job as created."""
         from kubernetes_asyncio.client.exceptions import ApiException
 
         labels = job["metadata"]["labels"]
         configmap = objects.make_configmap(name, code, self._runner_source, labels)
+        # a cell near max_code_bytes() makes a request body over 1 MiB (1.4 MB at most),
+        # which aiohttp warns about (it writes it in one go): expected here, not a problem
+        warnings.filterwarnings("ignore", "Sending a large body directly", ResourceWarning)
         try:
             await _retry(lambda: self._core.create_namespaced_config_map(self.namespace, configmap))
             created = await _retry(
@@ -542,8 +632,31 @@ class CrucibleKubernetesBackend(Backend):
         except Exception as e:
             out.append(Check("network policy", False, f"deny-all policy missing: {e}"))
         out.append(self._pool_check())
+        out.append(self._seccomp_check())
         out.extend(await self._probe_executor())
         return out
+
+    def _seccomp_check(self) -> Check:
+        """Which seccomp profile executors run (the probe below starts one with it)."""
+        if self.seccomp_profile:
+            return Check(
+                "seccomp profile",
+                True,
+                f"executors run Localhost profile {self.seccomp_profile!r} (io_uring, ptrace,"
+                " vsock and other socket families refused)",
+                fix="if executors cannot be created, install"
+                " crucible_jupyter/backends/kubernetes/seccomp-executor.json on every node as"
+                f" <kubelet root-dir>/seccomp/{self.seccomp_profile}",
+            )
+        return Check(
+            "seccomp profile",
+            False,
+            "executors run the runtime's default profile (RuntimeDefault), which allows"
+            " io_uring (and vsock in containerd 1.6)",
+            fix="install crucible's profile on the nodes and set"
+            " c.CrucibleKubernetesBackend.seccomp_profile (see the README)",
+            severity="warning",
+        )
 
     def _pool_check(self) -> Check:
         """The warm pods: configured, and those in the namespace (warm, starting, busy)."""

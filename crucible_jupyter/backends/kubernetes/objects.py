@@ -3,10 +3,12 @@
 * a ConfigMap with the cell and the runner (code reaches the pod without any network),
   owned by the Job so deleting the Job deletes it;
 * a Job (``backoffLimit: 0``, ``restartPolicy: Never``, ``activeDeadlineSeconds`` as a
-  backstop, ``ttlSecondsAfterFinished``) whose pod is hardened: fixed non-root UID, no
-  privilege escalation, read-only root, all capabilities dropped, seccomp RuntimeDefault,
+  backstop, ``ttlSecondsAfterFinished``) whose pod is hardened: a non-root UID of its own
+  (no per-user kernel limit shared with another execution), no privilege escalation,
+  read-only root, all capabilities dropped, crucible's seccomp profile (or RuntimeDefault),
   no service-account token, no service links, a size-limited in-memory ``emptyDir``
-  ``/tmp``;
+  ``/tmp``, an ``ephemeral-storage`` limit (its log is on the node's disk) and a
+  termination message file the cell cannot reach (see :data:`TERMINATION_MESSAGE_PATH`);
 * the deny-all NetworkPolicy selecting every executor pod;
 * for warm pods (see ``warm.py``): the same Job with the cell coming on stdin, the labels
   of the pool, and the JSON patch that claims a warm pod for one execution.
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -31,6 +34,15 @@ POLICY_NAME = "crucible-executors-deny-all"
 #: The line a warm pod's runner writes (first, on its log) once it is isolated and waits.
 READY_LINE = "crucible-warm-pod-ready"
 MOUNT = "/opt/crucible"
+#: Kubernetes' ConfigMap limit: the sizes of all its values together (``data`` and
+#: ``binaryData``), 1 MiB.
+CONFIGMAP_MAX_BYTES = 1 << 20
+#: Where the kubelet mounts the container's termination message file. That file is on the
+#: node's disk, mode 0666, outside every limit (a cell wrote 256 MiB to the default,
+#: ``/dev/termination-log``); under ``/root`` (mode 0700, root's, in every common base
+#: image) the container's non-root user cannot open it. Nothing reads it: outcomes come
+#: from the exit code.
+TERMINATION_MESSAGE_PATH = "/root/.crucible-termination-log"
 
 _LABEL_OK = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 
@@ -66,13 +78,29 @@ def quantity_cpu(cores: float) -> str:
 
 
 def make_configmap(name: str, code: str, runner_source: str, labels: dict) -> dict:
-    """The ConfigMap carrying ``cell.py`` and ``runner.py`` into the pod."""
+    """The ConfigMap carrying ``cell.py`` and ``runner.py`` into the pod. The cell travels
+    as ``binaryData`` (base64): as a JSON string, text full of control characters would grow
+    sixfold (``\\u0001``) past the API server's request size; base64 grows it by a third."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": name, "labels": labels},
-        "data": {"cell.py": code, "runner.py": runner_source},
+        "data": {"runner.py": runner_source},
+        "binaryData": {"cell.py": base64.b64encode(code.encode("utf-8")).decode("ascii")},
     }
+
+
+def configmap_room(runner_source: str) -> int:
+    """The largest cell (UTF-8 bytes) a ConfigMap holds beside ``runner_source``."""
+    return CONFIGMAP_MAX_BYTES - len(runner_source.encode("utf-8"))
+
+
+def ephemeral_storage_for(output_limit: int) -> int:
+    """The ``ephemeral-storage`` an executor pod needs: its log (the runner writes at most
+    ``output_limit`` of output, plus 2 MiB of errors) with the kubelet's per-line prefix
+    (~40 bytes, a lot for a flood of tiny frames), doubled, plus 16 MiB; the root is
+    read-only and ``/tmp`` is in memory, so nothing else of the pod is on the node's disk."""
+    return 2 * (output_limit + (2 << 20)) + (16 << 20)
 
 
 def owner_reference(job: dict) -> dict:
@@ -97,6 +125,9 @@ def make_job(
     timeout: float,
     env: dict[str, str],
     uid: int = 65534,
+    seccomp_profile: str | None = None,
+    output_limit: int | None = None,
+    ephemeral_storage: int | None = None,
     tmp_size: int = 256 << 20,
     max_file_size: int = 256 << 20,
     deadline_padding: int = 15,
@@ -116,7 +147,25 @@ def make_job(
     ``warm``: a warm pod's Job. Its runner, once isolated, writes :data:`READY_LINE` and
     waits for its cell on stdin (``stdin``/``stdinOnce``: the first attach sends it, and
     stdin closes when that attach ends); ``timeout`` is then how long it may wait unclaimed.
+
+    ``uid``: the user (and group) the pod runs as: one per execution (see
+    ``CrucibleKubernetesBackend.uid_range``). ``seccomp_profile``: a ``Localhost`` profile
+    (a path under the kubelet's seccomp directory), else ``RuntimeDefault``.
+    ``output_limit``: passed to the runner, which stops writing output past it.
+    ``ephemeral_storage``: the pod's limit (and request) of node disk, in bytes.
     """
+    seccomp = (
+        {"type": "Localhost", "localhostProfile": seccomp_profile}
+        if seccomp_profile
+        else {"type": "RuntimeDefault"}
+    )
+    resources = {
+        "requests": {"cpu": quantity_cpu(min(cpu, 0.25)), "memory": str(memory)},
+        "limits": {"cpu": quantity_cpu(cpu), "memory": str(memory)},
+    }
+    if ephemeral_storage:
+        for kind in ("requests", "limits"):
+            resources[kind]["ephemeral-storage"] = str(ephemeral_storage)
     container = {
         "name": "cell",
         "image": image,
@@ -129,15 +178,13 @@ def make_job(
             "-" if warm else f"{MOUNT}/cell.py",
             "--rlimit-fsize",
             str(max_file_size),
+            *(["--output-limit", str(output_limit)] if output_limit else []),
             *(["--await-isolation", await_isolation] if await_isolation else []),
             *(["--ready-line", READY_LINE] if warm else []),
         ],
         "workingDir": "/tmp",
         "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
-        "resources": {
-            "requests": {"cpu": quantity_cpu(min(cpu, 0.25)), "memory": str(memory)},
-            "limits": {"cpu": quantity_cpu(cpu), "memory": str(memory)},
-        },
+        "resources": resources,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": uid,
@@ -145,12 +192,13 @@ def make_job(
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
+            "seccompProfile": seccomp,
         },
         "volumeMounts": [
             {"name": "crucible", "mountPath": MOUNT, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "File",
     }
     if warm:
@@ -165,7 +213,7 @@ def make_job(
             "runAsUser": uid,
             "runAsGroup": uid,
             "fsGroup": uid,
-            "seccompProfile": {"type": "RuntimeDefault"},
+            "seccompProfile": seccomp,
         },
         "containers": [container],
         "volumes": [
@@ -198,7 +246,11 @@ def pool_key(job: dict, runner_source: str) -> str:
     only warm pods whose key equals its own, so a claimed pod is the pod a cold Job of the
     same request would have been."""
     spec = job["spec"]["template"]["spec"]
-    text = json.dumps([spec["containers"], spec.get("runtimeClassName"), runner_source],
+    containers = json.loads(json.dumps(spec["containers"]))
+    for container in containers:  # each warm pod has a uid of its own: not part of the key
+        for key in ("runAsUser", "runAsGroup"):
+            container.get("securityContext", {}).pop(key, None)
+    text = json.dumps([containers, spec.get("runtimeClassName"), runner_source],
                       sort_keys=True)  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
