@@ -221,3 +221,24 @@ async def test_warm_pods_of_a_killed_dispatcher_are_swept(k8s, kube, namespace, 
     assert len(warm_jobs(kube, namespace)) >= 2  # left behind
     await k8s(db_url=f"sqlite:///{tmp_path}/sole.db", dispatcher={"single_dispatcher": True})
     assert warm_jobs(kube, namespace) == []
+
+
+async def test_a_claim_that_hangs_falls_back_to_a_cold_job(k8s, monkeypatch):
+    """A claim, an attach or the cell's write to a warm pod that never ends left the cell
+    waiting; each is bounded (``CALL_TIMEOUT``) and the cell takes the cold path."""
+    from crucible_jupyter.backends.kubernetes import warm as warm_module
+
+    d = await k8s(warm_pods=1)
+    await warm(d)
+    backend = d.get_backend("kubernetes")
+
+    async def api_server_that_never_answers(*args, **kwargs):
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(warm_module, "CALL_TIMEOUT", 1.0)
+    monkeypatch.setattr(backend._core, "patch_namespaced_pod", api_server_that_never_answers)
+    execution, events = await run_cell(d, HOSTNAME, timeout=60)
+    monkeypatch.undo()
+    assert execution.status is Status.SUCCEEDED, execution.reason
+    assert execution.isolation == "kubernetes"
+    assert stream_text(events).startswith(objects.job_name(execution.id) + "-")

@@ -64,6 +64,10 @@ JSON_PATCH = "application/json-patch+json"
 REFILL_PAUSE = 1.0
 #: Longest wait of a cell for a warm pod being started, when none is warm (then: cold).
 WAIT_FOR_STARTING = 10.0
+#: Longest wait for one API call of the pool (a patch, opening a log, attaching to stdin,
+#: sending the cell): a call that hangs makes the claim give the pod up and the cell take
+#: the cold path, or the pod not count as warm, instead of leaving a cell waiting.
+CALL_TIMEOUT = 10.0
 
 
 def pool_resources(backend: CrucibleKubernetesBackend) -> Resources:
@@ -257,10 +261,13 @@ class WarmPool:
             raise RuntimeError(pod)
         pod_name = pod["metadata"]["name"]
         core, ns = self.backend._core, self.backend.namespace
-        resp = await raw(
-            core.read_namespaced_pod_log(
-                pod_name, ns, container="cell", follow=True, _preload_content=False
-            )
+        resp = await asyncio.wait_for(
+            raw(
+                core.read_namespaced_pod_log(
+                    pod_name, ns, container="cell", follow=True, _preload_content=False
+                )
+            ),
+            CALL_TIMEOUT,
         )
         try:
             first = await asyncio.wait_for(resp.content.readline(), 60)
@@ -275,12 +282,12 @@ class WarmPool:
         # ~0.1 s); stdin stays open while this is open (stdinOnce), and closes with it
         self._stdin[pod_name] = await self._attach(pod_name)
         try:
-            await raw_json(
+            await asyncio.wait_for(raw_json(
                 core.patch_namespaced_pod(
                     pod_name, ns, objects.state_patch("warming", "warm"),
                     _content_type=JSON_PATCH, _preload_content=False,
                 )
-            )  # fmt: skip
+            ), CALL_TIMEOUT)  # fmt: skip
         except BaseException:
             self._detach(pod_name)  # its Job is deleted: do not keep its stdin open
             raise
@@ -348,17 +355,25 @@ class WarmPool:
                 self.key, execution.id, execution.user, self.backend.dispatcher_id, deadline
             )
             try:
-                await raw_json(
+                await asyncio.wait_for(raw_json(
                     self.backend._core.patch_namespaced_pod(
                         name, self.backend.namespace, patch,
                         _content_type=JSON_PATCH, _preload_content=False,
                     )
-                )  # fmt: skip
+                ), CALL_TIMEOUT)  # fmt: skip
             except ApiException as e:
                 self._busy.discard(name)
                 if e.status in (404, 409, 422):  # claimed by another, or gone: the next
                     continue
                 self.log.warning("crucible: cannot claim a warm pod (%s); starting a Job", e)
+                return None
+            except Exception as e:  # a timeout, a connection that broke
+                self._busy.discard(name)
+                # the claim may have applied: give the pod up (it carries the execution's
+                # labels, which must lead to one pod only) before the cell goes cold
+                self.log.warning("crucible: claiming warm pod %s failed (%r); starting a Job",
+                                 name, e)  # fmt: skip
+                await self._abandon(job_of(pod) or name, execution)
                 return None
             self._wake.set()  # refill (after the pause)
             job = job_of(pod) or name
@@ -377,11 +392,15 @@ class WarmPool:
         from kubernetes_asyncio import client
 
         api = client.CoreV1Api(self.backend._ws_api())
-        connect = await api.connect_get_namespaced_pod_attach(
-            pod_name, self.backend.namespace, container="cell",
-            stdin=True, stdout=False, stderr=False, tty=False, _preload_content=False,
-        )  # fmt: skip
-        ws = await connect
+
+        async def attach() -> Any:
+            connect = await api.connect_get_namespaced_pod_attach(
+                pod_name, self.backend.namespace, container="cell",
+                stdin=True, stdout=False, stderr=False, tty=False, _preload_content=False,
+            )  # fmt: skip
+            return await connect
+
+        ws = await asyncio.wait_for(attach(), CALL_TIMEOUT)
         self.backend.later(self._read(ws))
         return ws
 
@@ -408,7 +427,7 @@ class WarmPool:
         line = json.dumps(cell).encode() + b"\n"
         ws = self._stdin.pop(pod_name, None) or await self._attach(pod_name)
         try:
-            await ws.send_bytes(b"\x00" + line)  # channel 0: stdin
+            await asyncio.wait_for(ws.send_bytes(b"\x00" + line), CALL_TIMEOUT)  # 0: stdin
         finally:
             self.backend.later(ws.close())  # stdin closes after what was written
 
@@ -436,7 +455,8 @@ class WarmPool:
         """Delete a claimed pod that did not get its cell, so a cold Job can run it."""
         key = objects.label_value(execution.id)
         reflector = self.backend._reflector
-        await self.backend.delete(job, grace=0)
+        with contextlib.suppress(Exception):  # bounded: the cell is waiting to go cold
+            await asyncio.wait_for(self.backend.delete(job, grace=0), CALL_TIMEOUT)
         with contextlib.suppress(TimeoutError):
             await reflector.wait_for(key, lambda p: p is None, 15)
         reflector.gone.pop(key, None)
