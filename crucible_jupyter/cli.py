@@ -25,7 +25,7 @@ from traitlets.config import Config
 
 from .errors import CrucibleError
 from .models import Event, Execution, Status, format_bytes
-from .terminal import Output, escape
+from .terminal import Output, dumps, escape
 
 EXIT_TIMED_OUT = 124
 EXIT_CANCELLED = 130
@@ -152,7 +152,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
         async def follow() -> None:
             async for event in dispatcher.subscribe(execution.id):
                 if args.json:
-                    output.json(json.dumps(event.to_dict()))
+                    output.json(dumps(event.to_dict()))
                 else:
                     render(event, output, quiet=args.quiet)
 
@@ -197,7 +197,7 @@ async def cmd_history(args: argparse.Namespace) -> int:
             user=args.user, status=args.status, tag=args.tag, limit=args.limit, cursor=args.cursor
         )
     if args.json:
-        print(json.dumps({"executions": [e.to_dict() for e in page], "next_cursor": cursor}))
+        print(dumps({"executions": [e.to_dict() for e in page], "next_cursor": cursor}))
         return 0
     print(f"{'ID':36}  {'STATUS':9}  {'CREATED':19}  {'TIME':>8}  CODE")
     for e in page:
@@ -217,7 +217,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
         execution = await dispatcher.get(args.id)
         events = await dispatcher.events(args.id)
     if args.json:
-        print(json.dumps({**execution.to_dict(), "events": [e.to_dict() for e in events]}))
+        print(dumps({**execution.to_dict(), "events": [e.to_dict() for e in events]}))
         return 0
     output = Output()
     d = execution.to_dict()

@@ -25,6 +25,7 @@ see there.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -32,6 +33,7 @@ import sys
 import threading
 import time
 from collections import deque
+from typing import Any
 
 from .models import format_bytes
 
@@ -61,6 +63,13 @@ def escape(text: str, *, keep_cr: bool = False) -> str:
     ``\\u202e``), so that printing it cannot drive a terminal; ``keep_cr`` leaves carriage
     returns as they are (a cell's stream text: progress bars)."""
     return (_UNSAFE_BUT_CR if keep_cr else _UNSAFE).sub(_shown, text)
+
+
+def dumps(value: Any) -> str:
+    """``value`` as one line of JSON that is safe on a terminal and exact once parsed: every
+    character of :data:`UNSAFE` is written as a ``\\uXXXX`` escape (``json.dumps`` leaves
+    DEL raw)."""
+    return json.dumps(value).replace("\x7f", "\\u007f")
 
 
 def _same_file(a: int, b: int) -> bool:
@@ -187,8 +196,8 @@ class Output:
         self._put(fd, escape(text) if self.tty[fd] else text)
 
     def json(self, text: str) -> None:
-        """One JSON document on stdout, as it is (``json.dumps`` escapes what could drive a
-        terminal), on a line of its own; dropped whole, never cut, when the buffer is full."""
+        """One JSON document (from :func:`dumps`) on stdout, as it is, on a line of its own;
+        dropped whole, never cut, when the buffer is full."""
         self._put(self.fds["stdout"], text + "\n")
 
     def line(self, text: str, *, tone: str | None = None) -> None:

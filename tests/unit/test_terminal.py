@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import threading
 
 import pytest
 
-from crucible_jupyter.terminal import Output, escape
+from crucible_jupyter.terminal import UNSAFE, Output, dumps, escape
 
 
 @pytest.mark.parametrize(
@@ -31,6 +33,13 @@ def test_escape(raw, shown):
 
 def test_a_carriage_return_in_stream_text_stays():
     assert escape("bar 10%\rbar 20%\x1b[K", keep_cr=True) == "bar 10%\rbar 20%\\x1b[K"
+
+
+def test_json_is_exact_and_safe_on_a_terminal():
+    value = {"text": "".join(map(chr, range(0x2070))), "\x1b]0;k": ["\x7f\u202e"]}
+    text = dumps(value)
+    assert json.loads(text) == value
+    assert not re.search(f"[{UNSAFE}]", text)
 
 
 def _on_a_pty(write, **kw) -> str:
