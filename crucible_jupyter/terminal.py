@@ -12,12 +12,13 @@ name, code):
   kept (progress bars redraw their line with it): it only returns to the start of the current
   line, which is always the cell's own text, since crucible starts each of its lines on a
   fresh one. Written to a pipe or a file, a cell's output is passed exactly as it was printed
-  (a file holds what the cell wrote); ``--json`` is exact everywhere (JSON escapes these
-  characters itself).
+  (a file holds what the cell wrote; whoever prints it later chooses how); ``--json`` is
+  exact everywhere, and safe on a terminal (:func:`dumps`).
 * **crucible's own lines cannot be forged on a terminal.** They always start on a line of
   their own, and on a terminal they are bold (the final status green or red, unless
   ``NO_COLOR`` is set): a cell can print ``[crucible] succeeded``, but only as plain text,
-  since every escape sequence it writes is shown, not obeyed.
+  since every escape sequence it writes is shown, not obeyed. Where stderr is not a
+  terminal, the exit status (or ``--json``) is what a program should trust.
 
 :class:`Output` also keeps a terminal or pipe that does not keep up from blocking the caller:
 see there.
@@ -45,7 +46,7 @@ _UNSAFE = re.compile(f"[{UNSAFE}]")
 _UNSAFE_BUT_CR = re.compile(f"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f{BIDI}]")
 
 #: Seconds ``crucible run`` waits, once the cell has ended, for a terminal or pipe that takes
-#: none of the output still buffered; then it gives up on it (the record has everything).
+#: none of the output still buffered; then it gives up on it (``crucible show`` has it).
 DRAIN_STALL_SECONDS = 10.0
 
 #: Bytes ``crucible run`` holds for a terminal or pipe that does not keep up; past it, output
