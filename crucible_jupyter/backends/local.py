@@ -4,10 +4,11 @@ Isolation, when bubblewrap works: every namespace unshared (no network at all, n
 the host's loopback; own pids, IPC, UTS, user), a read-only minimal root (``/usr`` and the
 Python installation only), a private size-limited ``/tmp``, no host home directories or
 secrets, ``--new-session``, ``--die-with-parent``, all capabilities dropped, no nested user
-namespaces, a seccomp filter (x86_64) against rarely needed kernel interfaces; started as
-uid 65534 when crucible runs as root (never as host root). Memory, process-count and CPU
-limits come from a per-execution cgroup when the machine allows it, from rlimits otherwise;
-file size and open files from rlimits.
+namespaces, a seccomp filter (x86_64) against rarely needed kernel interfaces and socket
+families; started as a host uid of the sandbox's own when crucible runs as root (never as
+host root; see uids.py). Memory (socket buffers included), process-count and CPU limits come
+from a per-execution cgroup when the machine allows it, from rlimits otherwise; file size and
+open files from rlimits.
 
 Where bubblewrap is missing or broken, executions run as a plain subprocess with limits,
 a loud warning is logged once, and ``isolation`` is recorded as ``"none"`` on each one.
