@@ -791,26 +791,54 @@ def test_group_kill_ends_a_forking_tree(cgroup):
 
 @pytest.mark.parametrize("warm", [2, 0], ids=["warm", "cold"])
 @pytest.mark.parametrize(
-    "code,reason",
+    "code,exit_code,reason",
     [
-        ("raise SystemExit(125)", "exited with code 125"),  # was "could not place the sandbox"
-        ("raise SystemExit(137)", "exited with code 137"),  # was "killed by SIGKILL"
-        ("import os\nos._exit(137)", "exited with code 137"),
-        ("import os\nos._exit(139)", "exited with code 139"),
+        ("raise SystemExit(125)", 125, "exited with code 125"),  # was "could not place..."
+        ("raise SystemExit(137)", 137, "exited with code 137"),  # was "killed by SIGKILL"
+        ("import os\nos._exit(137)", 137, "exited with code 137"),
+        ("import os\nos._exit(139)", 139, "exited with code 139"),
         # a real signal, seen by the runner in the cell's wait status
-        ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "killed by SIGKILL"),
-        ("import ctypes\nctypes.string_at(0)", "killed by SIGSEGV"),
+        ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", 137, "killed by SIGKILL"),
+        ("import ctypes\nctypes.string_at(0)", 139, "killed by SIGSEGV"),
     ],
     ids=["exit125", "exit137", "_exit137", "_exit139", "sigkill", "sigsegv"],
 )
-async def test_a_cell_cannot_forge_a_reason(make_dispatcher, warm, code, reason):
+async def test_a_cell_cannot_forge_a_reason(make_dispatcher, warm, code, exit_code, reason):
     """An exit code is only an exit code: infrastructure failures (the cgroup placement) and
     signals are known from what the cell cannot write (the launcher's report, a wait status)."""
     d = await make_dispatcher(local={"warm_sandboxes": warm})
     execution, events = await run_cell(d, code)
     assert execution.status is Status.FAILED
-    assert execution.reason == reason, stream_text(events)
-    assert execution.exit_code == int(reason.rsplit(" ", 1)[1]) if "code" in reason else True
+    assert (execution.exit_code, execution.reason) == (exit_code, reason), stream_text(events)
+
+
+def test_uid_leases_are_exclusive_across_processes(tmp_path):
+    """Two dispatchers on one host lease from the same folder: a uid another process holds is
+    never handed out, and it is free again once that process is gone (however it ended)."""
+    from crucible_jupyter.backends import uids
+    from crucible_jupyter.errors import Unavailable
+
+    leases = uids.UidLeases(3_000_000_000, 3_000_000_002, str(tmp_path))
+    holder = subprocess.Popen(  # another dispatcher, holding the first uid of the range
+        [sys.executable, "-c", "import sys; sys.path[:0] = sys.argv[1:2]\n"
+         "from crucible_jupyter.backends import uids\n"
+         f"lease = uids.UidLeases(3_000_000_000, 3_000_000_002, {str(tmp_path)!r}).take()\n"
+         "print(lease.uid, flush=True); sys.stdin.read()",
+         str(Path(__file__).resolve().parents[2])],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "3000000000"
+        mine = [leases.take(), leases.take()]
+        assert [lease.uid for lease in mine] == [3_000_000_001, 3_000_000_002]
+        with pytest.raises(Unavailable, match="uid_range"):
+            leases.take()
+        mine[0].release()
+        assert leases.take().uid == 3_000_000_001
+    finally:
+        holder.kill()
+        holder.communicate()  # waits, and closes its pipes
+    assert leases.take().uid == 3_000_000_000  # the killed holder's lease ended with it
 
 
 PER_USER = textwrap.dedent("""
