@@ -853,8 +853,14 @@ PER_USER = textwrap.dedent("""
             made += 1
         return made, "ok"
 
+    def mqueue(i):  # unlinked at once: it counts while open, and is gone with the process
+        name = f"/crucible-test-{{os.getpid()}}-{{i}}".encode()
+        fd = libc.mq_open(name, 0o102, 0o600, None)  # O_RDWR | O_CREAT
+        if fd >= 0:
+            libc.mq_unlink(name)
+        return fd
+
     inotify = lambda i: libc.inotify_init1(0)
-    mqueue = lambda i: libc.mq_open(f"/crucible-{{os.getpid()}}-{{i}}".encode(), 0o102, 0o600, None)
     fanotify = lambda i: libc.fanotify_init(0x200, 0)  # FAN_REPORT_FID: allowed unprivileged
     MOST = {most}
     print("inotify", *count(inotify, MOST), "mqueue", *count(mqueue, MOST),
