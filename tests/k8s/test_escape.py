@@ -353,11 +353,14 @@ async def test_a_normal_cell_runs_under_the_seccomp_profile(k8s):
             print("pool", pool.map(abs, [-1, -2]))
         with tempfile.NamedTemporaryFile() as f:
             print("tmp", f.name.startswith("/tmp/"))
+        import getpass  # the pod's uid has no passwd entry: USER says who it is
+        print("user", getpass.getuser())
     """)
     execution, events = await run_cell(d, code, image="ml", timeout=120)
     assert execution.status is Status.SUCCEEDED, (execution.reason, stream_text(events))
     assert stream_text(events, "stdout").split() == [
         "numpy", "True", "child", "threads", "True", "pool", "[1,", "2]", "tmp", "True",
+        "user", "crucible",
     ]  # fmt: skip
 
 

@@ -366,6 +366,10 @@ class CrucibleKubernetesBackend(Backend):
             memory=resources.memory,
             timeout=timeout,
             env={
+                # the pod's uid has no passwd entry (see uid_range): getpass.getuser(), which
+                # some libraries call for cache folders, reads these first
+                "USER": "crucible",
+                "LOGNAME": "crucible",
                 **env,
                 "HOME": "/tmp",
                 "MPLCONFIGDIR": "/tmp/.matplotlib",
