@@ -237,6 +237,7 @@ for i in range(HOW_MANY):
     if libc.mq_open(name, os.O_CREAT | os.O_RDWR, 0o600, None) < 0:
         failed["mqueue"] = errno.errorcode[ctypes.get_errno()]
         break
+    libc.mq_unlink(name)  # counted while open; gone with the process
     held["mqueue"] += 1
 print("uid", os.getuid(), "held", held, "failed", failed, flush=True)
 time.sleep(HOLD_SECONDS)
