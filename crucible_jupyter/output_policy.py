@@ -23,15 +23,16 @@ apply it again just before they display (it is idempotent). Its promises:
   let output dress up as Lab's UI) or CSS that positions, loads URLs (``url()``) or hides
   escapes; links only to ``http``/``https``/``mailto``, images only from ``data:`` raster
   URLs (an external image would be a request from the user's browser: a way out of a
-  sandbox that has no network). ``text/markdown`` is rendered to HTML here (CommonMark and
-  tables, with markdown-it-py) and that HTML is sanitized the same way; it leaves as
-  ``text/html`` — JupyterLab renders raw HTML inside Markdown, and cleaning the HTML that
-  results, rather than the Markdown text, leaves no difference between two parsers to
-  exploit. ``image/svg+xml`` keeps static SVG shapes, text, gradients, clip paths and
-  markers: no ``<script>``, ``<style>``, ``<foreignObject>``, ``<a>``, animation
-  (``<animate>``, ``<set>`` could set an ``href`` or a handler), event handlers, references
-  outside the image (``href`` and ``url()`` only to ``#fragment``, ``<image>`` only from a
-  ``data:`` raster URL).
+  sandbox that has no network). ``text/markdown`` is rendered to HTML here (GitHub
+  Flavored Markdown, with cmarkgfm: GitHub's cmark-gfm in C, linear in time by design, the
+  renderer PyPI uses for untrusted READMEs, with nh3) and that HTML is sanitized the same
+  way; it leaves as ``text/html`` — JupyterLab renders raw HTML inside Markdown, and
+  cleaning the HTML that results, rather than the Markdown text, leaves no difference
+  between two parsers to exploit. ``image/svg+xml`` keeps static SVG shapes, text,
+  gradients, clip paths and markers: no ``<script>``, ``<style>``, ``<foreignObject>``,
+  ``<a>``, animation (``<animate>``, ``<set>`` could set an ``href`` or a handler), event
+  handlers, references outside the image (``href`` and ``url()`` only to ``#fragment``,
+  ``<image>`` only from a ``data:`` raster URL).
 * **removed** everything else: scripts (``application/javascript``, ``text/javascript``...)
   and every type crucible does not know to be inert — including the renderers JupyterLab
   extensions add (``application/vnd.jupyter.widget-view+json``, Plotly's, Vega's, Bokeh's),
@@ -42,6 +43,11 @@ apply it again just before they display (it is idempotent). Its promises:
   removed go, and so do ``isolated`` (JupyterLab then re-parses the output's HTML into a
   same-origin frame, outside this sanitizer's view) and ``trusted``; ``transient`` keeps only
   a string ``display_id``.
+* **bounded cost**: markup nested deeper than :data:`MAX_DEPTH` (deeper than browsers show)
+  and Markdown larger than :data:`MAX_MARKDOWN` are not parsed (a notice says so; the
+  Markdown is then shown as plain text), since an HTML parser's work grows with nesting and
+  this runs in the process that serves every user. Text that is not valid UTF-8 (lone
+  surrogates) has them shown as escapes instead of failing.
 * an operator may pass more types unchanged (``c.CrucibleDispatcher.trusted_output_types``,
   env :data:`ENV_TRUSTED_TYPES`): a type listed there is not looked at at all, so anything
   listed is as dangerous as the renderer it reaches (see the setting's help).
@@ -272,34 +278,141 @@ _SVG = nh3.Cleaner(
     set_tag_attribute_values={"svg": {"xmlns": _SVG_NS, "xmlns:xlink": _XLINK_NS}},
 )
 
-_markdown = None
+# ----- cost bounds ----------------------------------------------------------------------------
+# html5ever's tree builder (like a browser's) does work in proportion to the depth of the open
+# elements for many tags, and more for formatting elements left open: 100,000 nested <div>
+# (500 KB) take 40 s, 20,000 <div><b a=N></div> more than 10 minutes, in the process that
+# serves every user. A cell must not be able to buy that with its output, so markup whose
+# nesting estimate passes MAX_DEPTH is not parsed at all. Browsers stop nesting at 512
+# (Chromium's parser limit), so no markup that renders as its author meant is refused.
+
+#: Deepest nesting of elements (as :func:`nesting_depth` estimates it) that is sanitized.
+MAX_DEPTH = 512
+#: Largest Markdown text rendered (cmark-gfm takes up to ~0.5 s per MB of adversarial text).
+MAX_MARKDOWN = 1 << 20
+
+_TAG = re.compile(r"<(/?)([A-Za-z][^\s/>\x00]*)[^>]*?(/?)>")
+_VOID = frozenset(
+    {
+        *("area", "base", "basefont", "bgsound", "br", "col", "embed", "frame", "hr"),
+        *("image", "img", "input", "keygen", "link", "meta", "param", "source", "track"),
+        "wbr",
+    }
+)
+# HTML start tags that end foreign (SVG/MathML) content
+_BREAKOUT = frozenset(
+    {
+        *("b", "big", "blockquote", "body", "br", "center", "code", "dd", "div", "dl", "dt"),
+        *("em", "embed", "h1", "h2", "h3", "h4", "h5", "h6", "head", "hr", "i", "img", "li"),
+        *("listing", "menu", "meta", "nobr", "ol", "p", "pre", "ruby", "s", "small"),
+        *("span", "strong", "strike", "sub", "sup", "table", "tt", "u", "ul", "var", "font"),
+    }
+)
+# foreign elements whose content is HTML again
+_INTEGRATION = frozenset(
+    {"foreignobject", "desc", "title", "mi", "mo", "mn", "ms", "mtext", "annotation-xml"}
+)
+# a start tag that closes open elements of these names at the top (as every parser does)
+_CLOSES = {
+    "td": ("td", "th"),
+    "th": ("td", "th"),
+    "tr": ("td", "th", "tr"),
+    "tbody": ("td", "th", "tr", "tbody", "thead", "tfoot"),
+    "thead": ("td", "th", "tr", "tbody", "thead", "tfoot"),
+    "tfoot": ("td", "th", "tr", "tbody", "thead", "tfoot"),
+    "li": ("li", "p"),
+    "dt": ("dt", "dd", "p"),
+    "dd": ("dt", "dd", "p"),
+    "option": ("option",),
+    "p": ("p",),
+}
+
+
+class TooComplex(ValueError):
+    """Markup or Markdown too deep or too large to be cleaned at a bounded cost."""
+
+
+def nesting_depth(markup: str, limit: int = MAX_DEPTH) -> int:
+    """An estimate, never below what an HTML parser builds for the cases that cost it
+    time, of how deeply ``markup`` nests elements; counting stops past ``limit``.
+
+    Linear: one pass over the tags. An end tag closes only the element on top (a parser
+    may close more, or ignore it and keep elements open: counting them open is the safe
+    side), a start tag closes only what every parser closes for it at the top (``<td>`` an
+    open cell, ``<li>`` an open item...); comments and script text count as markup.
+    """
+    stack: list[tuple[str, bool]] = []  # (name, foreign)
+    deepest = 0
+    for m in _TAG.finditer(markup):
+        name = m.group(2).lower()
+        if m.group(1):  # an end tag
+            if stack and stack[-1][0] == name:
+                stack.pop()
+            continue
+        top = stack[-1] if stack else None
+        in_foreign = top is not None and top[1] and top[0] not in _INTEGRATION
+        foreign = (in_foreign and name not in _BREAKOUT) or (
+            not in_foreign and name in ("svg", "math")
+        )
+        if foreign and m.group(3):  # self-closing is honoured in SVG and MathML only
+            continue
+        if not foreign:
+            if name in _VOID:
+                continue
+            closes = _CLOSES.get(name, ())
+            while stack and stack[-1][0] in closes:
+                stack.pop()
+        stack.append((name, foreign))
+        if len(stack) > deepest:
+            deepest = len(stack)
+            if deepest > limit:
+                break
+    return deepest
+
+
+def _bounded(markup: str) -> str:
+    """``markup`` as valid UTF-8, once its nesting is known to be within bounds."""
+    markup = _utf8(markup)
+    depth = nesting_depth(markup)
+    if depth > MAX_DEPTH:
+        raise TooComplex(f"it nests elements more than {MAX_DEPTH} deep, deeper than browsers show")
+    return markup
 
 
 def _render_markdown(text: str) -> str:
-    """CommonMark (with tables and strikethrough) as HTML, raw HTML kept for the sanitizer."""
-    global _markdown
-    if _markdown is None:
-        from markdown_it import MarkdownIt
+    """GitHub Flavored Markdown as HTML, raw HTML and every URL kept: the HTML sanitizer,
+    not the renderer, decides what stays (one parser of HTML, the one that is checked)."""
+    import cmarkgfm
+    from cmarkgfm.cmark import Options
 
-        _markdown = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
-    return _markdown.render(text)
+    return cmarkgfm.github_flavored_markdown_to_html(text, options=Options.CMARK_OPT_UNSAFE)
 
 
 def clean_html(text: str) -> str:
-    """``text`` (an HTML fragment) with only inert HTML left (see the module's promises)."""
-    return _HTML.clean(text)
+    """``text`` (an HTML fragment) with only inert HTML left (see the module's promises).
+
+    Raises :class:`TooComplex` for markup nested more than :data:`MAX_DEPTH` deep."""
+    return _HTML.clean(_bounded(text))
 
 
 def clean_markdown(text: str) -> str:
-    """Markdown ``text`` rendered to HTML, then cleaned by :func:`clean_html`."""
+    """Markdown ``text`` rendered to HTML, then cleaned by :func:`clean_html`.
+
+    Raises :class:`TooComplex` for text of more than :data:`MAX_MARKDOWN` bytes (or HTML
+    in it nested too deep)."""
+    text = _utf8(text)
+    if len(text) > MAX_MARKDOWN or len(text.encode("utf-8")) > MAX_MARKDOWN:
+        raise TooComplex(f"it is larger than {MAX_MARKDOWN >> 20} MiB")
     return clean_html(_render_markdown(text))
 
 
 def clean_svg(text: str) -> str:
     """An SVG image with only static shapes and text left, still a well-formed XML
-    document when the input was a well-formed SVG image (as an ``<img>`` needs)."""
+    document when the input was a well-formed SVG image (as an ``<img>`` needs).
+
+    Raises :class:`TooComplex` for markup nested more than :data:`MAX_DEPTH` deep."""
     # the HTML serializer writes U+00A0 as &nbsp;, which XML does not define
-    return _SVG.clean(text).replace("&nbsp;", "&#160;")
+    return _SVG.clean(_bounded(text)).replace("&nbsp;", "&#160;")
 
 
 # ----- bundles ------------------------------------------------------------------------------
@@ -319,12 +432,19 @@ def trusted_types_from_env() -> frozenset[str]:
 
 
 def _text(value: Any) -> str | None:
-    """A text value as Jupyter carries it: a string, or a list of lines (nbformat)."""
-    if isinstance(value, str):
-        return value
+    """A text value as Jupyter carries it (a string, or a list of lines as in nbformat), as
+    valid UTF-8: lone surrogates, which no UTF-8 consumer accepts, become visible escapes."""
     if isinstance(value, list) and all(isinstance(x, str) for x in value):
-        return "".join(value)
-    return None
+        value = "".join(value)
+    return _utf8(value) if isinstance(value, str) else None
+
+
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _notice(mime: str, why: str) -> str:
@@ -364,13 +484,20 @@ def clean_bundle(
             notices.append(_notice(mime, "it is not base64 image data"))
         elif mime == "application/json":
             out[mime] = value
-        elif mime == "text/html" and text is not None:
-            out[mime] = clean_html(text)
-        elif mime == "image/svg+xml" and text is not None:
-            out[mime] = clean_svg(text)
-        elif mime == "text/markdown" and text is not None:
-            if "text/html" not in source:  # else that HTML is what is shown (it ranks higher)
-                out["text/html"] = clean_markdown(text)
+        elif mime in SANITIZED_TYPES and text is not None:
+            if mime == "text/markdown" and "text/html" in source:
+                continue  # that HTML is what is shown (it ranks higher)
+            try:
+                if mime == "text/html":
+                    out[mime] = clean_html(text)
+                elif mime == "image/svg+xml":
+                    out[mime] = clean_svg(text)
+                else:
+                    out["text/html"] = clean_markdown(text)
+            except TooComplex as e:
+                notices.append(_notice(mime, str(e)))
+                if mime == "text/markdown" and "text/plain" not in source:
+                    out["text/plain"] = text  # Markdown reads well enough as text
         elif mime in _TEXT_TYPES or mime in SANITIZED_TYPES:
             notices.append(_notice(mime, "it is not text"))
         else:
@@ -439,12 +566,14 @@ __all__ = [
     "PASSED_TYPES",
     "SANITIZED_TYPES",
     "SETTING",
+    "TooComplex",
     "clean_bundle",
     "clean_html",
     "clean_markdown",
     "clean_metadata",
     "clean_output",
     "clean_svg",
+    "nesting_depth",
     "trusted_types",
     "trusted_types_from_env",
 ]

@@ -56,6 +56,8 @@ _END_FRAME = b'"type":"end"'  # the runner's last line (it counts what it droppe
 #: Bytes of error frames kept beyond the output limit (the traceback that names the failure).
 #: Bounded: a cell can send any number of error frames, which would otherwise all be stored.
 _ERROR_ROOM = 1 << 20
+#: Frames larger than this are parsed (and their rich output sanitized) in a thread.
+_PARSE_INLINE = 64 << 10
 _LIMIT_NOTICE = "output limit of {} reached; further output is dropped (an error is still shown)"
 
 
@@ -375,12 +377,19 @@ class CrucibleDispatcher(LoggingConfigurable):
         """Stored events after ``after``, their rich output cleaned by the output policy
         again: a record stored before the policy (or under a wider setting) leaves clean."""
         trusted = frozenset(self.trusted_output_types)
-        return [
-            Event(e.seq, e.t, e.type, output_policy.clean_output(e.type, e.data, trusted))
-            if e.type in output_policy.DISPLAY_KINDS
-            else e
-            for e in await self._db(self.storage.events, execution_id, after)
-        ]
+        stored = await self._db(self.storage.events, execution_id, after)
+        if not any(e.type in output_policy.DISPLAY_KINDS for e in stored):
+            return stored
+
+        def clean() -> list[Event]:
+            return [
+                Event(e.seq, e.t, e.type, output_policy.clean_output(e.type, e.data, trusted))
+                if e.type in output_policy.DISPLAY_KINDS
+                else e
+                for e in stored
+            ]
+
+        return await asyncio.to_thread(clean)  # up to ~1 s per MB: not on the loop
 
     async def changes(self) -> AsyncIterator[dict]:
         """Yield ``{"id", "status", "user"}`` each time an execution this dispatcher handles
@@ -668,7 +677,12 @@ class CrucibleDispatcher(LoggingConfigurable):
                 # out of context); only the cell's error still gets through
                 execution.dropped_bytes += size
                 continue
-            parsed = frames.parse(line, trusted) if kind == FRAMES else frames.raw_stderr(line)
+            if kind != FRAMES:
+                parsed = frames.raw_stderr(line)
+            elif size > _PARSE_INLINE:  # a large display costs its sanitizing: not on the loop
+                parsed = await asyncio.to_thread(frames.parse, line, trusted)
+            else:
+                parsed = frames.parse(line, trusted)
             if parsed is None:
                 continue
             if parsed[0] == "error":

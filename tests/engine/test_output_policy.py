@@ -26,6 +26,7 @@ ATTACK = textwrap.dedent("""
     display({"text/markdown": "[x](javascript:alert(1)) <script>" + steal + "</script>"},
             raw=True)
     display({"text/html": "<table class='dataframe'><tr><td>1</td></tr></table>"}, raw=True)
+    display({"text/html": "<i>" + "x" * 100000 + "</i><script>" + steal + "</script>"}, raw=True)
 """)
 
 
@@ -34,7 +35,7 @@ def _bundles(events: list[Event]) -> list[dict]:
 
 
 def _assert_clean(bundles: list[dict]) -> None:
-    html, script, svg, markdown, table = bundles
+    html, script, svg, markdown, table, large = bundles
     assert html == {
         "text/html": "<p>chart</p><img>",
         "text/plain": "chart",
@@ -50,6 +51,8 @@ def _assert_clean(bundles: list[dict]) -> None:
     assert table == {
         "text/html": '<table class="dataframe"><tbody><tr><td>1</td></tr></tbody></table>'
     }, table
+    # a frame that large is cleaned off the event loop: the same policy
+    assert large == {"text/html": "<i>" + "x" * 100000 + "</i>"}, large["text/html"][-100:]
 
 
 async def test_script_in_output_is_stored_and_streamed_cleaned(dispatcher):

@@ -526,3 +526,61 @@ def test_frames_from_the_runner_leave_cleaned():
     # the operator's setting reaches the parser
     kind, payload = frames.parse(json.dumps(frame).encode(), {"application/javascript"})
     assert payload["data"]["application/javascript"] == "alert(2)"
+
+
+# ----- bounded cost -----------------------------------------------------------------------
+
+# each takes an HTML parser from seconds to many minutes (in the process serving everyone);
+# they are refused before any parsing, by the nesting estimate
+TOO_DEEP = {
+    "100,000 nested <div>": "<div>" * 100_000,
+    "<div/> (not self-closing in HTML)": "<div/>" * 100_000,
+    "formatting elements left open": "".join(f"<div><b a={i}></div>" for i in range(20_000)),
+    "divs around ignored end tags": "<div><table></div>" * 50_000,
+    "SVG broken out of by HTML": "<svg><div>" * 20_000,
+    "HTML inside an SVG integration point": "<svg><desc>" + "<div>" * 100_000,
+    "nested links": "<a>" * 100_000,
+}
+
+
+@pytest.mark.parametrize("markup", TOO_DEEP.values(), ids=list(TOO_DEEP))
+@pytest.mark.parametrize("mime", ["text/html", "image/svg+xml", "text/markdown"])
+def test_markup_nested_too_deep_is_refused_before_parsing(mime, markup):
+    assert output_policy.nesting_depth(markup) > output_policy.MAX_DEPTH
+    data, _ = clean_bundle({mime: markup, "text/plain": "deep"})
+    assert set(data) == {"text/plain"}, {k: v[:200] for k, v in data.items()}
+    assert f"{mime} was removed: it nests elements more than 512 deep" in data["text/plain"]
+
+
+NOT_TOO_DEEP = {
+    "a long flat table": "<table>" + "<tr><td>1</td><td>2</td></tr>" * 20_000 + "</table>",
+    "a table without end tags": "<table>" + "<tr><td>1<td>2" * 20_000,
+    "a long list without end tags": "<ul>" + "<li>x" * 20_000,
+    "paragraphs without end tags": "<p>x" * 20_000,
+    "an SVG with many self-closing shapes": "<svg>" + "<path d='M0 0'/>" * 20_000,
+    "500 nested divs": "<div>" * 500 + "x" + "</div>" * 500,
+}
+
+
+@pytest.mark.parametrize("markup", NOT_TOO_DEEP.values(), ids=list(NOT_TOO_DEEP))
+def test_large_shallow_markup_is_cleaned(markup):
+    assert output_policy.nesting_depth(markup) <= output_policy.MAX_DEPTH
+    mime = "image/svg+xml" if markup.startswith("<svg") else "text/html"
+    data, _ = clean_bundle({mime: markup})
+    assert set(data) == {mime}
+
+
+def test_markdown_too_large_to_render_is_shown_as_text():
+    text = "*a " * (output_policy.MAX_MARKDOWN // 3 + 1)
+    data, _ = clean_bundle({"text/markdown": text})
+    assert set(data) == {"text/plain"}
+    assert data["text/plain"].startswith(text)
+    assert "text/markdown was removed: it is larger than 1 MiB" in data["text/plain"]
+
+
+@pytest.mark.parametrize("mime", ["text/html", "text/markdown", "image/svg+xml", "text/plain"])
+def test_text_that_is_not_utf8_is_shown_escaped(mime):
+    data, _ = clean_bundle({mime: "<b>a\ud800b</b>"})
+    (value,) = data.values()
+    assert "\\ud800" in value and "\ud800" not in value, value
+    value.encode("utf-8")
