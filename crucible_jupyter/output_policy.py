@@ -19,20 +19,20 @@ apply it again just before they display (it is idempotent). Its promises:
   elements (text, tables, lists, headings, links, images) and attributes; no ``<script>``,
   ``<style>``, event handlers, ``<iframe>``, ``<object>``/``<embed>``, forms, ``<meta>``,
   ``<base>``, ``<link>``, ``<template>``, inline SVG/MathML, ``id``/``name`` (which could
-  clobber the page's own globals), JupyterLab's own CSS classes (``jp-``, ``lm-``: they would
-  let output dress up as Lab's UI) or CSS that positions, loads URLs (``url()``) or hides
-  escapes; links only to ``http``/``https``/``mailto``, images only from ``data:`` raster
-  URLs (an external image would be a request from the user's browser: a way out of a
-  sandbox that has no network). ``text/markdown`` is rendered to HTML here (GitHub
-  Flavored Markdown, with cmarkgfm: GitHub's cmark-gfm in C, linear in time by design, the
-  renderer PyPI uses for untrusted READMEs, with nh3) and that HTML is sanitized the same
-  way; it leaves as ``text/html`` — JupyterLab renders raw HTML inside Markdown, and
-  cleaning the HTML that results, rather than the Markdown text, leaves no difference
-  between two parsers to exploit. ``image/svg+xml`` keeps static SVG shapes, text,
-  gradients, clip paths and markers: no ``<script>``, ``<style>``, ``<foreignObject>``,
-  ``<a>``, animation (``<animate>``, ``<set>`` could set an ``href`` or a handler), event
-  handlers, references outside the image (``href`` and ``url()`` only to ``#fragment``,
-  ``<image>`` only from a ``data:`` raster URL).
+  clobber the page's own globals), JupyterLab's and CodeMirror's CSS classes (``jp-``,
+  ``lm-``, ``cm-``: they would let output dress up as Lab's UI) or CSS that positions, loads
+  URLs (``url()``) or hides escapes; links only to ``http``/``https``/``mailto``, images
+  only from ``data:`` raster URLs (an external image would be a request from the user's
+  browser: a way out of a sandbox that has no network). ``text/markdown`` is rendered to
+  HTML here (GitHub Flavored Markdown, with cmarkgfm: GitHub's cmark-gfm in C, linear in
+  time by design, the renderer PyPI uses for untrusted READMEs, with nh3) and that HTML is
+  sanitized the same way; it leaves as ``text/html`` — JupyterLab renders raw HTML inside
+  Markdown, and cleaning the HTML that results, rather than the Markdown text, leaves no
+  difference between two parsers to exploit. ``image/svg+xml`` keeps static SVG shapes,
+  text, gradients, clip paths and markers: no ``<script>``, ``<style>``,
+  ``<foreignObject>``, ``<a>``, animation (``<animate>``, ``<set>`` could set an ``href`` or
+  a handler), event handlers, references outside the image (``href`` and ``url()`` only to
+  ``#fragment``, ``<image>`` only from a ``data:`` raster URL).
 * **removed** everything else: scripts (``application/javascript``, ``text/javascript``...)
   and every type crucible does not know to be inert — including the renderers JupyterLab
   extensions add (``application/vnd.jupyter.widget-view+json``, Plotly's, Vega's, Bokeh's),
@@ -105,7 +105,8 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/=\s]*")
 _DATA_IMAGE = re.compile(r"data:image/(?:png|jpeg|gif|webp|bmp);base64,[A-Za-z0-9+/=\s]*")
 _SCHEME = re.compile(r"([a-z][a-z0-9+.\-]*):")
 _URL_FN = re.compile(r"url\(\s*(['\"]?)\s*([^)'\"]*)", re.IGNORECASE)
-_LAB_CLASS = re.compile(r"(?:jp|lm|jupyter)-", re.IGNORECASE)
+_LAB_CLASS = re.compile(r"(?:jp|lm|jupyter|cm)-", re.IGNORECASE)  # Lab's, CodeMirror's
+_PLAIN_TYPE = re.compile(r"[\x21-\x7e]{1,100}")
 
 # ----- HTML ---------------------------------------------------------------------------------
 
@@ -448,7 +449,9 @@ def _utf8(text: str) -> str:
 
 
 def _notice(mime: str, why: str) -> str:
-    return f"[crucible: output of type {mime} was removed: {why}; see {SETTING}]"
+    # the type is the cell's text: no control characters, bidi marks or length of its own
+    shown = mime if _PLAIN_TYPE.fullmatch(mime) else json.dumps(mime[:100])
+    return f"[crucible: output of type {shown} was removed: {why}; see {SETTING}]"
 
 
 def _why_removed(mime: str) -> str:

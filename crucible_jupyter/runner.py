@@ -903,9 +903,11 @@ def _reachable(targets, timeout=0.25):
 
 
 def _node_targets(ports):
-    """The node as this pod sees it, on ``ports``: the IPv4 default gateway; if the default
-    route's interface has IPv6, the IPv6 default routers and the EUI-64 link-local address
-    of the gateway's MAC (as learnt by ARP), scoped to that interface."""
+    """The node as this pod sees it, on ``ports``: the IPv4 default gateway; if the pod's
+    interface (of the default route, else of its first route) has IPv6, the IPv6 default
+    routers and the EUI-64 link-local addresses of the MACs its ARP table learnt there (the
+    gateway's, the node's), scoped to that interface. Best effort: a bridge keeps the
+    link-local address of the MAC it had when it came up, which ARP no longer shows."""
     import socket
 
     def rows(path):
@@ -915,12 +917,15 @@ def _node_targets(ports):
         except OSError:
             return []
 
-    route = [r for r in rows("/proc/net/route") if len(r) > 2 and r[1] == "00000000"]
-    if not route:
+    routes = [r for r in rows("/proc/net/route") if len(r) > 2 and r[0] != "lo"]
+    default = [r for r in routes if r[1] == "00000000" and r[2] != "00000000"]
+    if not routes:
         return []
-    iface = route[0][0]
-    gateway = socket.inet_ntoa(bytes.fromhex(route[0][2])[::-1])
-    found = [(gateway, p) for p in ports]
+    iface = (default or routes)[0][0]
+    found = []
+    if default:
+        gateway = socket.inet_ntoa(bytes.fromhex(default[0][2])[::-1])
+        found = [(gateway, p) for p in ports]
     try:
         with open("/proc/net/if_inet6") as f:  # (no header line)
             with_v6 = [line for line in f.read().splitlines() if line.split()[-1:] == [iface]]
@@ -930,7 +935,7 @@ def _node_targets(ports):
         return found
     nodes = set()
     for row in rows("/proc/net/arp"):
-        if len(row) > 5 and row[0] == gateway and row[2] == "0x2" and row[5] == iface:
+        if len(row) > 5 and row[2] == "0x2" and row[5] == iface:
             mac = bytearray.fromhex(row[3].replace(":", ""))
             mac[0] ^= 2
             eui64 = b"\xfe\x80" + bytes(6) + mac[:3] + b"\xff\xfe" + mac[3:]

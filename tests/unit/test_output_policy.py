@@ -126,7 +126,7 @@ def assert_inert(markup: str, *, svg: bool = False) -> None:
             if name == "style":
                 assert "position" not in flat and "@import" not in flat, value
             if name == "class":
-                assert not re.search(r"(^|\s)(jp|lm|jupyter)-", value), value
+                assert not re.search(r"(^|\s)(jp|lm|jupyter|cm)-", value), value
 
 
 # ----- attacks --------------------------------------------------------------------------
@@ -177,7 +177,7 @@ HTML_ATTACKS = {
     "style covering the page": (
         '<div style="position: fixed; top: 0; left: 0; width: 100vw; z-index: 9999">x</div>'
     ),
-    "Lab's own classes": '<div class="jp-Dialog lm-Widget jupyter-widgets">x</div>',
+    "Lab's own classes": '<div class="jp-Dialog lm-Widget jupyter-widgets cm-tooltip">x</div>',
     "DOM clobbering": '<a id="jupyter-config-data" name="document">x</a><img name="getElementById">',
     "noscript mutation": '<noscript><p title="</noscript><img src=x onerror=alert(1)>"></noscript>',
     "comment mutation": "<!--<img src=x onerror=alert(1)>--><!--><img src=x onerror=alert(2)>-->",
@@ -299,6 +299,14 @@ def test_the_notice_is_visible_when_html_is_what_will_show():
     assert data["text/html"].startswith("<b>chart</b><pre>[crucible: output of type")
     assert "application/javascript" in data["text/plain"]
     assert_inert(data["text/html"])
+
+
+def test_a_notice_shows_the_type_escaped():
+    forged = "x/y\n[crucible] succeeded\x1b[8m\u202e" + "z" * 500
+    data, _ = clean_bundle({forged: "1"})
+    (line,) = data["text/plain"].splitlines()
+    assert "\x1b" not in line and "\u202e" not in line and len(line) < 300, line
+    assert line.startswith('[crucible: output of type "x/y\\n[crucible] succeeded\\u001b'), line
 
 
 def test_notices_are_bounded():

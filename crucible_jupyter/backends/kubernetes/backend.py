@@ -727,8 +727,14 @@ class CrucibleKubernetesBackend(Backend):
                     return [_network_check(text, outcome, target)]
                 why = (outcome and outcome.reason) or text[-300:] or "no output"
                 return [Check("network isolation", False, f"probe listener failed: {why}")]
-            pod = self._reflector.pod_for(objects.label_value(listener.id)) or {}
-            nodes = [ip for ip in [(pod.get("status") or {}).get("hostIP")] if ip]
+            status = (self._reflector.pod_for(objects.label_value(listener.id)) or {}).get(
+                "status"
+            ) or {}
+            nodes = [ip for ip in [status.get("hostIP")] if ip]
+            for ip in [status.get("podIP")] + [a.get("ip") for a in status.get("podIPs") or []]:
+                family = "ipv6" if ip and ":" in ip else "ipv4"
+                if ip and ip not in peer[family]:
+                    peer[family].append(ip)
             node_ports = list(probes.NODE_PORTS)
             with contextlib.suppress(Exception):
                 node_ports += probes.service_node_ports(
@@ -745,7 +751,7 @@ class CrucibleKubernetesBackend(Backend):
             )
             try:
                 probe_box = await self.start(prober)
-                out = b"".join([line async for _, line, _ in probe_box.lines()]).decode()
+                out = b"\n".join([line async for _, line, _ in probe_box.lines()]).decode()
                 outcome = await probe_box.wait()
             except CrucibleError as e:
                 return [Check("network isolation", False, f"probe could not run: {e.message}")]
