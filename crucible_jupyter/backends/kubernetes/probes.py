@@ -7,9 +7,11 @@ Two real executor pods, under the same deny-all policy as every cell:
 * a **prober** (:func:`prober_code`) then tries, over TCP and UDP, each of: the API server's
   addresses; the node as the pod sees it (its IPv4 gateway, and over IPv6 its default
   routers and the link-local address formed from the gateway's MAC, scoped to the pod's
-  interface — the runner's own pre-cell check, loaded from the pod's ``runner.py``); the
-  listener by IPv4 and IPv6 address and by IPv6 multicast (``ff02::1``) and IPv4 broadcast;
-  and the node's NodePort range (30000-32767).
+  interface — the runner's own pre-cell check, loaded from the pod's ``runner.py`` — and
+  the node's own address on those ports and the kubelet's, 10250); the
+  listener by IPv4 and IPv6 address and by IPv6 multicast (``ff02::1``, UDP, and ICMPv6
+  echo where ping sockets are allowed: any host answering) and IPv4 broadcast; and the
+  node's NodePort range (30000-32767).
 
 What counts as *reached* (:func:`network_check`): a TCP connection accepted or a UDP answer,
 anywhere; the listener hearing anything; and, at a node port, also a *refusal* (a TCP reset
@@ -53,9 +55,7 @@ for family, kind, host in ((socket.AF_INET, socket.SOCK_STREAM, "0.0.0.0"),
         pass
 ipv4 = []
 try:
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    u.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the source address
-    ipv4.append(u.getsockname()[0])
+    ipv4.append(socket.gethostbyname(socket.gethostname()))  # (the kubelet's /etc/hosts)
 except OSError:
     pass
 ipv6 = []
@@ -132,8 +132,29 @@ def udp(host, port, kind, many=False):
     except OSError as e:
         return "unreachable (%s)" % (e.strerror or e)
 
+def ping6(host, port, kind, many=True):
+    # ICMPv6 echo to all nodes, where ping sockets are allowed (net.ipv4.ping_group_range)
+    own = set()
+    try:
+        own = {{socket.inet_ntop(socket.AF_INET6, bytes.fromhex(l.split()[0]))
+                for l in open("/proc/net/if_inet6")}}
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
+        s.settimeout(1.5)
+        s.sendto(b"\x80\x00\x00\x00\x00\x01\x00\x01crucible", (host, 0))
+        while True:
+            data, peer = s.recvfrom(512)
+            if peer[0].split("%")[0] not in own:
+                return "open (answered by %s)" % peer[0]
+    except socket.timeout:
+        return "no answer"
+    except OSError as e:
+        return "unreachable (%s)" % (e.strerror or e)
+
 def run(proto, host, port, kind, family, many=False):
-    result = (tcp(host, port, kind) if proto == "tcp" else udp(host, port, kind, many))
+    if proto == "icmp":
+        result = ping6(host, port, kind)
+    else:
+        result = tcp(host, port, kind) if proto == "tcp" else udp(host, port, kind, many)
     results.append({{"proto": proto, "to": host, "port": port, "kind": kind,
                     "family": family, "result": result}})
 
@@ -156,6 +177,9 @@ for host, port in api:
     jobs.append(("tcp", host, port, "api", "ipv6" if ":" in host else "ipv4"))
 for host, port in node:
     jobs.append(("tcp", host, port, "node", "ipv6" if ":" in host else "ipv4"))
+for host in PLAN["nodes"]:  # the node's own address: the API port(s) and the kubelet's
+    for port in sorted(set(ports) | {{10250}}):
+        jobs.append(("tcp", host, port, "node", "ipv6" if ":" in host else "ipv4"))
 peer = PLAN["peer"]
 for host in peer["ipv4"]:
     for proto in ("tcp", "udp"):
@@ -172,6 +196,8 @@ for host in sorted(set(PLAN["nodes"] + gateways)):
 threads = [threading.Thread(target=run, args=job) for job in jobs]
 threads.append(threading.Thread(target=run, args=("udp", "ff02::1%" + iface, peer["port"],
                                                   "multicast", "ipv6", True)))
+threads.append(threading.Thread(target=run, args=("icmp", "ff02::1%" + iface, 0,
+                                                  "multicast", "ipv6")))
 threads.append(threading.Thread(target=run, args=("udp", "255.255.255.255", peer["port"],
                                                   "broadcast", "ipv4", True)))
 for t in threads:
@@ -197,18 +223,22 @@ def prober_code(plan: dict, runner_path: str) -> str:
 
 
 def find_json(text: str, tag: str) -> dict | None:
-    """The JSON object a probe cell printed after ``tag`` (in the frames of its log)."""
+    """The JSON object a probe cell printed after ``tag`` on its stdout (``text``: the
+    frames of its log, one per line)."""
+    printed = []
     for frame in text.splitlines():
         try:
-            printed = json.loads(frame).get("text", "")
-        except (ValueError, AttributeError):
+            fields = json.loads(frame)
+        except ValueError:
             continue
-        for line in printed.splitlines():
-            if line.startswith(tag + " "):
-                try:
-                    return json.loads(line[len(tag) + 1 :])
-                except ValueError:
-                    return None
+        if isinstance(fields, dict) and fields.get("type") == "stream":
+            printed.append(str(fields.get("text", "")))
+    for line in "".join(printed).splitlines():
+        if line.startswith(tag + " "):
+            try:
+                return json.loads(line[len(tag) + 1 :])
+            except ValueError:
+                return None
     return None
 
 
