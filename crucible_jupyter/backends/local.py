@@ -37,7 +37,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Integer, List, Unicode, default
+from traitlets import Bool, Integer, List, TraitError, Unicode, default, validate
 
 from ..errors import InvalidRequest, Unavailable
 from ..models import Execution, ExecutionRequest, format_bytes
@@ -239,6 +239,14 @@ class CrucibleLocalBackend(Backend):
         uids. Not root: every sandbox runs as crucible's own user (see `crucible doctor`).""",
     ).tag(config=True)
 
+    @validate("uid_range")
+    def _check_uid_range(self, proposal: Any) -> str:
+        try:
+            uids.parse_range(proposal["value"])
+        except ValueError as e:
+            raise TraitError(f"{e}, e.g. {uids.DEFAULT_RANGE!r}") from None
+        return proposal["value"]
+
     uid_lock_dir = Unicode(
         uids.DEFAULT_FOLDER,
         help="""Folder of the lock files that lease the uids of ``uid_range`` host-wide (every
@@ -282,12 +290,10 @@ class CrucibleLocalBackend(Backend):
                     " bubblewrap as a uid of the sandbox's own: started by root, a sandbox's"
                     " user would be host root"
                 )
-        lease = None
         try:
-            lease = self._uid_leases.take() if self._as_root else None
             probe = subprocess.run(
-                [
-                    *self._drop_argv([], uid=lease.uid if lease else None),
+                [  # as root, as the range's first uid without a lease: `true` for a moment
+                    *self._drop_argv([], uid=self._uid_leases.first),
                     self.bwrap_path,
                     "--unshare-all",
                     "--unshare-user",
@@ -303,11 +309,8 @@ class CrucibleLocalBackend(Backend):
                 timeout=20,
                 text=True,
             )
-        except (OSError, subprocess.TimeoutExpired, ValueError, Unavailable) as e:
+        except (OSError, subprocess.TimeoutExpired) as e:
             return f"bubblewrap could not start: {e}"
-        finally:
-            if lease is not None:
-                lease.release()
         if probe.returncode != 0:
             return f"bubblewrap cannot create namespaces here: {probe.stderr.strip()}"
         return None
