@@ -98,17 +98,29 @@ class Group:
         self.dirs = {c: os.path.join(p, name) for c, p in layout.parents.items()}
 
     @classmethod
-    def create(cls, layout: Layout, name: str, *, memory: int, cpu: float, pids: int) -> Group:
-        """Make the group(s) and set memory (bytes, no swap), CPU (cores) and pids limits."""
+    def create(
+        cls,
+        layout: Layout,
+        name: str,
+        *,
+        memory: int,
+        cpu: float,
+        pids: int,
+        sockets: int | None = None,
+    ) -> Group:
+        """Make the group(s) and set memory (bytes, no swap), CPU (cores), pids and socket
+        buffer limits (see :meth:`set_limits`)."""
         g = cls(layout, name)
         for d in set(g.dirs.values()):
             os.makedirs(d, exist_ok=True)
-        g.set_limits(memory=memory, cpu=cpu, pids=pids)
+        g.set_limits(memory=memory, cpu=cpu, pids=pids, sockets=sockets)
         return g
 
-    def set_limits(self, *, memory: int, cpu: float, pids: int) -> None:
-        """Set memory (bytes, no swap), CPU (cores) and pids limits; OSError if refused (for
-        instance a memory limit below what the group already uses)."""
+    def set_limits(self, *, memory: int, cpu: float, pids: int, sockets: int | None = None) -> None:
+        """Set memory (bytes, no swap), CPU (cores) and pids limits, and under cgroup v1 the
+        TCP socket buffers' (bytes: ``sockets``, at most ``memory``; v2 counts them as
+        memory); OSError if refused (for instance a memory limit below what the group
+        already uses)."""
         if self.layout.version == 2:
             d = self.dirs["memory"]
             self._write(d, "memory.max", str(memory))
@@ -128,7 +140,8 @@ class Group:
         # from memory.limit_in_bytes), and only for sockets made after that: set with the
         # group's first limits, before any process joins. Without it a cell with 64 MiB
         # queued 400 MiB in loopback TCP buffers (host TCP memory, shared by every socket).
-        self._write(mem, TCP_LIMIT_V1, str(memory), optional=True)
+        tcp = memory if sockets is None else min(memory, sockets)
+        self._write(mem, TCP_LIMIT_V1, str(tcp), optional=True)
         self._write(self.dirs["pids"], "pids.max", str(pids))
         if "cpu" in self.dirs:
             self._write(self.dirs["cpu"], "cpu.cfs_period_us", "100000", optional=True)

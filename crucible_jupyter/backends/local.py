@@ -229,6 +229,15 @@ class CrucibleLocalBackend(Backend):
         True, help="Use per-execution cgroups for memory, pids and CPU when available."
     ).tag(config=True)
 
+    socket_buffer_limit = Integer(
+        64 << 20,
+        help="""Most TCP socket-buffer memory one execution may hold, in bytes (at most its
+        memory limit), under cgroup v1 (memory.kmem.tcp.limit_in_bytes; cgroup v2 counts
+        socket buffers as the cell's memory instead). All a cell can reach is its own
+        loopback, so a full buffer only makes a sender wait; host TCP memory is shared by
+        every socket on the host (net.ipv4.tcp_mem), which an 8 GiB cell could fill.""",
+    ).tag(config=True)
+
     uid_range = Unicode(
         uids.DEFAULT_RANGE,
         help="""Host uids for sandboxes, "FIRST-LAST", when crucible runs as root: each
@@ -718,6 +727,7 @@ class CrucibleLocalBackend(Backend):
                     memory=req.resources.memory,
                     cpu=req.resources.cpu,
                     pids=self.max_processes,
+                    sockets=self.socket_buffer_limit,
                 )
             except OSError as e:
                 self.log.warning(
@@ -876,6 +886,7 @@ class CrucibleLocalBackend(Backend):
                     memory=WARM_MEMORY,
                     cpu=1.0,
                     pids=self.max_processes,
+                    sockets=self.socket_buffer_limit,
                 )
             report = self._launch_report(group, True)
             uid = lease.uid if lease else None
@@ -932,6 +943,7 @@ class CrucibleLocalBackend(Backend):
                         memory=req.resources.memory,
                         cpu=req.resources.cpu,
                         pids=self.max_processes,
+                        sockets=self.socket_buffer_limit,
                     )
                 cell = {
                     "code": req.code,

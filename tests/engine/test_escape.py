@@ -663,7 +663,7 @@ TCP_FLOOD = textwrap.dedent("""
     server.listen(1024)
     held, conns, stopped = 0, [], "target reached"
     try:
-        while held < {target} and len(conns) < 400:
+        while held < {target} and len(conns) < 200:
             client = socket.create_connection(server.getsockname())
             conns.append((client, server.accept()[0]))  # the receiver never reads
             client.setblocking(False)
@@ -688,20 +688,28 @@ def _host_tcp_pages() -> int:
     raise AssertionError("no TCP line in /proc/net/sockstat")
 
 
-@pytest.mark.parametrize("warm", [2, 0], ids=["warm", "cold"])
-async def test_socket_buffers_count_against_the_memory_limit(make_dispatcher, warm):
+@pytest.mark.parametrize(
+    "warm,memory,cap",
+    [(2, "64Mi", None), (0, "64Mi", None), (0, "1Gi", 32 << 20)],
+    ids=["warm", "cold", "capped"],
+)
+async def test_socket_buffers_count_against_the_memory_limit(make_dispatcher, warm, memory, cap):
     """A cell with 64 MiB queued 400 MiB in loopback TCP buffers (receivers that never read):
     under cgroup v1 socket memory is charged to the cell only with a kmem TCP limit, and host
     TCP memory grew by 412 MiB (600 such connections starve every TCP socket on the host).
-    Host TCP memory may not grow by more than twice the cell's limit."""
-    d = await make_dispatcher(local={"warm_sandboxes": warm})
+    Host TCP memory may not grow by more than twice the cell's socket-buffer limit: its memory
+    limit, or ``socket_buffer_limit`` if lower (a big cell could fill host TCP memory)."""
+    local = {"warm_sandboxes": warm, **({"socket_buffer_limit": cap} if cap else {})}
+    d = await make_dispatcher(local=local)
     layout, _ = d.get_backend("local").cgroup_layout
     if layout is None:
         pytest.skip("no cgroup here: memory is limited by RLIMIT_AS, sockets are not counted")
-    limit = 64 << 20
+    from crucible_jupyter.models import parse_bytes
+
+    limit = min(parse_bytes(memory), cap or 64 << 20)
     before = _host_tcp_pages()
     execution = await d.submit(
-        {"code": TCP_FLOOD.format(target=400 << 20), "memory": "64Mi", "timeout": 120}
+        {"code": TCP_FLOOD.format(target=400 << 20), "memory": memory, "timeout": 120}
     )
     said = ""
     async for event in d.subscribe(execution.id):
