@@ -127,3 +127,86 @@ def test_output_of_a_cell_cannot_run_in_jupyterlab(page: LabPage, lab: LabServer
 
     page.open("policy-kernel.ipynb", CRUCIBLE)
     _run_and_check(page, lab, 0, "kernel-")
+
+
+# ----- every attack of the unit tests, cleaned, then given to Chromium as Lab does --------
+
+# What JupyterLab does with trusted HTML output (renderHTML): set innerHTML, then re-create
+# each <script> so that it runs. Here every way a payload could act is a recorder, and the
+# cleaned SVG is also shown inline (as an exported notebook would) and as an <img>.
+_RENDER_JS = """
+const [items] = arguments;
+window.ran = [];
+const record = name => (...args) => { window.ran.push(name + ':' + String(args[0]).slice(0, 80)); };
+for (const name of ['alert', 'confirm', 'prompt', 'fetch', 'open', 'eval']) {
+  window[name] = record(name);
+}
+const title = document.title;
+for (const [id, html, svg] of items) {
+  const host = document.createElement('div');
+  host.setAttribute('data-case', id);
+  host.innerHTML = html;
+  document.body.appendChild(host);
+  for (const old of Array.from(host.querySelectorAll('script'))) {
+    const s = document.createElement('script');
+    s.textContent = old.textContent;
+    old.replaceWith(s);
+  }
+  if (svg) {
+    const img = new Image();
+    img.src = 'data:image/svg+xml,' + encodeURIComponent(html);
+    host.appendChild(img);
+  }
+}
+const risky = [];
+for (const el of document.querySelectorAll('[data-case] *')) {
+  const id = el.closest('[data-case]').getAttribute('data-case');
+  const tag = el.localName;
+  if (['script', 'iframe', 'object', 'embed', 'form', 'meta', 'base', 'link', 'style',
+       'foreignobject', 'animate', 'set', 'input', 'button', 'textarea'].includes(tag)) {
+    risky.push(id + ': <' + tag + '>');
+  }
+  for (const a of Array.from(el.attributes)) {
+    const v = a.value.replace(/[\\u0000-\\u0020]/g, '').toLowerCase();
+    if (a.name.startsWith('on') || v.startsWith('javascript:') || v.startsWith('vbscript:')) {
+      risky.push(id + ': ' + tag + ' ' + a.name + '=' + a.value.slice(0, 60));
+    }
+  }
+}
+return {ran: window.ran, risky: risky, titleChanged: document.title !== title};
+"""
+
+
+def _unit_corpus() -> list[list[Any]]:
+    """Every attack payload of tests/unit/test_output_policy.py, cleaned by the policy."""
+    import importlib.util
+    from pathlib import Path
+
+    from crucible_jupyter.output_policy import clean_bundle
+
+    path = Path(__file__).resolve().parents[1] / "unit" / "test_output_policy.py"
+    spec = importlib.util.spec_from_file_location("unit_output_policy", path)
+    unit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(unit)
+    items = []
+    for group, mime in (
+        (unit.HTML_ATTACKS, "text/html"),
+        (unit.MARKDOWN_ATTACKS, "text/markdown"),
+        (unit.SVG_ATTACKS, "image/svg+xml"),
+    ):
+        for name, payload in group.items():
+            data, _ = clean_bundle({mime: payload})
+            for kind, value in data.items():
+                if kind != "text/plain":
+                    items.append([f"{mime} {name}", value, kind == "image/svg+xml"])
+    return items
+
+
+def test_every_cleaned_attack_is_inert_in_chromium(browser: Any) -> None:
+    items = _unit_corpus()
+    assert len(items) > 60, len(items)
+    browser.get("about:blank")
+    seen = browser.execute_script(_RENDER_JS, items)
+    assert seen["risky"] == [], seen["risky"]
+    assert seen["ran"] == [], seen["ran"]
+    assert not seen["titleChanged"]
