@@ -108,6 +108,9 @@ def assert_inert(markup: str, *, svg: bool = False) -> None:
         for name, value in attrs.items():
             assert not name.startswith("on"), (tag, name, markup)
             assert name not in ("name", "srcdoc", "action", "formaction"), (tag, name)
+            assert name not in ("ping", "srcset", "poster", "background", "target"), (tag, name)
+            assert not name.startswith("data-"), (tag, name)
+            assert name != "rel" or value == "noopener noreferrer", (tag, name, value)
             # an SVG image keeps ids (its parts refer to each other); HTML gets none, which
             # could clobber the page's globals
             assert svg or name != "id", (tag, name)
@@ -189,6 +192,19 @@ HTML_ATTACKS = {
         "</mglyph></table></mtext></math>"
     ),
     "details ontoggle": "<details open ontoggle=alert(1)><summary>s</summary></details>",
+    # a click on an element with these attributes runs a JupyterLab command (its own linker)
+    "Lab command linker": (
+        '<button data-commandlinker-command="terminal:create-new">Show results</button>'
+        '<div data-commandlinker-command="notebook:run-all-cells" '
+        "data-commandlinker-args='{}'>click</div>"
+    ),
+    "attributes that make requests": (
+        '<a href="https://example.org/" ping="https://evil.example/ping">p</a>'
+        '<img srcset="https://evil.example/a.png 1x"><video poster="https://evil.example/p">'
+        '</video><table background="https://evil.example/t.png"><tr><td>t</td></tr></table>'
+    ),
+    "focus handler": "<input autofocus onfocus=alert(1)><isindex action=javascript:alert(1)>",
+    "target and rel of links": '<a href="https://example.org" target="_top" rel="opener">x</a>',
 }
 
 
