@@ -58,6 +58,7 @@ _END_FRAME = b'"type":"end"'  # the runner's last line (it counts what it droppe
 _ERROR_ROOM = 1 << 20
 #: Frames larger than this are parsed (and their rich output sanitized) in a thread.
 _PARSE_INLINE = 64 << 10
+_STREAM_FRAME = b'"type":"stream"'  # (the runner writes the type before the fields)
 _LIMIT_NOTICE = "output limit of {} reached; further output is dropped (an error is still shown)"
 
 
@@ -679,7 +680,8 @@ class CrucibleDispatcher(LoggingConfigurable):
                 continue
             if kind != FRAMES:
                 parsed = frames.raw_stderr(line)
-            elif size > _PARSE_INLINE:  # a large display costs its sanitizing: not on the loop
+            elif size > _PARSE_INLINE and _STREAM_FRAME not in line[:100]:
+                # a large display costs its sanitizing: not on the loop (stream text does not)
                 parsed = await asyncio.to_thread(frames.parse, line, trusted)
             else:
                 parsed = frames.parse(line, trusted)
