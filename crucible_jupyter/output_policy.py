@@ -36,9 +36,11 @@ apply it again just before they display (it is idempotent). Its promises:
 * **removed** everything else: scripts (``application/javascript``, ``text/javascript``...)
   and every type crucible does not know to be inert — including the renderers JupyterLab
   extensions add (``application/vnd.jupyter.widget-view+json``, Plotly's, Vega's, Bokeh's),
-  which run JavaScript renderers on the data. A removed type leaves a short visible notice in
-  ``text/plain`` (and at the end of the HTML, when HTML is what will be shown) naming it
-  and :data:`SETTING`.
+  which run JavaScript renderers on the data; ``application/pdf`` (a PDF viewer in a frame,
+  with its own scripting), ``text/vnd.mermaid`` (a renderer with a history of script
+  injection) and ``application/geo+json`` (its map loads tiles from the network) too. A
+  removed type leaves a short visible notice in ``text/plain`` (and at the end of the HTML,
+  when HTML is what will be shown) naming it and :data:`SETTING`.
 * **metadata** stays JSON and bounded (:data:`METADATA_LIMIT`): entries of types that were
   removed go, and so do ``isolated`` (JupyterLab then re-parses the output's HTML into a
   same-origin frame, outside this sanitizer's view) and ``trusted``; ``transient`` keeps only
