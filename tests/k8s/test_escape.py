@@ -406,3 +406,21 @@ async def test_hostile_bytes_on_the_event_pipe_do_not_kill_the_runner(k8s):
     assert execution.status is Status.SUCCEEDED, (execution.reason, stream_text(events))
     assert stream_text(events, "stdout") == "still fine\n"
     assert stream_text(events, "stderr") == "[" * 200000 + "\n"
+
+
+@pytest.mark.parametrize(
+    "code,reason",
+    [
+        ("raise SystemExit(125)", "exited with code 125"),
+        ("raise SystemExit(137)", "exited with code 137"),
+        ("import os; os._exit(139)", "exited with code 139"),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "killed by SIGKILL"),
+    ],
+)
+async def test_a_cell_cannot_forge_a_reason_with_its_exit_code(k8s, code, reason):
+    """An exit code alone is "exited with code N": `SystemExit(137)` was read as "killed by
+    SIGKILL". A real signal is known from the runner, which saw the cell's wait status."""
+    d = await k8s()
+    execution, events = await run_cell(d, code, timeout=60)
+    assert execution.status is Status.FAILED
+    assert execution.reason == reason, stream_text(events)

@@ -842,6 +842,7 @@ class KubernetesSandbox(Sandbox):
         self.cancelled = False
         self.started: bool | None = None
         self._stopped = asyncio.Event()  # cancel or kill: stop following, record the end now
+        self._end: dict | None = None  # the runner's end frame (it may name a signal)
 
     def _reflector(self) -> PodReflector:
         assert self.backend._reflector is not None
@@ -985,7 +986,9 @@ class KubernetesSandbox(Sandbox):
                     consumed = index
                     if index == 1 and line == READY:
                         continue  # a warm pod's runner said it was ready: not the cell's
-                    saw_end = saw_end or bool(END_FRAME.match(line))
+                    if END_FRAME.match(line):
+                        saw_end = True
+                        self._end = _end_frame(line)
                     yield FRAMES, line, dropped
                     if saw_end and self._terminated(self._reflector().pod_for(self.key)):
                         return
@@ -1074,7 +1077,8 @@ class KubernetesSandbox(Sandbox):
             if not term:
                 reason = None if self.cancelled else "the pod disappeared before it finished"
                 return Outcome(exit_code=None, reason=reason)
-            return Outcome(exit_code=term.get("exitCode"))
+            code = term.get("exitCode")
+            return Outcome(exit_code=code, signal=_reported_signal(self._end, code))
         finally:
             self.backend.later(self.backend.delete(self.name))
 
@@ -1091,6 +1095,26 @@ class KubernetesSandbox(Sandbox):
         self._stopped.set()
         await self.backend.delete_pods(self.execution.id, grace=0)
         await self.backend.delete(self.name, grace=0)
+
+
+def _end_frame(line: bytes) -> dict | None:
+    """The runner's end frame as a dict, or None if it does not parse as one."""
+    try:
+        frame = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return frame if isinstance(frame, dict) else None
+
+
+def _reported_signal(end: dict | None, code: Any) -> int | None:
+    """The signal that ended the cell, as the runner's end frame names it (the runner saw the
+    cell's wait status; the cell cannot write to the pod's log), only if the container's exit
+    code agrees (128 + N). None when the cell exited, or nothing was reported: an exit code
+    alone is never read as a signal, since a cell can exit with 137."""
+    signum = (end or {}).get("signal")
+    if isinstance(signum, int) and not isinstance(signum, bool) and code == 128 + signum:
+        return signum
+    return None
 
 
 async def _retry(call, attempts: int = 4, delay: float = 0.2):
