@@ -277,3 +277,20 @@ def test_doctor_fails_where_the_filtering_is_open(kube, tmp_path, policy):
     assert not isolation["ok"], isolation
     assert isolation["detail"].startswith("NOT enforced"), isolation
     assert done.returncode != 0
+
+
+async def test_the_cell_does_not_get_the_kubelets_api_server_variables(k8s):
+    """The kubelet puts KUBERNETES_SERVICE_HOST/PORT and KUBERNETES_PORT* into every
+    container even with enableServiceLinks: false; the runner re-executes itself without
+    them, so the cell finds them neither in os.environ nor in /proc/self/environ."""
+    d = await k8s()
+    code = textwrap.dedent("""
+        import json, os
+        print("RESULTS " + json.dumps({
+            "environ": sorted(k for k in os.environ if k.startswith("KUBERNETES")),
+            "proc": b"KUBERNETES" in open("/proc/self/environ", "rb").read(),
+        }))
+    """)
+    execution, events = await run_cell(d, code, timeout=60)
+    assert execution.status is Status.SUCCEEDED, (execution.reason, stream_text(events))
+    assert _results(events) == {"environ": [], "proc": False}
