@@ -54,6 +54,7 @@ from .client import (
 )
 from .errors import Conflict, CrucibleError, NotFound
 from .output_policy import DISPLAY_KINDS, clean_output, trusted_types_from_env
+from .terminal import escape
 
 _SUBMIT_TIMEOUT = 60.0
 
@@ -103,6 +104,8 @@ class RemoteExecutionError(Exception):
     def _render_traceback_(self) -> list[str]:
         """What IPython shows instead of the local stack: the cell's own traceback."""
         lines = list(self.remote_traceback) or [f"{type(self).__name__}: {self}"]
+        if _on_terminal(sys.stdout):  # terminal IPython: the cell's text must not drive it
+            lines = [escape(line) for line in lines]
         if self.remote_traceback:
             lines.append(f"(crucible execution {self.execution_id}, {self.status})")
         return lines
@@ -211,6 +214,8 @@ class StatusLine:
             return
         changed_state = text.split(" · ")[:2] != self.text.split(" · ")[:2]
         self.text = text
+        if _on_terminal(sys.stdout):  # it may quote the cell's error (terminal IPython)
+            text = escape(text)
         bundle = {
             "text/plain": text,
             "text/html": '<div class="crucible-status" style="font-family:monospace;'
@@ -499,20 +504,20 @@ class _Relay:
         elif kind == "stream":
             out = sys.stderr if event.get("name") == "stderr" else sys.stdout
             text = event.get("text", "")
-            out.write(text)
+            out.write(escape(text, keep_cr=True) if _on_terminal(out) else text)
             out.flush()
             if text:
                 self.status.mid_line = not text.endswith("\n")
         elif kind in ("display_data", "update_display_data"):
             _flush_streams()
             publish_display_data(
-                data=event.get("data") or {},
+                data=_for_terminal(event.get("data") or {}),
                 metadata=event.get("metadata") or {},
                 transient=event.get("transient") or None,
                 update=kind == "update_display_data",
             )
         elif kind == "execute_result":
-            self.result = MimeBundle(event.get("data") or {}, event.get("metadata"))
+            self.result = MimeBundle(_for_terminal(event.get("data") or {}), event.get("metadata"))
         elif kind == "error":
             self.error = event
         elif kind == "clear_output":
@@ -564,6 +569,24 @@ class _Relay:
             evalue=err.get("evalue"),
             traceback=err.get("traceback"),
         )
+
+
+def _on_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal (the magic in terminal IPython), where a cell's text is
+    shown escaped (see crucible_jupyter.terminal); a kernel's output streams are not."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _for_terminal(data: dict[str, Any]) -> dict[str, Any]:
+    """A display's data with its ``text/plain`` escaped when IPython prints it to a terminal
+    (what terminal IPython shows of a display); unchanged for a kernel's frontend."""
+    text = data.get("text/plain")
+    if isinstance(text, str) and _on_terminal(sys.stdout):
+        return {**data, "text/plain": escape(text)}
+    return data
 
 
 def _flush_streams() -> None:

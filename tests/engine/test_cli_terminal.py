@@ -223,3 +223,38 @@ def test_timeout_does_not_wait_for_a_paused_terminal(tmp_path):
         subprocess.run(cli(url, "history", "--json"), capture_output=True, check=True).stdout
     )["executions"]
     assert record["status"] == "timed_out" and record["reason"] == "timed out after 3 s"
+
+
+RESULT = r"""
+class Shown:
+    def __repr__(self):
+        return "result\x1b]0;owned\x07\u202e"
+print("out\x1b[8m")
+Shown()
+"""
+
+
+@pytest.mark.parametrize("cell", [HOSTILE, RESULT], ids=["fails", "result"])
+def test_the_magic_in_terminal_ipython_cannot_drive_the_terminal(tmp_path, cell):
+    """`%%crucible` in terminal IPython (no Jupyter: an embedded dispatcher) prints the cell's
+    streams, displays, result, status line and traceback to the user's terminal: escaped."""
+    magic = (
+        "get_ipython().run_line_magic('load_ext', 'crucible_jupyter');"
+        f"get_ipython().run_cell_magic('crucible', '--timeout 30', {cell!r})"
+    )
+    ipython = [
+        sys.executable,
+        "-m",
+        "IPython",
+        "--no-banner",
+        "--colors=NoColor",
+        "--simple-prompt",
+    ]
+    url = f"sqlite:///{tmp_path / 'magic.db'}"
+    _, out = run_in_pty([*ipython, "-c", magic], env={"CRUCIBLE_DB_URL": url})
+    assert "\\x1b]0;" in out, out  # the cell's text is there, shown escaped
+    assert not RAW.findall(out), out
+    if cell is HOSTILE:
+        assert "plain\\x1b[31mred" in out and "ValueError: \\x1b]0;reason" in out
+    else:
+        assert "result\\x1b]0;owned\\x07\\u202e" in out and "out\\x1b[8m" in out
