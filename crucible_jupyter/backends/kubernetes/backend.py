@@ -682,7 +682,7 @@ class CrucibleKubernetesBackend(Backend):
         reach the API server, the node (IPv4, IPv6), the listener (IPv4, IPv6, multicast,
         broadcast) and node ports, and counts the threads it can start (does the kubelet
         set podPidsLimit?)."""
-        target = self._isolation_probe()
+        target = self._isolation_probe() or self._api_endpoint  # (probed even when "off")
         if not target:
             return [
                 Check(
