@@ -284,6 +284,16 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+async def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the standalone service (``crucible_jupyter.service``) until SIGTERM."""
+    from .service import run as run_service
+
+    argv = list(args.options)
+    if args.db_url:
+        argv.append(f"--CrucibleDispatcher.db_url={args.db_url}")
+    return await run_service(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``crucible`` command."""
     parser = argparse.ArgumentParser(
@@ -331,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true")
     doctor.add_argument("--backend", help="backend to check (default: the configured one)")
     doctor.set_defaults(func=cmd_doctor)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the API for every user of a JupyterHub (a hub service; --help-all)",
+        add_help=False,
+        prefix_chars="\0",  # every option goes to the service's own (traitlets) parser
+    )
+    serve.add_argument("options", nargs="*", help="service options (crucible serve --help-all)")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -210,6 +210,8 @@ class CrucibleDispatcher(LoggingConfigurable):
         self._wake: asyncio.Event | None = None
         self._started = False
         self._scheduling = False
+        self._draining = False
+        self._stop_reason = "dispatcher stopped while the cell was running"
 
     @property
     def limits(self) -> Limits:
@@ -267,13 +269,30 @@ class CrucibleDispatcher(LoggingConfigurable):
             self.max_concurrency,
         )
 
-    async def stop(self) -> None:
+    async def drain(self, grace: float) -> int:
+        """Accept and start nothing more, and wait up to ``grace`` seconds for what runs to end.
+
+        Submissions are refused (Unavailable) from now on; queued executions stay queued in
+        storage, for the next dispatcher to start. Returns how many still run after the
+        grace period (:meth:`stop` then ends them with its reason).
+        """
+        self._draining = True
+        tasks = [r.task for r in self._runs.values() if r.task and not r.task.done()]
+        if tasks and grace > 0:
+            await asyncio.wait(tasks, timeout=grace)
+        return sum(1 for r in self._runs.values() if r.task and not r.task.done())
+
+    async def stop(self, reason: str | None = None) -> None:
         """Stop scheduling; fail running executions with a reason; flush; close everything.
 
-        Queued executions stay queued in storage and are adopted by the next start.
+        ``reason`` is recorded on executions that were still running (default: "dispatcher
+        stopped while the cell was running"). Queued executions stay queued in storage and
+        are adopted by the next start.
         """
         if not self._started:
             return
+        if reason:
+            self._stop_reason = reason
         self._started = False
         self._scheduling = False
         for task in self._loops:  # first: nothing new may start while we wind down
@@ -326,6 +345,11 @@ class CrucibleDispatcher(LoggingConfigurable):
         self._require_started()
         if not self._scheduling:
             raise Unavailable("this dispatcher was started read-only (schedule=False)")
+        if self._draining:
+            raise Unavailable(
+                "crucible is shutting down and accepts no new executions; submit again once"
+                " it is back (in a moment, if it is restarting)"
+            )
         if not isinstance(request, ExecutionRequest):
             request = ExecutionRequest.from_dict(request, self.limits)
         backend = request.backend or self.backend
@@ -563,7 +587,7 @@ class CrucibleDispatcher(LoggingConfigurable):
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while len(self._runs) < self.max_concurrency:
+            while len(self._runs) < self.max_concurrency and not self._draining:
                 execution = self._queue.pop_next(self._per_user, self.max_concurrency_per_user)
                 if execution is None:
                     break
@@ -605,9 +629,7 @@ class CrucibleDispatcher(LoggingConfigurable):
                 await run.sandbox.kill()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(run.sandbox.wait(), 5)
-            await self._finish(
-                execution, Status.FAILED, reason="dispatcher stopped while the cell was running"
-            )
+            await self._finish(execution, Status.FAILED, reason=self._stop_reason)
             raise
         except Exception as e:  # never leave an execution stuck
             self.log.exception("crucible: execution %s failed inside the dispatcher", execution.id)

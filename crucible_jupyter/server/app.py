@@ -26,6 +26,7 @@ from jupyter_server._tz import utcnow
 from jupyter_server.auth.identity import User
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.serverapp import ServerApp
+from jupyter_server.utils import url_path_join
 from traitlets import Bool, Float, Int, Unicode, default
 
 from .. import __version__
@@ -125,7 +126,7 @@ class CrucibleApp(ExtensionApp):
         """Register the crucible API routes."""
         from .handlers import default_handlers
 
-        self.handlers.extend(default_handlers)
+        self.handlers.extend(default_handlers())
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         """Start the dispatcher as soon as the server's event loop runs."""
@@ -189,6 +190,11 @@ class CrucibleApp(ExtensionApp):
             await self.dispatcher.stop()
             self._start_task = None
         self._restore_kernel_env()
+
+    @property
+    def api_root(self) -> str:
+        """URL path of the API root, ``{base_url}crucible/api`` (no trailing slash)."""
+        return url_path_join(self.serverapp.base_url, "crucible/api")
 
     # -- kernels ----------------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ _ERRORS = {
     "400": "Malformed request: bad JSON, wrong type, value out of range, unknown field"
     " or query parameter",
     "403": "Not authenticated, or not authorized on resource 'crucible'",
-    "404": "No execution with that id",
+    "404": "No execution with that id (or one of another user's)",
     "409": "The execution's state forbids the action (it already finished)",
     "413": "The body or the code is over its size limit",
     "422": "The language is not supported",
@@ -150,10 +150,59 @@ def _request_schema(limits: Limits) -> dict[str, Any]:
 
 
 def openapi_document(
-    api_root: str, limits: Limits | None = None, *, max_page_size: int = 500
+    api_root: str,
+    limits: Limits | None = None,
+    *,
+    max_page_size: int = 500,
+    auth: str = "jupyter",
 ) -> dict[str, Any]:
     """The OpenAPI 3.0.3 document, with ``servers`` at ``api_root`` (``{base_url}crucible/api``),
-    request bounds from ``limits`` and a page size of at most ``max_page_size``."""
+    request bounds from ``limits`` and a page size of at most ``max_page_size``. ``auth``
+    names the host: ``"jupyter"`` (the server extension) or ``"hub"`` (``crucible serve``:
+    JupyterHub tokens, 401 without one)."""
+    doc = _document(api_root, limits, max_page_size)
+    if auth == "hub":
+        _for_hub(doc)
+    return doc
+
+
+_HUB_ERRORS = {
+    "401": "No JupyterHub token, or one the hub does not know",
+    "403": "The token lacks the scope that grants access to this service",
+    "404": "No execution with that id, or one of another user's",
+    "503": "The dispatcher, its storage or the JupyterHub API is unavailable; retry later",
+}
+
+
+def _for_hub(doc: dict[str, Any]) -> None:
+    """Rewrite ``doc`` for the standalone service: hub token authentication, 401 answers."""
+    doc["info"]["description"] = (
+        "Run notebook cells as isolated, recorded executions that stream their output live."
+        " Authenticate with a JupyterHub API token (Authorization: token ...) that holds"
+        " access:services!service=<this service>; you see your own executions only (holders"
+        " of the service's admin scope see all)."
+    )
+    doc["security"] = [{"HubToken": []}]
+    doc["components"]["securitySchemes"] = {
+        "HubToken": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "Authorization",
+            "description": "'token <JupyterHub API token>' ($JUPYTERHUB_API_TOKEN in a user"
+            " server)",
+        }
+    }
+    for item in doc["paths"].values():
+        for name, operation in item.items():
+            if name == "parameters":
+                continue
+            responses = operation["responses"]
+            for code, text in _HUB_ERRORS.items():
+                if code in responses or code == "401":
+                    responses[code] = _error_response(text)
+
+
+def _document(api_root: str, limits: Limits | None, max_page_size: int) -> dict[str, Any]:
     limits = limits or Limits()
     statuses = [s.value for s in Status]
     return {

@@ -6,10 +6,11 @@ client missed, then live ones as they happen, and closes with code 1000 right af
 terminal status event. A client that reconnects with the last ``seq`` it saw misses nothing
 and sees nothing twice.
 
-``changes``: one message ``{"id", "status", "user"}`` each time an execution of this server is
-queued, starts, runs or ends (sent once the stored record says so: fetching it then shows the
-new status), so a history view can stay current without polling; ``{"overflow": true}`` when
-the client read too slowly and lost some. Open until the server stops.
+``changes``: one message ``{"id", "status", "user"}`` each time an execution of this server
+that the caller may see (their own; an admin's: all) is queued, starts, runs or ends (sent
+once the stored record says so: fetching it then shows the new status), so a history view
+can stay current without polling; ``{"overflow": true}`` when the client read too slowly and
+lost some. Open until the server stops.
 
 A client that reads slowly costs the server a bounded amount of memory and never holds up an
 execution (the dispatcher's subscription is bounded: past it, what the client missed is read
@@ -17,9 +18,12 @@ again from storage); one that takes nothing for ``write_stall_seconds`` (60 s) i
 disconnected with code 1008, and reconnects with ``after`` set to the last ``seq`` it got.
 
 The server never reads from these sockets; messages a client sends are ignored. Refusals
-happen before the upgrade, as JSON HTTP errors: 403 (not authenticated or not authorized for
-``read`` on ``crucible``), 404 (unknown execution), 400 (bad ``after``, another query
-parameter, or not a WebSocket request).
+happen before the upgrade, as JSON HTTP errors: 401/403 (not authenticated, or not authorized
+for ``read`` on ``crucible`` / no access to the service), 404 (unknown execution, or another
+user's), 400 (bad ``after``, another query parameter, or not a WebSocket request).
+
+The socket logic here is host-neutral; :class:`JupyterSocket` mounts it on jupyter_server
+(the service mounts it on its own base, see :func:`.handlers.routes`).
 """
 
 from __future__ import annotations
@@ -29,17 +33,18 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from jupyter_server.auth.decorator import authorized, ws_authenticated
 from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from ..errors import InvalidRequest
 from .base import CrucibleMixin
+from .common import CrucibleRequestMixin
 
 
-class _CrucibleSocket(CrucibleMixin, WebSocketMixin, WebSocketHandler, JupyterHandler):
-    """A server-to-client WebSocket: relays what :meth:`relay` yields, one JSON message each."""
+class _CrucibleSocket(CrucibleRequestMixin):
+    """A server-to-client WebSocket: relays what :meth:`relay` yields, one JSON message each.
+    Mixed before a host's WebSocket base (which brings tornado's WebSocketHandler)."""
 
     _pump: asyncio.Task | None = None
     endpoint = ""
@@ -99,22 +104,21 @@ class _CrucibleSocket(CrucibleMixin, WebSocketMixin, WebSocketHandler, JupyterHa
             self._pump.cancel()
 
 
-class ExecutionStreamHandler(_CrucibleSocket):
+class ExecutionStreamAPI(_CrucibleSocket):
     """WebSocket that relays one execution's events until its terminal status."""
 
     endpoint = "fetch GET executions/{id} for the stored events"
 
-    @ws_authenticated
-    @authorized(action="read")
     async def get(self, execution_id: str) -> None:  # type: ignore[override]
-        """Validate, check the execution exists, then upgrade."""
+        """Validate, check the execution exists and is the caller's, then upgrade."""
+        await self.authorize("read")
         self.execution_id_value = self.execution_id(execution_id)
         self.only_query("after")
         self.after = self.query_int("after", default=-1, lo=-1, hi=2**53)
         self.require_upgrade("GET executions/{id} returns the stored events over plain HTTP")
         self._dispatcher = await self.dispatcher()
-        await self._dispatcher.get(self.execution_id_value)  # 404 before the upgrade
-        await super().get(execution_id)
+        await self.visible(self._dispatcher, self.execution_id_value)  # 404 before the upgrade
+        await super().get(execution_id)  # type: ignore[misc]
 
     async def relay(self) -> AsyncIterator[dict]:
         """Every event after ``after``, up to the terminal status."""
@@ -122,20 +126,28 @@ class ExecutionStreamHandler(_CrucibleSocket):
             yield event.to_dict()
 
 
-class ChangesHandler(_CrucibleSocket):
-    """WebSocket that tells of every execution's status changes while the server runs."""
+class ChangesAPI(_CrucibleSocket):
+    """WebSocket that tells of status changes of the caller's executions (an admin's: all)
+    while the server runs."""
 
     endpoint = "reconnect, or list GET executions"
 
-    @ws_authenticated
-    @authorized(action="read")
     async def get(self) -> None:  # type: ignore[override]
         """Validate, then upgrade."""
+        await self.authorize("read")
         self.only_query()
         self.require_upgrade("GET executions lists them over plain HTTP")
         self._dispatcher = await self.dispatcher()
-        await super().get()
+        self._caller = self.caller
+        await super().get()  # type: ignore[misc]
 
-    def relay(self) -> AsyncIterator[dict]:
-        """The dispatcher's change notices."""
-        return self._dispatcher.changes()
+    async def relay(self) -> AsyncIterator[dict]:
+        """The dispatcher's change notices the caller may see (overflow notices too)."""
+        caller = self._caller
+        async for notice in self._dispatcher.changes():
+            if caller.admin or "id" not in notice or notice.get("user") == caller.name:
+                yield notice
+
+
+class JupyterSocket(CrucibleMixin, WebSocketMixin, WebSocketHandler, JupyterHandler):
+    """The jupyter_server base of the API's WebSockets."""

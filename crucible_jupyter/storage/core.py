@@ -139,11 +139,16 @@ def _valid_id(execution_id: Any) -> bool:
     return clean_text(execution_id) == execution_id
 
 
-def _not_found(execution_id: Any) -> NotFound:
+def not_found(execution_id: Any) -> NotFound:
+    """The NotFound an unknown execution id gets (also what the API answers for an execution
+    the caller may not see, so that its existence is not leaked)."""
     shown = repr(execution_id)
     if len(shown) > 80:
         shown = shown[:77] + "..."
     return NotFound(f"no execution with id {shown}; {_HOW_TO_LIST}", field="id")
+
+
+_not_found = not_found
 
 
 def encode_cursor(created_at: int, execution_id: str) -> str:

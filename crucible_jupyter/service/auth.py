@@ -1,0 +1,97 @@
+"""Who is calling the service: JupyterHub's answer for the request's token.
+
+The promises:
+
+* the caller's name is the one JupyterHub gives for the token (``GET /hub/api/user`` through
+  ``jupyterhub.services.auth.HubAuth``, answers cached ``cache_max_age`` seconds), never a
+  value the client sends;
+* no token: 401; a token the hub does not know (expired, revoked, from another hub): 401;
+  a token without the service's access scope (``access:services!service=<name>``): 403;
+  each with a message saying what to send or whom to ask;
+* a hub that does not answer (down, restarting) is a 503 with the reason, never a 500;
+* the token's own scopes decide admin rights (``admin_scope``, unfiltered), not the user's
+  ``admin`` flag, which would ignore how the token was scoped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jupyterhub.services.auth import HubAuth, check_scopes
+from tornado import web
+
+from ..errors import CrucibleError, Forbidden, Unavailable
+from ..server.common import Caller
+
+
+class Unauthorized(CrucibleError):
+    """The request carries no credential the hub recognises (401)."""
+
+    status_code = 401
+    headers = {"WWW-Authenticate": 'token realm="JupyterHub"'}
+
+
+class HubIdentity:
+    """Turns a request into a :class:`~crucible_jupyter.server.common.Caller` via JupyterHub."""
+
+    def __init__(self, hub_auth: HubAuth, *, admin_scope: str, service_name: str) -> None:
+        self.hub_auth = hub_auth
+        self.admin_scope = admin_scope
+        self.service_name = service_name
+        if not hub_auth.access_scopes:
+            hub_auth.access_scopes = {f"access:services!service={service_name}"}
+
+    @property
+    def access_scopes(self) -> set[str]:
+        """The scopes of which a token needs one to use the service."""
+        return set(self.hub_auth.access_scopes)
+
+    def _token_page(self) -> str:
+        return self.hub_auth.hub_prefix.rstrip("/") + "/token"
+
+    async def caller(self, handler: web.RequestHandler) -> Caller:
+        """The verified caller of ``handler``'s request; Unauthorized, Forbidden or
+        Unavailable (hub down) otherwise."""
+        token = self.hub_auth.get_token(handler, in_cookie=False)
+        if not token:
+            raise Unauthorized(
+                "no JupyterHub token: send 'Authorization: token <token>' with an API token"
+                " of your JupyterHub user ($JUPYTERHUB_API_TOKEN in a user server, or one"
+                f" made at {self._token_page()})"
+            )
+        model = await self._user_for(token)
+        if not model:
+            raise Unauthorized(
+                "JupyterHub does not know this token (expired, revoked, or from another hub);"
+                f" send a current API token of your JupyterHub user (made at {self._token_page()})"
+            )
+        scopes = set(model.get("scopes") or ())
+        kind = model.get("kind", "user")
+        name = str(model.get("name") or "")
+        if not check_scopes(self.access_scopes, scopes):
+            needed = " or ".join(sorted(self.access_scopes))
+            raise Forbidden(
+                f"the token of JupyterHub {kind} {name!r} does not grant access to the"
+                f" {self.service_name!r} service: it needs the scope {needed}; ask your"
+                " JupyterHub administrator to grant it (a role with that scope for your user"
+                " and, for tokens of user servers, c.Spawner.server_token_scopes)"
+            )
+        admin = bool(self.admin_scope) and bool(check_scopes({self.admin_scope}, scopes))
+        # users and services have separate name spaces in the hub: keep them apart here
+        owner = name if kind == "user" else f"{kind}:{name}"
+        return Caller(owner, admin=admin)
+
+    async def _user_for(self, token: str) -> dict[str, Any] | None:
+        try:
+            return await self.hub_auth.user_for_token(token, sync=False)
+        except web.HTTPError as e:
+            raise Unavailable(
+                f"cannot check the token with JupyterHub at {self.hub_auth.api_url}:"
+                f" {e.log_message or e.reason or e.status_code}; the hub may be down or"
+                " restarting: retry shortly"
+            ) from None
+        except Exception as e:  # an unexpected client failure is still the hub's outage
+            raise Unavailable(
+                f"cannot check the token with JupyterHub at {self.hub_auth.api_url}: {e};"
+                " retry shortly"
+            ) from None

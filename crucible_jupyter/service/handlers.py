@@ -1,0 +1,134 @@
+"""The service's tornado handlers: the crucible API (the same resource classes as the server
+extension, :func:`crucible_jupyter.server.handlers.routes`) on a JupyterHub-token host, and
+the unauthenticated probes.
+
+Every API request is authenticated in ``prepare`` (before any handler code, and before a
+WebSocket upgrade) by :class:`~crucible_jupyter.service.auth.HubIdentity`; holders of the
+access scope may read and write; the owner rule of :mod:`crucible_jupyter.server.common`
+then limits them to their own executions (admin scope: all).
+
+Probes, for a kubelet or a load balancer (no token needed, nothing private in them):
+
+* ``{prefix}healthz`` (liveness): 200 while the process serves requests;
+* ``{prefix}readyz`` (readiness): 200 once the dispatcher has started and its database
+  answers; 503 with the reason before that, when the database does not answer, and from
+  the moment a shutdown begins.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING, Any
+
+from tornado import web
+from tornado.websocket import WebSocketHandler
+
+from ..errors import NotFound
+from ..server.common import Caller, CrucibleRequestMixin
+from ..server.handlers import routes
+
+if TYPE_CHECKING:
+    from .app import CrucibleService
+
+
+class ServiceMixin(CrucibleRequestMixin):
+    """The service host of the API's handlers: callers are JupyterHub users."""
+
+    auth_scheme = "hub"
+    _caller: Caller | None = None
+
+    @property
+    def crucible(self) -> CrucibleService:
+        """The running :class:`~crucible_jupyter.service.app.CrucibleService`."""
+        return self.settings["crucible_service"]  # type: ignore[attr-defined]
+
+    @property
+    def log(self) -> Any:
+        """The service's logger."""
+        return self.crucible.log
+
+    async def prepare(self) -> None:
+        """Authenticate with JupyterHub before anything else (401/403/503 as JSON)."""
+        self._caller = await self.crucible.identity.caller(self)
+
+    @property
+    def caller(self) -> Caller:
+        """The hub-verified caller."""
+        if self._caller is None:  # pragma: no cover - prepare() always ran or refused
+            raise web.HTTPError(401)
+        return self._caller
+
+    def authenticate(self) -> None:
+        """Done in :meth:`prepare`."""
+
+    async def authorize(self, action: str) -> None:
+        """The access scope (checked in :meth:`prepare`) allows every action; the owner rule
+        decides which executions."""
+
+    def set_default_headers(self) -> None:
+        """API answers are not to be cached or sniffed."""
+        self.set_header("Cache-Control", "no-store")  # type: ignore[attr-defined]
+        self.set_header("X-Content-Type-Options", "nosniff")  # type: ignore[attr-defined]
+
+
+class ServiceAPIHandler(ServiceMixin, web.RequestHandler):
+    """Base of the service's REST handlers."""
+
+
+class ServiceSocket(ServiceMixin, WebSocketHandler):
+    """Base of the service's WebSockets (the socket logic is mixed in by ``routes``)."""
+
+    def set_default_headers(self) -> None:
+        """No extra headers on a WebSocket handshake."""
+
+    def check_origin(self, origin: str) -> bool:
+        """Any origin: authentication is by token, never by an ambient cookie."""
+        return True
+
+
+class LivenessHandler(web.RequestHandler):
+    """``healthz``: 200 while the process answers."""
+
+    def get(self) -> None:
+        """Always ``{"status": "ok"}``."""
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"status": "ok"}))
+
+
+class ReadinessHandler(web.RequestHandler):
+    """``readyz``: 200 when the service can take work, else 503 with the reason."""
+
+    async def get(self) -> None:
+        """``{"ready": bool, "reason": str|null}``."""
+        service: CrucibleService = self.settings["crucible_service"]
+        reason = await service.not_ready_reason()
+        self.set_status(503 if reason else 200)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps({"ready": reason is None, "reason": reason}))
+
+
+class OutsideHandler(ServiceAPIHandler):
+    """Any other path: a JSON 404 pointing at the API's document (after authentication)."""
+
+    async def get(self, path: str = "") -> None:
+        """404 naming the path."""
+        raise NotFound(
+            f"there is no crucible API endpoint at {self.request.path[:200]!r}; the"
+            f" endpoints are listed in {self.crucible.api_root}/openapi.json",
+            field="path",
+        )
+
+    post = put = patch = delete = get
+
+
+def service_routes(prefix: str) -> list[tuple[str, type]]:
+    """Every route of the service under ``prefix`` (``/services/crucible/``)."""
+    root = re.escape(prefix.rstrip("/"))
+    return [
+        (rf"{root}/healthz/?", LivenessHandler),
+        (rf"{root}/readyz/?", ReadinessHandler),
+        *routes(rf"{root}/api", ServiceAPIHandler, ServiceSocket),
+        (rf"{root}(?P<path>/.*)?", OutsideHandler),
+    ]

@@ -1,0 +1,223 @@
+"""A real JupyterHub with crucible as a hub-managed service (``crucible serve``).
+
+``hub`` (session scope) starts ``jupyterhub`` from .venv with the dummy authenticator and the
+real configurable-http-proxy (installed by ``dev/setup --tests`` into ``.venv/chp``), in a
+temporary directory, listening on 127.0.0.1 only. Its configuration is the one the README
+documents: the ``crucible`` service (command ``crucible serve``, local bubblewrap backend,
+SQLite in the temporary directory), ``custom:crucible:admin`` declared, the ``user`` role
+granted ``access:services!service=crucible``, the ``crucible-admin`` role granting the custom
+scope to the user ``admin``. A control service creates the users alice, bob and admin and
+their API tokens through the hub's REST API, plus a token of alice's without the access
+scope. Everything reaches crucible through the hub's proxy at ``/services/crucible/``.
+
+Missing jupyterhub or configurable-http-proxy is a failure, not a skip: ``dev/test`` installs
+both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+CHP = REPO / ".venv" / "chp" / "node_modules" / ".bin" / "configurable-http-proxy"
+CRUCIBLE = Path(sys.executable).with_name("crucible")
+STARTUP_GUARD = 90  # seconds a process may take to answer before the fixture gives up
+GUARD_SECONDS = 120  # seconds a polling loop may wait before a test fails (not a timing check)
+USERS = ("alice", "bob", "admin")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, proc: subprocess.Popen, log: Path, ok: int = 200) -> None:
+    """Poll ``url`` until it answers ``ok``; fail with the process log if it dies or never does."""
+    deadline = time.monotonic() + STARTUP_GUARD
+    last: Any = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args[0]} exited with {proc.returncode}:\n{log.read_text()[-6000:]}")
+        try:
+            last = requests.get(url, timeout=5)
+            if last.status_code == ok:
+                return
+        except requests.RequestException as e:
+            last = e
+        time.sleep(0.2)
+    pytest.fail(f"{url} did not answer {ok} (last: {last}):\n{log.read_text()[-6000:]}")
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop ``proc`` (its process group) and reap it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+
+@dataclass
+class Hub:
+    """The running hub: its public URL, the crucible service's URL through the proxy, tokens."""
+
+    url: str
+    api_url: str
+    service_url: str
+    tokens: dict[str, str] = field(default_factory=dict)
+    db_url: str = ""
+    hub_api_direct: str = ""
+    dir: Path = Path()
+    proc: subprocess.Popen | None = None
+
+    def headers(self, who: str | None) -> dict[str, str]:
+        """Authorization headers of ``who`` (a key of ``tokens``), none for None."""
+        return {"Authorization": f"token {self.tokens[who]}"} if who else {}
+
+    def call(
+        self, who: str | None, method: str, path: str, *, base: str | None = None, **kw: Any
+    ) -> tuple[int, Any]:
+        """``(status, JSON body or text)`` of ``method path`` under the service's API."""
+        url = f"{base or self.service_url}api/{path}"
+        r = requests.request(method, url, headers=self.headers(who), timeout=60, **kw)
+        try:
+            return r.status_code, r.json()
+        except ValueError:
+            return r.status_code, r.text
+
+
+def _hub_config(tmp: Path, ports: dict[str, int], control_token: str) -> str:
+    service_url = f"http://127.0.0.1:{ports['service']}"
+    env = {
+        "CRUCIBLE_DB_URL": f"sqlite:///{tmp}/crucible.db",
+        "CRUCIBLE_SHUTDOWN_GRACE_SECONDS": "5",
+        "HOME": str(tmp),
+    }
+    command = [
+        str(CRUCIBLE),
+        "serve",
+        "--CrucibleDispatcher.max_concurrency=4",
+        "--CrucibleDispatcher.max_concurrency_per_user=1",
+        "--CrucibleDispatcher.enabled_backends=local",
+    ]
+    return f"""
+c = get_config()  # noqa
+c.JupyterHub.bind_url = "http://127.0.0.1:{ports["public"]}"
+c.JupyterHub.hub_bind_url = "http://127.0.0.1:{ports["hub"]}"
+c.JupyterHub.db_url = "sqlite:///{tmp}/jupyterhub.sqlite"
+c.JupyterHub.cookie_secret_file = "{tmp}/cookie_secret"
+c.JupyterHub.pid_file = "{tmp}/jupyterhub.pid"
+c.JupyterHub.authenticator_class = "dummy"
+c.Authenticator.allow_all = True
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{ports["proxy_api"]}"
+c.ConfigurableHTTPProxy.command = [{str(CHP)!r}]
+c.ConfigurableHTTPProxy.pid_file = "{tmp}/proxy.pid"
+
+# --- crucible: the snippet of the README's JupyterHub section ---
+c.JupyterHub.services = [
+    {{
+        "name": "crucible",
+        "url": {service_url!r},
+        "command": {json.dumps(command)},
+        "environment": {json.dumps(env)},
+        "display": False,
+    }},
+    {{"name": "test-control", "api_token": {control_token!r}}},
+]
+c.JupyterHub.custom_scopes = {{
+    "custom:crucible:admin": {{
+        "description": "See and cancel every user's crucible executions",
+    }},
+}}
+c.JupyterHub.load_roles = [
+    {{"name": "user", "scopes": ["self", "access:services!service=crucible"]}},
+    {{"name": "crucible-admin", "scopes": ["custom:crucible:admin"], "users": ["admin"]}},
+    {{"name": "test-control", "scopes": ["admin:users", "tokens"], "services": ["test-control"]}},
+]
+"""
+
+
+def _make_tokens(hub: Hub, control_token: str) -> None:
+    control = {"Authorization": f"token {control_token}"}
+    r = requests.post(
+        f"{hub.api_url}/users", json={"usernames": list(USERS)}, headers=control, timeout=30
+    )
+    assert r.status_code in (201, 409), r.text
+    for user in USERS:
+        r = requests.post(
+            f"{hub.api_url}/users/{user}/tokens",
+            json={"note": "crucible tests"},
+            headers=control,
+            timeout=30,
+        )
+        assert r.status_code == 201, r.text
+        hub.tokens[user] = r.json()["token"]
+    # a real token of alice's that does not carry the service's access scope
+    r = requests.post(
+        f"{hub.api_url}/users/alice/tokens",
+        json={"note": "no crucible access", "scopes": ["read:users:name!user"]},
+        headers=control,
+        timeout=30,
+    )
+    assert r.status_code == 201, r.text
+    hub.tokens["alice-noscope"] = r.json()["token"]
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    """A running JupyterHub with the crucible service; stopped at the end of the session."""
+    if not CHP.exists():
+        pytest.fail(f"configurable-http-proxy not found at {CHP}: run dev/setup --tests")
+    if not CRUCIBLE.exists():
+        pytest.fail(f"the crucible command is not at {CRUCIBLE}: run dev/setup --tests")
+    tmp = tmp_path_factory.mktemp("hub")
+    ports = {name: free_port() for name in ("public", "hub", "proxy_api", "service")}
+    control_token = secrets.token_hex(16)
+    (tmp / "jupyterhub_config.py").write_text(_hub_config(tmp, ports, control_token))
+    log = tmp / "jupyterhub.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyterhub", "-f", str(tmp / "jupyterhub_config.py")],
+            cwd=tmp,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PATH": f"{CHP.parent}:{os.environ.get('PATH', '')}"},
+        )
+    public = f"http://127.0.0.1:{ports['public']}"
+    hub = Hub(
+        url=public,
+        api_url=f"{public}/hub/api",
+        service_url=f"{public}/services/crucible/",
+        db_url=f"sqlite:///{tmp}/crucible.db",
+        dir=tmp,
+        proc=proc,
+    )
+    hub.hub_api_direct = f"http://127.0.0.1:{ports['hub']}/hub/api"
+    try:
+        wait_for(f"{hub.api_url}/", proc, log)
+        wait_for(f"{hub.service_url}readyz", proc, log)
+        _make_tokens(hub, control_token)
+        yield hub
+    finally:
+        stop_process(proc)
+        if os.environ.get("CRUCIBLE_HUB_LOG"):
+            print(log.read_text()[-20000:])

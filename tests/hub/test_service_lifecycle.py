@@ -1,0 +1,137 @@
+"""The service process itself: SIGTERM with a grace period, everything persisted; a hub that
+does not answer. Each test starts its own ``crucible serve`` (as an external hub service,
+tokens checked by the session's real hub) and talks to it directly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from crucible_jupyter.storage import Storage
+
+from .conftest import CRUCIBLE, GUARD_SECONDS, Hub, free_port, stop_process, wait_for
+
+pytestmark = pytest.mark.hub
+
+GRACE = 8  # the service's shutdown grace period (a setting, not a measured bound)
+SHORT = "import time\nprint('begun', flush=True)\ntime.sleep(0.5)\nprint('done', flush=True)\n"
+FOREVER = "print('begun', flush=True)\nimport time\nwhile True:\n    time.sleep(0.05)\n"
+
+
+class Service:
+    """A ``crucible serve`` process of the test's own, on SQLite in ``tmp``."""
+
+    def __init__(self, tmp: Path, hub_api: str, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/services/crucible/"
+        self.db_url = f"sqlite:///{tmp}/service.db"
+        self.log = tmp / f"service-{self.port}.log"
+        env = {
+            **os.environ,
+            "JUPYTERHUB_API_URL": hub_api,
+            "JUPYTERHUB_SERVICE_NAME": "crucible",
+            "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{self.port}",
+            "CRUCIBLE_DB_URL": self.db_url,
+            "CRUCIBLE_SHUTDOWN_GRACE_SECONDS": str(GRACE),
+        }
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [str(CRUCIBLE), "serve", "--CrucibleDispatcher.enabled_backends=local", *extra],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for(f"{self.url}readyz", self.proc, self.log)
+
+    def call(self, hub: Hub, who: str, method: str, path: str, **kw):
+        return hub.call(who, method, path, base=self.url, **kw)
+
+
+@pytest.fixture
+def service_factory(hub: Hub, tmp_path: Path) -> Iterator:
+    started: list[Service] = []
+
+    def start(*extra: str, hub_api: str | None = None) -> Service:
+        service = Service(tmp_path, hub_api or hub.hub_api_direct, *extra)
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        stop_process(service.proc, signal.SIGKILL)
+
+
+def test_sigterm_lets_cells_finish_within_the_grace_period_then_ends_them(
+    hub: Hub, service_factory
+) -> None:
+    service = service_factory("--CrucibleDispatcher.max_concurrency_per_user=2")
+    ids = {}
+    for name, code in (("short", SHORT), ("forever", FOREVER), ("queued", "print('later')")):
+        status, body = service.call(hub, "alice", "POST", "executions", json={"code": code})
+        assert status == 201, body
+        ids[name] = body["id"]
+    deadline = time.monotonic() + GUARD_SECONDS
+    while True:  # both running cells have printed: they are under way
+        status, body = service.call(hub, "alice", "GET", f"executions/{ids['forever']}")
+        if any(e["type"] == "stream" for e in body["events"]):
+            break
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+
+    service.proc.send_signal(signal.SIGTERM)
+    while requests.get(f"{service.url}readyz", timeout=30).status_code == 200:
+        assert time.monotonic() < deadline + GUARD_SECONDS
+        time.sleep(0.02)
+    r = requests.get(f"{service.url}readyz", timeout=30)
+    assert r.status_code == 503 and r.json()["reason"] == "shutting down", r.text
+    # draining: nothing new is accepted, what exists can still be read
+    status, body = service.call(hub, "alice", "POST", "executions", json={"code": "print(2)"})
+    assert status == 503 and "shutting down" in body["message"], body
+    status, body = service.call(hub, "alice", "GET", f"executions/{ids['forever']}")
+    assert status == 200, body
+
+    assert service.proc.wait(GRACE + GUARD_SECONDS) == 0, service.log.read_text()
+
+    with Storage(service.db_url) as storage:
+        short = storage.get(ids["short"])
+        forever = storage.get(ids["forever"])
+        queued = storage.get(ids["queued"])
+        short_text = "".join(e.data.get("text", "") for e in storage.events(ids["short"]))
+        forever_events = storage.events(ids["forever"])
+    assert short.status.value == "succeeded", short
+    assert short_text == "begun\ndone\n"
+    assert forever.status.value == "failed", forever
+    assert forever.reason == (
+        f"the crucible service shut down; the cell was still running after the {GRACE} s"
+        " grace period"
+    )
+    assert forever_events[-1].type == "status" and forever_events[-1].data["status"] == "failed"
+    assert "begun\n" in [e.data.get("text") for e in forever_events]
+    assert queued.status.value == "queued"  # kept for the next start, not failed
+
+    # the next start runs what was left queued
+    again = service_factory()
+    assert again.db_url == service.db_url
+    deadline = time.monotonic() + GUARD_SECONDS
+    while (body := again.call(hub, "alice", "GET", f"executions/{ids['queued']}")[1])[
+        "status"
+    ] != "succeeded":
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+
+
+def test_a_hub_that_does_not_answer_is_a_503_with_the_reason(hub: Hub, service_factory) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}/hub/api"
+    service = service_factory(hub_api=nowhere)
+    status, body = service.call(hub, "alice", "GET", "executions")
+    assert status == 503, body
+    assert body["error"] == "Unavailable"
+    assert nowhere in body["message"] and "retry" in body["message"]
