@@ -62,17 +62,18 @@ def kubectl(kube: dict, *args: str, input: str | None = None, check: bool = True
 
 
 async def wait_until_job_deleted(
-    kube: dict, namespace: str, execution_id: str, *, fully: bool = False
+    kube: dict, namespace: str, job: str, *, fully: bool = False
 ) -> None:
-    """Wait (bounded, 10 s) until the execution's Job is being deleted (``fully``: gone);
-    the backend deletes it in the background once the outcome is recorded."""
+    """Wait (bounded, 10 s) until the Job whose name contains ``job`` (an execution's id,
+    or a warm pod's Job name) is being deleted (``fully``: gone); the backend deletes it in
+    the background once the outcome is recorded (a cancel returns before that)."""
     for _ in range(50):
         jobs = json.loads(kubectl(kube, "-n", namespace, "get", "jobs", "-o", "json"))["items"]
-        if not [j for j in jobs if execution_id in j["metadata"]["name"]
+        if not [j for j in jobs if job in j["metadata"]["name"]
                 and (fully or not j["metadata"].get("deletionTimestamp"))]:  # fmt: skip
             return
         await asyncio.sleep(0.2)
-    pytest.fail(f"the Job of {execution_id} was not deleted after the execution finished")
+    pytest.fail(f"the Job {job} was not deleted after the execution finished")
 
 
 def dispatcher_env(kube: dict, namespace: str, tmp_path: Path, warm_pods: int) -> dict:
