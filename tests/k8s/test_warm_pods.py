@@ -100,7 +100,7 @@ async def test_two_claims_never_get_the_same_pod(k8s):
         *(p._claim(e, [pod]) for p, e in zip(pools, executions, strict=True))
     )
     assert len([j for j in jobs if j]) == 1, jobs  # exactly one claim won
-    await d1.get_backend("kubernetes").delete(next(j for j in jobs if j), grace=0)
+    await d1.get_backend("kubernetes").cluster.delete(next(j for j in jobs if j), grace=0)
     await warm(d1, 2)
     await warm(d2, 2)
     submitted = [await d.submit({"code": HOSTNAME}) for _ in range(6) for d in (d1, d2)]
@@ -224,21 +224,36 @@ async def test_warm_pods_of_a_killed_dispatcher_are_swept(k8s, kube, namespace, 
 
 
 async def test_a_claim_that_hangs_falls_back_to_a_cold_job(k8s, monkeypatch):
-    """A claim, an attach or the cell's write to a warm pod that never ends left the cell
-    waiting; each is bounded (``CALL_TIMEOUT``) and the cell takes the cold path."""
-    from crucible_jupyter.backends.kubernetes import warm as warm_module
+    """A claim of a warm pod whose API call never ends left the cell waiting; every call is
+    bounded (``request_timeout``) and the cell takes the cold path. The claim goes, over
+    real HTTP, to a server that accepts the connection and never answers."""
+    from kubernetes_asyncio import client
 
     d = await k8s(warm_pods=1)
     await warm(d)
     backend = d.get_backend("kubernetes")
+    held: list[asyncio.StreamWriter] = []
 
-    async def api_server_that_never_answers(*args, **kwargs):
-        await asyncio.Event().wait()
+    async def api_server_that_never_answers(reader, writer) -> None:
+        held.append(writer)  # reads nothing, answers nothing, closes nothing
 
-    monkeypatch.setattr(warm_module, "CALL_TIMEOUT", 1.0)
-    monkeypatch.setattr(backend._core, "patch_namespaced_pod", api_server_that_never_answers)
-    execution, events = await run_cell(d, HOSTNAME, timeout=60)
-    monkeypatch.undo()
+    server = await asyncio.start_server(api_server_that_never_answers, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    hung = client.ApiClient(client.Configuration(host=f"http://127.0.0.1:{port}"))
+    try:
+        monkeypatch.setattr(backend.cluster, "request_timeout", 2.0)
+        core = backend.cluster.core
+        monkeypatch.setattr(
+            core, "patch_namespaced_pod", client.CoreV1Api(hung).patch_namespaced_pod
+        )
+        execution, events = await run_cell(d, HOSTNAME, timeout=60)
+        monkeypatch.undo()
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await hung.close()
+    assert held  # the claim did reach the server that never answers
     assert execution.status is Status.SUCCEEDED, execution.reason
     assert execution.isolation == "kubernetes"
     assert stream_text(events).startswith(objects.job_name(execution.id) + "-")

@@ -1,65 +1,36 @@
 """Run each execution as a Kubernetes Job, event-driven (one shared pod watch, no polling).
 
+The backend holds the settings and puts the parts together: ``cluster.py`` owns the
+connection (API clients, namespace, pod watch, every API call with its timeout),
+``objects.py`` builds the Job and its ConfigMap, ``sandbox.py`` follows one execution's pod
+(output from its log, outcome from its status: ``pods.py``), ``warm.py`` keeps warm pods,
+``doctor.py`` reports health.
+
 Warm pods (``warm_pods``, see ``warm.py``): executor pods started ahead, each waiting for
 one cell on stdin; a request that fits one runs there instead of in a new Job.
-
-Output: the runner writes NDJSON frames to its stdout; the pod's log is followed while it
-runs and every frame is handed to the dispatcher (and so to storage) as it arrives, so
-output survives the pod's deletion. A pod that ends before its log is opened loses
-nothing: the log of a terminated container is read whole.
-
-Outcomes come from the pod status: exit code; OOMKilled → "memory limit exceeded";
-eviction; an image that cannot be pulled fails fast with its reason; a pod unschedulable
-past ``unschedulable_timeout`` fails with the scheduler's message; a quota refusal fails
-with a clear reason, or waits, as configured.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import re
 import secrets
 import time
-import warnings
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from traitlets import Bool, Dict, Enum, Float, Integer, List, TraitError, Unicode, default, validate
 
-from ...errors import CrucibleError, InvalidRequest, RequestTooLarge, Unavailable
-from ...models import (
-    Execution,
-    ExecutionRequest,
-    Resources,
-    format_bytes,
-    new_execution_id,
-)
-from ..base import FRAMES, Backend, Check, Outcome, Sandbox, read_lines
-from . import objects, probes
-from .api import raw, raw_json
-from .reflector import Pod, PodReflector
-from .warm import WarmPool, fits, job_of, state_of
+from ...errors import InvalidRequest, RequestTooLarge
+from ...models import Execution, ExecutionRequest, Limits, Resources, format_bytes
+from ..base import Backend, Check, Sandbox
+from . import doctor, objects, pods
+from .cluster import Cluster
+from .sandbox import Following, KubernetesSandbox
+from .warm import WarmPool, WarmSpec
 
 RUNNER = Path(__file__).resolve().parent.parent.parent / "runner.py"
-READY = objects.READY_LINE.encode()
-ENDED = object()  # the container ended while its log was followed
-#: The runner's last frame (as its FrameWriter writes it: keys in this order).
-END_FRAME = re.compile(rb'\{"v":1,"seq":\d+,"t":\d+,"type":"end"')
-#: Threads the doctor probe tries to start; a pod that stops short of it has a process limit.
-PIDS_PROBE = 1500
-IMAGE_FAILURES = {
-    "ErrImagePull": "image could not be pulled",
-    "ImagePullBackOff": "image could not be pulled",
-    "ErrImageNeverPull": "image not found",
-    "InvalidImageName": "invalid image name",
-    "CreateContainerConfigError": "container configuration error",
-    "CreateContainerError": "container could not be created",
-    "RunContainerError": "container could not be started",
-}
 
 
 class CrucibleKubernetesBackend(Backend):
@@ -185,93 +156,84 @@ class CrucibleKubernetesBackend(Backend):
         replaces it. Also what bounds the warm pods of a dispatcher that died.""",
     ).tag(config=True)
 
+    request_timeout = Float(
+        10.0,
+        min=0.1,
+        help="""Seconds one Kubernetes API call may take before it fails (for a followed
+        log, a watch or an attach: the time to open it). A hung API server then fails the
+        call with a clear error instead of hanging the cell, the warm pool or shutdown;
+        a claim of a warm pod that times out sends its cell to a cold Job.""",
+    ).tag(config=True)
+    retry_timeout = Float(
+        10.0,
+        min=0.0,
+        help="""Seconds the creation of an execution's ConfigMap and Job is retried (with
+        backoff) after a server error, throttling (429), a timeout or a broken connection,
+        before the execution fails.""",
+    ).tag(config=True)
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._api = None
-        self._core = None
-        self._batch = None
-        self._reflector: PodReflector | None = None
-        self._setup_lock = asyncio.Lock()
-        self._background: set[asyncio.Task] = set()
-        self._api_endpoint: str | None = None
         self._pool: WarmPool | None = None
-        self._ws: Any = None
         self._runner_source = RUNNER.read_text()
         self._picked: dict[int, float] = {}  # uids picked lately -> when (see _pick_uid)
-        self.dispatcher_id = objects.label_value(getattr(self.parent, "owner", "crucible"))
+        self._dispatcher = _DispatcherSettings(self.parent)
+        self.dispatcher_id = objects.label_value(self._dispatcher.owner)
+        self._cluster: Cluster | None = None
+
+    @property
+    def cluster(self) -> Cluster:
+        """The connection to the cluster, made with this backend's settings on first use
+        (:meth:`Cluster.connect` before its calls)."""
+        if self._cluster is None:
+            self._cluster = Cluster(
+                namespace=self.namespace,
+                kubeconfig=self.kubeconfig,
+                create_namespace=self.create_namespace,
+                request_timeout=self.request_timeout,
+                retry_timeout=self.retry_timeout,
+                log=self.log,
+            )
+        return self._cluster
 
     # ----- connection ----------------------------------------------------------------
 
-    async def _connect(self) -> None:
-        async with self._setup_lock:
-            if self._core is not None:
-                return
-            from kubernetes_asyncio import client, config
-
-            try:
-                if not self.kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST"):
-                    config.load_incluster_config()
-                    api = client.ApiClient()
-                else:
-                    api = await config.new_client_from_config(config_file=self.kubeconfig or None)
-            except Exception as e:
-                raise Unavailable(
-                    f"cannot load Kubernetes configuration ({e}); set"
-                    " c.CrucibleKubernetesBackend.kubeconfig or KUBECONFIG"
-                ) from e
-            self._api = api
-            self._core = client.CoreV1Api(api)
-            self._batch = client.BatchV1Api(api)
-            self._networking = client.NetworkingV1Api(api)
-            await self._ensure_network_policy()
-            self._api_endpoint = await self._find_api_endpoint()
-            self._reflector = PodReflector(
-                self._core, self.namespace, f"{objects.APP_LABEL}={objects.APP}", log=self.log
-            )
-            try:
-                await asyncio.wait_for(self._reflector.start(), 30)
-            except Exception as e:
-                await self.close()
-                raise Unavailable(f"cannot watch pods in namespace {self.namespace!r}: {e}") from e
-
-    async def _ensure_network_policy(self) -> None:
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        if self.create_namespace:
-            try:
-                await self._core.create_namespace({"metadata": {"name": self.namespace}})
-                self.log.info("crucible: created namespace %s", self.namespace)
-            except ApiException as e:
-                if e.status not in (403, 409):  # exists, or not ours to create
-                    msg = f"cannot create namespace {self.namespace!r}: {e.reason}"
-                    raise Unavailable(msg) from e
-        body = objects.make_network_policy()
-        try:
-            await self._networking.create_namespaced_network_policy(self.namespace, body)
-        except ApiException as e:
-            if e.status == 409:
-                return
-            if e.status == 404:
-                raise Unavailable(
-                    f"namespace {self.namespace!r} does not exist; create it or set"
-                    " c.CrucibleKubernetesBackend.namespace"
-                ) from e
-            raise Unavailable(f"cannot ensure the deny-all NetworkPolicy: {e.reason}") from e
-
     async def prepare(self) -> None:
         """Connect, and start the warm pods (``warm_pods``) in the background."""
-        await self._connect()
+        await self.cluster.connect()
         if self._pool is None and self.warm_pods > 0:
-            self._pool = WarmPool(self, self.warm_pods)
+            self._pool = self.warm_pool()
             self._pool.start()
 
-    def _ws_api(self) -> Any:
-        """The websocket API client (pod attach), created on first use."""
-        if self._ws is None:
-            from kubernetes_asyncio.stream import WsApiClient
+    def warm_pool(self) -> WarmPool:
+        """The warm pool (a new, unstarted one when ``warm_pods`` is 0 or before
+        :meth:`prepare`: what it would keep)."""
+        if self._pool is not None:
+            return self._pool
+        spec = self._warm_spec()
+        lifetime = max(0, self.warm_pod_lifetime - self.deadline_padding)
 
-            self._ws = WsApiClient(configuration=self._api.configuration)
-        return self._ws
+        def make_job(name: str, labels: dict) -> dict:
+            return self.make_job(name, labels, spec.image, spec.resources, lifetime, {}, True)
+
+        return WarmPool(self.cluster, spec, make_job, self.warm_pods, log=self.log)
+
+    def _warm_spec(self) -> WarmSpec:
+        return WarmSpec(
+            image=self.image_for(None),
+            resources=self._dispatcher.default_resources(),
+            lifetime=self.warm_pod_lifetime,
+            deadline_padding=self.deadline_padding,
+            start_timeout=self.unschedulable_timeout + 60,
+            dispatcher_id=self.dispatcher_id,
+            runner_source=self._runner_source,
+        )
+
+    def fits_warm(self, request: ExecutionRequest) -> bool:
+        """Whether a warm pod can run ``request``: the default image and the default
+        resources (those of every warm pod)."""
+        spec = self._pool.spec if self._pool is not None else self._warm_spec()
+        return self.image_for(request.image) == spec.image and request.resources == spec.resources
 
     async def close(self) -> None:
         """Retire the warm pods no cell claimed, stop the pod watch, close the API."""
@@ -279,22 +241,8 @@ class CrucibleKubernetesBackend(Backend):
             with contextlib.suppress(Exception):  # bounded: a hung API call must not
                 await asyncio.wait_for(self._pool.stop(), 30)  # keep the dispatcher up
             self._pool = None
-        if self._background:  # deletions under way
-            await asyncio.wait(set(self._background), timeout=10)
-        if self._ws is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._ws.close(), 10)
-            self._ws = None
-        if self._reflector is not None:
-            await self._reflector.stop()
-            self._reflector = None
-        if self._api is not None:
-            await self._api.close()
-            # TLS connections finish closing on the next loop iterations (aiohttp's
-            # documented graceful shutdown); without this their sockets leak at loop close
-            await asyncio.sleep(0.25)
-            self._api = None
-            self._core = None
+        if self._cluster is not None:
+            await self._cluster.close()
 
     # ----- starting ------------------------------------------------------------------
 
@@ -386,14 +334,13 @@ class CrucibleKubernetesBackend(Backend):
             ttl_seconds=self.ttl_seconds_after_finished,
             runtime_class=self.runtime_class or None,
             pull_policy=self.pull_policy,
-            await_isolation=self._isolation_probe(),
+            await_isolation=self.isolation_target(),
             warm=warm,
         )
 
     def _output_limit(self) -> int | None:
         """The dispatcher's output limit (the runner writes no more output than that)."""
-        limit = getattr(self.parent, "output_limit", None)
-        return limit if isinstance(limit, int) and limit > 0 else None
+        return self._dispatcher.output_limit
 
     def _pick_uid(self) -> int:
         """A uid from :attr:`uid_range` that no executor pod in the namespace runs as, nor
@@ -404,7 +351,8 @@ class CrucibleKubernetesBackend(Backend):
         now = time.monotonic()
         self._picked = {u: t for u, t in self._picked.items() if now - t < 300}
         used = set(self._picked)
-        for pod in self._reflector.pods.values() if self._reflector else ():
+        reflector = self.cluster.reflector
+        for pod in reflector.pods.values() if reflector is not None else ():
             context = (pod.get("spec") or {}).get("securityContext") or {}
             used.add(context.get("runAsUser"))
         uid = first
@@ -422,722 +370,105 @@ class CrucibleKubernetesBackend(Backend):
             raise TraitError(f"uid_range must be [first, last] with first <= last, or []: {value}")
         return value
 
-    async def create_job(self, name: str, code: str, job: dict) -> dict:
-        """Create the ConfigMap (runner and ``code``) and the Job; the Job as created."""
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        labels = job["metadata"]["labels"]
-        configmap = objects.make_configmap(name, code, self._runner_source, labels)
-        # a cell near max_code_bytes() makes a request body over 1 MiB (1.4 MB at most),
-        # which aiohttp warns about (it writes it in one go): expected here, not a problem
-        warnings.filterwarnings("ignore", "Sending a large body directly", ResourceWarning)
-        try:
-            await _retry(lambda: self._core.create_namespaced_config_map(self.namespace, configmap))
-            created = await _retry(
-                lambda: raw_json(
-                    self._batch.create_namespaced_job(self.namespace, job, _preload_content=False)
-                )
-            )
-        except ApiException as e:
-            with contextlib.suppress(Exception):
-                await self._core.delete_namespaced_config_map(name, self.namespace)
-            raise Unavailable(f"Kubernetes refused the Job: {_api_message(e)}") from e
-        # the ConfigMap goes when the Job goes; not waited for: the pod does not need it
-        self.later(self._own_configmap(name, created))
-        return created
-
-    def later(self, coro: Any) -> None:
-        """Run an API call in the background (``close`` waits for it); a failure is logged,
-        never left as an unretrieved task exception."""
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        task.add_done_callback(self._log_failure)
-
-    def _log_failure(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.log.warning("crucible: a background Kubernetes call failed: %s", task.exception())
-
     async def start(self, execution: Execution) -> Sandbox:
         """Hand the execution to a warm pod if one can run it, else create its ConfigMap
         and Job; return a sandbox following its pod."""
         image = self.image_for(execution.request.image)
-        if fits(self, execution.request):
+        warm = self.fits_warm(execution.request)
+        if warm:
             await self.prepare()  # (the dispatcher's own call may still be connecting)
         else:
-            await self._connect()
+            await self.cluster.connect()
         isolation = "kubernetes" + (f"/{self.runtime_class}" if self.runtime_class else "")
-        if self._pool is not None and (name := await self._pool.run(execution)):
-            return KubernetesSandbox(self, execution, name, isolation=f"{isolation}+warm")
-        req = execution.request
-        name = objects.job_name(execution.id)
-        labels = objects.labels(execution.id, execution.user, self.dispatcher_id)
-        job = self.make_job(
-            name, labels, image, req.resources, req.timeout,
-            {**req.env, "CRUCIBLE_EXECUTION_ID": execution.id},
-        )  # fmt: skip
-        await self.create_job(name, req.code, job)
-        return KubernetesSandbox(self, execution, name, isolation=isolation)
+        key = objects.label_value(execution.id)
+        self.cluster.pods.hold(key)  # from here on its pod's last state is kept
+        try:
+            if warm and self._pool is not None and (name := await self._pool.run(execution)):
+                return self._sandbox(execution, name, f"{isolation}+warm")
+            req = execution.request
+            name = objects.job_name(execution.id)
+            labels = objects.labels(execution.id, execution.user, self.dispatcher_id)
+            job = self.make_job(
+                name, labels, image, req.resources, req.timeout,
+                {**req.env, "CRUCIBLE_EXECUTION_ID": execution.id},
+            )  # fmt: skip
+            configmap = objects.make_configmap(name, req.code, self._runner_source, labels)
+            await self.cluster.create_job(job, configmap)
+            return self._sandbox(execution, name, isolation)
+        except BaseException:
+            if self.cluster.reflector is not None:
+                self.cluster.reflector.release(key)
+            raise
+
+    def _sandbox(self, execution: Execution, name: str, isolation: str) -> KubernetesSandbox:
+        following = Following(self.quota_policy, self.unschedulable_timeout, self.max_line_bytes)
+        return KubernetesSandbox(self.cluster, following, execution, name, isolation=isolation)
 
     async def reattach(self, execution: Execution) -> Sandbox | None:
         """Follow the Job of an execution a dead dispatcher started, if it still exists."""
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        await self._connect()
+        await self.cluster.connect()
         name = objects.job_name(execution.id)
-        try:
-            await self._batch.read_namespaced_job(name, self.namespace)
-        except ApiException as e:
-            if e.status != 404:
-                raise
+        if not await self.cluster.job_exists(name):
             # a warm pod claimed for it? (found by the execution's label, like any pod)
-            pod = self._reflector.pod_for(objects.label_value(execution.id))
-            if pod is None or not job_of(pod):
+            pod = self.cluster.pods.pod_for(objects.label_value(execution.id))
+            if pod is None or not pods.job_of(pod):
                 return None
-            name = job_of(pod)
-        isolation = execution.isolation or "kubernetes"
-        return KubernetesSandbox(self, execution, name, isolation=isolation)
+            name = pods.job_of(pod)
+        return self._sandbox(execution, name, execution.isolation or "kubernetes")
 
-    def _isolation_probe(self) -> str | None:
+    def isolation_target(self) -> str | None:
+        """What a runner must find unreachable before its cell runs (``isolation_probe``),
+        None when that wait is off or nothing is known to probe."""
         if self.isolation_probe == "off":
             return None
-        return self.isolation_probe or self._api_endpoint
-
-    async def _find_api_endpoint(self) -> str | None:
-        """Every address of the API server as pods see it, IPv4 and IPv6 (the `kubernetes`
-        EndpointSlices, else its Endpoints), as ``HOST:PORT,[V6]:PORT``."""
-        from kubernetes_asyncio import client
-
-        found: list[str] = []
-        problems = []
-        try:
-            slices = await raw_json(
-                client.DiscoveryV1Api(self._api).list_namespaced_endpoint_slice(
-                    "default",
-                    label_selector="kubernetes.io/service-name=kubernetes",
-                    _preload_content=False,
-                )
-            )
-            for item in slices.get("items", []):
-                ports = [p["port"] for p in item.get("ports") or [] if p.get("port")]
-                for endpoint in item.get("endpoints") or []:
-                    found += [(a, p) for a in endpoint.get("addresses", []) for p in ports]
-        except Exception as e:
-            problems.append(f"EndpointSlices: {e}")
-        try:
-            endpoints = await raw_json(
-                self._core.read_namespaced_endpoints(
-                    "kubernetes", "default", _preload_content=False
-                )
-            )
-            for subset in endpoints.get("subsets") or []:
-                ports = [p["port"] for p in subset.get("ports") or []]
-                found += [(a["ip"], p) for a in subset.get("addresses") or [] for p in ports]
-        except Exception as e:
-            problems.append(f"Endpoints: {e}")
-        targets = sorted({f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in found})
-        if not targets:
-            self.log.warning(
-                "crucible: cannot find the API server's address for the isolation probe (%s);"
-                " set c.CrucibleKubernetesBackend.isolation_probe",
-                "; ".join(problems) or "no addresses",
-            )
-        return ",".join(targets) or None
+        return self.isolation_probe or self.cluster.api_endpoint
 
     async def sweep(self, live: set[str]) -> int:
         """Delete executor Jobs whose execution is not live here (orphans of a crash)."""
-        await self._connect()
-        jobs = await raw_json(self._batch.list_namespaced_job(
-            self.namespace, label_selector=f"{objects.APP_LABEL}={objects.APP}",
-            _preload_content=False,
-        ))  # fmt: skip
+        await self.cluster.connect()
+        jobs = await self.cluster.executor_jobs()
         keep = {objects.label_value(i) for i in live}
-        pods = {job_of(p): p for p in self._reflector.pods.values() if job_of(p)}
-        mine = self._pool._jobs if self._pool is not None else set()
+        by_job = {pods.job_of(p): p for p in self.cluster.pods.pods.values() if pods.job_of(p)}
+        mine = self._pool.jobs() if self._pool is not None else set()
         orphans = [
             job["metadata"]["name"]
-            for job in jobs.get("items", [])
+            for job in jobs
             if job["metadata"]["name"] not in mine
-            and self._job_execution(job, pods.get(job["metadata"]["name"])) not in keep
+            and pods.job_execution(job, by_job.get(job["metadata"]["name"])) not in keep
         ]
         for name in orphans:
             self.log.warning("crucible: deleting orphaned Job %s", name)
-            await self.delete(name, grace=0)
+            await self.cluster.delete(name, grace=0)
         return len(orphans)
-
-    def _job_execution(self, job: dict, pod: Pod | None) -> str | None:
-        """The execution label a Job runs for; None for a warm pod no cell claimed (an
-        orphan unless this dispatcher's pool started it)."""
-        labels = job["metadata"].get("labels") or {}
-        if objects.POOL_LABEL not in labels:
-            return labels.get(objects.EXECUTION_LABEL)
-        for found in (pod, job):  # the pod is claimed first; its Job is labelled next
-            if state_of(found) == "claimed":
-                return (found["metadata"].get("labels") or {}).get(objects.EXECUTION_LABEL)
-        return None
-
-    async def _own_configmap(self, name: str, job: dict) -> None:
-        with contextlib.suppress(Exception):
-            await self._core.patch_namespaced_config_map(
-                name,
-                self.namespace,
-                {"metadata": {"ownerReferences": [objects.owner_reference(job)]}},
-            )
-
-    async def delete(self, name: str, grace: int | None = None) -> None:
-        """Delete a Job (and its pods, in the background) and its ConfigMap, both at once;
-        a gone Job is not an error."""
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        async def quietly(call) -> None:
-            with contextlib.suppress(ApiException):
-                await call
-
-        await asyncio.gather(
-            quietly(self._batch.delete_namespaced_job(
-                name, self.namespace, propagation_policy="Background", grace_period_seconds=grace
-            )),
-            quietly(self._core.delete_namespaced_config_map(name, self.namespace)),
-        )  # fmt: skip
-
-    async def delete_pods(self, execution_id: str, grace: int) -> None:
-        """Delete the pods of an execution with a grace period (SIGTERM, then SIGKILL)."""
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        with contextlib.suppress(ApiException):
-            await self._core.delete_collection_namespaced_pod(
-                self.namespace,
-                grace_period_seconds=grace,
-                label_selector=f"{objects.EXECUTION_LABEL}={objects.label_value(execution_id)}",
-            )
 
     # ----- health --------------------------------------------------------------------
 
     async def checks(self) -> list[Check]:
-        """Cluster reachable, namespace usable, NetworkPolicy present."""
-        out = []
-        try:
-            await self._connect()
-            out.append(Check("kubernetes", True, f"API reachable; namespace {self.namespace!r}"))
-        except CrucibleError as e:
-            return [
-                Check(
-                    "kubernetes",
-                    False,
-                    e.message,
-                    fix="start the cluster (dev/cluster/cluster up) and set KUBECONFIG",
-                )
-            ]
-        try:
-            await self._networking.read_namespaced_network_policy(
-                objects.POLICY_NAME, self.namespace
-            )
-            out.append(Check("network policy", True, f"{objects.POLICY_NAME} present"))
-        except Exception as e:
-            out.append(Check("network policy", False, f"deny-all policy missing: {e}"))
-        out.append(self._pool_check())
-        out.append(self._seccomp_check())
-        out.extend(await self._probe_executor())
-        return out
-
-    def _seccomp_check(self) -> Check:
-        """Which seccomp profile executors run (the probe below starts one with it)."""
-        if self.seccomp_profile:
-            return Check(
-                "seccomp profile",
-                True,
-                f"executors run Localhost profile {self.seccomp_profile!r} (io_uring, ptrace,"
-                " vsock and other socket families refused)",
-                fix="if executors cannot be created, install"
-                " crucible_jupyter/backends/kubernetes/seccomp-executor.json on every node as"
-                f" <kubelet root-dir>/seccomp/{self.seccomp_profile}",
-            )
-        return Check(
-            "seccomp profile",
-            False,
-            "executors run the runtime's default profile (RuntimeDefault), which allows"
-            " io_uring (and vsock in containerd 1.6)",
-            fix="install crucible's profile on the nodes and set"
-            " c.CrucibleKubernetesBackend.seccomp_profile (see the README)",
-            severity="warning",
-        )
-
-    def _pool_check(self) -> Check:
-        """The warm pods: configured, and those in the namespace (warm, starting, busy)."""
-        pool = self._pool or WarmPool(self, self.warm_pods)
-        problem = pool.problem
-        detail = pool.report() + (f"; the last did not become warm: {problem}" if problem else "")
-        if self.warm_pods <= 0:
-            detail += "; every cell starts a Job"
-        return Check(
-            "warm pods",
-            problem is None,
-            detail,
-            fix="see the warm pod's log: kubectl -n NAMESPACE logs -l crucible.jupyter.org/pool",
-            severity="warning",
-        )
-
-    async def _probe_executor(self) -> list[Check]:
-        """Run real executors (see ``probes.py``): a listener, and a prober that tries to
-        reach the API server, the node (IPv4, IPv6), the listener (IPv4, IPv6, multicast,
-        broadcast) and node ports, and counts the threads it can start (does the kubelet
-        set podPidsLimit?)."""
-        target = self._isolation_probe() or self._api_endpoint  # (probed even when "off")
-        if not target:
-            return [
-                Check(
-                    "network isolation",
-                    False,
-                    "no address to probe (API server unknown, or isolation_probe = 'off')",
-                    fix="set c.CrucibleKubernetesBackend.isolation_probe = 'HOST:PORT'",
-                )
-            ]
-        resources = Resources(0.2, 256 << 20)
-        listener = Execution(
-            id=new_execution_id(),
-            request=ExecutionRequest(code=probes.listener_code(90), timeout=120,
-                                     resources=resources),
-            user="crucible-doctor",
-        )  # fmt: skip
-        lines: list[bytes] = []
-        listening = asyncio.Event()
-
-        async def follow(sandbox: Sandbox) -> None:
-            async for _, line, _ in sandbox.lines():
-                lines.append(line)
-                if b"LISTENING" in line:
-                    listening.set()
-
-        try:
-            sandbox = await self.start(listener)
-        except CrucibleError as e:
-            return [Check("network isolation", False, f"probe could not run: {e.message}")]
-        following = asyncio.ensure_future(follow(sandbox))
-        try:
-            await asyncio.wait(
-                {following, asyncio.ensure_future(listening.wait())},
-                timeout=90,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            text = b"\n".join(lines).decode("utf-8", "replace")
-            peer = probes.find_json(text, "LISTENING")
-            if peer is None:
-                outcome = await sandbox.wait() if following.done() else None
-                if "IsolationError" in text:
-                    return [_network_check(text, outcome, target)]
-                why = (outcome and outcome.reason) or text[-300:] or "no output"
-                return [Check("network isolation", False, f"probe listener failed: {why}")]
-            status = (self._reflector.pod_for(objects.label_value(listener.id)) or {}).get(
-                "status"
-            ) or {}
-            nodes = [ip for ip in [status.get("hostIP")] if ip]
-            for ip in [status.get("podIP")] + [a.get("ip") for a in status.get("podIPs") or []]:
-                family = "ipv6" if ip and ":" in ip else "ipv4"
-                if ip and ip not in peer[family]:
-                    peer[family].append(ip)
-            node_ports = list(probes.NODE_PORTS)
-            with contextlib.suppress(Exception):
-                node_ports += probes.service_node_ports(
-                    await raw_json(
-                        self._core.list_service_for_all_namespaces(_preload_content=False)
-                    )
-                )
-            plan = {"api": target, "peer": peer, "nodes": nodes, "node_ports": node_ports}
-            code = probes.prober_code(plan, f"{objects.MOUNT}/runner.py") + _threads_code()
-            prober = Execution(
-                id=new_execution_id(),
-                request=ExecutionRequest(code=code, timeout=90, resources=resources),
-                user="crucible-doctor",
-            )
-            try:
-                probe_box = await self.start(prober)
-                out = b"\n".join([line async for _, line, _ in probe_box.lines()]).decode()
-                outcome = await probe_box.wait()
-            except CrucibleError as e:
-                return [Check("network isolation", False, f"probe could not run: {e.message}")]
-        finally:
-            with contextlib.suppress(Exception):
-                await sandbox.kill()
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(following, 10)
-            with contextlib.suppress(Exception):
-                await sandbox.wait()
-        text = b"\n".join(lines).decode("utf-8", "replace")
-        contacts = re.findall(r"CONTACT (tcp|udp) ([0-9a-fA-F.:]+)", text)
-        if "IsolationError" in out:
-            check = _network_check(out, outcome, target)
-        elif (report := probes.find_json(out, "NETPROBE")) is None:
-            reason = outcome.reason or out[-300:] or "no output"
-            check = Check("network isolation", False, f"probe failed: {reason}")
-        else:
-            check = probes.network_check(report, [" from ".join(c) for c in contacts], peer)
-        return [check, _pids_check(out)]
+        """Cluster reachable, namespace usable, NetworkPolicy present, warm pods, seccomp,
+        and executor probes of network isolation and the process limit (``doctor.py``)."""
+        return await doctor.checks(self)
 
 
-def _threads_code() -> str:
-    """Cell code printing ``THREADS n``: how many threads an executor can start (up to
-    PIDS_PROBE, then lets them go). The pod's limit (podPidsLimit) sits on the pod's cgroup,
-    which a container cannot read."""
-    return (
-        "\nimport threading\n"
-        "threading.stack_size(65536)\n"
-        "stop, started = threading.Event(), []\n"
-        "try:\n"
-        f"    for _ in range({PIDS_PROBE}):\n"
-        "        t = threading.Thread(target=stop.wait)\n"
-        "        t.start()\n"
-        "        started.append(t)\n"
-        "except RuntimeError:\n"
-        "    pass\n"
-        "stop.set()\n"
-        "for t in started:\n"
-        "    t.join()\n"
-        "print('THREADS', len(started))\n"
-    )
+class _DispatcherSettings:
+    """What the backend takes from the dispatcher it runs under (its traitlets parent),
+    read in this one place and when needed, with the library's defaults when there is
+    none (a backend made on its own, as the doctor and tests do)."""
 
+    def __init__(self, dispatcher: Any) -> None:
+        self._dispatcher = dispatcher
 
-def _network_check(text: str, outcome: Outcome, target: str) -> Check:
-    if "IsolationError" in text:
-        return Check(
-            "network isolation",
-            False,
-            f"NOT enforced: an executor pod could still reach {target} or the node"
-            f" (its runner refused to run the cell: {text[-300:]})",
-            fix="run a NetworkPolicy enforcer (a CNI with policy support, or kube-router)",
-        )
-    return Check("network isolation", False, f"probe failed: {outcome.reason or text[-200:]}")
+    @property
+    def owner(self) -> str:
+        """Who the dispatcher is (labels its pods)."""
+        return getattr(self._dispatcher, "owner", "crucible")
 
+    @property
+    def output_limit(self) -> int | None:
+        """The dispatcher's output limit (None: not known)."""
+        limit = getattr(self._dispatcher, "output_limit", None)
+        return limit if isinstance(limit, int) and limit > 0 else None
 
-def _pids_check(text: str) -> Check:
-    found = re.search(r"THREADS (\d+)", text)
-    if found and int(found.group(1)) < PIDS_PROBE:
-        return Check(
-            "process limit",
-            True,
-            f"an executor pod stops at {found.group(1)} threads (the kubelet's podPidsLimit)",
-        )
-    return Check(
-        "process limit",
-        False,
-        f"executor pods have no process limit (a probe started {PIDS_PROBE} threads): a fork"
-        " or thread bomb is stopped only by the memory limit, after it has slowed the node"
-        if found
-        else "the executor pod's process limit could not be measured",
-        fix="set podPidsLimit (e.g. 1024) in the kubelet configuration of the nodes",
-    )
-
-
-class KubernetesSandbox(Sandbox):
-    """One execution's Job, followed through the shared pod watch and the pod's log."""
-
-    def __init__(
-        self, backend: CrucibleKubernetesBackend, execution: Execution, name: str, *, isolation: str
-    ) -> None:
-        super().__init__(isolation=isolation)
-        self.backend = backend
-        self.execution = execution
-        self.name = name
-        self.key = objects.label_value(execution.id)
-        self.failure: str | None = None
-        self.cancelled = False
-        self.started: bool | None = None
-        self._stopped = asyncio.Event()  # cancel or kill: stop following, record the end now
-        self._end: dict | None = None  # the runner's end frame (it may name a signal)
-
-    def _reflector(self) -> PodReflector:
-        assert self.backend._reflector is not None
-        return self.backend._reflector
-
-    def _container(self, pod: Pod | None) -> dict:
-        statuses = ((pod or {}).get("status") or {}).get("containerStatuses") or []
-        return next((c for c in statuses if c.get("name") == "cell"), {})
-
-    def _started_or_failed(self, pod: Pod | None) -> str | None:
-        """'logs' once the container's log can be read; 'failed' if it never will."""
-        if pod is None:
-            return "failed" if self.key in self._reflector().gone else None
-        state = self._container(pod).get("state") or {}
-        if "running" in state or "terminated" in state:
-            return "logs"
-        waiting = state.get("waiting") or {}
-        if waiting.get("reason") in IMAGE_FAILURES:
-            image = self._container(pod).get("image") or "?"
-            self.failure = (
-                f"{IMAGE_FAILURES[waiting['reason']]}: {image}"
-                f" ({waiting.get('message') or waiting['reason']})"
-            )
-            return "failed"
-        status = pod.get("status") or {}
-        if status.get("phase") in ("Failed", "Succeeded") and not state:
-            self.failure = status.get("message") or status.get("reason") or "pod failed"
-            return "failed"
-        return None
-
-    async def _wait_started(self) -> bool:
-        """Wait for the container to start; False (with ``failure``) if it cannot."""
-        loop = asyncio.get_running_loop()
-        unschedulable_since = None
-        while True:
-            try:
-                result = await self._reflector().wait_for(self.key, self._started_or_failed, 2.0)
-                return result == "logs"
-            except TimeoutError:
-                pass
-            pod = self._reflector().pod_for(self.key)
-            if pod is None:  # no pod after 2 s: did the Job controller fail to create it?
-                problem = await self._job_problem()
-                if problem and (self.backend.quota_policy == "fail" or "quota" not in problem):
-                    self.failure = problem
-                    return False
-                continue
-            cond = next(
-                (
-                    c
-                    for c in (pod.get("status") or {}).get("conditions") or []
-                    if c.get("type") == "PodScheduled"
-                ),
-                {},
-            )
-            if cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
-                unschedulable_since = unschedulable_since or loop.time()
-                if loop.time() - unschedulable_since > self.backend.unschedulable_timeout:
-                    self.failure = f"unschedulable: {cond.get('message', 'no node fits')}"
-                    return False
-            else:
-                unschedulable_since = None
-
-    async def _job_problem(self) -> str | None:
-        core = self.backend._core
-        try:
-            found = await raw_json(
-                core.list_namespaced_event(
-                    self.backend.namespace,
-                    _preload_content=False,
-                    field_selector=f"involvedObject.name={self.name},involvedObject.kind=Job",
-                )
-            )
-            events = found.get("items", [])
-        except Exception:
-            return None
-        for ev in sorted(events, key=lambda e: e.get("lastTimestamp") or "", reverse=True):
-            if ev.get("reason") == "FailedCreate":
-                msg = ev.get("message", "")
-                if "exceeded quota" in msg:
-                    return "resource quota exceeded: " + msg.split("forbidden: ", 1)[-1]
-                return "the Job could not create its pod: " + msg
-        return None
-
-    async def ready(self) -> None:
-        """Wait until the container runs, or it is clear it never will (``failure``)."""
-        if self.started is None:
-            self.started = await self._wait_started()
-
-    async def lines(self) -> AsyncIterator[tuple[str, bytes, int]]:
-        """The pod's log, line by line, as it is written; reopened if the stream breaks.
-
-        Once the pod watch shows the container ended, the stream ends there if the runner's
-        ``end`` frame (the last line it writes) was read, else the rest is read from the log
-        whole (complete then): either way without waiting for the kubelet to end the
-        followed stream, which it does up to seconds later."""
-        await self.ready()
-        if not self.started:
-            return
-        consumed = 0
-        follow = True
-        saw_end = False
-        while True:
-            pod = self._reflector().pod_for(self.key) or self._reflector().gone.get(self.key)
-            if pod is None:
-                return
-            try:
-                resp = await raw(
-                    self.backend._core.read_namespaced_pod_log(
-                        pod["metadata"]["name"],
-                        self.backend.namespace,
-                        container="cell",
-                        follow=follow,
-                        _preload_content=False,
-                    )
-                )
-            except Exception as e:
-                if self.cancelled or self._terminated(self._reflector().pod_for(self.key)):
-                    if consumed:
-                        return
-                if self._reflector().pod_for(self.key) is None:
-                    return
-                self.log_warning(f"log of {self.name} not readable yet ({e}); retrying")
-                await asyncio.sleep(0.2)
-                continue
-            index = 0
-            lines = read_lines(resp.content, self.backend.max_line_bytes)
-            ended = (
-                asyncio.ensure_future(self._reflector().wait_for(self.key, self._terminated))
-                if follow
-                else asyncio.get_running_loop().create_future()  # a whole log just ends
-            )
-            try:
-                while (item := await self._next_unless_stopped(lines, ended)) is not None:
-                    if item is ENDED:
-                        break
-                    line, dropped = item
-                    index += 1
-                    if index <= consumed:
-                        continue  # already delivered before the stream broke
-                    consumed = index
-                    if index == 1 and line == READY:
-                        continue  # a warm pod's runner said it was ready: not the cell's
-                    if END_FRAME.match(line):
-                        saw_end = True
-                        self._end = _end_frame(line)
-                    yield FRAMES, line, dropped
-                    if saw_end and self._terminated(self._reflector().pod_for(self.key)):
-                        return
-            except Exception as e:
-                self.log_warning(f"log stream of {self.name} broke ({e!r}); reopening")
-                continue
-            finally:
-                ended.cancel()
-                await lines.aclose()
-                resp.release()
-            if item is ENDED:
-                if saw_end:
-                    return  # the runner's last line was read, and the container ended
-                follow = False  # the container ended: read the rest of its log whole
-                continue
-            # the stream ended: normally because the container ended
-            if self.cancelled:
-                return  # being deleted: nothing more will come
-            try:
-                await self._reflector().wait_for(
-                    self.key, lambda p: p is None or self._terminated(p), 5.0
-                )
-                return
-            except TimeoutError:
-                continue  # still running: the stream broke early; reopen and skip
-
-    async def _next_unless_stopped(self, lines: AsyncIterator, ended: asyncio.Future) -> Any:
-        """The next log line; None at its end or once the execution is being stopped;
-        ENDED when ``ended`` (the container's end) comes first."""
-        if self._stopped.is_set():
-            return None
-        nxt = asyncio.ensure_future(anext(lines))
-        stop = asyncio.ensure_future(self._stopped.wait())
-        try:
-            done, _ = await asyncio.wait({nxt, stop, ended}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        if nxt not in done:
-            nxt.cancel()
-            with contextlib.suppress(BaseException):
-                await nxt
-            return ENDED if ended in done and stop not in done else None
-        try:
-            return nxt.result()
-        except StopAsyncIteration:
-            return None
-
-    def log_warning(self, text: str) -> None:
-        """Warn through the backend's logger."""
-        self.backend.log.warning("crucible: %s", text)
-
-    def _ended(self, pod: Pod | None) -> Pod | None:
-        """The pod once its container has terminated, or its last state once deleted."""
-        if pod is None:
-            return self._reflector().gone.get(self.key)
-        return pod if self._terminated(pod) else None
-
-    def _terminated(self, pod: Pod | None) -> dict | None:
-        return (self._container(pod).get("state") or {}).get("terminated")
-
-    async def wait(self) -> Outcome:
-        """Wait for the pod's end and read the outcome from its status; delete the Job
-        (in the background: the outcome is known, so it is not kept waiting for that)."""
-        try:
-            if self.failure:
-                return Outcome(exit_code=None, reason=self.failure)
-            ended = asyncio.ensure_future(self._reflector().wait_for(self.key, self._ended))
-            stopped = asyncio.ensure_future(self._stopped.wait())
-            try:
-                await asyncio.wait({ended, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stopped.cancel()
-            if not ended.done():  # stopped on purpose: its exit status adds nothing
-                ended.cancel()
-                with contextlib.suppress(BaseException):
-                    await ended
-                return Outcome(exit_code=None)
-            pod = ended.result()
-            term = self._terminated(pod) or {}
-            status = (pod or {}).get("status") or {}
-            if status.get("reason") == "Evicted":
-                return Outcome(exit_code=None, reason=f"evicted: {status.get('message', '')}")
-            if term.get("reason") == "OOMKilled":
-                limit = format_bytes(self.execution.request.resources.memory)
-                return Outcome(term.get("exitCode", 137), f"memory limit exceeded ({limit})")
-            if not term:
-                reason = None if self.cancelled else "the pod disappeared before it finished"
-                return Outcome(exit_code=None, reason=reason)
-            code = term.get("exitCode")
-            return Outcome(exit_code=code, signal=_reported_signal(self._end, code))
-        finally:
-            self.backend.later(self.backend.delete(self.name))
-
-    async def interrupt(self) -> None:
-        """Delete the Job (background propagation); its pod gets SIGTERM, which the runner
-        turns into an interrupt. The execution ends now: the pod goes on its own."""
-        self.cancelled = True
-        self._stopped.set()
-        await self.backend.delete(self.name, grace=2)
-
-    async def kill(self) -> None:
-        """Delete the Job and its pods at once."""
-        self.cancelled = True
-        self._stopped.set()
-        await self.backend.delete_pods(self.execution.id, grace=0)
-        await self.backend.delete(self.name, grace=0)
-
-
-def _end_frame(line: bytes) -> dict | None:
-    """The runner's end frame as a dict, or None if it does not parse as one."""
-    try:
-        frame = json.loads(line)
-    except (ValueError, RecursionError):
-        return None
-    return frame if isinstance(frame, dict) else None
-
-
-def _reported_signal(end: dict | None, code: Any) -> int | None:
-    """The signal that ended the cell, as the runner's end frame names it (the runner saw the
-    cell's wait status; the cell cannot write to the pod's log), only if the container's exit
-    code agrees (128 + N). None when the cell exited, or nothing was reported: an exit code
-    alone is never read as a signal, since a cell can exit with 137."""
-    signum = (end or {}).get("signal")
-    if isinstance(signum, int) and not isinstance(signum, bool) and code == 128 + signum:
-        return signum
-    return None
-
-
-async def _retry(call, attempts: int = 4, delay: float = 0.2):
-    """Run an API call, retrying server errors and connection failures with backoff."""
-    from kubernetes_asyncio.client.exceptions import ApiException
-
-    for attempt in range(attempts):
-        try:
-            return await call()
-        except ApiException as e:
-            if e.status is not None and e.status < 500 and e.status != 429:
-                raise
-            if attempt == attempts - 1:
-                raise
-        except (OSError, asyncio.TimeoutError):
-            if attempt == attempts - 1:
-                raise
-        await asyncio.sleep(delay * 2**attempt)
-    return None
-
-
-def _api_message(e: Any) -> str:
-    try:
-        return json.loads(e.body).get("message") or str(e.reason)
-    except (TypeError, ValueError, AttributeError):
-        return str(getattr(e, "reason", e))
+    def default_resources(self) -> Resources:
+        """What a request that asks for none gets: every warm pod's resources."""
+        limits = getattr(self._dispatcher, "limits", None) or Limits()
+        return Resources(limits.default_cpu, limits.default_memory)

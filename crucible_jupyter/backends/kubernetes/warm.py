@@ -35,7 +35,9 @@ also writes the execution's labels onto the pod, so everything that finds an exe
 by label (the pod watch, kill, reattach after a restart, the sweep of orphans) works for it.
 
 Only requests a warm pod can honour use one: the default image and the default resources
-(those of the pool's pods). Anything else takes the cold path.
+(those of the pool's pods, :class:`WarmSpec`); the backend decides, and anything else takes
+the cold path. The pool is given the cluster connection (``cluster.py``), what its pods run
+(:class:`WarmSpec`) and a factory of their Jobs; it knows nothing else of the backend.
 """
 
 from __future__ import annotations
@@ -43,86 +45,59 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import secrets
-import time
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from ...models import Execution, ExecutionRequest, Limits, Resources
+from ...models import Execution, Resources
 from . import objects
-from .api import raw, raw_json
-from .reflector import Pod
+from .cluster import Cluster
+from .pods import Pod, age, container, job_of, running, state_of
 
-if TYPE_CHECKING:
-    from .backend import CrucibleKubernetesBackend
-
-JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
-JSON_PATCH = "application/json-patch+json"
 #: Seconds the refill waits after a claim for the claimed cell to end (it starts sooner
 #: when the cell ends); a pod started beside the cell would slow the cell down.
 REFILL_PAUSE = 1.0
 #: Longest wait of a cell for a warm pod being started, when none is warm (then: cold).
 WAIT_FOR_STARTING = 10.0
-#: Longest wait for one API call of the pool (a patch, opening a log, attaching to stdin,
-#: sending the cell): a call that hangs makes the claim give the pod up and the cell take
-#: the cold path, or the pod not count as warm, instead of leaving a cell waiting.
-CALL_TIMEOUT = 10.0
+#: Longest wait for a warm pod's runner to say it is ready once its container runs.
+READY_TIMEOUT = 60.0
 
 
-def pool_resources(backend: CrucibleKubernetesBackend) -> Resources:
-    """What every warm pod of ``backend`` is given: the resources a request gets when it
-    asks for none (the dispatcher's ``default_cpu`` and ``default_memory``)."""
-    limits = getattr(backend.parent, "limits", None) or Limits()
-    return Resources(limits.default_cpu, limits.default_memory)
+@dataclass(frozen=True)
+class WarmSpec:
+    """What every warm pod of a pool runs, and for how long."""
+
+    image: str  # the backend's default image
+    resources: Resources  # what a request without resources gets (the dispatcher's defaults)
+    lifetime: int  # seconds a warm pod may wait for a cell (warm_pod_lifetime)
+    deadline_padding: int  # added to a claimed pod's deadline, as for a cold Job
+    start_timeout: float  # seconds a warm pod may take to start
+    dispatcher_id: str  # label value of this dispatcher
+    runner_source: str  # the runner every pod runs (part of the pool key)
 
 
-def fits(backend: CrucibleKubernetesBackend, request: ExecutionRequest) -> bool:
-    """Whether a warm pod of ``backend`` can run ``request``: the default image and the
-    default resources (those of every warm pod)."""
-    return backend.image_for(request.image) == backend.image_for(
-        None
-    ) and request.resources == pool_resources(backend)
-
-
-def job_of(pod: Pod) -> str | None:
-    """The name of the Job that made ``pod``."""
-    labels = pod["metadata"].get("labels") or {}
-    return next((labels[k] for k in JOB_NAME_LABELS if k in labels), None)
-
-
-def state_of(pod: Pod | None) -> str | None:
-    """The warm-pool state of ``pod`` (None for a pod of a cold Job)."""
-    return ((pod or {}).get("metadata", {}).get("labels") or {}).get(objects.STATE_LABEL)
-
-
-def _age(pod: Pod) -> float:
-    created = pod["metadata"].get("creationTimestamp")
-    if not created:
-        return 0.0
-    when = datetime.fromisoformat(created.replace("Z", "+00:00"))
-    return max(0.0, time.time() - when.timestamp())
-
-
-def _container(pod: Pod | None) -> dict:
-    statuses = ((pod or {}).get("status") or {}).get("containerStatuses") or []
-    return next((c for c in statuses if c.get("name") == "cell"), {})
-
-
-def _running(pod: Pod | None) -> bool:
-    return pod is not None and "running" in (_container(pod).get("state") or {})
+#: Makes the Job of a warm pod: ``(name, labels) -> Job``, with the backend's settings.
+JobFactory = Callable[[str, dict], dict]
 
 
 class WarmPool:
     """Keeps ``size`` warm pods of this dispatcher in the namespace and claims warm pods
     (its own first, any with the same pool key next) for the executions that fit them."""
 
-    def __init__(self, backend: CrucibleKubernetesBackend, size: int) -> None:
-        self.backend = backend
+    def __init__(
+        self, cluster: Cluster, spec: WarmSpec, make_job: JobFactory, size: int,
+        log: logging.Logger | None = None,
+    ) -> None:  # fmt: skip
+        self.cluster = cluster
+        self.spec = spec
+        self.make_job = make_job
         self.size = size
-        self.log = backend.log
+        self.log = log or logging.getLogger(__name__)
         template = self._job("crucible-warm-template")
-        self.key = objects.pool_key(template, backend._runner_source)
+        self.key = objects.pool_key(template, spec.runner_source)
         self.problem: str | None = None  # why the last warm pod did not become warm
         self._jobs: set[str] = set()  # Jobs this pool created (to retire them at stop)
         self._ready: dict[str, str] = {}  # pods of this pool that became warm -> Job
@@ -141,21 +116,13 @@ class WarmPool:
     def start(self) -> None:
         """Start filling the pool in the background."""
         if self._task is None and self.size > 0:
-            self.backend._reflector.listeners.append(self._on_pod)
+            self.cluster.pods.listeners.append(self._on_pod)
             self._fill()  # now: a cell that comes next waits for these, not for the loop
             self._task = asyncio.create_task(self._keep(), name="crucible-warm-pool")
 
     def _job(self, name: str) -> dict:
-        labels = objects.warm_labels(name, self.backend.dispatcher_id, getattr(self, "key", ""))
-        return self.backend.make_job(
-            name,
-            labels,
-            self.backend.image_for(None),
-            pool_resources(self.backend),
-            max(0, self.backend.warm_pod_lifetime - self.backend.deadline_padding),
-            {},
-            warm=True,
-        )
+        labels = objects.warm_labels(name, self.spec.dispatcher_id, getattr(self, "key", ""))
+        return self.make_job(name, labels)
 
     def _on_pod(self, pod: Pod) -> None:
         name = pod["metadata"]["name"]
@@ -164,30 +131,31 @@ class WarmPool:
 
     def _cell_running(self) -> bool:
         """Whether a cell claimed here in the last moment still runs."""
-        pods = self.backend._reflector.pods
-        self._busy = {n for n in self._busy if _running(pods.get(n))}
+        pods = self.cluster.pods.pods
+        self._busy = {n for n in self._busy if running(pods.get(n))}
         return bool(self._busy)
 
     def _alive(self, name: str) -> bool:
-        pod = self.backend._reflector.pods.get(name)
+        pod = self.cluster.pods.pods.get(name)
         return (
             pod is not None
             and state_of(pod) in ("warming", "warm")
             and not pod["metadata"].get("deletionTimestamp")
-            and not (_container(pod).get("state") or {}).get("terminated")
+            and not (container(pod).get("state") or {}).get("terminated")
             and (pod.get("status") or {}).get("phase") not in ("Failed", "Succeeded")
         )
 
     def available(self) -> int:
         """Warm pods of this pool, and those being started."""
-        for name in [n for n in self._stdin if not _running(self.backend._reflector.pods.get(n))]:
+        pods = self.cluster.pods.pods
+        for name in [n for n in self._stdin if not running(pods.get(n))]:
             self._detach(name)  # (kept open while another dispatcher's cell runs there)
         for name in [n for n in self._ready if not self._alive(n)]:
             job = self._ready.pop(name)
             self._jobs.discard(job)  # claimed, or ended
-            pod = self.backend._reflector.pods.get(name)
+            pod = pods.get(name)
             if pod is not None and state_of(pod) in ("warming", "warm"):
-                self.backend.later(self._delete(job))  # ended unclaimed (its lifetime)
+                self.cluster.later(self._delete(job))  # ended unclaimed (its lifetime)
         return len(self._starting) + len(self._ready)
 
     def _fill(self) -> None:
@@ -220,35 +188,42 @@ class WarmPool:
     async def _start_one(self) -> None:
         name = f"crucible-warm-{secrets.token_hex(5)}"
         self._jobs.add(name)
+        self.cluster.pods.hold(name)  # (its pod's last state tells why it did not start)
         try:
-            await self.backend.create_job(name, "", self._job(name))
+            job = self._job(name)
+            labels = job["metadata"]["labels"]
+            configmap = objects.make_configmap(name, "", self.spec.runner_source, labels)
+            await self.cluster.create_job(job, configmap)
             pod_name = await self._until_ready(name)
         except asyncio.CancelledError:
             raise
-        except Exception as e:
+        except Exception as e:  # whatever it was, this pod is given up
             self._failures += 1
-            self.problem = str(getattr(e, "message", e))
+            self.problem = str(getattr(e, "message", e)) or repr(e)
             self.log.warning("crucible: a warm pod did not become warm: %s", self.problem)
             await self._delete(name)
             return
+        finally:
+            if self.cluster.reflector is not None:  # (None once closed)
+                self.cluster.reflector.release(name)
         self._failures = 0
         self.problem = None
         self._ready[pod_name] = name
 
     async def _until_ready(self, name: str) -> str:
         """Wait until the pod of warm Job ``name`` says it is ready; mark it warm."""
-        reflector = self.backend._reflector
-        limit = self.backend.unschedulable_timeout + 60
+        reflector = self.cluster.pods
+        limit = self.spec.start_timeout
 
         def started(pod: Pod | None) -> Any:
             if pod is None:
                 return "gone" if name in reflector.gone else None
-            state = _container(pod).get("state") or {}
+            state = container(pod).get("state") or {}
             waiting = (state.get("waiting") or {}).get("reason")
             if "running" in state or "terminated" in state:
                 return pod
             if waiting in ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull"):
-                return f"image {self.backend.image_for(None)}: {waiting}"
+                return f"image {self.spec.image}: {waiting}"
             if (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded"):
                 return "the pod ended"
             return None
@@ -260,34 +235,19 @@ class WarmPool:
         if not isinstance(pod, dict):
             raise RuntimeError(pod)
         pod_name = pod["metadata"]["name"]
-        core, ns = self.backend._core, self.backend.namespace
-        resp = await asyncio.wait_for(
-            raw(
-                core.read_namespaced_pod_log(
-                    pod_name, ns, container="cell", follow=True, _preload_content=False
-                )
-            ),
-            CALL_TIMEOUT,
-        )
+        resp = await self.cluster.open_log(pod_name, follow=True)
         try:
-            first = await asyncio.wait_for(resp.content.readline(), 60)
+            first = await asyncio.wait_for(resp.content.readline(), READY_TIMEOUT)
         finally:
             resp.close()
         if first.rstrip(b"\n").decode(errors="replace") != objects.READY_LINE:
-            text = await raw(core.read_namespaced_pod_log(pod_name, ns, container="cell",
-                                                          _preload_content=False))  # fmt: skip
-            said = (await text.read()).decode(errors="replace").strip()
+            said = (await self.cluster.read_log(pod_name)).strip()
             raise RuntimeError(f"its runner said: {said[-400:] or '(nothing)'}")
         # attach to its stdin now, so a claim here only writes the cell (an attach takes
         # ~0.1 s); stdin stays open while this is open (stdinOnce), and closes with it
         self._stdin[pod_name] = await self._attach(pod_name)
         try:
-            await asyncio.wait_for(raw_json(
-                core.patch_namespaced_pod(
-                    pod_name, ns, objects.state_patch("warming", "warm"),
-                    _content_type=JSON_PATCH, _preload_content=False,
-                )
-            ), CALL_TIMEOUT)  # fmt: skip
+            await self.cluster.patch_pod(pod_name, objects.state_patch("warming", "warm"))
         except BaseException:
             self._detach(pod_name)  # its Job is deleted: do not keep its stdin open
             raise
@@ -297,9 +257,9 @@ class WarmPool:
 
     def warm_pods(self) -> list[Pod]:
         """Warm pods in the namespace this pool could claim, its own first, oldest first."""
-        reflector = self.backend._reflector
+        reflector = self.cluster.pods
         self._claiming &= set(reflector.pods)
-        fresh = self.backend.warm_pod_lifetime - 60  # not one about to reach its lifetime
+        fresh = self.spec.lifetime - 60  # not one about to reach its lifetime
         pods = [
             p
             for p in reflector.pods.values()
@@ -308,10 +268,10 @@ class WarmPool:
             and (p["metadata"].get("labels") or {}).get(objects.POOL_LABEL) == self.key
             and not p["metadata"].get("deletionTimestamp")
             and p["metadata"]["name"] not in self._claiming
-            and _running(p)
-            and _age(p) < fresh
+            and running(p)
+            and age(p) < fresh
         ]
-        mine = self.backend.dispatcher_id
+        mine = self.spec.dispatcher_id
         return sorted(
             pods,
             key=lambda p: (
@@ -323,9 +283,8 @@ class WarmPool:
     async def run(self, execution: Execution) -> str | None:
         """Claim a warm pod for ``execution`` and send it the cell; the name of its Job,
         or None when no warm pod can run it (the caller then creates a cold Job). With
-        none warm, it waits for one this pool is starting if no other cell waits for it."""
-        if not fits(self.backend, execution.request):
-            return None
+        none warm, it waits for one this pool is starting if no other cell waits for it.
+        The caller has checked that the request fits (the spec's image and resources)."""
         pods = self.warm_pods()
         if not pods and len(self._starting) > self._waiting and not self._failures:
             # none warm, one starting for no one yet: it started before a cold Job would
@@ -352,15 +311,10 @@ class WarmPool:
             self._quiet_until = asyncio.get_running_loop().time() + REFILL_PAUSE
             deadline = self._deadline(pod, req.timeout)
             patch = objects.claim_patch(
-                self.key, execution.id, execution.user, self.backend.dispatcher_id, deadline
+                self.key, execution.id, execution.user, self.spec.dispatcher_id, deadline
             )
             try:
-                await asyncio.wait_for(raw_json(
-                    self.backend._core.patch_namespaced_pod(
-                        name, self.backend.namespace, patch,
-                        _content_type=JSON_PATCH, _preload_content=False,
-                    )
-                ), CALL_TIMEOUT)  # fmt: skip
+                await self.cluster.patch_pod(name, patch)
             except ApiException as e:
                 self._busy.discard(name)
                 if e.status in (404, 409, 422):  # claimed by another, or gone: the next
@@ -379,42 +333,32 @@ class WarmPool:
             job = job_of(pod) or name
             try:
                 await self._send(name, execution)
-            except Exception as e:
+            except Exception as e:  # whatever it was, the cell goes cold
                 self.log.warning("crucible: warm pod %s did not take its cell (%r)", name, e)
                 await self._abandon(job, execution)
                 return None
-            self.backend.later(self._adopt(job, pod, execution))  # not needed to run the cell
+            self.cluster.later(self._adopt(job, pod, execution))  # not needed to run the cell
             return job
         return None
 
     async def _attach(self, pod_name: str) -> Any:
-        """A websocket attached to the stdin of the pod's container."""
-        from kubernetes_asyncio import client
-
-        api = client.CoreV1Api(self.backend._ws_api())
-
-        async def attach() -> Any:
-            connect = await api.connect_get_namespaced_pod_attach(
-                pod_name, self.backend.namespace, container="cell",
-                stdin=True, stdout=False, stderr=False, tty=False, _preload_content=False,
-            )  # fmt: skip
-            return await connect
-
-        ws = await asyncio.wait_for(attach(), CALL_TIMEOUT)
-        self.backend.later(self._read(ws))
+        """A websocket attached to the stdin of the pod's container, read in the
+        background (its pings answered) until it closes."""
+        ws = await self.cluster.attach_stdin(pod_name)
+        self.cluster.later(self._read(ws))
         return ws
 
     @staticmethod
     async def _read(ws: Any) -> None:
         """Read what the server sends until it closes (answers its pings meanwhile)."""
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # a closed or broken socket: nothing to read
             async for _ in ws:
                 pass
 
     def _detach(self, pod_name: str) -> None:
         ws = self._stdin.pop(pod_name, None)
         if ws is not None:
-            self.backend.later(ws.close())
+            self.cluster.later(ws.close())
 
     async def _send(self, pod_name: str, execution: Execution) -> None:
         """Write the cell as one JSON line to the pod's stdin (attached while it warmed, or
@@ -426,37 +370,35 @@ class WarmPool:
         }
         line = json.dumps(cell).encode() + b"\n"
         ws = self._stdin.pop(pod_name, None) or await self._attach(pod_name)
-        try:
-            await asyncio.wait_for(ws.send_bytes(b"\x00" + line), CALL_TIMEOUT)  # 0: stdin
+        try:  # (0: the stdin channel)
+            await asyncio.wait_for(ws.send_bytes(b"\x00" + line), self.cluster.request_timeout)
         finally:
-            self.backend.later(ws.close())  # stdin closes after what was written
+            self.cluster.later(ws.close())  # stdin closes after what was written
 
     def _deadline(self, pod: Pod, timeout: float) -> int:
         """activeDeadlineSeconds for a claimed pod: counted from its start, so its age plus
         the cell's timeout, plus the backstop padding (as for a cold Job)."""
-        return math.ceil(_age(pod) + timeout) + self.backend.deadline_padding
+        return math.ceil(age(pod) + timeout) + self.spec.deadline_padding
 
     async def _adopt(self, job: str, pod: Pod, execution: Execution) -> None:
         """Label the Job with its execution and give it the cell's deadline (it had the
         pool's), so a sweep and ``kubectl get jobs`` see whose it is."""
-        labels = objects.labels(execution.id, execution.user, self.backend.dispatcher_id)
+        labels = objects.labels(execution.id, execution.user, self.spec.dispatcher_id)
         labels[objects.STATE_LABEL] = "claimed"
         deadline = self._deadline(pod, execution.request.timeout) + 10  # after the pod's
+        body = {"metadata": {"labels": labels}, "spec": {"activeDeadlineSeconds": deadline}}
         try:
-            await self.backend._batch.patch_namespaced_job(
-                job,
-                self.backend.namespace,
-                {"metadata": {"labels": labels}, "spec": {"activeDeadlineSeconds": deadline}},
-            )
-        except Exception as e:  # the pod's own deadline (set by the claim) still applies
+            await self.cluster.patch_job(job, body)
+        except Exception as e:  # the pod's own deadline (set by the claim) applies
             self.log.warning("crucible: cannot label warm pod Job %s as claimed: %s", job, e)
 
     async def _abandon(self, job: str, execution: Execution) -> None:
-        """Delete a claimed pod that did not get its cell, so a cold Job can run it."""
+        """Delete a claimed pod that did not get its cell, so a cold Job can run it (its
+        last state is not kept: the cold Job's pod carries the same execution label)."""
         key = objects.label_value(execution.id)
-        reflector = self.backend._reflector
+        reflector = self.cluster.pods
         with contextlib.suppress(Exception):  # bounded: the cell is waiting to go cold
-            await asyncio.wait_for(self.backend.delete(job, grace=0), CALL_TIMEOUT)
+            await self.cluster.delete(job, grace=0)
         with contextlib.suppress(TimeoutError):
             await reflector.wait_for(key, lambda p: p is None, 15)
         reflector.gone.pop(key, None)
@@ -472,14 +414,14 @@ class WarmPool:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._task = None
-        if self._on_pod in self.backend._reflector.listeners:
-            self.backend._reflector.listeners.remove(self._on_pod)
-        pods = {job_of(p): p for p in self.backend._reflector.pods.values() if job_of(p)}
+        reflector = self.cluster.pods
+        if self._on_pod in reflector.listeners:
+            reflector.listeners.remove(self._on_pod)
+        pods = {job_of(p): p for p in reflector.pods.values() if job_of(p)}
         await asyncio.gather(*(self._retire(job, pods.get(job)) for job in list(self._jobs)))
         self._jobs.clear()
         if self._stdin:  # pods claimed by another dispatcher: let its cell arrive first
-            pods = self.backend._reflector.pods
-            if any(state_of(pods.get(n)) == "claimed" for n in self._stdin):
+            if any(state_of(reflector.pods.get(n)) == "claimed" for n in self._stdin):
                 await asyncio.sleep(1.0)
             for name in list(self._stdin):
                 self._detach(name)
@@ -487,15 +429,11 @@ class WarmPool:
     async def _retire(self, job: str, pod: Pod | None) -> None:
         from kubernetes_asyncio.client.exceptions import ApiException
 
-        if state_of(pod) == "warm":  # atomically, or a claim by another dispatcher wins
+        if pod is not None and state_of(pod) == "warm":  # atomically, or another's claim wins
             try:
-                await raw_json(
-                    self.backend._core.patch_namespaced_pod(
-                        pod["metadata"]["name"], self.backend.namespace,
-                        objects.state_patch("warm", "retired"),
-                        _content_type=JSON_PATCH, _preload_content=False,
-                    )
-                )  # fmt: skip
+                await self.cluster.patch_pod(
+                    pod["metadata"]["name"], objects.state_patch("warm", "retired")
+                )
             except ApiException as e:
                 if e.status == 422:
                     return  # claimed meanwhile: its execution deletes it
@@ -508,22 +446,28 @@ class WarmPool:
     async def _delete(self, job: str | None) -> None:
         if job:
             self._jobs.discard(job)
-            with contextlib.suppress(Exception):
-                await self.backend.delete(job, grace=0)
+            with contextlib.suppress(Exception):  # its lifetime and TTL remove it anyway
+                await self.cluster.delete(job, grace=0)
+
+    def jobs(self) -> set[str]:
+        """The Jobs this pool started and has not given up (no orphans to sweep)."""
+        return set(self._jobs)
 
     def report(self) -> str:
-        """The pool in a line: configured size, warm / starting / running pods of its key."""
+        """The pool in a line: configured size, warm / starting / running pods of its key
+        (none counted before the cluster is connected)."""
+        reflector = self.cluster.reflector
         pods = [
             p
-            for p in self.backend._reflector.pods.values()
+            for p in (reflector.pods.values() if reflector is not None else ())
             if (p["metadata"].get("labels") or {}).get(objects.POOL_LABEL) == self.key
             and not p["metadata"].get("deletionTimestamp")
         ]
         count = {s: sum(state_of(p) == s for p in pods) for s in ("warm", "warming", "claimed")}
-        resources = pool_resources(self.backend)
+        resources = self.spec.resources
         return (
-            f"warm_pods = {self.size}; in namespace {self.backend.namespace!r}:"
+            f"warm_pods = {self.size}; in namespace {self.cluster.namespace!r}:"
             f" {count['warm']} warm, {count['warming']} starting, {count['claimed']} running"
             f" a cell (pool {self.key}; {resources.cpu:g} CPU,"
-            f" {resources.memory >> 20} MiB, image {self.backend.image_for(None)})"
+            f" {resources.memory >> 20} MiB, image {self.spec.image})"
         )
