@@ -4,6 +4,12 @@ Works with cgroup v2 (a unified hierarchy with the controllers delegated to us) 
 cgroup v1 (one hierarchy per controller). Each execution gets a child group nested under
 the group this process already lives in, so whoever manages this process keeps control.
 When nothing is writable, :func:`probe` says why and the caller falls back to rlimits.
+
+Where eBPF programs may be attached (root), each group also caps the IP sockets its processes
+hold at once (sockcap.py): past a TCP memory limit the kernel still gives every socket about
+one buffer, so only a bound on sockets bounds the host TCP memory a cell can take. Under
+cgroup v1 that cap lives on the group's twin in the cgroup2 hierarchy mounted beside the v1
+controllers (``/sys/fs/cgroup/unified``), which the sandbox joins as well.
 """
 
 from __future__ import annotations
@@ -14,7 +20,19 @@ import signal
 import time
 from dataclasses import dataclass
 
+from . import sockcap
+
 CGROUP_ROOT = "/sys/fs/cgroup"
+#: Where systemd mounts the cgroup2 hierarchy beside cgroup v1's ("hybrid" layout).
+UNIFIED_ROOT = os.path.join(CGROUP_ROOT, "unified")
+#: The key of that hierarchy's folder in :attr:`Layout.parents` (v1 only; no controller).
+UNIFIED = "unified"
+#: Host TCP memory allowed per capped IP socket: the cap is the group's TCP limit over this
+#: (512 sockets for 64 MiB). Measured past the limit, each socket was force-charged up to
+#: ~64 KiB: 510 connections of a 64 MiB cell grew host TCP memory by 96 MiB, 255 by 79 MiB.
+SOCKET_SHARE = 128 << 10
+#: The cap never goes below this many IP sockets (a 4 MiB cell can still open a few).
+MIN_SOCKETS = 32
 #: cgroup v1's limit on the TCP socket buffers of a group (v2 counts them as memory).
 TCP_LIMIT_V1 = "memory.kmem.tcp.limit_in_bytes"
 
@@ -25,6 +43,14 @@ class Layout:
 
     version: int
     parents: dict[str, str]  # controller -> parent directory for our groups
+    #: The folder (v2) whose groups get an IP-socket cap (sockcap.py); None: no cap here.
+    socket_cap: str | None = None
+
+    def socket_cap_dir(self, dirs: dict[str, str]) -> str | None:
+        """Of one group's folders ``dirs``, the one its socket cap is attached to."""
+        if self.socket_cap is None:
+            return None
+        return dirs[UNIFIED] if self.version == 1 else dirs["memory"]
 
 
 def _own_paths() -> dict[str, str]:
@@ -60,7 +86,9 @@ def probe(base: str = "crucible") -> tuple[Layout | None, str]:
                 wanted = [c for c in ("memory", "pids", "cpu") if c in ctrls]
                 with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
                     f.write(" ".join("+" + c for c in wanted))
-                return Layout(2, {c: parent for c in wanted}), f"cgroup v2 at {parent}"
+                cap, said = _socket_cap(parent)
+                layout = Layout(2, {c: parent for c in wanted}, cap)
+                return layout, f"cgroup v2 at {parent}; {said}"
             except OSError as e:
                 return None, f"cgroup v2 found but {parent} is not usable: {e}"
     parents = {}
@@ -86,8 +114,34 @@ def probe(base: str = "crucible") -> tuple[Layout | None, str]:
             if tcp
             else "socket buffers NOT counted: this kernel has no memory.kmem.tcp.limit_in_bytes"
         )
-        return Layout(1, parents), f"cgroup v1 ({', '.join(sorted(parents))}; {sockets})"
+        controllers = ", ".join(sorted(parents))
+        unified = os.path.join(UNIFIED_ROOT, own.get("", "/").lstrip("/"), base)
+        if os.path.exists(os.path.join(UNIFIED_ROOT, "cgroup.procs")):
+            cap, said = _socket_cap(unified)
+        else:
+            cap, said = None, f"IP sockets NOT capped: no cgroup2 hierarchy at {UNIFIED_ROOT}"
+        if cap is not None:
+            parents[UNIFIED] = unified
+        return Layout(1, parents, cap), f"cgroup v1 ({controllers}; {sockets}; {said})"
     return None, "; ".join(problems) or "no usable cgroup controllers"
+
+
+def _socket_cap(parent: str) -> tuple[str | None, str]:
+    """``(parent, description)`` if groups under the cgroup2 folder ``parent`` can get an
+    IP-socket cap, else ``(None, why not)``."""
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        return None, f"IP sockets NOT capped: {parent} is not writable ({e.strerror})"
+    problem = sockcap.problem(parent)
+    if problem:
+        return None, f"IP sockets NOT capped: {problem}"
+    return parent, "IP sockets capped (eBPF)"
+
+
+def socket_cap(tcp_limit: int) -> int:
+    """How many IP sockets a group with ``tcp_limit`` bytes of TCP memory may hold at once."""
+    return max(MIN_SOCKETS, tcp_limit // SOCKET_SHARE)
 
 
 class Group:
@@ -96,6 +150,7 @@ class Group:
     def __init__(self, layout: Layout, name: str) -> None:
         self.layout = layout
         self.dirs = {c: os.path.join(p, name) for c, p in layout.parents.items()}
+        self.sockets: sockcap.SocketCap | None = None  # set with the first limits
 
     @classmethod
     def create(
@@ -119,8 +174,15 @@ class Group:
     def set_limits(self, *, memory: int, cpu: float, pids: int, sockets: int | None = None) -> None:
         """Set memory (bytes, no swap), CPU (cores) and pids limits, and under cgroup v1 the
         TCP socket buffers' (bytes: ``sockets``, at most ``memory``; v2 counts them as
-        memory); OSError if refused (for instance a memory limit below what the group
+        memory), and the IP-socket cap where the layout has one (:func:`socket_cap` of that
+        TCP limit); OSError if refused (for instance a memory limit below what the group
         already uses)."""
+        tcp = memory if sockets is None else min(memory, sockets)
+        cap_dir = self.layout.socket_cap_dir(self.dirs)
+        if cap_dir is not None and self.sockets is None:
+            self.sockets = sockcap.SocketCap(cap_dir, socket_cap(tcp))
+        elif self.sockets is not None:
+            self.sockets.set(socket_cap(tcp))
         if self.layout.version == 2:
             d = self.dirs["memory"]
             self._write(d, "memory.max", str(memory))
@@ -140,7 +202,6 @@ class Group:
         # from memory.limit_in_bytes), and only for sockets made after that: set with the
         # group's first limits, before any process joins. Without it a cell with 64 MiB
         # queued 400 MiB in loopback TCP buffers (host TCP memory, shared by every socket).
-        tcp = memory if sockets is None else min(memory, sockets)
         self._write(mem, TCP_LIMIT_V1, str(tcp), optional=True)
         self._write(self.dirs["pids"], "pids.max", str(pids))
         if "cpu" in self.dirs:
@@ -256,6 +317,8 @@ class Group:
 
     def remove(self) -> None:
         """Kill what is left and delete the group(s)."""
+        if self.sockets is not None:
+            self.sockets.close()
         self.kill()
         for d in sorted(set(self.dirs.values())):
             for _ in range(50):

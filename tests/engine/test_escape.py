@@ -723,6 +723,89 @@ async def test_socket_buffers_count_against_the_memory_limit(make_dispatcher, wa
     assert grown < 2 * limit, (said, grown >> 20)
 
 
+CONNECTION_FLOOD = textwrap.dedent("""
+    import errno, os, socket, time
+    r, w = os.pipe()
+    for n in range({procs}):  # fds are per process: 400 connections (800 fds) in each
+        if os.fork() == 0:
+            family, host = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")][n % 2]
+            conns, stopped = [], "ok"
+            try:
+                server = socket.socket(family)
+                server.bind((host, 0))
+                server.listen(512)
+                for _ in range(400):
+                    client = socket.create_connection(server.getsockname()[:2])
+                    conns.append((client, server.accept()[0]))  # never read
+                    client.setblocking(False)
+                    try:
+                        while True:
+                            client.send(b"x" * 65536)
+                    except BlockingIOError:
+                        pass
+            except OSError as e:
+                stopped = errno.errorcode.get(e.errno, str(e))
+            os.write(w, f"{{len(conns)}} {{stopped}}\\n".encode())
+            time.sleep(120)
+            os._exit(0)
+    os.close(w)  # a child that died (the OOM killer) then ends the reading
+    held, why = 0, set()
+    with os.fdopen(r) as f:
+        for _ in range({procs}):
+            n, stopped = (f.readline() or "0 child-lost").split()
+            held, why = held + int(n), why | {{stopped}}
+    print("held", held, "connections:", *sorted(why), flush=True)
+    time.sleep(120)
+""")
+
+
+def _host_socket_pages() -> int:
+    """The host's TCP (IPv4 and IPv6: one pool) and UDP memory, in pages: /proc/net/sockstat."""
+    pages = 0
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        fields = line.split()
+        if fields[0] in ("TCP:", "UDP:"):
+            pages += int(fields[fields.index("mem") + 1])
+    return pages
+
+
+@pytest.mark.parametrize(
+    "warm,memory,cap", [(2, "64Mi", 256 << 20), (0, "1Gi", None)], ids=["warm", "cold-big"]
+)
+async def test_many_connections_do_not_grow_host_tcp_memory_past_the_limit(
+    make_dispatcher, warm, memory, cap
+):
+    """Past a group's TCP limit the kernel still force-charges about one buffer to each
+    socket: a 1 GiB cell (TCP limit 64 MiB) held 984 MiB of host TCP memory in 11,520 loopback
+    connections whose receivers never read, a 64 MiB cell 267 MiB in 2,900. The sandbox's IP
+    sockets are capped (sockcap.py, scaled to its TCP limit): a cell trying 4,000 connections
+    over IPv4 and IPv6 gets EPERM, and host socket memory grows by less than twice its limit.
+    The warm sandbox started with a 256 MiB socket limit (its warm group's memory): its cap
+    must follow the cell's 64 MiB when it is handed the cell."""
+    local = {"warm_sandboxes": warm, **({"socket_buffer_limit": cap} if cap else {})}
+    d = await make_dispatcher(local=local)
+    layout, detail = d.get_backend("local").cgroup_layout
+    if layout is None or layout.socket_cap is None:
+        pytest.skip(f"no IP-socket cap here (it needs root and a cgroup2 hierarchy): {detail}")
+    from crucible_jupyter.models import parse_bytes
+
+    limit = min(parse_bytes(memory), cap or 64 << 20)  # 64 MiB: socket_buffer_limit's default
+    before = _host_socket_pages()
+    code = CONNECTION_FLOOD.format(procs=10)
+    execution = await d.submit({"code": code, "memory": memory, "timeout": 300})
+    said = ""
+    async for event in d.subscribe(execution.id):
+        if event.type == "stream":
+            said += event.data["text"]
+            if "held" in said:
+                break
+    during = _host_socket_pages()
+    await d.cancel(execution.id)
+    assert "EPERM" in said, said  # the cap stopped it, not something else
+    grown = (during - before) * os.sysconf("SC_PAGE_SIZE")
+    assert grown < 2 * limit, (said, grown >> 20)
+
+
 def _start_in(group, script: str) -> subprocess.Popen:
     """A real process that joins ``group`` before it runs ``script`` (sh)."""
     joins = "".join(f'echo $$ > "{f}" && ' for f in group.procs_files())
