@@ -8,7 +8,8 @@ namespaces, a seccomp filter (x86_64) against rarely needed kernel interfaces an
 families; started as a host uid of the sandbox's own when crucible runs as root (never as
 host root; see uids.py). Memory (socket buffers included), process-count and CPU limits come
 from a per-execution cgroup when the machine allows it, from rlimits otherwise; file size and
-open files from rlimits.
+open files from rlimits. As root, the cgroup also caps the sandbox's IP sockets (sockcap.py):
+past any TCP limit each socket still gets a buffer, so only that cap bounds host TCP memory.
 
 Where bubblewrap is missing or broken, executions run as a plain subprocess with limits,
 a loud warning is logged once, and ``isolation`` is recorded as ``"none"`` on each one.
@@ -235,7 +236,11 @@ class CrucibleLocalBackend(Backend):
         memory limit), under cgroup v1 (memory.kmem.tcp.limit_in_bytes; cgroup v2 counts
         socket buffers as the cell's memory instead). All a cell can reach is its own
         loopback, so a full buffer only makes a sender wait; host TCP memory is shared by
-        every socket on the host (net.ipv4.tcp_mem), which an 8 GiB cell could fill.""",
+        every socket on the host (net.ipv4.tcp_mem), which an 8 GiB cell could fill. Past
+        this limit the kernel still gives each socket about one buffer, so where eBPF can
+        be attached (root) the sandbox's IPv4/IPv6 sockets are also capped at this limit
+        over 128 KiB (512 for 64 MiB, at least 32; socket() then fails with EPERM): raise
+        this limit for cells that need more sockets at once.""",
     ).tag(config=True)
 
     uid_range = Unicode(
