@@ -780,13 +780,20 @@ class CrucibleDispatcher(LoggingConfigurable):
             await asyncio.sleep(0.01)  # still starting: a few ms at most
         if run.sandbox is None:
             return
-        await run.sandbox.interrupt()
         try:
-            await asyncio.wait_for(
-                self._channels[run.execution.id].finished.wait(), self.cancel_grace_seconds
-            )
-        except (asyncio.TimeoutError, KeyError):
-            await run.sandbox.kill()
+            await run.sandbox.interrupt()
+        except Exception as e:  # a background task: say it, and go on to the kill
+            self.log.warning("crucible: could not interrupt %s: %s", run.execution.id, e)
+        channel = self._channels.get(run.execution.id)
+        if channel is None:  # it has ended meanwhile (and its backend may be closed)
+            return
+        try:
+            await asyncio.wait_for(channel.finished.wait(), self.cancel_grace_seconds)
+        except asyncio.TimeoutError:
+            try:
+                await run.sandbox.kill()
+            except Exception as e:  # a background task: say it, nobody awaits its result
+                self.log.warning("crucible: could not kill %s: %s", run.execution.id, e)
 
     # ----- status and storage --------------------------------------------------------
 
