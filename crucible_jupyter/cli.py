@@ -257,7 +257,14 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 async def cmd_doctor(args: argparse.Namespace) -> int:
-    """Say which isolation is available and, if not, why and how to get it."""
+    """Say which isolation is available and, if not, why and how to get it. In a user
+    server in remote mode (CRUCIBLE_SERVICE_URL set): whether the service answers and
+    whether this server's token may use it."""
+    service_url = os.environ.get("CRUCIBLE_SERVICE_URL")
+    if service_url and not args.backend:
+        from .service.check import doctor
+
+        return await doctor(service_url, args.json)
     dispatcher = make_dispatcher(args)
     checks = []
     try:

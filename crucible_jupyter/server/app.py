@@ -11,7 +11,10 @@ It promises:
   also get the dispatcher's ``trusted_output_types`` (``CRUCIBLE_TRUSTED_OUTPUT_TYPES``), so
   the magic and the kernel apply the same output policy before they display;
 - while anything is queued or running, the server counts as active, so idle culling
-  (``ServerApp.shutdown_no_activity_timeout``, JupyterHub's culler) does not stop it mid-cell.
+  (``ServerApp.shutdown_no_activity_timeout``, JupyterHub's culler) does not stop it mid-cell;
+- in remote mode (``service_url`` set, as in a JupyterHub user server) there is no dispatcher
+  and no database here: the same API forwards every call to the hub's crucible service with
+  the server's JupyterHub token (:mod:`.remote`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from .. import __version__
 from ..backends.local import CrucibleLocalBackend
 from ..dispatcher import Dispatcher
 from ..errors import Unavailable
-from ..output_policy import ENV_TRUSTED_TYPES
+from ..output_policy import ENV_TRUSTED_TYPES, trusted_types_from_env
 from .base import KernelTokenIdentity
 
 ENV_SERVER_URL = "CRUCIBLE_SERVER_URL"
@@ -108,11 +111,48 @@ class CrucibleApp(ExtensionApp):
         help="Seconds a request waits for the dispatcher to finish starting before a 503.",
     ).tag(config=True)
 
+    service_url = Unicode(
+        help="""URL of the hub's crucible service (`crucible serve`), e.g.
+        http://crucible:8576/services/crucible/. When set (remote mode), this server runs no
+        dispatcher and opens no database: its crucible API forwards every call and WebSocket
+        to {service_url}api/ with service_token, so cells run, queue and are recorded there,
+        owned by this server's JupyterHub user. Env: CRUCIBLE_SERVICE_URL.""",
+    ).tag(config=True)
+
+    @default("service_url")
+    def _default_service_url(self) -> str:
+        return os.environ.get("CRUCIBLE_SERVICE_URL", "")
+
+    service_token = Unicode(
+        help="""Token sent to the crucible service in remote mode. Default: the server's own
+        JupyterHub token, $JUPYTERHUB_API_TOKEN (it needs the scope
+        access:services!service=crucible: see c.Spawner.server_token_scopes).""",
+    ).tag(config=True)
+
+    @default("service_token")
+    def _default_service_token(self) -> str:
+        return os.environ.get("JUPYTERHUB_API_TOKEN", "")
+
+    service_timeout = Float(
+        120.0, help="Seconds a forwarded request (remote mode) may take before it fails."
+    ).tag(config=True)
+
+    @property
+    def remote(self) -> bool:
+        """True in remote mode (``service_url`` set)."""
+        return bool(self.service_url)
+
+    @property
+    def service_api_url(self) -> str:
+        """``{service_url}api/``: where remote mode sends the API's calls."""
+        return self.service_url.rstrip("/") + "/api/"
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     def initialize_settings(self) -> None:
-        """Create the dispatcher (configured from ``c.CrucibleDispatcher``) and wire the kernels."""
-        self.dispatcher = Dispatcher(parent=self, log=self.log)
+        """Create the dispatcher (configured from ``c.CrucibleDispatcher``; none in remote mode)
+        and wire the kernels."""
+        self.dispatcher = None if self.remote else Dispatcher(parent=self, log=self.log)
         self._start_task: asyncio.Task | None = None
         self._activity_task: asyncio.Task | None = None
         self._identities: dict[int, KernelTokenIdentity] = {}
@@ -121,17 +161,22 @@ class CrucibleApp(ExtensionApp):
         if self.kernel_env:
             self._export_kernel_env()
         self.log.info("crucible %s: API at %scrucible/api/", __version__, self.serverapp.base_url)
+        if self.remote:
+            self.log.info("crucible: remote mode, forwarding to %s", self.service_api_url)
 
     def initialize_handlers(self) -> None:
         """Register the crucible API routes."""
         from .handlers import default_handlers
+        from .remote import remote_handlers
 
-        self.handlers.extend(default_handlers())
+        self.handlers.extend(remote_handlers() if self.remote else default_handlers())
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         """Start the dispatcher as soon as the server's event loop runs."""
         if self.kernel_env and not self.server_url:
             self._export_kernel_env()  # the port is final now
+        if self.remote:
+            return
         try:
             await self.ready()
         except Unavailable as e:
@@ -140,6 +185,8 @@ class CrucibleApp(ExtensionApp):
     async def ready(self) -> Any:
         """The started dispatcher; raises Unavailable (503) if it cannot start. A failed start
         (say, the database was not up yet) is retried by the next request."""
+        if self.dispatcher is None:
+            raise Unavailable("this server forwards crucible to a service (remote mode)")
         task = self._start_task
         if task is None or (task.done() and not task.cancelled() and task.exception()):
             self._start_task = asyncio.ensure_future(self._start())
@@ -207,7 +254,11 @@ class CrucibleApp(ExtensionApp):
         values = {
             ENV_SERVER_URL: self.kernel_api_url(),
             ENV_TOKEN: self.kernel_token,
-            ENV_TRUSTED_TYPES: ",".join(self.dispatcher.trusted_output_types),
+            ENV_TRUSTED_TYPES: ",".join(
+                self.dispatcher.trusted_output_types
+                if self.dispatcher is not None
+                else sorted(trusted_types_from_env())
+            ),
         }
         for key, value in values.items():
             if key not in self._saved_env:

@@ -16,6 +16,8 @@ both.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -35,6 +37,7 @@ import requests
 REPO = Path(__file__).resolve().parents[2]
 CHP = REPO / ".venv" / "chp" / "node_modules" / ".bin" / "configurable-http-proxy"
 CRUCIBLE = Path(sys.executable).with_name("crucible")
+SINGLEUSER = Path(sys.executable).with_name("jupyterhub-singleuser")
 STARTUP_GUARD = 90  # seconds a process may take to answer before the fixture gives up
 GUARD_SECONDS = 120  # seconds a polling loop may wait before a test fails (not a timing check)
 USERS = ("alice", "bob", "admin")
@@ -64,6 +67,35 @@ def wait_for(url: str, proc: subprocess.Popen, log: Path, ok: int = 200) -> None
     pytest.fail(f"{url} did not answer {ok} (last: {last}):\n{log.read_text()[-6000:]}")
 
 
+def ws_refusal(url: str, headers: dict[str, str]) -> tuple[int, Any]:
+    """``(status, JSON body)`` of a WebSocket handshake at ``url`` (http://) that the server
+    is expected to refuse before the upgrade (a plain request: nothing is left open)."""
+    handshake = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+    r = requests.get(url, headers={**handshake, **headers}, timeout=60)
+    assert r.status_code != 101, f"{url} upgraded"
+    return r.status_code, r.json()
+
+
+async def close_ws(conn: Any) -> None:
+    """Close a tornado WebSocket client and its socket (a test's event loop ends with it; a
+    socket left open would be reported as leaked by a later test)."""
+    stream = getattr(conn.protocol, "stream", None)
+    if conn.close_code is None:  # still open: close it and wait for the server's close
+        conn.close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            while await asyncio.wait_for(conn.read_message(), 30) is not None:
+                pass
+    conn.close()
+    if stream is not None:
+        stream.close()
+    conn.tcp_client.close()
+
+
 def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     """Stop ``proc`` (its process group) and reap it."""
     if proc.poll() is None:
@@ -85,6 +117,7 @@ class Hub:
     tokens: dict[str, str] = field(default_factory=dict)
     db_url: str = ""
     hub_api_direct: str = ""
+    control_token: str = ""
     dir: Path = Path()
     proc: subprocess.Popen | None = None
 
@@ -131,6 +164,20 @@ c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{ports["proxy_api"]}"
 c.ConfigurableHTTPProxy.command = [{str(CHP)!r}]
 c.ConfigurableHTTPProxy.pid_file = "{tmp}/proxy.pid"
 
+# user servers (tests/hub/test_remote_mode.py): local processes, crucible in remote mode
+c.JupyterHub.spawner_class = "simple"
+c.SimpleLocalProcessSpawner.home_dir_template = "{tmp}/home/{{username}}"
+c.Spawner.cmd = [{str(SINGLEUSER)!r}]
+c.Spawner.args = ["--allow-root"]
+c.Spawner.start_timeout = {STARTUP_GUARD}
+c.Spawner.http_timeout = {STARTUP_GUARD}
+c.Spawner.environment = {{"CRUCIBLE_SERVICE_URL": {service_url + "/services/crucible/"!r}}}
+c.Spawner.server_token_scopes = [
+    "users:activity!user",
+    "access:servers!server",
+    "access:services!service=crucible",
+]
+
 # --- crucible: the snippet of the README's JupyterHub section ---
 c.JupyterHub.services = [
     {{
@@ -150,7 +197,11 @@ c.JupyterHub.custom_scopes = {{
 c.JupyterHub.load_roles = [
     {{"name": "user", "scopes": ["self", "access:services!service=crucible"]}},
     {{"name": "crucible-admin", "scopes": ["custom:crucible:admin"], "users": ["admin"]}},
-    {{"name": "test-control", "scopes": ["admin:users", "tokens"], "services": ["test-control"]}},
+    {{
+        "name": "test-control",
+        "scopes": ["admin:users", "admin:servers", "tokens"],
+        "services": ["test-control"],
+    }},
 ]
 """
 
@@ -215,6 +266,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     try:
         wait_for(f"{hub.api_url}/", proc, log)
         wait_for(f"{hub.service_url}readyz", proc, log)
+        hub.control_token = control_token
         _make_tokens(hub, control_token)
         yield hub
     finally:

@@ -1,0 +1,216 @@
+"""Remote mode of the server extension: a user server that forwards its crucible API to the
+hub's crucible service (``c.CrucibleApp.service_url``) instead of running a dispatcher.
+
+It promises:
+
+* the server's own API (``{base_url}crucible/api/...``, REST and WebSockets) stays what the
+  magic, the crucible kernel and the JupyterLab panel use, unchanged; every call passes
+  jupyter_server's authentication and authorizer (``read``/``write`` on ``crucible``) and is
+  then sent to ``{service_url}api/...`` with the server's own JupyterHub token
+  (``Authorization: token $JUPYTERHUB_API_TOKEN``), so the service records the server's
+  JupyterHub user as the owner;
+* no dispatcher, no database and no cluster credentials in the user server;
+* the service's answers are relayed as they are (status and JSON body), with the
+  ``Location`` header and the OpenAPI document's ``servers`` pointing at this server;
+  a service that does not answer is a 503 saying where it was looked for; a token the
+  service refuses (401) is a 503 too, since the browser's user cannot fix it by logging in;
+* the server's own credentials (``?token=``, ``_xsrf``) are never forwarded.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import urlencode
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+from ..errors import CrucibleError, Unavailable
+from .base import CrucibleAPIHandler
+from .stream import JupyterSocket, _CrucibleSocket
+
+#: Query parameters that authenticate to this server: never sent on to the service.
+_LOCAL_QUERY = frozenset({"token", "_xsrf"})
+
+
+class Relayed(CrucibleError):
+    """An error answer of the service, relayed with its own status and body."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(str(body.get("message", "")), field=body.get("field"))
+        self.status_code = status
+        self.body = body
+
+    def to_dict(self) -> dict[str, Any]:
+        """The service's own error body."""
+        return dict(self.body)
+
+
+class _RemoteMixin:
+    """Where the service is, how to reach it, and how its refusals are told."""
+
+    def service_url(self, upstream: str = "http") -> str:
+        """The service URL of this request's path under the API root, with its query."""
+        app = self.crucible  # type: ignore[attr-defined]
+        rest = self.request.path[len(app.api_root) :].lstrip("/")  # type: ignore[attr-defined]
+        url = app.service_api_url + rest
+        query = [
+            (k, v.decode("utf-8", "replace"))
+            for k, values in self.request.query_arguments.items()  # type: ignore[attr-defined]
+            if k not in _LOCAL_QUERY
+            for v in values
+        ]
+        if query:
+            url += "?" + urlencode(query)
+        if upstream == "ws":
+            url = "ws" + url[len("http") :]
+        return url
+
+    def auth_headers(self) -> dict[str, str]:
+        """The server's hub token, for the service."""
+        token = self.crucible.service_token  # type: ignore[attr-defined]
+        if not token:
+            raise Unavailable(
+                "this server forwards crucible to a service but has no JupyterHub token to"
+                " send (JUPYTERHUB_API_TOKEN is empty; set c.CrucibleApp.service_token)"
+            )
+        return {"Authorization": f"token {token}"}
+
+    def unreachable(self, url: str, error: Any) -> Unavailable:
+        """The 503 for a service that did not answer."""
+        return Unavailable(
+            f"the crucible service at {url.split('?')[0]} does not answer ({error}); it may be"
+            " restarting: retry shortly, or ask your JupyterHub administrator"
+        )
+
+    def relayed(self, status: int, text: bytes | None) -> CrucibleError:
+        """The service's error answer as an error of this server."""
+        try:
+            body = json.loads(text or b"{}")
+        except ValueError:
+            body = {}
+        if not isinstance(body, dict):
+            body = {}
+        body.setdefault("error", "ServiceError")
+        body.setdefault("message", f"the crucible service answered {status}")
+        if status == 401:  # this server's token, not the browser user's login: 503
+            body["message"] = (
+                f"the crucible service refused this server's JupyterHub token:"
+                f" {body['message']}; restart your server to get a fresh one"
+            )
+            return Relayed(503, {**body, "error": "Unavailable"})
+        return Relayed(status, body)
+
+
+class RemoteAPIHandler(_RemoteMixin, CrucibleAPIHandler):
+    """Every REST endpoint of ``crucible/api/``, forwarded to the service."""
+
+    async def get(self, path: str = "") -> None:
+        """Forward a read."""
+        await self.authorize("read")
+        await self._forward()
+
+    async def post(self, path: str = "") -> None:
+        """Forward a write (submit, cancel)."""
+        await self.authorize("write")
+        await self._forward()
+
+    async def delete(self, path: str = "") -> None:
+        """Forward a cancel."""
+        await self.authorize("write")
+        await self._forward()
+
+    async def _forward(self) -> None:
+        url = self.service_url()
+        body = None
+        if self.request.method == "POST":
+            body = self.request.body or b""
+            if self.request.path.rstrip("/").endswith("/executions"):
+                payload = self.json_body()  # 413/400 here, as in the embedded mode
+                if isinstance(payload, dict):
+                    payload = await self._with_notebook_path(payload)
+                body = json.dumps(payload).encode()
+        request = HTTPRequest(
+            url,
+            method=self.request.method,
+            headers={**self.auth_headers(), "Content-Type": "application/json"},
+            body=body,
+            connect_timeout=10,
+            request_timeout=self.crucible.service_timeout,
+            allow_nonstandard_methods=True,
+            follow_redirects=False,
+        )
+        try:
+            response = await AsyncHTTPClient().fetch(request, raise_error=False)
+        except Exception as e:  # DNS, refused connection, TLS...
+            raise self.unreachable(url, e) from None
+        if response.code == 599:
+            raise self.unreachable(url, response.error)
+        if response.code >= 400:
+            raise self.relayed(response.code, response.body)
+        data = json.loads(response.body or b"null")
+        if self.request.path.endswith("/openapi.json") and isinstance(data, dict):
+            data["servers"] = [{"url": self.crucible.api_root}]
+        location = response.headers.get("Location")
+        if location and "/executions/" in location:
+            self.set_header(
+                "Location",
+                f"{self.crucible.api_root}/executions/{location.rsplit('/', 1)[-1]}",
+            )
+        self.write_json(data, status=response.code)
+
+    async def _with_notebook_path(self, body: dict[str, Any]) -> dict[str, Any]:
+        from .handlers import ExecutionsAPI
+
+        return await ExecutionsAPI._with_notebook_path(self, body)  # type: ignore[arg-type]
+
+
+class RemoteSocket(_RemoteMixin, _CrucibleSocket, JupyterSocket):
+    """A WebSocket of ``crucible/api/`` (stream, changes), relayed from the service's."""
+
+    endpoint = "reconnect"
+    _upstream: WebSocketClientConnection | None = None
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        """Authorize, connect to the service (its refusal is this answer), then upgrade."""
+        await self.authorize("read")
+        self.require_upgrade("the REST endpoints answer over plain HTTP")
+        url = self.service_url("ws")
+        request = HTTPRequest(
+            url, headers=self.auth_headers(), connect_timeout=10, request_timeout=30
+        )
+        try:
+            self._upstream = await websocket_connect(request)
+        except HTTPClientError as e:
+            if e.code == 599 or e.response is None:
+                raise self.unreachable(url, e) from None
+            raise self.relayed(e.code, e.response.body) from None
+        except Exception as e:
+            raise self.unreachable(url, e) from None
+        await super().get(*args, **kwargs)
+
+    async def relay(self):  # type: ignore[override]
+        """The service's messages, one by one, until it closes."""
+        upstream = self._upstream
+        assert upstream is not None
+        while (message := await upstream.read_message()) is not None:
+            yield json.loads(message)
+        if upstream.close_code not in (None, 1000):
+            raise ConnectionError(f"the service closed with {upstream.close_code}")
+
+    def on_close(self) -> None:
+        """Close the service's side too."""
+        super().on_close()
+        if self._upstream is not None:
+            self._upstream.close()
+
+
+def remote_handlers() -> list[tuple[str, type]]:
+    """The routes of a server in remote mode (relative to the server's base URL)."""
+    stream = r"crucible/api/executions/(?P<execution_id>[^/]+)/stream/?"
+    return [
+        (stream, RemoteSocket),
+        (r"crucible/api/changes/?", RemoteSocket),
+        (r"crucible/api(?P<path>/.*)?", RemoteAPIHandler),
+    ]
