@@ -807,11 +807,20 @@ async def test_many_connections_do_not_grow_host_tcp_memory_past_the_limit(
 
 
 def _start_in(group, script: str) -> subprocess.Popen:
-    """A real process that joins ``group`` before it runs ``script`` (sh)."""
+    """A real process that has joined every controller of ``group`` (as the launcher does
+    before it starts a sandbox) and runs ``script`` (sh)."""
     joins = "".join(f'echo $$ > "{f}" && ' for f in group.procs_files())
     proc = subprocess.Popen(["/bin/sh", "-c", f"{joins}exec /bin/sh -c '{script}'"])
+
+    def joined_all() -> bool:
+        for f in group.procs_files():
+            with open(f) as fh:
+                if str(proc.pid) not in fh.read().split():
+                    return False
+        return True
+
     for _ in range(500):  # joining takes a few ms
-        if proc.pid in group.pids():
+        if joined_all():
             return proc
         assert proc.poll() is None, "the process could not join the group"
         time.sleep(0.01)
