@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import Any
 
 from traitlets.config import LoggingConfigurable
 
@@ -42,6 +43,17 @@ class Outcome:
     exit_code: int | None
     reason: str | None = None
     signal: int | None = None
+
+
+def reported_signal(end: dict | None, code: Any) -> int | None:
+    """The signal that ended the cell, as the runner's end frame ``end`` names it (the runner
+    saw the cell's wait status; the cell cannot write frames), only if the sandbox's exit
+    ``code`` agrees (128 + N). None when the cell exited, or nothing was reported: an exit code
+    alone is never read as a signal, since a cell can exit with 137."""
+    signum = (end or {}).get("signal")
+    if isinstance(signum, int) and not isinstance(signum, bool) and code == 128 + signum:
+        return signum
+    return None
 
 
 @dataclass

@@ -43,7 +43,7 @@ from traitlets import Bool, Integer, List, TraitError, Unicode, default, validat
 from ..errors import InvalidRequest, Unavailable
 from ..models import Execution, ExecutionRequest, format_bytes
 from . import cgroups, uids
-from .base import FRAMES, STDERR, Backend, Check, Outcome, Sandbox, read_lines
+from .base import FRAMES, STDERR, Backend, Check, Outcome, Sandbox, read_lines, reported_signal
 
 RUNNER = Path(__file__).resolve().parent.parent / "runner.py"
 SANDBOX_DIR = "/opt/crucible"
@@ -1211,10 +1211,7 @@ class LocalSandbox(Sandbox):
         if self._frames_read is not None:  # the end frame may still be on its way
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._frames_read.wait(), END_FRAME_WAIT)
-        signum = (self._end or {}).get("signal")
-        if isinstance(signum, int) and not isinstance(signum, bool) and code == 128 + signum:
-            return signum
-        return None
+        return reported_signal(self._end, code)
 
     async def interrupt(self) -> None:
         """Send ``interrupt`` to the runner, which raises KeyboardInterrupt in the cell."""

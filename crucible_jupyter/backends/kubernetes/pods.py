@@ -10,7 +10,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from ..base import Outcome
+from ..base import Outcome, reported_signal
 from . import objects
 
 Pod = dict[str, Any]
@@ -127,17 +127,6 @@ def end_frame(line: bytes) -> dict | None:
     except (ValueError, RecursionError):
         return None
     return frame if isinstance(frame, dict) else None
-
-
-def reported_signal(end: dict | None, code: Any) -> int | None:
-    """The signal that ended the cell, as the runner's end frame names it (the runner saw the
-    cell's wait status; the cell cannot write to the pod's log), only if the container's exit
-    code agrees (128 + N). None when the cell exited, or nothing was reported: an exit code
-    alone is never read as a signal, since a cell can exit with 137."""
-    signum = (end or {}).get("signal")
-    if isinstance(signum, int) and not isinstance(signum, bool) and code == 128 + signum:
-        return signum
-    return None
 
 
 def job_execution(job: dict, pod: Pod | None) -> str | None:
