@@ -11,13 +11,7 @@ import { ServerConnection } from '@jupyterlab/services';
 
 /** States of an execution, in the order they are reached. */
 export type Status =
-  | 'queued'
-  | 'starting'
-  | 'running'
-  | 'succeeded'
-  | 'failed'
-  | 'timed_out'
-  | 'cancelled';
+  'queued' | 'starting' | 'running' | 'succeeded' | 'failed' | 'timed_out' | 'cancelled';
 
 /** The states after which nothing changes. */
 export const TERMINAL: ReadonlySet<Status> = new Set([
@@ -104,9 +98,7 @@ export class CrucibleAPIError extends Error {
 
 /** Client of one server's crucible API. */
 export class CrucibleAPI {
-  constructor(
-    readonly settings: ServerConnection.ISettings = ServerConnection.makeSettings()
-  ) {}
+  constructor(readonly settings: ServerConnection.ISettings = ServerConnection.makeSettings()) {}
 
   /** A page of the history, newest first, optionally of one status. */
   listExecutions(
@@ -119,9 +111,7 @@ export class CrucibleAPI {
     if (options.cursor) {
       query.cursor = options.cursor;
     }
-    return this.request<ExecutionPage>(
-      'executions' + URLExt.objectToQueryString(query)
-    );
+    return this.request<ExecutionPage>('executions' + URLExt.objectToQueryString(query));
   }
 
   /** One execution with all of its stored events. */
@@ -183,7 +173,7 @@ export class CrucibleAPI {
     socket.onmessage = message => {
       let parsed: T;
       try {
-        parsed = JSON.parse(message.data);
+        parsed = JSON.parse(message.data as string) as T;
       } catch (e) {
         console.warn(`crucible: ignored a message on ${path} that is not JSON`, e);
         return;
@@ -200,22 +190,33 @@ export class CrucibleAPI {
     try {
       response = await ServerConnection.makeRequest(url, init, this.settings);
     } catch (e) {
-      throw new CrucibleAPIError(`the Jupyter server did not answer: ${e}`, 0);
+      throw new CrucibleAPIError(`the Jupyter server did not answer: ${String(e)}`, 0);
     }
-    const text = await response.text();
-    let body: any = null;
-    try {
-      body = text ? JSON.parse(text) : null;
-    } catch {
-      body = null;
-    }
+    const body = parseJSON(await response.text());
     if (!response.ok) {
+      const fields = (body ?? {}) as { error?: unknown; message?: unknown };
       const message =
-        body && typeof body.message === 'string'
-          ? body.message
+        typeof fields.message === 'string'
+          ? fields.message
           : `${response.status} ${response.statusText}`.trim();
-      throw new CrucibleAPIError(message, response.status, body?.error ?? '');
+      throw new CrucibleAPIError(
+        message,
+        response.status,
+        typeof fields.error === 'string' ? fields.error : ''
+      );
     }
     return body as T;
+  }
+}
+
+/** The JSON value of a response body; null for an empty body or one that is not JSON. */
+function parseJSON(text: string): unknown {
+  if (!text) {
+    return null;
+  }
+  try {
+    return JSON.parse(text);
+  } catch {
+    return null;
   }
 }

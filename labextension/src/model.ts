@@ -11,13 +11,7 @@
 import { Poll } from '@lumino/polling';
 import { ISignal, Signal } from '@lumino/signaling';
 
-import {
-  CrucibleAPI,
-  CrucibleAPIError,
-  Execution,
-  ExecutionEvent,
-  isActive
-} from './api';
+import { CrucibleAPI, CrucibleAPIError, Execution, ExecutionEvent, isActive } from './api';
 import { ChangeFeed } from './feed';
 
 /** The events of one expanded (or followed) execution. */

@@ -35,9 +35,7 @@ export class HistoryPanel extends ReactWidget {
 
   protected render(): JSX.Element {
     return (
-      <UseSignal signal={this.model.changed}>
-        {() => <History model={this.model} />}
-      </UseSignal>
+      <UseSignal signal={this.model.changed}>{() => <History model={this.model} />}</UseSignal>
     );
   }
 
@@ -158,7 +156,7 @@ function Row({ row, model }: { row: Execution; model: HistoryModel }): JSX.Eleme
             <button
               className="jp-CrucibleHistory-cancel"
               disabled={cancelling}
-              onClick={onCancel}
+              onClick={e => void onCancel(e)}
             >
               {cancelling ? 'Cancelling…' : 'Cancel'}
             </button>
@@ -221,9 +219,7 @@ function Output({ events }: { events: ExecutionEvent[] }): JSX.Element {
     }
     flush();
     if (event.type === 'error') {
-      const lines = event.traceback?.length
-        ? event.traceback
-        : [`${event.ename}: ${event.evalue}`];
+      const lines = event.traceback?.length ? event.traceback : [`${event.ename}: ${event.evalue}`];
       parts.push(
         <pre key={event.seq} className="jp-CrucibleHistory-stream jp-mod-error">
           {stripAnsi(lines.join('\n'))}
@@ -236,14 +232,14 @@ function Output({ events }: { events: ExecutionEvent[] }): JSX.Element {
           <img
             key={event.seq}
             className="jp-CrucibleHistory-image"
-            alt={String(data['text/plain'] ?? 'image')}
+            alt={plainText(data['text/plain'] ?? 'image')}
             src={`data:image/png;base64,${data['image/png']}`}
           />
         );
       } else if (data['text/plain'] !== undefined) {
         parts.push(
           <pre key={event.seq} className="jp-CrucibleHistory-stream">
-            {String(data['text/plain'])}
+            {plainText(data['text/plain'])}
           </pre>
         );
       }
@@ -251,6 +247,11 @@ function Output({ events }: { events: ExecutionEvent[] }): JSX.Element {
   }
   flush();
   return <div className="jp-CrucibleHistory-output">{parts}</div>;
+}
+
+/** A MIME bundle's `text/plain` value as text (the server sends a string). */
+function plainText(value: unknown): string {
+  return String(value);
 }
 
 /** The execution's name, else its first non-empty code line. */
