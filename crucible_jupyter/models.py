@@ -17,6 +17,7 @@ from enum import Enum
 from typing import Any
 
 from .errors import InvalidRequest, RequestTooLarge, UnsupportedLanguage
+from .protocol import RESERVED_ENV_PREFIXES, TERMINAL_STATUSES, is_tag, is_utf8
 
 
 def now_ms() -> int:
@@ -51,7 +52,8 @@ class Status(str, Enum):
         return self in TERMINAL
 
 
-TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, Status.CANCELLED})
+#: The final states (:data:`crucible_jupyter.protocol.TERMINAL_STATUSES`) as members.
+TERMINAL = frozenset(Status(value) for value in TERMINAL_STATUSES)
 
 
 class Priority(str, Enum):
@@ -86,11 +88,9 @@ _UNITS = {
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_.:/@+=-]{1,64}$")
 #: Control characters (C0, DEL, C1) as a regular-expression class body, for a one-line name.
 CONTROL_CHARS = r"\x00-\x1f\x7f-\x9f"
 _CONTROL_RE = re.compile(f"[{CONTROL_CHARS}]")
-_RESERVED_ENV = ("CRUCIBLE_", "LD_", "PYTHON")
 #: The largest size a request may name, in bytes (what a signed 64-bit count holds).
 _MAX_BYTES = 2**63 - 1
 
@@ -107,15 +107,6 @@ def _as_float(value: int | float) -> float:
         return float(value)
     except OverflowError:
         return math.inf if value > 0 else -math.inf
-
-
-def _utf8(text: str) -> bool:
-    """True if ``text`` is valid Unicode (no lone surrogate such as JSON's ``"\\ud800"``)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def parse_bytes(value: Any, *, what: str = "memory") -> int:
@@ -448,7 +439,7 @@ def _validate_tags(value: Any, limits: Limits) -> tuple[str, ...]:
     if len(value) > limits.max_tags:
         raise InvalidRequest(f"at most {limits.max_tags} tags are allowed", field="tags")
     for tag in value:
-        if not isinstance(tag, str) or not _TAG_RE.match(tag):
+        if not is_tag(tag):
             raise InvalidRequest(
                 f"tag {_shown(tag)} is invalid: use 1-64 letters, digits or . _ - : / @ + =",
                 field="tags",
@@ -469,13 +460,13 @@ def _validate_env(value: Any, limits: Limits) -> dict[str, str]:
                 " not starting with a digit",
                 field="env",
             )
-        if name.upper().startswith(_RESERVED_ENV):
+        if name.upper().startswith(RESERVED_ENV_PREFIXES):
             raise InvalidRequest(
                 f"environment variable {name!r} is reserved (names starting with"
-                f" {', '.join(_RESERVED_ENV)} cannot be set)",
+                f" {', '.join(RESERVED_ENV_PREFIXES)} cannot be set)",
                 field="env",
             )
-        if not isinstance(val, str) or "\x00" in val or not _utf8(val):
+        if not isinstance(val, str) or "\x00" in val or not is_utf8(val):
             raise InvalidRequest(
                 f"env[{name!r}] must be a string of valid UTF-8 text without NUL bytes",
                 field="env",
@@ -526,7 +517,7 @@ def _optional_text(value: Any, name: str, max_len: int) -> str | None:
         return None
     if not isinstance(value, str) or "\x00" in value or len(value) > max_len:
         raise InvalidRequest(f"{name} must be text of at most {max_len} characters", field=name)
-    if not _utf8(value):
+    if not is_utf8(value):
         raise InvalidRequest(
             f"{name} contains a lone surrogate (such as \\ud800) and is not valid UTF-8 text",
             field=name,

@@ -71,11 +71,14 @@ from typing import Any
 
 import nh3
 
+from .protocol import ENV_TRUSTED_OUTPUT_TYPES
+from .protocol import clean_utf8 as _utf8
+
 #: Where an operator widens the policy; named in every notice.
 SETTING = "c.CrucibleDispatcher.trusted_output_types"
 #: Environment variable with extra trusted types (comma separated); the Jupyter server
 #: extension exports its dispatcher's setting to kernels in it.
-ENV_TRUSTED_TYPES = "CRUCIBLE_TRUSTED_OUTPUT_TYPES"
+ENV_TRUSTED_TYPES = ENV_TRUSTED_OUTPUT_TYPES
 #: Event types whose payload is a MIME bundle (``data``, ``metadata``, ``transient``).
 DISPLAY_KINDS = ("display_data", "update_display_data", "execute_result")
 
@@ -440,14 +443,6 @@ def _text(value: Any) -> str | None:
     if isinstance(value, list) and all(isinstance(x, str) for x in value):
         value = "".join(value)
     return _utf8(value) if isinstance(value, str) else None
-
-
-def _utf8(text: str) -> str:
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _notice(mime: str, why: str) -> str:

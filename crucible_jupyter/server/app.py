@@ -37,10 +37,8 @@ from ..backends.local import CrucibleLocalBackend
 from ..dispatcher import Dispatcher
 from ..errors import Unavailable
 from ..output_policy import ENV_TRUSTED_TYPES, trusted_types_from_env
+from ..protocol import ENV_SERVER_URL, ENV_TOKEN
 from .base import KernelTokenIdentity
-
-ENV_SERVER_URL = "CRUCIBLE_SERVER_URL"
-ENV_TOKEN = "CRUCIBLE_TOKEN"
 
 
 class CrucibleApp(ExtensionApp):

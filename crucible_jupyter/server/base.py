@@ -23,6 +23,7 @@ from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
+from ..protocol import KERNEL_TOKEN_HEADER  # also imported from here by tests
 from .common import (  # noqa: F401 - re-exported: the API's helpers lived here before
     EXECUTION_ID_RE,
     MAX_JSON_DIGITS,
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
     from .app import CrucibleApp
 
 AUTH_RESOURCE = "crucible"
-KERNEL_TOKEN_HEADER = "X-Crucible-Token"
 
 
 class KernelTokenIdentity:

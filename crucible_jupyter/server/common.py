@@ -37,11 +37,11 @@ from tornado import web
 
 from ..errors import CrucibleError, InvalidRequest, NotFound, RequestTooLarge, http_status
 from ..models import Execution, Status
+from ..protocol import is_tag
 from ..storage.core import not_found
 
 #: What an execution id looks like (UUIDv7 text); anything else is a 404 without a lookup.
 EXECUTION_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_.:/@+=-]{1,64}$")
 #: Query parameters every endpoint tolerates: jupyter_server's (and JupyterHub's) credentials.
 _JUPYTER_QUERY = frozenset({"token", "_xsrf"})
 #: Longest integer a request body may hold; no field takes a number anywhere near this long.
@@ -237,7 +237,7 @@ class CrucibleRequestMixin:
         text = self.query(name)
         if text is None or text == "":
             return None
-        if not _TAG_RE.match(text):
+        if not is_tag(text):
             raise InvalidRequest(
                 f"tag {text[:70]!r} is invalid: use 1-64 letters, digits or . _ - : / @ + =",
                 field=name,

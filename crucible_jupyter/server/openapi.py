@@ -12,9 +12,10 @@ from typing import Any
 
 from .. import __version__
 from ..models import CONTROL_CHARS, Limits, Priority, Status
+from ..protocol import TAG_PATTERN
 
 _RESERVED_ENV = "^([Cc][Rr][Uu][Cc][Ii][Bb][Ll][Ee]_|[Ll][Dd]_|[Pp][Yy][Tt][Hh][Oo][Nn])"
-_TAG = "^[A-Za-z0-9_.:/@+=-]{1,64}$"
+_TAG = TAG_PATTERN
 _NO_NUL = "^[^\\x00]*$"
 _NO_CONTROL = f"^[^{CONTROL_CHARS}]*$"
 

@@ -33,6 +33,7 @@ from ..models import (
     Status,
     now_ms,
 )
+from ..protocol import clean_utf8
 from .schema import EventRow, ExecutionRow, ExecutionTagRow
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -92,11 +93,7 @@ def clean_text(value: str) -> str:
     """
     if "\x00" in value:
         value = value.replace("\x00", "\\x00")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
-    return value
+    return clean_utf8(value)
 
 
 def _clean_json(value: Any, clean: Any = clean_text) -> Any:
@@ -109,15 +106,6 @@ def _clean_json(value: Any, clean: Any = clean_text) -> Any:
     return value
 
 
-def _fix_surrogates(value: str) -> str:
-    # JSON escapes NUL itself (\u0000); only lone surrogates need rewriting.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
-    return value
-
-
 def _dump_payload(data: dict[str, Any]) -> str:
     """Event data as compact JSON text; lone surrogates are escaped, never a crash."""
     out = json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str)
@@ -125,7 +113,7 @@ def _dump_payload(data: dict[str, Any]) -> str:
         out.encode("utf-8")
     except UnicodeEncodeError:
         out = json.dumps(
-            _clean_json(data, _fix_surrogates),
+            _clean_json(data, clean_utf8),  # JSON escapes NUL itself (\u0000)
             ensure_ascii=False,
             separators=(",", ":"),
             default=str,
