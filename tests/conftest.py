@@ -8,10 +8,8 @@ removes it at the end. Missing server binaries are a failure, not a skip.
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -20,31 +18,41 @@ from pathlib import Path
 
 import pytest
 
-from crucible_jupyter.storage import Storage
+# before the first import of a helper: plain ``assert``s in helpers report like a test's
+pytest.register_assert_rewrite("tests.helpers")
+
+from crucible_jupyter.storage import Storage  # noqa: E402
+from tests.helpers.cluster import (  # noqa: E402
+    RESTART_SKIP_REASON,
+    ClusterUnreachable,
+    Kube,
+    cluster_required,
+    connect,
+    restart_allowed,
+)
+from tests.helpers.net import free_port  # noqa: E402
+from tests.helpers.postgres import admin, pg_bindir  # noqa: E402
+from tests.helpers.reports import PHASE_REPORTS  # noqa: E402
 
 
-def _pg_bindir() -> Path | None:
-    """The newest ``/usr/lib/postgresql/<version>/bin`` that holds a server, if any."""
-    found = [Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin") if Path(p, "pg_ctl").exists()]
-    found.sort(key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
-    return found[-1] if found else None
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    """Keep each phase's report in the item's stash (``tests.helpers.reports.failed``)."""
+    report = yield
+    item.stash.setdefault(PHASE_REPORTS, {})[report.when] = report
+    return report
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _admin(url: str, *statements: str) -> None:
-    """Run SQL statements outside a transaction (CREATE/DROP DATABASE) against ``url``."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        for sql in statements:
-            conn.execute(sql)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that restart the shared cluster run after all others, whatever their file
+    name, and skip (with the reason) unless restarts are allowed."""
+    restarts = [item for item in items if item.get_closest_marker("cluster_restart")]
+    if not restarts:
+        return
+    items[:] = [item for item in items if item not in restarts] + restarts
+    if not restart_allowed():
+        for item in restarts:
+            item.add_marker(pytest.mark.skip(reason=RESTART_SKIP_REASON))
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +62,7 @@ def postgres_url() -> Iterator[str]:
     if given:
         yield given
         return
-    bindir = _pg_bindir()
+    bindir = pg_bindir()
     if bindir is None:
         pytest.fail(
             "PostgreSQL server binaries not found in /usr/lib/postgresql/*/bin: install them"
@@ -69,7 +77,7 @@ def postgres_url() -> Iterator[str]:
         shutil.chown(base, "postgres", "postgres")
         shutil.chown(sock, "postgres", "postgres")
         prefix = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
+    port = free_port()
 
     def run(*cmd: str) -> None:
         proc = subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=120)
@@ -92,7 +100,7 @@ def postgres_url() -> Iterator[str]:
             "-t", "60", "start")  # fmt: skip
         started = True
         server = f"postgresql+psycopg://postgres@127.0.0.1:{port}"
-        _admin(f"{server}/postgres", "CREATE DATABASE crucible_test")
+        admin(f"{server}/postgres", "CREATE DATABASE crucible_test")
         yield f"{server}/crucible_test"
     finally:
         if started:
@@ -110,11 +118,11 @@ def postgres_db(postgres_url: str) -> Iterator[str]:
     from sqlalchemy.engine import make_url
 
     name = f"crucible_t_{uuid.uuid4().hex[:16]}"
-    _admin(postgres_url, f'CREATE DATABASE "{name}"')
+    admin(postgres_url, f'CREATE DATABASE "{name}"')
     try:
         yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
     finally:
-        _admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin(postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -172,3 +180,18 @@ async def make_dispatcher(tmp_path: Path):
     yield make
     for dispatcher in reversed(started):
         await dispatcher.stop()
+
+
+@pytest.fixture(scope="session")
+def kube() -> Kube:
+    """The dev Kubernetes cluster (``tests.helpers.cluster.connect``), for tests/cluster and
+    tests/k8s alike: skipped with the reason when it is unreachable, failed instead under
+    ``CRUCIBLE_CLUSTER_REQUIRED=1``."""
+    try:
+        return connect()
+    except ClusterUnreachable as e:
+        if cluster_required():
+            pytest.fail(
+                f"the dev cluster is required (CRUCIBLE_CLUSTER_REQUIRED=1): {e}", pytrace=False
+            )
+        pytest.skip(f"the dev cluster is not reachable ({e}); start it: dev/cluster/cluster up")

@@ -1,4 +1,7 @@
-"""`down` leaves nothing behind and `up` works again (runs last: file name)."""
+"""`down` leaves nothing behind and `up` works again.
+
+Marked ``cluster_restart``: the root conftest runs it after every other test of the session
+and skips it unless CRUCIBLE_CLUSTER_ALLOW_RESTART=1 (tests.helpers.cluster)."""
 
 from __future__ import annotations
 
@@ -10,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.cluster
+from tests.helpers.cluster import CLUSTER_SCRIPT
 
-CLUSTER = Path(__file__).resolve().parents[2] / "dev" / "cluster" / "cluster"
+pytestmark = [pytest.mark.cluster, pytest.mark.cluster_restart]
 
 
 def _state_dir() -> str:
@@ -39,20 +42,16 @@ def _leftovers(state: str, bridge: str = "cni0") -> list[str]:
     return found
 
 
-@pytest.mark.skipif(
-    os.environ.get("CRUCIBLE_CLUSTER_ALLOW_RESTART") != "1",
-    reason="restarts the shared cluster; set CRUCIBLE_CLUSTER_ALLOW_RESTART=1 (ci.sh does)",
-)
 def test_down_then_up_again(kube, images):
     state = _state_dir()
     t0 = time.monotonic()
-    subprocess.run([str(CLUSTER), "down"], check=True, timeout=300)
+    subprocess.run([str(CLUSTER_SCRIPT), "down"], check=True, timeout=300)
     print(f"down took {int((time.monotonic() - t0) * 1000)} ms")
     assert _leftovers(state) == []
-    assert subprocess.run([str(CLUSTER), "status"], capture_output=True).returncode != 0
+    assert subprocess.run([str(CLUSTER_SCRIPT), "status"], capture_output=True).returncode != 0
 
     t0 = time.monotonic()
-    subprocess.run([str(CLUSTER), "up"], check=True, timeout=600)
+    subprocess.run([str(CLUSTER_SCRIPT), "up"], check=True, timeout=600)
     up_ms = int((time.monotonic() - t0) * 1000)
     print(f"warm up took {up_ms} ms")
     assert up_ms < 120_000, "a cached `up` should take well under two minutes"

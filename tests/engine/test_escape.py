@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 
 from crucible_jupyter.models import Status
-
-from .conftest import run_cell, stream_text
+from tests.helpers.engine import run_cell, stream_text
 
 NOBODY = 65534  # the host user every sandbox ran as, before each had a uid of its own
 

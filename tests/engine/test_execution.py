@@ -12,8 +12,7 @@ import pytest
 
 from crucible_jupyter.errors import Conflict, InvalidRequest
 from crucible_jupyter.models import Status
-
-from .conftest import run_cell, statuses, stream_text
+from tests.helpers.engine import run_cell, statuses, stream_text
 
 
 async def test_print_succeeds_isolated_and_recorded(make_dispatcher, db_url):

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from crucible_jupyter.models import Status
-
-from .conftest import run_cell, stream_text
+from tests.helpers.engine import run_cell, stream_text
 
 
 @pytest.fixture

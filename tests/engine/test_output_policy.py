@@ -10,8 +10,7 @@ from __future__ import annotations
 import textwrap
 
 from crucible_jupyter.models import Event, Status
-
-from .conftest import run_cell
+from tests.helpers.engine import run_cell
 
 ATTACK = textwrap.dedent("""
     steal = "fetch('/api/terminals', {method: 'POST'}); document.title = 'pwned'"

@@ -11,8 +11,7 @@ import time
 
 from crucible_jupyter.models import Execution, ExecutionRequest, Status, new_execution_id
 from crucible_jupyter.storage import Storage
-
-from .conftest import stream_text
+from tests.helpers.engine import stream_text
 
 
 def _processes_with(marker: str) -> list[int]:

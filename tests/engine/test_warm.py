@@ -9,8 +9,7 @@ import os
 import pytest
 
 from crucible_jupyter.models import Status
-
-from .conftest import run_cell, stream_text
+from tests.helpers.engine import run_cell, stream_text
 
 
 async def _until_warm(backend, n: int) -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from engine.conftest import run_cell, stream_text
 
 from crucible_jupyter.backends.kubernetes.objects import job_name
 from crucible_jupyter.models import Status
+from tests.helpers.engine import run_cell, stream_text
 
 pytestmark = pytest.mark.k8s
 
@@ -106,7 +106,7 @@ def _api_server(kubeconfig: str) -> tuple[str, int]:
 async def probe_results(k8s, kube) -> dict[str, str]:
     if not _results:
         d = await k8s()
-        code = PROBES.replace("API_ADDRESS", repr(_api_server(kube["kubeconfig"])))
+        code = PROBES.replace("API_ADDRESS", repr(_api_server(kube.kubeconfig)))
         execution, events = await run_cell(d, code, timeout=120)
         assert execution.status is Status.SUCCEEDED, (execution.reason, stream_text(events))
         _results.update(json.loads(stream_text(events, "stdout").split("RESULTS ", 1)[1]))

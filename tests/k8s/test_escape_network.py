@@ -15,11 +15,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from engine.conftest import run_cell, stream_text
 
 from crucible_jupyter.models import Status
-
-from .conftest import kubectl
+from tests.helpers.engine import run_cell, stream_text
+from tests.helpers.k8s import kubectl
 
 pytestmark = pytest.mark.k8s
 
@@ -262,7 +261,7 @@ def test_doctor_fails_where_the_filtering_is_open(kube, tmp_path, policy):
         body = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                 "metadata": {"name": "leave-it-open"}, "spec": OPEN_POLICIES[policy]}  # fmt: skip
         kubectl(kube, "-n", namespace, "apply", "-f", "-", input=json.dumps(body))
-        env = {**os.environ, "KUBECONFIG": kube["kubeconfig"],
+        env = {**os.environ, "KUBECONFIG": kube.kubeconfig,
                "CRUCIBLE_K8S_NAMESPACE": namespace}  # fmt: skip
         done = subprocess.run(
             [sys.executable, "-m", "crucible_jupyter.cli", "--db-url",

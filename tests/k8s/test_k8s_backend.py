@@ -7,12 +7,11 @@ import json
 import textwrap
 
 import pytest
-from engine.conftest import run_cell, statuses, stream_text
 
 from crucible_jupyter.errors import InvalidRequest, UnsupportedLanguage
 from crucible_jupyter.models import Status
-
-from .conftest import dispatcher_env, kubectl, run_and_kill_mid_cell, wait_until_job_deleted
+from tests.helpers.engine import run_cell, statuses, stream_text
+from tests.helpers.k8s import dispatcher_env, kubectl, run_and_kill_mid_cell, wait_until_job_deleted
 
 pytestmark = pytest.mark.k8s
 
@@ -337,7 +336,7 @@ def test_doctor_reports_enforced_network_isolation(kube, namespace, tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, "KUBECONFIG": kube["kubeconfig"], "CRUCIBLE_K8S_NAMESPACE": namespace}
+    env = {**os.environ, "KUBECONFIG": kube.kubeconfig, "CRUCIBLE_K8S_NAMESPACE": namespace}
     done = subprocess.run(
         [sys.executable, "-m", "crucible_jupyter.cli", "--db-url", f"sqlite:///{tmp_path}/d.db",
          "doctor", "--backend", "kubernetes", "--json"],

@@ -16,12 +16,11 @@ import sys
 import textwrap
 
 import pytest
-from engine.conftest import run_cell, stream_text
 
 from crucible_jupyter.backends.kubernetes import objects
 from crucible_jupyter.models import Execution, ExecutionRequest, Status, new_execution_id
-
-from .conftest import dispatcher_env, kubectl, run_and_kill_mid_cell, wait_until_job_deleted
+from tests.helpers.engine import run_cell, stream_text
+from tests.helpers.k8s import dispatcher_env, kubectl, run_and_kill_mid_cell, wait_until_job_deleted
 
 pytestmark = pytest.mark.k8s
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 from IPython.core.error import UsageError
-from test_runner import run_cell
 
 from crucible_jupyter.dispatcher import frames
 from crucible_jupyter.kernel.kernel import _cell_help, _ipython_syntax, _line_command
@@ -20,6 +19,7 @@ from crucible_jupyter.magic import (
     outcome_text,
     parse_cell_options,
 )
+from tests.helpers.runner import run_cell
 
 
 def test_option_values_may_be_quoted():
