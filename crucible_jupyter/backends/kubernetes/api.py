@@ -8,6 +8,7 @@ connection is released, never leaked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Awaitable
 from typing import Any
@@ -25,10 +26,8 @@ async def raw(call: Awaitable[Any]) -> Any:
     finally:
         resp.release()
     message = resp.reason
-    try:
+    with contextlib.suppress(ValueError, AttributeError):
         message = json.loads(body).get("message") or message
-    except (ValueError, AttributeError):
-        pass
     error = ApiException(status=resp.status, reason=message)
     error.body = body
     raise error

@@ -337,7 +337,8 @@ class Cluster:
         api = client.CoreV1Api(self.ws_api())
 
         async def attach() -> Any:
-            connect = await api.connect_get_namespaced_pod_attach(
+            # typed as returning str; over the WebSocket client it is the connection's awaitable
+            connect: Any = await api.connect_get_namespaced_pod_attach(
                 pod_name, self.namespace, container="cell",
                 stdin=True, stdout=False, stderr=False, tty=False, _preload_content=False,
             )  # fmt: skip
@@ -402,7 +403,7 @@ class Cluster:
                 ports = [p["port"] for p in item.get("ports") or [] if p.get("port")]
                 for endpoint in item.get("endpoints") or []:
                     found += [(a, p) for a in endpoint.get("addresses", []) for p in ports]
-        except Exception as e:  # reported below with the other source's failure
+        except Exception as e:  # noqa: BLE001 -- reported below with the other source's failure
             problems.append(f"EndpointSlices: {e!r}")
         try:
             endpoints = await self.call(
@@ -411,7 +412,7 @@ class Cluster:
             for subset in endpoints.get("subsets") or []:
                 ports = [p["port"] for p in subset.get("ports") or []]
                 found += [(a["ip"], p) for a in subset.get("addresses") or [] for p in ports]
-        except Exception as e:  # reported below with the other source's failure
+        except Exception as e:  # noqa: BLE001 -- reported below with the other source's failure
             problems.append(f"Endpoints: {e!r}")
         targets = sorted({f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in found})
         if not targets:

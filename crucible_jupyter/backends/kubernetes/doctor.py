@@ -42,7 +42,7 @@ async def checks(backend: CrucibleKubernetesBackend) -> list[Check]:
     try:
         await cluster.network_policy()
         out.append(Check("network policy", True, f"{objects.POLICY_NAME} present"))
-    except Exception as e:  # reported as it is
+    except Exception as e:  # noqa: BLE001 -- reported as it is
         out.append(Check("network policy", False, f"deny-all policy missing: {e}"))
     out.append(_pool_check(backend))
     out.append(_seccomp_check(backend.seccomp_profile))
@@ -203,7 +203,7 @@ def _threads_code() -> str:
     )
 
 
-def _network_check(text: str, outcome: Outcome, target: str) -> Check:
+def _network_check(text: str, outcome: Outcome | None, target: str) -> Check:
     if "IsolationError" in text:
         return Check(
             "network isolation",
@@ -212,7 +212,8 @@ def _network_check(text: str, outcome: Outcome, target: str) -> Check:
             f" (its runner refused to run the cell: {text[-300:]})",
             fix="run a NetworkPolicy enforcer (a CNI with policy support, or kube-router)",
         )
-    return Check("network isolation", False, f"probe failed: {outcome.reason or text[-200:]}")
+    why = (outcome and outcome.reason) or text[-200:]
+    return Check("network isolation", False, f"probe failed: {why}")
 
 
 def _pids_check(text: str) -> Check:

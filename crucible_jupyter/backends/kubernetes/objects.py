@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import re
+from typing import Any
 
 LABEL_PREFIX = "crucible.jupyter.org"
 APP_LABEL = "app.kubernetes.io/name"
@@ -166,7 +167,7 @@ def make_job(
     if ephemeral_storage:
         for kind in ("requests", "limits"):
             resources[kind]["ephemeral-storage"] = str(ephemeral_storage)
-    container = {
+    container: dict[str, Any] = {
         "name": "cell",
         "image": image,
         "imagePullPolicy": pull_policy,

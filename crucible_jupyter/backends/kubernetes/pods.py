@@ -87,7 +87,7 @@ def start_failure(pod: Pod) -> str | None:
 def unschedulable(pod: Pod) -> str | None:
     """The scheduler's message while the pod cannot be scheduled, else None."""
     conditions = (pod.get("status") or {}).get("conditions") or []
-    cond = next((c for c in conditions if c.get("type") == "PodScheduled"), {})
+    cond: dict[str, Any] = next((c for c in conditions if c.get("type") == "PodScheduled"), {})
     if cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
         return cond.get("message") or "no node fits"
     return None
@@ -135,6 +135,6 @@ def job_execution(job: dict, pod: Pod | None) -> str | None:
     if objects.POOL_LABEL not in labels:
         return labels.get(objects.EXECUTION_LABEL)
     for found in (pod, job):  # the pod is claimed first; its Job is labelled next
-        if state_of(found) == "claimed":
+        if found is not None and state_of(found) == "claimed":
             return (found["metadata"].get("labels") or {}).get(objects.EXECUTION_LABEL)
     return None

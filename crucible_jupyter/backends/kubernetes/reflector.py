@@ -125,7 +125,7 @@ class PodReflector:
                     self.log.debug("crucible: pod watch expired, relisting")
                     continue
                 self.log.warning("crucible: pod watch failed (%s); retrying in %.1fs", e, delay)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 -- the watch outlives any failure: logged, retried
                 self.log.warning("crucible: pod watch failed (%r); retrying in %.1fs", e, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30)

@@ -108,7 +108,7 @@ class KubernetesSandbox(Sandbox):
     async def _job_problem(self) -> str | None:
         try:
             events = await self.cluster.job_events(self.name)
-        except Exception:  # only a hint: the wait goes on without it
+        except Exception:  # noqa: BLE001 -- only a hint: the wait goes on without it
             return None
         return pods.job_problem(events)
 
@@ -137,10 +137,9 @@ class KubernetesSandbox(Sandbox):
                 return
             try:
                 resp = await self.cluster.open_log(pod["metadata"]["name"], follow=follow)
-            except Exception as e:  # not readable yet, or gone: see below
-                if self.cancelled or pods.terminated(reflector.pod_for(self.key)):
-                    if consumed:
-                        return
+            except Exception as e:  # noqa: BLE001 -- not readable yet, or gone: see below
+                if (self.cancelled or pods.terminated(reflector.pod_for(self.key))) and consumed:
+                    return
                 if reflector.pod_for(self.key) is None:
                     return
                 self.log_warning(f"log of {self.name} not readable yet ({e}); retrying")
@@ -170,7 +169,7 @@ class KubernetesSandbox(Sandbox):
                     yield FRAMES, line, dropped
                     if saw_end and pods.terminated(reflector.pod_for(self.key)):
                         return
-            except Exception as e:  # a broken stream is opened again
+            except Exception as e:  # noqa: BLE001 -- a broken stream is opened again
                 self.log_warning(f"log stream of {self.name} broke ({e!r}); reopening")
                 continue
             finally:

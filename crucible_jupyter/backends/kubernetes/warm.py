@@ -197,7 +197,7 @@ class WarmPool:
             pod_name = await self._until_ready(name)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # whatever it was, this pod is given up
+        except Exception as e:  # noqa: BLE001 -- whatever it was, this pod is given up
             self._failures += 1
             self.problem = str(getattr(e, "message", e)) or repr(e)
             self.log.warning("crucible: a warm pod did not become warm: %s", self.problem)
@@ -321,7 +321,7 @@ class WarmPool:
                     continue
                 self.log.warning("crucible: cannot claim a warm pod (%s); starting a Job", e)
                 return None
-            except Exception as e:  # a timeout, a connection that broke
+            except Exception as e:  # noqa: BLE001 -- a timeout, a connection that broke
                 self._busy.discard(name)
                 # the claim may have applied: give the pod up (it carries the execution's
                 # labels, which must lead to one pod only) before the cell goes cold
@@ -333,7 +333,7 @@ class WarmPool:
             job = job_of(pod) or name
             try:
                 await self._send(name, execution)
-            except Exception as e:  # whatever it was, the cell goes cold
+            except Exception as e:  # noqa: BLE001 -- whatever it was, the cell goes cold
                 self.log.warning("crucible: warm pod %s did not take its cell (%r)", name, e)
                 await self._abandon(job, execution)
                 return None
@@ -389,7 +389,7 @@ class WarmPool:
         body = {"metadata": {"labels": labels}, "spec": {"activeDeadlineSeconds": deadline}}
         try:
             await self.cluster.patch_job(job, body)
-        except Exception as e:  # the pod's own deadline (set by the claim) applies
+        except Exception as e:  # noqa: BLE001 -- the pod's own deadline (set by the claim) applies
             self.log.warning("crucible: cannot label warm pod Job %s as claimed: %s", job, e)
 
     async def _abandon(self, job: str, execution: Execution) -> None:
