@@ -25,64 +25,13 @@ import os
 import queue
 import re
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from . import errors
 from .errors import CrucibleError, Unavailable
-from .models import format_bytes
-
-ENV_SERVER_URL = "CRUCIBLE_SERVER_URL"
-ENV_TOKEN = "CRUCIBLE_TOKEN"
-KERNEL_TOKEN_HEADER = "X-Crucible-Token"
-
-_TERMINAL = {"succeeded", "failed", "timed_out", "cancelled"}
-
-
-_ICONS = {"succeeded": "✔", "failed": "✘", "timed_out": "⏱", "cancelled": "■"}
-
-
-def final_status_line(event: dict[str, Any], t_running: int | None, execution_id: str) -> str:
-    """The last status line of a cell, from its terminal status event: ``crucible · ✔
-    succeeded in 0.03 s · ID``, with the reason when it did not succeed and a note when output
-    was dropped (``t_running``: the ``t`` of its running event, if any)."""
-    state = str(event.get("status", ""))
-    t_end = event.get("t")
-    took = f" in {(t_end - t_running) / 1000:.2f} s" if t_running and t_end else ""
-    reason = event.get("reason")
-    why = f" ({reason})" if reason and state != "succeeded" else ""
-    dropped = event.get("dropped_bytes")
-    cut = f" · output truncated, {format_bytes(dropped)} dropped" if dropped else ""
-    icon = _ICONS.get(state, "")
-    return f"crucible · {icon} {state.replace('_', ' ')}{took}{why}{cut} · {execution_id}"
-
-
-def outcome_text(status: str, reason: str | None) -> str:
-    """``"failed: exited with code 3"``; ``"timed out after 5 s"`` (no repeated words)."""
-    text = status.replace("_", " ")
-    if not reason:
-        return text
-    return reason if reason.startswith(text) else f"{text}: {reason}"
-
-
-def live_status_line(
-    state: str, position: int | None, running_since: float | None, execution_id: str
-) -> str:
-    """The status line while a cell is not finished: ``crucible · running · 3 s · ID``,
-    ``crucible · queued at position 2 · ID`` or ``crucible · starting · ID``
-    (``running_since``: ``time.monotonic()`` when it began to run)."""
-    if state == "running" and running_since is not None:
-        return f"crucible · running · {time.monotonic() - running_since:.0f} s · {execution_id}"
-    if state == "queued" and position is not None:
-        return f"crucible · queued at position {position} · {execution_id}"
-    return f"crucible · {state} · {execution_id}"
-
-
-def is_terminal(event: dict[str, Any]) -> bool:
-    """True for the status event that ends an execution's stream."""
-    return event.get("type") == "status" and event.get("status") in _TERMINAL
+from .protocol import ENV_SERVER_URL, ENV_TOKEN, KERNEL_TOKEN_HEADER, is_terminal_event
 
 
 class AsyncClient(Protocol):
@@ -257,7 +206,7 @@ class RemoteClient:
                     after = max(after, int(event.get("seq", after)))
                     failures = 0
                     yield event
-                    if is_terminal(event):
+                    if is_terminal_event(event):
                         return
             finally:
                 ws.close()

@@ -29,7 +29,6 @@ Line magic: ``%crucible history [-n N] [--status S] [--tag T] [--user U]``,
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import html
 import os
@@ -40,20 +39,32 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import clear_output, display, publish_display_data
 
-from .client import (
-    ThreadedClient,
-    client_from_env,
-    current_kernel_id,
-    final_status_line,
-    is_terminal,
-    live_status_line,
-    outcome_text,
-)
+from .client import ThreadedClient, client_from_env, current_kernel_id
 from .errors import Conflict, CrucibleError, NotFound
+from .options import (
+    CELL_HELP,
+    HISTORY_HELP,
+    LINE_USAGE,
+    NO_ANSWER,
+    OPTIONS_USAGE,
+    SUBMITTING,
+    check_cell_body,
+    failure_text,
+    final_status_line,
+    interrupted_text,
+    live_status_line,
+    lost_line,
+    outcome_text,
+    parse_cell_options,
+    parse_history,
+    refused_line,
+    traceback_trailer,
+    wants_help,
+)
 from .output_policy import DISPLAY_KINDS, clean_output, trusted_types_from_env
+from .protocol import is_terminal_event
 from .terminal import escape
 
 _SUBMIT_TIMEOUT = 60.0
@@ -62,10 +73,7 @@ _SUBMIT_TIMEOUT = 60.0
 def _interrupted(execution_id: str | None, state: str) -> KeyboardInterrupt:
     """The KeyboardInterrupt a cell raises when interrupted: shown as one line (what became
     of the execution), not as a stack of this module's frames."""
-    if execution_id is None:
-        text = "interrupted before the cell was accepted; nothing runs"
-    else:
-        text = f"crucible execution {execution_id} {state.replace('_', ' ')}"
+    text = interrupted_text(execution_id, state)
     exc = KeyboardInterrupt(text)
     exc._render_traceback_ = lambda: [f"KeyboardInterrupt: {text}"]  # type: ignore[attr-defined]
     return exc
@@ -99,7 +107,7 @@ class RemoteExecutionError(Exception):
             summary = f"{ename}: {evalue}" if evalue else ename
         else:
             summary = outcome_text(status, reason)
-        super().__init__(f"{summary} (crucible execution {execution_id})")
+        super().__init__(failure_text(summary, execution_id))
 
     def _render_traceback_(self) -> list[str]:
         """What IPython shows instead of the local stack: the cell's own traceback."""
@@ -107,7 +115,7 @@ class RemoteExecutionError(Exception):
         if _on_terminal(sys.stdout):  # terminal IPython: the cell's text must not drive it
             lines = [escape(line) for line in lines]
         if self.remote_traceback:
-            lines.append(f"(crucible execution {self.execution_id}, {self.status})")
+            lines.append(traceback_trailer(self.execution_id, self.status))
         return lines
 
 
@@ -124,79 +132,6 @@ class MimeBundle:
 
     def __repr__(self) -> str:
         return str(self.data.get("text/plain", "<crucible result>"))
-
-
-OPTIONS_HELP = (
-    "--timeout SECONDS, --priority high|normal|low, --cpu CORES (0.5 or 500m),"
-    " --memory SIZE (256Mi, 2Gi), --image NAME, --backend NAME, --tag TAG (repeatable),"
-    " --name NAME"
-)
-CELL_HELP = (
-    "%%crucible [options] on a cell's first line runs the rest of the cell as an isolated,"
-    " recorded execution (a fresh process: nothing is shared with this kernel or other"
-    f" cells). Options: {OPTIONS_HELP}. See also %crucible history | status ID | queue."
-)
-_OPTION_KEYS = ("timeout", "priority", "cpu", "memory", "image", "backend", "name")
-LINE_USAGE = (
-    "usage: %crucible history [-n N] [--status S] [--tag T] [--user U] | status ID | queue"
-    "  (and %%crucible [options] on a cell's first line to run it)"
-)
-
-
-class _Once(argparse.Action):
-    """Store an option's value; a second occurrence is an error, not a silent override."""
-
-    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None):
-        if getattr(namespace, self.dest, None) is not None:
-            raise argparse.ArgumentError(self, "given more than once; give it once")
-        setattr(namespace, self.dest, values)
-
-
-def wants_help(line: str) -> bool:
-    """Whether a ``%%crucible`` options line asks for help (``-h`` or ``--help`` as an
-    option: not inside a quoted value, not as the value of an option)."""
-    try:
-        words = shlex.split(line)
-    except ValueError:
-        return False  # unbalanced quotes: parse_cell_options says so
-    takes_value = {f"--{key}" for key in (*_OPTION_KEYS, "tag")}
-    return any(
-        w in ("-h", "--help") and (i == 0 or words[i - 1] not in takes_value)
-        for i, w in enumerate(words)
-    )
-
-
-def parse_cell_options(line: str) -> dict[str, Any]:
-    """The request fields a ``%%crucible`` options line sets (``tags`` for ``--tag``).
-
-    Words are split like a shell does (quotes group words and are removed). Any misuse raises
-    one ``UsageError`` naming the problem and listing the options.
-    """
-    try:
-        words = shlex.split(line)
-    except ValueError as e:  # "No closing quotation"
-        raise UsageError(
-            f"%%crucible: cannot read the options {line.strip()!r}: {str(e).lower()};"
-            ' quote a value with spaces as --name "my run"'
-        ) from None
-    try:
-        args = CrucibleMagics.crucible_cell.parser.parse_args(words)
-    except UsageError as e:
-        raise UsageError(f"%%crucible: {e}. Options: {OPTIONS_HELP}") from None
-    request: dict[str, Any] = {k: getattr(args, k) for k in _OPTION_KEYS}
-    request = {k: v for k, v in request.items() if v is not None}
-    if args.tag:
-        request["tags"] = args.tag
-    return request
-
-
-def check_cell_body(code: str) -> None:
-    """UsageError for a cell with nothing to run under its ``%%crucible`` line."""
-    if not code.strip():
-        raise UsageError(
-            "%%crucible: the cell has no code to run; put the code on the lines after"
-            " the %%crucible line"
-        )
 
 
 class StatusLine:
@@ -275,24 +210,13 @@ class CrucibleMagics(Magics):
 
     # -- %%crucible ----------------------------------------------------------------------------
 
-    @magic_arguments()
-    @argument("--timeout", type=float, action=_Once, help="Wall-clock limit in seconds.")
-    @argument(
-        "--priority", choices=["high", "normal", "low"], action=_Once, help="Scheduling priority."
-    )
-    @argument("--cpu", action=_Once, help="CPU cores, e.g. 0.5 or 500m.")
-    @argument("--memory", action=_Once, help="Memory limit, e.g. 512Mi or 2Gi.")
-    @argument("--image", action=_Once, help="Container image (Kubernetes backend).")
-    @argument("--backend", action=_Once, help="Backend name, e.g. local or kubernetes.")
-    @argument("--tag", action="append", default=[], help="Tag the execution (repeatable).")
-    @argument("--name", action=_Once, help="A name for the execution, shown in the history.")
     @cell_magic("crucible")
     def crucible_cell(self, line: str, cell: str) -> Any:
         """Run this cell as an isolated, recorded crucible execution (fresh process, no state
         shared with the kernel); output streams into the cell as it is produced."""
         if wants_help(line):
             return _Text(CELL_HELP)
-        request = parse_cell_options(line)
+        request = parse_cell_options(line).to_request()
         check_cell_body(cell)
         request["code"] = cell
         notebook = self.notebook_ref()
@@ -300,10 +224,12 @@ class CrucibleMagics(Magics):
             request["notebook"] = notebook
         return self.run(request)
 
+    crucible_cell.__doc__ = f"{crucible_cell.__doc__}\n\n{OPTIONS_USAGE}"
+
     def run(self, request: dict[str, Any]) -> Any:
         """Submit ``request``, relay its events into the cell, raise unless it succeeded."""
         status = StatusLine(live=getattr(self.shell, "kernel", None) is not None)
-        status.show("crucible · submitting")
+        status.show(SUBMITTING)
         execution = self._submit(request, status)
         relay = _Relay(execution["id"], status, self.client)
         try:
@@ -313,7 +239,7 @@ class CrucibleMagics(Magics):
             state = relay.interrupted()
             raise _interrupted(execution["id"], state) from None
         except CrucibleError as e:  # the server went away mid-cell
-            status.show(f"crucible · lost track of {execution['id']}: {e}")
+            status.show(lost_line(execution["id"], e))
             raise UsageError(
                 f"crucible: lost the stream of execution {execution['id']} ({e});"
                 f" see %crucible status {execution['id']}"
@@ -339,11 +265,11 @@ class CrucibleMagics(Magics):
                 pass  # refused, never accepted, already over, or interrupted again
             raise _interrupted(execution_id, state) from None
         except CrucibleError as e:
-            status.show(f"crucible · refused · {e}")
+            status.show(refused_line(e))
             raise UsageError(f"crucible: {e}") from None
         except concurrent.futures.TimeoutError:
             self.client.loop.call_soon_threadsafe(future.cancel)
-            status.show("crucible · no answer")
+            status.show(NO_ANSWER)
             raise UsageError(
                 f"crucible: {self.client.description} did not accept the cell within"
                 f" {_SUBMIT_TIMEOUT:g} s; see %crucible queue and %crucible history"
@@ -372,13 +298,6 @@ class CrucibleMagics(Magics):
         ``%crucible status ID`` · ``%crucible queue``: look at recorded executions and the
         queue."""
         return line_command(lambda: self.client, line)
-
-
-class _LineParser(argparse.ArgumentParser):
-    """argparse for ``%crucible history``: errors become one UsageError, never an exit."""
-
-    def error(self, message: str) -> Any:
-        raise UsageError(f"%crucible history: {message}; {self.format_usage().strip()}")
 
 
 def line_command(client: Any, line: str) -> Any:
@@ -419,24 +338,9 @@ def line_command(client: Any, line: str) -> Any:
 
 
 def _history(client: Any, words: list[str]) -> Any:
-    parser = _LineParser(
-        prog="%crucible history",
-        usage="%(prog)s [-n N] [--status S] [--tag T] [--user U]",
-        add_help=False,
-    )
-    parser.add_argument("-h", "--help", action="store_true")
-    parser.add_argument("-n", "--limit", type=int, default=10)
-    parser.add_argument("--status")
-    parser.add_argument("--tag")
-    parser.add_argument("--user")
-    opts = parser.parse_args(words)
-    if opts.help:
-        return _Text(
-            "%crucible history [-n N] [--status S] [--tag T] [--user U]: the newest recorded"
-            " executions (N of them, 10 by default), optionally only those with status S"
-            " (queued, running, succeeded, failed, timed_out, cancelled), tag T or user U"
-        )
-    filters = {k: v for k, v in vars(opts).items() if v is not None and k != "help"}
+    filters = parse_history(words)
+    if filters is None:
+        return _Text(HISTORY_HELP)
     page = client().call("list", **filters)
     return HistoryTable(page["executions"])
 
@@ -494,7 +398,7 @@ class _Relay:
             if self.state == "running" and self.running_since is None:
                 self.running_since = time.monotonic()
                 self.t_running = event.get("t")
-            if is_terminal(event):
+            if is_terminal_event(event):
                 self.terminal = True
                 self.final = event
                 self.reason = event.get("reason")

@@ -42,23 +42,30 @@ from IPython.core.error import UsageError
 from traitlets import Bool, default
 
 from .. import __version__
-from ..client import (
-    ThreadedClient,
-    client_from_env,
-    current_kernel_id,
+from ..client import ThreadedClient, client_from_env, current_kernel_id
+from ..errors import Conflict, CrucibleError
+from ..options import (
+    CELL_HELP,
+    OPTIONS_EXAMPLE,
+    check_cell_body,
+    failure_text,
     final_status_line,
-    is_terminal,
+    interrupted_text,
     live_status_line,
     outcome_text,
+    parse_cell_options,
+    split_cell,
+    traceback_trailer,
+    wants_help,
 )
-from ..errors import Conflict, CrucibleError
 from ..output_policy import DISPLAY_KINDS, clean_output, trusted_types_from_env
+from ..protocol import ENV_KERNEL_STATUS_LINE, env_flag, is_terminal_event
 
 BANNER = (
     f"Python (Crucible isolated) {__version__} - Python {sys.version.split()[0]}\n"
     "Every cell runs as a separate, isolated, recorded execution in a fresh process:\n"
     "no variables, imports or files carry over from one cell to the next.\n"
-    "Options for one cell: first line '%%crucible --timeout 30 --memory 1Gi --tag x'."
+    f"Options for one cell: first line '{OPTIONS_EXAMPLE}'."
 )
 
 
@@ -88,11 +95,7 @@ class CrucibleKernel(Kernel):
 
     @default("status_line")
     def _default_status_line(self) -> bool:
-        return os.environ.get("CRUCIBLE_KERNEL_STATUS_LINE", "1").lower() not in (
-            "0",
-            "false",
-            "no",
-        )
+        return env_flag(ENV_KERNEL_STATUS_LINE, True)
 
     @default("help_links")
     def _default_help_links(self) -> list[dict[str, str]]:
@@ -143,8 +146,6 @@ class CrucibleKernel(Kernel):
             return await self._line_command(line, silent, expressions)
         if _cell_help(code):
             if not silent:
-                from ..magic import CELL_HELP
-
                 text = {"name": "stdout", "text": CELL_HELP + "\n"}
                 self.send_response(self.iopub_socket, "stream", text)
             return self._ok(expressions)
@@ -193,13 +194,12 @@ class CrucibleKernel(Kernel):
 
     def _request(self, code: str, cell_meta: dict | None, cell_id: str | None) -> dict[str, Any]:
         request: dict[str, Any] = {"code": code}
-        first, _, rest = code.partition("\n")
-        if re.match(r"%%crucible(\s|$)", first):
-            from ..magic import check_cell_body, parse_cell_options
-
-            request = parse_cell_options(first[len("%%crucible") :])
-            check_cell_body(rest)
-            request["code"] = rest
+        cell = split_cell(code)
+        if cell is not None:
+            line, body = cell
+            request = parse_cell_options(line).to_request()
+            check_cell_body(body)
+            request["code"] = body
         notebook: dict[str, str] = {}
         if os.environ.get("JPY_SESSION_NAME"):
             notebook["path"] = os.environ["JPY_SESSION_NAME"]
@@ -238,7 +238,7 @@ class CrucibleKernel(Kernel):
                 if kind == "status":
                     state = item.get("status", state)
                     status.update(item)
-                    if is_terminal(item):
+                    if is_terminal_event(item):
                         reason = item.get("reason")
                         break
                 elif kind == "error":
@@ -254,15 +254,13 @@ class CrucibleKernel(Kernel):
             return self._ok(expressions)
         if self._interrupted and state == "cancelled":
             return self._fail(
-                "KeyboardInterrupt", f"cancelled crucible execution {execution_id}", [], silent
+                "KeyboardInterrupt", interrupted_text(execution_id, state), [], silent
             )
         if error:
-            tb = [*error.get("traceback", []), f"(crucible execution {execution_id}, {state})"]
+            tb = [*error.get("traceback", []), traceback_trailer(execution_id, state)]
             return self._fail(error.get("ename", "Error"), error.get("evalue", ""), tb, silent)
         text = outcome_text(state, reason)
-        return self._fail(
-            "RemoteExecutionError", f"{text} (crucible execution {execution_id})", [], silent
-        )
+        return self._fail("RemoteExecutionError", failure_text(text, execution_id), [], silent)
 
     def _publish(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
@@ -403,7 +401,7 @@ class _KernelStatus:
         self.t_running: int | None = None
         self.since: float | None = None
         self.text = ""
-        self._send(f"crucible · queued · {execution_id}")
+        self._send(live_status_line("queued", None, None, execution_id))
 
     def _send(self, text: str) -> None:
         if not self.enabled or text == self.text:
@@ -426,7 +424,7 @@ class _KernelStatus:
         if self.state == "running" and self.since is None:
             self.since = time.monotonic()
             self.t_running = event.get("t")
-        if is_terminal(event):
+        if is_terminal_event(event):
             self._send(final_status_line(event, self.t_running, self.id))
         else:
             self.tick()
@@ -455,12 +453,8 @@ def _line_command(code: str) -> str | None:
 
 def _cell_help(code: str) -> bool:
     """Whether ``code``'s first line is ``%%crucible`` asking for help (``-h``/``--help``)."""
-    first = code.lstrip().partition("\n")[0]
-    if not re.match(r"%%crucible(\s|$)", first):
-        return False
-    from ..magic import wants_help
-
-    return wants_help(first[len("%%crucible") :])
+    cell = split_cell(code)
+    return cell is not None and wants_help(cell[0])
 
 
 def _ipython_syntax(code: str) -> str | None:
@@ -483,8 +477,7 @@ def _ipython_syntax(code: str) -> str | None:
         " help), not Python. The crucible kernel runs each cell as plain Python in a fresh"
         " sandbox, where these are not available. Here you can use: %crucible history,"
         " %crucible status ID, %crucible queue (one per cell), and a first line"
-        " '%%crucible --timeout 30 ...' for a cell's options; subprocess.run([...]) in place"
-        " of !cmd."
+        f" '{OPTIONS_EXAMPLE}' for a cell's options; subprocess.run([...]) in place of !cmd."
     )
 
 

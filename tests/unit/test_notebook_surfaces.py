@@ -9,13 +9,12 @@ from IPython.core.error import UsageError
 
 from crucible_jupyter.dispatcher import frames
 from crucible_jupyter.kernel.kernel import _cell_help, _ipython_syntax, _line_command
-from crucible_jupyter.magic import (
+from crucible_jupyter.magic import CrucibleMagics, QueueSummary, line_command
+from crucible_jupyter.options import (
     CELL_HELP,
     OPTIONS_HELP,
-    CrucibleMagics,
-    QueueSummary,
     check_cell_body,
-    line_command,
+    final_status_line,
     outcome_text,
     parse_cell_options,
 )
@@ -25,7 +24,7 @@ from tests.helpers.runner import run_cell
 def test_option_values_may_be_quoted():
     request = parse_cell_options(
         """ --name "my first run" --tag a --tag 'b:c' --timeout=5 --memory 1Gi --cpu 500m"""
-    )
+    ).to_request()
     assert request == {
         "name": "my first run",
         "tags": ["a", "b:c"],
@@ -33,7 +32,7 @@ def test_option_values_may_be_quoted():
         "memory": "1Gi",
         "cpu": "500m",
     }
-    assert parse_cell_options("") == {}
+    assert parse_cell_options("").to_request() == {}
 
 
 @pytest.mark.parametrize(
@@ -207,8 +206,6 @@ def test_runner_input_says_there_is_no_stdin(tmp_path):
 
 
 def test_the_final_status_line_says_how_it_ended():
-    from crucible_jupyter.client import final_status_line
-
     ok = {"type": "status", "status": "succeeded", "t": 3500, "reason": None}
     assert final_status_line(ok, 1000, "ID") == "crucible · ✔ succeeded in 2.50 s · ID"
     failed = {"status": "failed", "t": 1200, "reason": "ValueError: x", "dropped_bytes": 3 << 20}
