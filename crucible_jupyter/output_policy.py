@@ -208,16 +208,38 @@ def _html_attribute(element: str, attribute: str, value: str) -> str | None:
     return value
 
 
-_HTML = nh3.Cleaner(
-    tags=_HTML_TAGS,
-    clean_content_tags=_HTML_DROPPED_WHOLE,
-    attributes=_HTML_ATTRIBUTES,
-    attribute_filter=_html_attribute,
-    strip_comments=True,
+def _cleaner(
+    tags: set[str],
+    dropped_whole: set[str],
+    attributes: dict[str, set[str]],
+    attribute_filter: Any,
+    css: set[str],
+    **policy: Any,
+) -> nh3.Cleaner:
+    """An nh3 cleaner keeping only ``tags`` and ``attributes`` (each value passed through
+    ``attribute_filter``) and the ``css`` properties in style attributes, dropping
+    ``dropped_whole`` with everything inside and every comment; ``policy``: what differs
+    between HTML and SVG (links, URL schemes, fixed attributes)."""
+    return nh3.Cleaner(
+        tags=tags,
+        clean_content_tags=dropped_whole,
+        attributes=attributes,
+        attribute_filter=attribute_filter,
+        filter_style_properties=css,
+        strip_comments=True,
+        **policy,
+    )
+
+
+_HTML = _cleaner(
+    _HTML_TAGS,
+    _HTML_DROPPED_WHOLE,
+    _HTML_ATTRIBUTES,
+    _html_attribute,
+    _HTML_CSS,
     link_rel="noopener noreferrer",
     url_schemes={"http", "https", "mailto", "data"},
     url_relative="deny",
-    filter_style_properties=_HTML_CSS,
 )
 
 # ----- SVG ----------------------------------------------------------------------------------
@@ -271,16 +293,15 @@ def _svg_attribute(element: str, attribute: str, value: str) -> str | None:
     return value
 
 
-_SVG = nh3.Cleaner(
-    tags=_SVG_TAGS,
-    clean_content_tags=_SVG_DROPPED_WHOLE,
-    attributes=_SVG_ATTRIBUTES,
-    attribute_filter=_svg_attribute,
-    strip_comments=True,
+_SVG = _cleaner(
+    _SVG_TAGS,
+    _SVG_DROPPED_WHOLE,
+    _SVG_ATTRIBUTES,
+    _svg_attribute,
+    _SVG_CSS,
     link_rel=None,
     url_schemes={"data"},
     url_relative=lambda url: url if url.startswith("#") else None,
-    filter_style_properties=_SVG_CSS,
     set_tag_attribute_values={"svg": {"xmlns": _SVG_NS, "xmlns:xlink": _XLINK_NS}},
 )
 

@@ -608,3 +608,16 @@ def test_text_that_is_not_utf8_is_shown_escaped(mime):
     (value,) = data.values()
     assert "\\ud800" in value and "\ud800" not in value, value
     value.encode("utf-8")
+
+
+@pytest.mark.parametrize(
+    ("clean", "markup"),
+    [
+        (output_policy.clean_html, "<p>a<!-- hidden --></p><!--[if IE]><b>x</b><![endif]-->"),
+        (output_policy.clean_svg, '<svg xmlns="http://www.w3.org/2000/svg"><!-- c --><g/></svg>'),
+    ],
+)
+def test_comments_are_removed_from_html_and_svg(clean, markup):
+    """Both cleaners come from one helper; neither keeps a comment (old browsers' conditional
+    comments, and what a later parser may read differently)."""
+    assert "<!--" not in clean(markup)
