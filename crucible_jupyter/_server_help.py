@@ -30,18 +30,11 @@ def wanted(argv: list[str]) -> bool:
 
 
 def crucible_classes() -> list[type]:
-    """The configurable classes crucible adds: the extension app, the dispatcher, backends."""
-    from .backends.base import installed_backends, load_backend_class
-    from .dispatcher import Dispatcher
-    from .server.app import CrucibleApp
+    """The configurable classes crucible adds (the server app decides which:
+    :func:`crucible_jupyter.server.app.crucible_classes`)."""
+    from .server.app import crucible_classes
 
-    classes: list[type] = [CrucibleApp, Dispatcher]
-    for name in installed_backends():
-        try:
-            classes.append(load_backend_class(name))
-        except Exception:  # a broken third-party backend must not hide the others
-            continue
-    return classes
+    return crucible_classes()
 
 
 def extend(server_app: Any) -> None:

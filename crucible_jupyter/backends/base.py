@@ -5,8 +5,9 @@ somewhere (a bubblewrap sandbox, a Kubernetes Job) and hands back a :class:`Sand
 runner's output as raw lines, and an :class:`Outcome` decided by the orchestrator (exit
 code, OOM kill, limits), never by what user code printed.
 
-Backends are chosen by short name through the ``crucible_jupyter.backends`` entry point
-group, so a third party can add one without forking.
+Backends are chosen by short name through the registry (``registry.py``: the
+``crucible_jupyter.backends`` entry point group), so a third party can add one without
+forking; this contract knows none of them.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ import abc
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import Any
 
+from traitlets import Integer
 from traitlets.config import LoggingConfigurable
 
-from ..errors import InvalidRequest
 from ..models import Execution, ExecutionRequest
 
 #: Where a raw line came from: the runner's frame channel, or raw stderr of the sandbox.
@@ -115,6 +115,14 @@ class Backend(LoggingConfigurable):
     #: short name used in configuration, requests and records
     name = "base"
 
+    output_limit = Integer(
+        None,
+        allow_none=True,
+        help="""Bytes of output the dispatcher keeps per execution (its ``output_limit``),
+        handed over by whoever creates the backend: the runner writes no more output than
+        that. None: not known (a backend made on its own, as the doctor and tests may).""",
+    )
+
     def admit(self, request: ExecutionRequest) -> None:
         """Raise InvalidRequest (400) if this backend cannot run ``request`` as asked; called
         before the request is stored, so a request no backend can honour never queues."""
@@ -147,26 +155,6 @@ class Backend(LoggingConfigurable):
 
     async def close(self) -> None:
         """Release what the backend holds (connections, watches)."""
-
-
-def installed_backends() -> list[str]:
-    """Names of every backend registered in the ``crucible_jupyter.backends`` group."""
-    return sorted({"local", *(ep.name for ep in entry_points(group="crucible_jupyter.backends"))})
-
-
-def load_backend_class(name: str) -> type[Backend]:
-    """The backend class registered under ``name`` in the ``crucible_jupyter.backends`` group."""
-    found = {ep.name: ep for ep in entry_points(group="crucible_jupyter.backends")}
-    if name == "local" and name not in found:  # running from a source tree without install
-        from .local import CrucibleLocalBackend
-
-        return CrucibleLocalBackend
-    if name not in found:
-        raise InvalidRequest(
-            f"backend {name!r} is not installed; available: {', '.join(sorted(found)) or 'local'}",
-            field="backend",
-        )
-    return found[name].load()
 
 
 async def read_lines(

@@ -30,7 +30,8 @@ from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from .. import output_policy
-from ..backends.base import FRAMES, Backend, Sandbox, installed_backends, load_backend_class
+from ..backends.base import FRAMES, Backend, Sandbox
+from ..backends.registry import installed_backends, load_backend_class
 from ..errors import Conflict, CrucibleError, NotFound, StorageError, Unavailable
 from ..models import (
     Event,
@@ -325,7 +326,9 @@ class CrucibleDispatcher(LoggingConfigurable):
     def get_backend(self, name: str) -> Backend:
         """The backend instance for ``name``, created on first use."""
         if name not in self._backends:
-            self._backends[name] = load_backend_class(name)(parent=self, log=self.log)
+            self._backends[name] = load_backend_class(name)(
+                parent=self, log=self.log, output_limit=self.output_limit
+            )
         return self._backends[name]
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -34,6 +34,7 @@ from traitlets import Bool, Float, Int, Unicode, default
 
 from .. import __version__
 from ..backends.local import CrucibleLocalBackend
+from ..backends.registry import backend_classes
 from ..dispatcher import Dispatcher
 from ..errors import Unavailable
 from ..output_policy import ENV_TRUSTED_TYPES, trusted_types_from_env
@@ -287,10 +288,16 @@ class CrucibleApp(ExtensionApp):
         return {"crucible": "executions queued or running"}
 
 
+def crucible_classes() -> list[type]:
+    """The configurable classes whose settings crucible's help lists and a generated config
+    file holds: the extension app, the dispatcher, every installed backend. Used by
+    ``jupyter crucible`` (:func:`main`) and ``jupyter server --help-all``
+    (``crucible_jupyter/_server_help.py``)."""
+    return [CrucibleApp, Dispatcher, *backend_classes()]
+
+
 def main() -> None:
     """``jupyter crucible``: a Jupyter server with the crucible extension (``--help-all``
     lists every ``CrucibleApp``, ``CrucibleDispatcher`` and installed backend setting)."""
-    from .._server_help import crucible_classes
-
     CrucibleApp.classes = [ServerApp, *(c for c in crucible_classes() if c is not CrucibleApp)]
     CrucibleApp.launch_instance()

@@ -154,7 +154,7 @@ class CrucibleService(Application):
 
     def initialize(self, argv: list[str] | None = None) -> None:
         """Read settings (files, then the command line); build the dispatcher and the web app."""
-        from ..backends.base import installed_backends, load_backend_class
+        from ..backends.registry import installed_backends, load_backend_class
         from ..cli import load_config
         from ..dispatcher import Dispatcher
 

@@ -267,7 +267,7 @@ async def probe_results(make_dispatcher, tmp_path) -> dict[str, str]:
 
     d = await make_dispatcher()
     backend = d.get_backend("local")
-    await backend._discover()
+    await backend.discover()
     tmp_name = f"crucible-escape-{secrets.token_hex(4)}"
     Path("/tmp", tmp_name).write_text("another sandbox's file")
     unix_path = f"/tmp/{tmp_name}.sock"
@@ -354,7 +354,7 @@ def _sandbox_processes() -> dict[int, tuple[int, str]]:
 
 
 def _sandbox_uid_range() -> range:
-    from crucible_jupyter.backends import uids
+    from crucible_jupyter.backends.local import uids
 
     first, last = uids.parse_range(uids.DEFAULT_RANGE)
     return range(first, last + 1)
@@ -645,7 +645,7 @@ async def test_no_sandbox_starts_when_its_binds_would_show_secrets(
     assert "own folder" in execution.reason  # says how to fix it
     assert "SECRET" not in stream_text(events)
     backend = d.get_backend("local")
-    assert not backend._warm and not backend._warming
+    assert not backend.warm_pool.ready and not backend.warm_pool.starting
     for inside in (home / ".ssh", home / ".local/share/jupyter/crucible"):  # not only above
         inside.mkdir(parents=True, exist_ok=True)
         other = await make_dispatcher(local={"extra_ro_binds": [str(inside)]})
@@ -829,7 +829,7 @@ def _start_in(group, script: str) -> subprocess.Popen:
 @pytest.fixture
 def cgroup():
     """A real per-execution cgroup of the local backend's layout (removed afterwards)."""
-    from crucible_jupyter.backends import cgroups
+    from crucible_jupyter.backends.local import cgroups
 
     layout, detail = cgroups.probe()
     if layout is None:
@@ -845,7 +845,7 @@ def test_group_kill_signals_no_pid_that_left_the_group(cgroup):
     """Under cgroup v1 a kill reads cgroup.procs, then signals each pid: a pid that ended in
     between and went to a host process was killed by the root dispatcher. A read that is
     stale by the time it is acted on (a host process's pid in it) must spare that process."""
-    from crucible_jupyter.backends import cgroups
+    from crucible_jupyter.backends.local import cgroups
 
     inside = _start_in(cgroup, "sleep 60")
     outsider = subprocess.Popen(["sleep", "60"])  # has the pid the stale read names
@@ -914,13 +914,13 @@ async def test_a_cell_cannot_forge_a_reason(make_dispatcher, warm, code, exit_co
 def test_uid_leases_are_exclusive_across_processes(tmp_path):
     """Two dispatchers on one host lease from the same folder: a uid another process holds is
     never handed out, and it is free again once that process is gone (however it ended)."""
-    from crucible_jupyter.backends import uids
+    from crucible_jupyter.backends.local import uids
     from crucible_jupyter.errors import Unavailable
 
     leases = uids.UidLeases(3_000_000_000, 3_000_000_002, str(tmp_path))
     holder = subprocess.Popen(  # another dispatcher, holding the first uid of the range
         [sys.executable, "-c", "import sys; sys.path[:0] = sys.argv[1:2]\n"
-         "from crucible_jupyter.backends import uids\n"
+         "from crucible_jupyter.backends.local import uids\n"
          f"lease = uids.UidLeases(3_000_000_000, 3_000_000_002, {str(tmp_path)!r}).take()\n"
          "print(lease.uid, flush=True); sys.stdin.read()",
          str(Path(__file__).resolve().parents[2])],

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from crucible_jupyter.backends import cgroups
+from crucible_jupyter.backends.local import cgroups
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_only_old_empty_groups_are_removed(layout):
 
 
 def test_only_scratch_folders_of_dead_processes_are_removed(tmp_path):
-    from crucible_jupyter.backends.local import remove_stale_state_dirs
+    from crucible_jupyter.backends.local.launch import remove_stale_state_dirs
 
     gone = subprocess.Popen(["true"])
     gone.wait()

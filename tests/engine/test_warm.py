@@ -14,10 +14,10 @@ from tests.helpers.engine import run_cell, stream_text
 
 async def _until_warm(backend, n: int) -> None:
     for _ in range(500):
-        if len(backend._warm) >= n and not backend._warming:
+        if len(backend.warm_pool.ready) >= n and not backend.warm_pool.starting:
             return
         await asyncio.sleep(0.02)
-    raise AssertionError(f"{len(backend._warm)} warm sandboxes, expected {n}")
+    raise AssertionError(f"{len(backend.warm_pool.ready)} warm sandboxes, expected {n}")
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ async def warm(make_dispatcher):
 
 async def test_cells_run_in_warm_sandboxes_one_each(warm):
     backend = warm.get_backend("local")
-    first = {w.proc.pid for w in backend._warm}
+    first = {w.proc.pid for w in backend.warm_pool.ready}
     code = (
         "import os\n"
         "print(os.path.exists('/tmp/left-behind'), os.environ['CRUCIBLE_EXECUTION_ID'],"
@@ -49,7 +49,7 @@ async def test_cells_run_in_warm_sandboxes_one_each(warm):
         seen.append(execution.id)
     assert len(set(seen)) == 4
     await _until_warm(backend, 2)
-    assert not first & {w.proc.pid for w in backend._warm}  # the first two were used up
+    assert not first & {w.proc.pid for w in backend.warm_pool.ready}  # the first two were used up
 
 
 async def test_a_warm_sandbox_takes_the_cells_memory_limit(warm):
@@ -77,14 +77,14 @@ async def test_stop_leaves_no_warm_sandbox_behind(make_dispatcher):
     d = await make_dispatcher(local={"warm_sandboxes": 3})
     backend = d.get_backend("local")
     await _until_warm(backend, 3)
-    procs = [w.proc for w in backend._warm]
-    groups = [w.group for w in backend._warm if w.group is not None]
+    procs = [w.proc for w in backend.warm_pool.ready]
+    groups = [w.group for w in backend.warm_pool.ready if w.group is not None]
     await d.stop()
     assert all(p.returncode is not None for p in procs)
     for pid in (p.pid for p in procs):
         assert not os.path.exists(f"/proc/{pid}")
     assert not [d for g in groups for d in g.dirs.values() if os.path.exists(d)]
-    assert not backend._warm
+    assert not backend.warm_pool.ready
 
 
 async def test_no_warm_sandboxes_when_turned_off(make_dispatcher):
@@ -93,4 +93,4 @@ async def test_no_warm_sandboxes_when_turned_off(make_dispatcher):
     assert execution.status is Status.SUCCEEDED and stream_text(events) == "cold\n"
     backend = d.get_backend("local")
     await asyncio.sleep(0.2)
-    assert not backend._warm and not backend._warming
+    assert not backend.warm_pool.ready and not backend.warm_pool.starting

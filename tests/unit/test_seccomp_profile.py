@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from crucible_jupyter.backends.local import SECCOMP_DENY_X86_64
+from crucible_jupyter.backends.local.seccomp import SECCOMP_DENY_X86_64
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILE = REPO / "crucible_jupyter" / "backends" / "kubernetes" / "seccomp-executor.json"

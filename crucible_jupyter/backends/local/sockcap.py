@@ -18,7 +18,7 @@ two-slot array: slot 0 counts the group's live IP sockets, slot 1 is the cap.
 
 The programs belong to the group: they end with it, whatever the sandbox does; the cell has no
 capability to detach them (and seccomp refuses ``bpf``). Written by hand like the seccomp filter
-(local.py), for the same reason: a few instructions do not need a compiler or libbpf. Loading
+(seccomp.py), for the same reason: a few instructions do not need a compiler or libbpf. Loading
 them needs root (CAP_BPF and CAP_NET_ADMIN): :func:`problem` says when they cannot be had.
 """
 

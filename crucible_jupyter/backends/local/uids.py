@@ -21,7 +21,7 @@ import contextlib
 import fcntl
 import os
 
-from ..errors import Unavailable
+from ...errors import Unavailable
 
 #: The default range: above the uids systemd hands to containers (524288-1879048191) and
 #: below its "foreign" range (2147352576-) and 2^31 (signed 32-bit trouble), far from the

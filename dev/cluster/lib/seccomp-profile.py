@@ -4,7 +4,7 @@ format containerd loads for ``seccompProfile: {type: Localhost}``).
 
 It is containerd's own default profile (``RuntimeDefault``) as it applies to a container
 with every capability dropped on an x86_64 or arm64 node, minus what the local sandbox's
-filter refuses (``SECCOMP_DENY_X86_64`` in ``crucible_jupyter/backends/local.py``), and with
+filter refuses (``SECCOMP_DENY_X86_64`` in ``backends/local/seccomp.py``), and with
 sockets restricted to the families a cell needs: an allow-list with EPERM as the default,
 so nothing the runtime's default refuses becomes allowed. The allow-list is read from
 containerd's source (``contrib/seccomp/seccomp_default.go``, the module the dev cluster's
