@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.client import responses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tornado import web
 
@@ -75,7 +75,10 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
         seen: set[str] = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        for twice, _ in pairs:  # the first key met a second time
+            if twice in seen:
+                break
+            seen.add(twice)
         raise InvalidRequest(
             f"the request body gives the key {twice[:80]!r} more than once in one object;"
             " give each key once",
@@ -103,7 +106,16 @@ def decode_json(body: bytes) -> Any:
         raise InvalidRequest(f"the request body is not valid JSON: {e}", field="body") from None
 
 
-class CrucibleRequestMixin:
+if TYPE_CHECKING:  # what the mixin is mixed into (before it), as the type checker sees it
+    import logging
+
+    class _Handler(web.RequestHandler):
+        log: logging.Logger  # jupyter_server's and JupyterHub's handlers both have one
+else:
+    _Handler = object
+
+
+class CrucibleRequestMixin(_Handler):
     """Input parsing, the owner rule and JSON errors, shared by both hosts' handlers."""
 
     # -- what the host provides ------------------------------------------------------------------
@@ -162,19 +174,18 @@ class CrucibleRequestMixin:
         """Refuse a query parameter this endpoint does not take, so a typo (``?state=``) is a
         400 rather than an unfiltered answer. ``token`` and ``_xsrf`` pass, as does
         JupyterLab's cache-buster (a bare timestamp such as ``?1732890000123``)."""
-        for name in self.request.query_arguments:  # type: ignore[attr-defined]
+        for name in self.request.query_arguments:
             if name in names or name in _JUPYTER_QUERY or (name.isascii() and name.isdigit()):
                 continue
             takes = f"it takes {', '.join(names)}" if names else "it takes none"
             raise InvalidRequest(
-                f"unknown query parameter {name[:40]!r} for {self.request.path[:200]};"  # type: ignore[attr-defined]
-                f" {takes}",
+                f"unknown query parameter {name[:40]!r} for {self.request.path[:200]}; {takes}",
                 field=name[:64],
             )
 
     def query(self, name: str) -> str | None:
         """One query parameter as text, or None; repeated or undecodable values are a 400."""
-        values = self.request.query_arguments.get(name)  # type: ignore[attr-defined]
+        values = self.request.query_arguments.get(name)
         if not values:
             return None
         if len(values) > 1:
@@ -255,7 +266,7 @@ class CrucibleRequestMixin:
 
     def json_body(self) -> Any:
         """The decoded JSON request body; 413 over the size limit, 400 if it is not JSON."""
-        body = self.request.body or b""  # type: ignore[attr-defined]
+        body = self.request.body or b""
         limit = self.crucible.max_body_bytes
         if len(body) > limit:
             raise RequestTooLarge(
@@ -267,21 +278,21 @@ class CrucibleRequestMixin:
 
     def write_json(self, data: Any, status: int = 200) -> None:
         """Finish the request with ``data`` as JSON."""
-        self.set_status(status)  # type: ignore[attr-defined]
-        self.set_header("Content-Type", "application/json")  # type: ignore[attr-defined]
-        self.finish(json.dumps(data, default=str))  # type: ignore[attr-defined]
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data, default=str))
 
     # -- errors, mapped once ---------------------------------------------------------------------
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """Crucible errors are the caller's mistake or a known outage: log one line, no trace."""
         if isinstance(value, CrucibleError):
-            level = self.log.warning if http_status(value) >= 500 else self.log.info  # type: ignore[attr-defined]
+            level = self.log.warning if http_status(value) >= 500 else self.log.info
             level(
                 "%s %s: %s %s", self.request.method, self.request.path, type(value).__name__, value
-            )  # type: ignore[attr-defined]
+            )
             return
-        super().log_exception(typ, value, tb)  # type: ignore[misc]
+        super().log_exception(typ, value, tb)
 
     def allowed_methods(self) -> list[str]:
         """The HTTP methods this handler answers (for 405 responses and their Allow header)."""
@@ -301,16 +312,16 @@ class CrucibleRequestMixin:
         body: dict[str, Any] | None = None
         if isinstance(exc, CrucibleError):
             status_code = http_status(exc)
-            self.set_status(status_code)  # type: ignore[attr-defined]
+            self.set_status(status_code)
             body = exc.to_dict()
             for name, value in getattr(exc, "headers", {}).items():
-                self.set_header(name, value)  # type: ignore[attr-defined]
+                self.set_header(name, value)
         elif isinstance(exc, web.HTTPError) and status_code == 405 and self.allowed_methods():
             allowed = self.allowed_methods()
-            self.set_header("Allow", ", ".join(allowed))  # type: ignore[attr-defined]
+            self.set_header("Allow", ", ".join(allowed))
             body = {
                 "error": "MethodNotAllowed",
-                "message": f"{self.request.method} is not allowed on {self.request.path};"  # type: ignore[attr-defined]
+                "message": f"{self.request.method} is not allowed on {self.request.path};"
                 f" use {' or '.join(allowed)}",
             }
         elif isinstance(exc, web.HTTPError):
@@ -321,5 +332,5 @@ class CrucibleRequestMixin:
         else:
             body = {"error": "InternalError", "message": "Unhandled error; see the server log"}
         body.setdefault("reason", responses.get(status_code, "Error"))
-        self.set_header("Content-Type", "application/json")  # type: ignore[attr-defined]
-        self.finish(json.dumps(body))  # type: ignore[attr-defined]
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(body))

@@ -72,7 +72,7 @@ class ExecutionsAPI(CrucibleRequestMixin):
             return body
         try:
             sessions = await sessions_of.list_sessions()
-        except Exception:  # the sessions API is a convenience here, never a failure
+        except Exception:  # noqa: BLE001 -- the sessions API is a convenience here, never a failure
             return body
         for session in sessions:
             if (session.get("kernel") or {}).get("id") == nb["kernel_id"] and session.get("path"):
@@ -85,7 +85,7 @@ class ExecutionsAPI(CrucibleRequestMixin):
         await self.authorize("read")
         self.only_query("user", "status", "tag", "since", "until", "cursor", "limit")
         page_max = self.crucible.max_page_size
-        filters = {
+        filters: dict[str, Any] = {
             "user": self.query_text("user"),
             "status": self.query_status(),
             "tag": self.query_tag(),
@@ -94,9 +94,9 @@ class ExecutionsAPI(CrucibleRequestMixin):
             "cursor": self.query_text("cursor", 512),
             "limit": self.query_int("limit", default=min(50, page_max), lo=1, hi=page_max),
         }
-        if filters["since"] is not None and filters["until"] is not None:
-            if filters["since"] > filters["until"]:
-                raise InvalidRequest("since must not be after until", field="since")
+        since, until = filters["since"], filters["until"]
+        if since is not None and until is not None and since > until:
+            raise InvalidRequest("since must not be after until", field="since")
         filters["user"], none = self.user_filter(filters["user"])
         dispatcher = await self.dispatcher()
         page, next_cursor = ([], None) if none else await dispatcher.list(**filters)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
@@ -41,8 +41,13 @@ from ..errors import InvalidRequest
 from .base import CrucibleMixin
 from .common import CrucibleRequestMixin
 
+if TYPE_CHECKING:  # what the socket mixin is mixed into (before it), as the type checker sees it
+    _Socket = WebSocketHandler
+else:
+    _Socket = object
 
-class _CrucibleSocket(CrucibleRequestMixin):
+
+class _CrucibleSocket(CrucibleRequestMixin, _Socket):
     """A server-to-client WebSocket: relays what :meth:`relay` yields, one JSON message each.
     Mixed before a host's WebSocket base (which brings tornado's WebSocketHandler)."""
 
@@ -62,7 +67,7 @@ class _CrucibleSocket(CrucibleRequestMixin):
                 field="Upgrade",
             )
 
-    def open(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    def open(self, *args: Any, **kwargs: Any) -> None:
         """Start relaying."""
         super().open()
         self._pump = asyncio.ensure_future(self._relay())
@@ -89,7 +94,7 @@ class _CrucibleSocket(CrucibleRequestMixin):
             )
             self.close(1008, f"too slow: read nothing for {self.write_stall_seconds:g} s")
             return
-        except Exception as e:  # the dispatcher failed: say so, do not hang the client
+        except Exception as e:  # noqa: BLE001 -- the dispatcher failed: say so, do not hang the client
             self.log.warning("crucible %s failed: %s", self.request.path, e)
             self.close(1011, f"failed; {self.endpoint}")
             return
@@ -109,7 +114,7 @@ class ExecutionStreamAPI(_CrucibleSocket):
 
     endpoint = "fetch GET executions/{id} for the stored events"
 
-    async def get(self, execution_id: str) -> None:  # type: ignore[override]
+    async def get(self, execution_id: str) -> None:
         """Validate, check the execution exists and is the caller's, then upgrade."""
         await self.authorize("read")
         self.execution_id_value = self.execution_id(execution_id)
@@ -118,7 +123,7 @@ class ExecutionStreamAPI(_CrucibleSocket):
         self.require_upgrade("GET executions/{id} returns the stored events over plain HTTP")
         self._dispatcher = await self.dispatcher()
         await self.visible(self._dispatcher, self.execution_id_value)  # 404 before the upgrade
-        await super().get(execution_id)  # type: ignore[misc]
+        await super().get(execution_id)
 
     async def relay(self) -> AsyncIterator[dict]:
         """Every event after ``after``, up to the terminal status."""
@@ -132,14 +137,14 @@ class ChangesAPI(_CrucibleSocket):
 
     endpoint = "reconnect, or list GET executions"
 
-    async def get(self) -> None:  # type: ignore[override]
+    async def get(self) -> None:
         """Validate, then upgrade."""
         await self.authorize("read")
         self.only_query()
         self.require_upgrade("GET executions lists them over plain HTTP")
         self._dispatcher = await self.dispatcher()
         self._caller = self.caller
-        await super().get()  # type: ignore[misc]
+        await super().get()
 
     async def relay(self) -> AsyncIterator[dict]:
         """The dispatcher's change notices the caller may see (overflow notices too)."""
@@ -149,5 +154,7 @@ class ChangesAPI(_CrucibleSocket):
                 yield notice
 
 
-class JupyterSocket(CrucibleMixin, WebSocketMixin, WebSocketHandler, JupyterHandler):
+# jupyter_server's ExtensionHandlerMixin and JupyterHandler type config, serverapp and settings
+# differently; every handler that mixes them (as extensions must) meets that.
+class JupyterSocket(CrucibleMixin, WebSocketMixin, WebSocketHandler, JupyterHandler):  # type: ignore[misc, override]
     """The jupyter_server base of the API's WebSockets."""
