@@ -39,7 +39,7 @@ from ..dispatcher import Dispatcher
 from ..errors import Unavailable
 from ..output_policy import ENV_TRUSTED_TYPES, trusted_types_from_env
 from ..protocol import ENV_SERVER_URL, ENV_TOKEN
-from .base import KernelTokenIdentity
+from .identity import KernelTokenIdentity
 
 
 class CrucibleApp(ExtensionApp):

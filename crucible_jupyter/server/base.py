@@ -2,7 +2,8 @@
 
 Identity: requests carrying the kernel credential (``X-Crucible-Token: <token>``, handed to
 kernels the server starts as ``CRUCIBLE_TOKEN``) are accepted as the server's own user;
-every other request goes through the server's configured identity provider unchanged.
+every other request goes through the server's configured identity provider unchanged
+(:mod:`.identity`).
 
 Authorization: the server's authorizer on resource ``crucible`` (``read`` to list, view and
 stream, ``write`` to submit and cancel); then the owner rule of :mod:`.common`, where the
@@ -13,12 +14,10 @@ custom identity provider's user) sees only their own.
 
 from __future__ import annotations
 
-import hmac
 from http.client import responses
 from typing import TYPE_CHECKING, Any
 
 from jupyter_core.utils import ensure_async
-from jupyter_server.auth.identity import User
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
@@ -36,39 +35,6 @@ if TYPE_CHECKING:
     from .app import CrucibleApp
 
 AUTH_RESOURCE = "crucible"
-
-
-class KernelTokenIdentity:
-    """Wraps the server's identity provider to also accept the kernel credential.
-
-    A request whose ``X-Crucible-Token`` header equals the extension's kernel token is the
-    server's user (``kernel_user``) and counts as token-authenticated (no XSRF cookie needed).
-    Everything else is delegated unchanged.
-    """
-
-    def __init__(self, inner: Any, token: str, user: User) -> None:
-        self._inner = inner
-        self._token = token
-        self._user = user
-
-    def _matches(self, handler: web.RequestHandler) -> bool:
-        given = handler.request.headers.get(KERNEL_TOKEN_HEADER, "")
-        return bool(given and self._token) and hmac.compare_digest(
-            given.encode("utf-8", "replace"), self._token.encode()
-        )
-
-    def get_user(self, handler: web.RequestHandler) -> Any:
-        """The kernel user for a request with the kernel token, else the inner provider's user."""
-        if self._matches(handler):
-            return self._user
-        return self._inner.get_user(handler)
-
-    def is_token_authenticated(self, handler: web.RequestHandler) -> bool:
-        """True for the kernel token and for whatever the inner provider calls token auth."""
-        return self._matches(handler) or self._inner.is_token_authenticated(handler)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
 
 class CrucibleMixin(CrucibleRequestMixin, ExtensionHandlerMixin):
