@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import builtins
 import heapq
 import json
 import math
@@ -14,10 +15,10 @@ from contextlib import contextmanager
 from itertools import islice
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import and_, create_engine, event, exists, func, insert, or_, select, text, update
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, CursorResult, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -315,8 +316,9 @@ class Storage:
             try:
                 with self._engine.connect() as conn:
                     conn.execution_options(crucible_write=True)
+                    driver: Any = conn.connection.driver_connection  # set while conn is open
                     if self.dialect == "sqlite":  # wait longer for another migrator
-                        conn.connection.driver_connection.execute("PRAGMA busy_timeout = 60000")
+                        driver.execute("PRAGMA busy_timeout = 60000")
                     with conn.begin():
                         if self.dialect == "postgresql":
                             conn.execute(
@@ -326,7 +328,7 @@ class Storage:
                         cfg.attributes["connection"] = conn
                         command.upgrade(cfg, "head")
                     if self.dialect == "sqlite":
-                        conn.connection.driver_connection.execute("PRAGMA busy_timeout = 5000")
+                        driver.execute("PRAGMA busy_timeout = 5000")
             except SQLAlchemyError as e:
                 raise self._error("migrating the database schema", e) from e
 
@@ -415,7 +417,10 @@ class Storage:
                 raise _not_found(execution_id)
             return
         with self._session(f"updating execution {execution_id}", write=True) as s:
-            result = s.execute(update(ExecutionRow).where(_EX.c.id == execution_id).values(values))
+            result = cast(
+                "CursorResult[Any]",  # what an UPDATE returns (typed as a plain Result)
+                s.execute(update(ExecutionRow).where(_EX.c.id == execution_id).values(values)),
+            )
             if result.rowcount == 0:
                 raise _not_found(execution_id)
 
@@ -461,10 +466,13 @@ class Storage:
         if not _valid_id(execution_id):
             raise _not_found(execution_id)
         with self._session(f"requesting cancellation of {execution_id}", write=True) as s:
-            result = s.execute(
-                update(ExecutionRow)
-                .where(_EX.c.id == execution_id)
-                .values(cancel_requested_at=func.coalesce(_EX.c.cancel_requested_at, now_ms()))
+            result = cast(
+                "CursorResult[Any]",  # what an UPDATE returns (typed as a plain Result)
+                s.execute(
+                    update(ExecutionRow)
+                    .where(_EX.c.id == execution_id)
+                    .values(cancel_requested_at=func.coalesce(_EX.c.cancel_requested_at, now_ms()))
+                ),
             )
             if result.rowcount == 0:
                 raise _not_found(execution_id)
@@ -607,7 +615,7 @@ class Storage:
             "duration_ms": {**percentiles, "count": count},
         }
 
-    def unfinished(self) -> list[Execution]:
+    def unfinished(self) -> builtins.list[Execution]:  # `list` here is Storage.list
         """Executions still queued, starting or running, oldest first.
 
         After a crash the dispatcher reconciles these with what the backend reports.
@@ -640,7 +648,7 @@ class Storage:
 
     # -- rows → models ----------------------------------------------------------------
 
-    def _build(self, session: Session, rows: Sequence[Any]) -> list[Execution]:
+    def _build(self, session: Session, rows: Sequence[Any]) -> builtins.list[Execution]:
         if not rows:
             return []
         tags: dict[str, list[str]] = {}
