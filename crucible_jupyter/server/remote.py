@@ -12,16 +12,26 @@ It promises:
 * no dispatcher, no database and no cluster credentials in the user server;
 * the service's answers are relayed as they are (status and JSON body), with the
   ``Location`` header and the OpenAPI document's ``servers`` pointing at this server;
-  a service that does not answer is a 503 saying where it was looked for; a token the
-  service refuses (401) is a 503 too, since the browser's user cannot fix it by logging in;
+  a service that does not answer is a 503 at once (never a hang) saying it is unreachable,
+  where it was looked for and whom to ask; a token the service refuses (401) is a 503 too,
+  since the browser's user cannot fix it by logging in; the service's messages name this
+  server's API path, not the service's;
+* an execution's stream outlives a restart of the service: when the service's socket drops
+  before the terminal event (the service was killed, or restarts), the server connects
+  again with ``after`` = the last ``seq`` relayed, for up to ``service_timeout`` seconds, so
+  the client sees every event once and then the end the restarted service recorded; past
+  that, the socket closes with 1011 and a reason. The change feed closes with 1011 when the
+  service's drops (clients reconnect);
 * the server's own credentials (``?token=``, ``_xsrf``) are never forwarded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
@@ -79,10 +89,19 @@ class _RemoteMixin:
 
     def unreachable(self, url: str, error: Any) -> Unavailable:
         """The 503 for a service that did not answer."""
+        app = self.crucible  # type: ignore[attr-defined]
         return Unavailable(
-            f"the crucible service at {url.split('?')[0]} does not answer ({error}); it may be"
-            " restarting: retry shortly, or ask your JupyterHub administrator"
+            f"the crucible service at {app.service_url} is unreachable ({error}); it may be"
+            " restarting: retry in a moment, and if it stays so ask your JupyterHub"
+            " administrator whether `crucible serve` runs"
         )
+
+    def local_paths(self, text: str) -> str:
+        """``text`` with the service's API path replaced by this server's (so a message says
+        where the caller can send the next request)."""
+        app = self.crucible  # type: ignore[attr-defined]
+        theirs = urlsplit(app.service_api_url).path  # /services/crucible/api/
+        return text.replace(theirs, app.api_root + "/") if theirs else text
 
     def relayed(self, status: int, text: bytes | None) -> CrucibleError:
         """The service's error answer as an error of this server."""
@@ -94,6 +113,8 @@ class _RemoteMixin:
             body = {}
         body.setdefault("error", "ServiceError")
         body.setdefault("message", f"the crucible service answered {status}")
+        if isinstance(body["message"], str):
+            body["message"] = self.local_paths(body["message"])
         if status == 401:  # this server's token, not the browser user's login: 503
             body["message"] = (
                 f"the crucible service refused this server's JupyterHub token:"
@@ -171,17 +192,18 @@ class RemoteSocket(_RemoteMixin, _CrucibleSocket, JupyterSocket):
 
     endpoint = "reconnect"
     _upstream: WebSocketClientConnection | None = None
+    #: Seconds between attempts to reach a service whose stream dropped mid-execution.
+    reconnect_interval = 0.5
+    #: Drops of an execution's stream in a row (no message between them) before giving up.
+    max_drops = 5
 
     async def get(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """Authorize, connect to the service (its refusal is this answer), then upgrade."""
         await self.authorize("read")
         self.require_upgrade("the REST endpoints answer over plain HTTP")
         url = self.service_url("ws")
-        request = HTTPRequest(
-            url, headers=self.auth_headers(), connect_timeout=10, request_timeout=30
-        )
         try:
-            self._upstream = await websocket_connect(request)
+            self._upstream = await self._connect(url)
         except HTTPClientError as e:
             if e.code == 599 or e.response is None:
                 raise self.unreachable(url, e) from None
@@ -190,14 +212,66 @@ class RemoteSocket(_RemoteMixin, _CrucibleSocket, JupyterSocket):
             raise self.unreachable(url, e) from None
         await super().get(*args, **kwargs)
 
+    async def _connect(self, url: str) -> WebSocketClientConnection:
+        request = HTTPRequest(
+            url, headers=self.auth_headers(), connect_timeout=10, request_timeout=30
+        )
+        return await websocket_connect(request)
+
     async def relay(self):  # type: ignore[override]
-        """The service's messages, one by one, until it closes."""
-        upstream = self._upstream
-        assert upstream is not None
-        while (message := await upstream.read_message()) is not None:
-            yield json.loads(message)
-        if upstream.close_code not in (None, 1000):
-            raise ConnectionError(f"the service closed with {upstream.close_code}")
+        """The service's messages, one by one, until it closes (an execution's stream: until
+        its terminal event, across restarts of the service)."""
+        stream = "execution_id" in self.path_kwargs
+        after: int | None = None
+        drops = 0  # in a row, with no message in between
+        while True:
+            upstream = self._upstream
+            assert upstream is not None
+            while (message := await upstream.read_message()) is not None:
+                drops = 0
+                event = json.loads(message)
+                if stream and isinstance(event, dict) and isinstance(event.get("seq"), int):
+                    after = event["seq"]
+                yield event
+            if upstream.close_code == 1000:
+                return  # the service ended it: the terminal event was the last message
+            why = f"closed with {upstream.close_code}" if upstream.close_code else "went away"
+            drops += 1
+            if not stream or drops > self.max_drops:
+                raise ConnectionError(f"the crucible service's socket {why}")
+            self.log.warning(  # type: ignore[attr-defined]
+                "crucible: the service's stream of %s %s; reconnecting",
+                self.path_kwargs["execution_id"],
+                why,
+            )
+            self._upstream = await self._reconnect(after, why)
+
+    async def _reconnect(self, after: int | None, why: str) -> WebSocketClientConnection:
+        """The stream again from the service, after ``after``; ConnectionError once it has not
+        come back within ``service_timeout`` seconds or refuses for good."""
+        url = self.service_url("ws")
+        if after is not None:
+            base, _, query = url.partition("?")
+            kept = [p for p in query.split("&") if p and not p.startswith("after=")]
+            url = base + "?" + "&".join([*kept, f"after={after}"])
+        deadline = time.monotonic() + self.crucible.service_timeout
+        last: Any = why
+        while time.monotonic() < deadline:
+            await asyncio.sleep(self.reconnect_interval)
+            try:
+                return await self._connect(url)
+            except HTTPClientError as e:
+                if e.response is not None and e.code not in (502, 503, 504, 599):
+                    raise ConnectionError(  # refused for good (404: gone; 401/403)
+                        f"the crucible service refused the stream again ({e.code})"
+                    ) from None
+                last = e
+            except Exception as e:  # refused connection: still down
+                last = e
+        raise ConnectionError(
+            f"the crucible service's stream {why} and it did not come back within"
+            f" {self.crucible.service_timeout:g} s (last: {last})"
+        )
 
     def on_close(self) -> None:
         """Close the service's side too."""

@@ -7,7 +7,9 @@ The promises:
   value the client sends;
 * no token: 401; a token the hub does not know (expired, revoked, from another hub): 401;
   a token without the service's access scope (``access:services!service=<name>``): 403;
-  each with a message saying what to send or whom to ask;
+  each with a message saying what to send or whom to ask, naming the service's path;
+  JupyterHub's unfiltered ``access:services`` (every service of the hub, as its admin role
+  has) lets the caller in as themselves, with no crucible admin rights;
 * a hub that does not answer (down, restarting) is a 503 with the reason, never a 500;
 * the token's own scopes decide admin rights (``admin_scope``, unfiltered), not the user's
   ``admin`` flag, which would ignore how the token was scoped.
@@ -34,10 +36,13 @@ class Unauthorized(CrucibleError):
 class HubIdentity:
     """Turns a request into a :class:`~crucible_jupyter.server.common.Caller` via JupyterHub."""
 
-    def __init__(self, hub_auth: HubAuth, *, admin_scope: str, service_name: str) -> None:
+    def __init__(
+        self, hub_auth: HubAuth, *, admin_scope: str, service_name: str, prefix: str = ""
+    ) -> None:
         self.hub_auth = hub_auth
         self.admin_scope = admin_scope
         self.service_name = service_name
+        self.prefix = prefix or f"/services/{service_name}/"
         if not hub_auth.access_scopes:
             hub_auth.access_scopes = {f"access:services!service={service_name}"}
 
@@ -55,15 +60,16 @@ class HubIdentity:
         token = self.hub_auth.get_token(handler, in_cookie=False)
         if not token:
             raise Unauthorized(
-                "no JupyterHub token: send 'Authorization: token <token>' with an API token"
-                " of your JupyterHub user ($JUPYTERHUB_API_TOKEN in a user server, or one"
-                f" made at {self._token_page()})"
+                f"no JupyterHub token: the crucible service at {self.prefix} needs"
+                " 'Authorization: token <token>' with an API token of your JupyterHub user"
+                f" ($JUPYTERHUB_API_TOKEN in a user server, or one made at {self._token_page()})"
             )
         model = await self._user_for(token)
         if not model:
             raise Unauthorized(
                 "JupyterHub does not know this token (expired, revoked, or from another hub);"
-                f" send a current API token of your JupyterHub user (made at {self._token_page()})"
+                f" the crucible service at {self.prefix} needs a current API token of your"
+                f" JupyterHub user (made at {self._token_page()})"
             )
         scopes = set(model.get("scopes") or ())
         kind = model.get("kind", "user")
@@ -72,7 +78,8 @@ class HubIdentity:
             needed = " or ".join(sorted(self.access_scopes))
             raise Forbidden(
                 f"the token of JupyterHub {kind} {name!r} does not grant access to the"
-                f" {self.service_name!r} service: it needs the scope {needed}; ask your"
+                f" {self.service_name!r} service at {self.prefix}: it needs the scope {needed};"
+                " ask your"
                 " JupyterHub administrator to grant it (a role with that scope for your user"
                 " and, for tokens of user servers, c.Spawner.server_token_scopes)"
             )

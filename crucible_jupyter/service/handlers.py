@@ -24,12 +24,15 @@ from typing import TYPE_CHECKING, Any
 from tornado import web
 from tornado.websocket import WebSocketHandler
 
-from ..errors import NotFound
+from ..errors import CrucibleError, NotFound
 from ..server.common import Caller, CrucibleRequestMixin
 from ..server.handlers import routes
 
 if TYPE_CHECKING:
     from .app import CrucibleService
+
+#: How a shared message names the server extension's API ("GET crucible/api/executions").
+_EXTENSION_API = re.compile(r"(?<![/\w])crucible/api/")
 
 
 class ServiceMixin(CrucibleRequestMixin):
@@ -65,6 +68,14 @@ class ServiceMixin(CrucibleRequestMixin):
     async def authorize(self, action: str) -> None:
         """The access scope (checked in :meth:`prepare`) allows every action; the owner rule
         decides which executions."""
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """The shared JSON error, naming this service's API path where a message points at
+        the extension's (``crucible/api/...``, as the storage's texts do)."""
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, CrucibleError) and _EXTENSION_API.search(exc.message):
+            exc.message = _EXTENSION_API.sub(self.crucible.api_root + "/", exc.message)
+        super().write_error(status_code, **kwargs)
 
     def set_default_headers(self) -> None:
         """API answers are not to be cached or sniffed."""

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ from typing import Any
 
 import pytest
 import requests
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
 
 REPO = Path(__file__).resolve().parents[2]
 CHP = REPO / ".venv" / "chp" / "node_modules" / ".bin" / "configurable-http-proxy"
@@ -40,7 +43,11 @@ CRUCIBLE = Path(sys.executable).with_name("crucible")
 SINGLEUSER = Path(sys.executable).with_name("jupyterhub-singleuser")
 STARTUP_GUARD = 90  # seconds a process may take to answer before the fixture gives up
 GUARD_SECONDS = 120  # seconds a polling loop may wait before a test fails (not a timing check)
-USERS = ("alice", "bob", "admin")
+GRACE = 8  # shutdown grace period of the tests' own services (a setting, not a measured bound)
+USERS = ("alice", "bob", "admin", "carol", "hubwide")
+#: carol's server forwards to a service the fault tests start, kill and restart themselves
+#: (on ``Hub.spare_port``), not to the hub-managed one. hubwide holds the unfiltered
+#: ``access:services`` scope (every service of the hub, as JupyterHub's admin role does).
 
 
 def free_port() -> int:
@@ -119,6 +126,7 @@ class Hub:
     hub_api_direct: str = ""
     control_token: str = ""
     dir: Path = Path()
+    spare_port: int = 0
     proc: subprocess.Popen | None = None
 
     def headers(self, who: str | None) -> dict[str, str]:
@@ -135,6 +143,221 @@ class Hub:
             return r.status_code, r.json()
         except ValueError:
             return r.status_code, r.text
+
+
+class Service:
+    """A ``crucible serve`` process of a test's own (an external hub service: tokens checked
+    by the session's real hub), on SQLite in ``tmp``; ``port`` and ``db_url`` let a test
+    start it again where it was."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        hub_api: str,
+        *extra: str,
+        port: int | None = None,
+        db_url: str | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/services/crucible/"
+        self.db_url = db_url or f"sqlite:///{tmp}/service.db"
+        self.log = tmp / f"service-{self.port}.log"
+        env = {
+            **os.environ,
+            "JUPYTERHUB_API_URL": hub_api,
+            "JUPYTERHUB_SERVICE_NAME": "crucible",
+            "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{self.port}",
+            "CRUCIBLE_DB_URL": self.db_url,
+            "CRUCIBLE_SHUTDOWN_GRACE_SECONDS": str(GRACE),
+        }
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [str(CRUCIBLE), "serve", "--CrucibleDispatcher.enabled_backends=local", *extra],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for(f"{self.url}readyz", self.proc, self.log)
+
+    def call(self, hub: Hub, who: str, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        """``hub.call`` against this service directly."""
+        return hub.call(who, method, path, base=self.url, **kw)
+
+
+class UserServer:
+    """A user's server as the hub started it, reached through the hub's proxy."""
+
+    def __init__(self, hub: Hub, user: str) -> None:
+        self.hub = hub
+        self.user = user
+        self.base = f"{hub.url}/user/{user}/"
+        self.api = f"{self.base}crucible/api/"
+
+    def call(self, method: str, path: str, **kw: Any) -> tuple[int, Any, Any]:
+        """``(status, JSON body or text, response)`` of ``method path`` under its crucible API."""
+        r = requests.request(
+            method, self.api + path, headers=self.hub.headers(self.user), timeout=60, **kw
+        )
+        try:
+            return r.status_code, r.json(), r
+        except ValueError:
+            return r.status_code, r.text, r
+
+
+@contextlib.contextmanager
+def user_server(hub: Hub, user: str) -> Iterator[UserServer]:
+    """``user``'s server, started through the hub's API, stopped afterwards."""
+    control = {"Authorization": f"token {hub.control_token}"}
+    r = requests.post(f"{hub.api_url}/users/{user}/server", headers=control, timeout=60)
+    assert r.status_code in (201, 202), r.text
+    server = UserServer(hub, user)
+    deadline = time.monotonic() + GUARD_SECONDS
+    while True:
+        r = requests.get(
+            f"{server.base}api/status",
+            headers=hub.headers(user),
+            allow_redirects=False,
+            timeout=30,
+        )
+        if r.status_code == 200:
+            break
+        assert time.monotonic() < deadline, (r.status_code, r.text[:2000])
+        time.sleep(0.2)
+    try:
+        yield server
+    finally:
+        requests.delete(f"{hub.api_url}/users/{user}/server", headers=control, timeout=60)
+        deadline = time.monotonic() + GUARD_SECONDS
+        while time.monotonic() < deadline:  # stopped, so it can be started again
+            r = requests.get(f"{hub.api_url}/users/{user}", headers=control, timeout=30)
+            if not r.json().get("servers"):
+                break
+            time.sleep(0.2)
+
+
+class Kernel:
+    """A kernel of a user's server, driven over the server's kernel WebSocket through the
+    hub's proxy, as JupyterLab drives it (JSON messages on ``api/kernels/{id}/channels``)."""
+
+    def __init__(self, server: UserServer, name: str) -> None:
+        self.server = server
+        self.name = name
+        self.id = ""
+        self.session = uuid.uuid4().hex
+        self.conn: Any = None
+
+    async def __aenter__(self) -> Kernel:
+        hub = self.server.hub
+        r = requests.post(
+            f"{self.server.base}api/kernels",
+            json={"name": self.name},
+            headers=hub.headers(self.server.user),
+            timeout=60,
+        )
+        assert r.status_code == 201, r.text
+        self.id = r.json()["id"]
+        url = f"{self.server.base}api/kernels/{self.id}/channels?session_id={self.session}"
+        request = HTTPRequest(
+            url.replace("http://", "ws://", 1), headers=hub.headers(self.server.user)
+        )
+        self.conn = await websocket_connect(request)
+        while True:  # ready once it answers kernel_info
+            msg_id = self.send("kernel_info_request", {})
+            try:
+                reply = await self.reply(msg_id, guard=5)
+            except asyncio.TimeoutError:
+                continue
+            if reply["msg_type"] == "kernel_info_reply":
+                return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self.conn is not None:
+            await close_ws(self.conn)
+        requests.delete(
+            f"{self.server.base}api/kernels/{self.id}",
+            headers=self.server.hub.headers(self.server.user),
+            timeout=60,
+        )
+
+    def send(self, msg_type: str, content: dict[str, Any], channel: str = "shell") -> str:
+        """Send a message; its msg_id."""
+        msg_id = uuid.uuid4().hex
+        header = {
+            "msg_id": msg_id,
+            "msg_type": msg_type,
+            "session": self.session,
+            "username": self.server.user,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "version": "5.3",
+        }
+        message = {
+            "header": header,
+            "parent_header": {},
+            "metadata": {},
+            "content": content,
+            "channel": channel,
+            "buffers": [],
+        }
+        self.conn.write_message(json.dumps(message))
+        return msg_id
+
+    async def message(self, msg_id: str, guard: float = GUARD_SECONDS) -> dict[str, Any]:
+        """The next message answering ``msg_id`` (any channel)."""
+        while True:
+            raw = await asyncio.wait_for(self.conn.read_message(), guard)
+            assert raw is not None, "the kernel's WebSocket closed"
+            if isinstance(raw, bytes):
+                continue  # binary protocol frames: not asked for
+            message = json.loads(raw)
+            if message.get("parent_header", {}).get("msg_id") == msg_id:
+                return message
+
+    async def reply(self, msg_id: str, guard: float = GUARD_SECONDS) -> dict[str, Any]:
+        """The shell reply to ``msg_id``."""
+        while True:
+            message = await self.message(msg_id, guard)
+            if message["channel"] == "shell":
+                return message
+
+    def execute(self, code: str) -> str:
+        """Send an execute_request; its msg_id."""
+        content = {"code": code, "silent": False, "store_history": True, "allow_stdin": False}
+        return self.send("execute_request", {**content, "user_expressions": {}})
+
+    async def finish(
+        self, msg_id: str, outputs: list[dict[str, Any]] | None = None
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """``(execute_reply content, IOPub messages)`` of ``msg_id``, once the kernel is idle."""
+        outputs = [] if outputs is None else outputs
+        reply, idle = None, False
+        while reply is None or not idle:
+            message = await self.message(msg_id)
+            if message["channel"] == "shell":
+                reply = message["content"]
+            elif message["msg_type"] == "status":
+                idle = message["content"]["execution_state"] == "idle"
+            elif message["channel"] == "iopub":
+                outputs.append(message)
+        return reply, outputs
+
+    async def run(self, code: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Execute ``code``; ``(execute_reply content, IOPub messages)``."""
+        return await self.finish(self.execute(code))
+
+
+def text_of(outputs: list[dict[str, Any]]) -> str:
+    """Everything a cell showed: streams, errors, displays (text/plain)."""
+    parts = []
+    for m in outputs:
+        content = m["content"]
+        if m["msg_type"] == "stream":
+            parts.append(content["text"])
+        elif m["msg_type"] == "error":
+            parts.append(f"{content['ename']}: {content['evalue']}")
+        elif m["msg_type"] in ("display_data", "update_display_data", "execute_result"):
+            parts.append(content["data"].get("text/plain", ""))
+    return "\n".join(parts)
 
 
 def _hub_config(tmp: Path, ports: dict[str, int], control_token: str) -> str:
@@ -171,7 +394,13 @@ c.Spawner.cmd = [{str(SINGLEUSER)!r}]
 c.Spawner.args = ["--allow-root"]
 c.Spawner.start_timeout = {STARTUP_GUARD}
 c.Spawner.http_timeout = {STARTUP_GUARD}
-c.Spawner.environment = {{"CRUCIBLE_SERVICE_URL": {service_url + "/services/crucible/"!r}}}
+
+def _crucible_url(spawner):
+    port = {ports["spare"]} if spawner.user.name == "carol" else {ports["service"]}
+    return f"http://127.0.0.1:{{port}}/services/crucible/"
+
+
+c.Spawner.environment = {{"CRUCIBLE_SERVICE_URL": _crucible_url}}
 c.Spawner.server_token_scopes = [
     "users:activity!user",
     "access:servers!server",
@@ -197,6 +426,7 @@ c.JupyterHub.custom_scopes = {{
 c.JupyterHub.load_roles = [
     {{"name": "user", "scopes": ["self", "access:services!service=crucible"]}},
     {{"name": "crucible-admin", "scopes": ["custom:crucible:admin"], "users": ["admin"]}},
+    {{"name": "every-service", "scopes": ["access:services"], "users": ["hubwide"]}},
     {{
         "name": "test-control",
         "scopes": ["admin:users", "admin:servers", "tokens"],
@@ -230,6 +460,15 @@ def _make_tokens(hub: Hub, control_token: str) -> None:
     )
     assert r.status_code == 201, r.text
     hub.tokens["alice-noscope"] = r.json()["token"]
+    # hubwide's token for another service only
+    r = requests.post(
+        f"{hub.api_url}/users/hubwide/tokens",
+        json={"note": "another service", "scopes": ["access:services!service=test-control"]},
+        headers=control,
+        timeout=30,
+    )
+    assert r.status_code == 201, r.text
+    hub.tokens["hubwide-other"] = r.json()["token"]
 
 
 @pytest.fixture(scope="session")
@@ -240,7 +479,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     if not CRUCIBLE.exists():
         pytest.fail(f"the crucible command is not at {CRUCIBLE}: run dev/setup --tests")
     tmp = tmp_path_factory.mktemp("hub")
-    ports = {name: free_port() for name in ("public", "hub", "proxy_api", "service")}
+    ports = {name: free_port() for name in ("public", "hub", "proxy_api", "service", "spare")}
     control_token = secrets.token_hex(16)
     (tmp / "jupyterhub_config.py").write_text(_hub_config(tmp, ports, control_token))
     log = tmp / "jupyterhub.log"
@@ -263,6 +502,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
         proc=proc,
     )
     hub.hub_api_direct = f"http://127.0.0.1:{ports['hub']}/hub/api"
+    hub.spare_port = ports["spare"]
     try:
         wait_for(f"{hub.api_url}/", proc, log)
         wait_for(f"{hub.service_url}readyz", proc, log)

@@ -94,6 +94,39 @@ async def test_no_token_is_401_and_a_token_without_the_scope_is_403(hub: Hub) ->
         assert code == status, body
 
 
+def test_refusals_name_the_services_own_paths(hub: Hub) -> None:
+    unknown = str(uuid.uuid4())
+    code, body = hub.call("alice", "GET", f"executions/{unknown}")
+    assert code == 404, body
+    assert "GET /services/crucible/api/executions" in body["message"], body
+    assert " crucible/api/" not in body["message"], body
+    code, body = hub.call(None, "GET", "executions")
+    assert code == 401, body
+    assert "crucible service at /services/crucible/" in body["message"], body
+    code, body = hub.call("alice-noscope", "GET", "executions")
+    assert code == 403, body
+    assert "'crucible' service at /services/crucible/" in body["message"], body
+
+
+def test_the_unfiltered_access_scope_passes_one_for_another_service_does_not(hub: Hub) -> None:
+    # access:services without a filter is JupyterHub's "every service" (its admin role has it):
+    # it lets the caller in as themselves, and makes no crucible admin
+    code, body = hub.call("hubwide", "POST", "executions", json={"code": "print(1)"})
+    assert code == 201, body
+    assert body["user"] == "hubwide"
+    mine = body["id"]
+    alices = submit(hub, "alice", "print('not for hubwide')")
+    code, body = hub.call("hubwide", "GET", f"executions/{alices['id']}")
+    assert code == 404, body
+    code, page = hub.call("hubwide", "GET", "executions?limit=500")
+    assert code == 200, page
+    assert {e["id"] for e in page["executions"]} == {mine}, page
+    # a token scoped to another service of the hub is refused
+    code, body = hub.call("hubwide-other", "GET", "executions")
+    assert code == 403, body
+    assert "access:services!service=crucible" in body["message"], body
+
+
 async def test_probes_need_no_token(hub: Hub) -> None:
     r = requests.get(f"{hub.service_url}readyz", timeout=30)
     assert r.status_code == 200 and r.json() == {"ready": True, "reason": None}

@@ -9,59 +9,21 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-import requests
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
-from .conftest import CRUCIBLE, GUARD_SECONDS, Hub, close_ws, ws_refusal
+from .conftest import CRUCIBLE, GUARD_SECONDS, Hub, UserServer, close_ws, user_server, ws_refusal
 
 pytestmark = pytest.mark.hub
-
-
-class UserServer:
-    """alice's server as the hub started it, reached through the hub's proxy."""
-
-    def __init__(self, hub: Hub, user: str) -> None:
-        self.hub = hub
-        self.user = user
-        self.api = f"{hub.url}/user/{user}/crucible/api/"
-
-    def call(self, method: str, path: str, **kw: Any) -> tuple[int, Any, Any]:
-        r = requests.request(
-            method, self.api + path, headers=self.hub.headers(self.user), timeout=60, **kw
-        )
-        try:
-            return r.status_code, r.json(), r
-        except ValueError:
-            return r.status_code, r.text, r
 
 
 @pytest.fixture(scope="module")
 def alice_server(hub: Hub) -> Iterator[UserServer]:
     """alice's user server, started through the hub's API, stopped afterwards."""
-    control = {"Authorization": f"token {hub.control_token}"}
-    r = requests.post(f"{hub.api_url}/users/alice/server", headers=control, timeout=60)
-    assert r.status_code in (201, 202), r.text
-    server = UserServer(hub, "alice")
-    deadline = time.monotonic() + GUARD_SECONDS
-    while True:
-        r = requests.get(
-            f"{hub.url}/user/alice/api/status",
-            headers=hub.headers("alice"),
-            allow_redirects=False,
-            timeout=30,
-        )
-        if r.status_code == 200:
-            break
-        assert time.monotonic() < deadline, (r.status_code, r.text[:2000])
-        time.sleep(0.2)
-    try:
+    with user_server(hub, "alice") as server:
         yield server
-    finally:
-        requests.delete(f"{hub.api_url}/users/alice/server", headers=control, timeout=60)
 
 
 def test_a_cell_through_alices_server_runs_at_the_service_as_alice(
@@ -117,6 +79,8 @@ async def test_streams_and_history_through_the_server_are_alices_only(
     unknown = str(uuid.uuid4())
     code, body, _ = alice_server.call("GET", f"executions/{unknown}")
     assert code == 404 and unknown in body["message"], body
+    assert "GET /user/alice/crucible/api/executions" in body["message"], body
+    assert "/services/crucible/" not in body["message"], body
     code, body = ws_refusal(
         f"{alice_server.api}executions/{bobs['id']}/stream", hub.headers("alice")
     )

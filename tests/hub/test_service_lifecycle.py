@@ -4,9 +4,7 @@ tokens checked by the session's real hub) and talks to it directly."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,43 +14,12 @@ import requests
 
 from crucible_jupyter.storage import Storage
 
-from .conftest import CRUCIBLE, GUARD_SECONDS, Hub, free_port, stop_process, wait_for
+from .conftest import GRACE, GUARD_SECONDS, Hub, Service, free_port, stop_process
 
 pytestmark = pytest.mark.hub
 
-GRACE = 8  # the service's shutdown grace period (a setting, not a measured bound)
 SHORT = "import time\nprint('begun', flush=True)\ntime.sleep(0.5)\nprint('done', flush=True)\n"
 FOREVER = "print('begun', flush=True)\nimport time\nwhile True:\n    time.sleep(0.05)\n"
-
-
-class Service:
-    """A ``crucible serve`` process of the test's own, on SQLite in ``tmp``."""
-
-    def __init__(self, tmp: Path, hub_api: str, *extra: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/services/crucible/"
-        self.db_url = f"sqlite:///{tmp}/service.db"
-        self.log = tmp / f"service-{self.port}.log"
-        env = {
-            **os.environ,
-            "JUPYTERHUB_API_URL": hub_api,
-            "JUPYTERHUB_SERVICE_NAME": "crucible",
-            "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{self.port}",
-            "CRUCIBLE_DB_URL": self.db_url,
-            "CRUCIBLE_SHUTDOWN_GRACE_SECONDS": str(GRACE),
-        }
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [str(CRUCIBLE), "serve", "--CrucibleDispatcher.enabled_backends=local", *extra],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_for(f"{self.url}readyz", self.proc, self.log)
-
-    def call(self, hub: Hub, who: str, method: str, path: str, **kw):
-        return hub.call(who, method, path, base=self.url, **kw)
 
 
 @pytest.fixture
