@@ -12,15 +12,22 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import nbformat
 import pytest
 
-from .conftest import Cell, LabPage, LabServer, wait_until
+from tests.helpers.lab import (
+    CRUCIBLE,
+    FINISHED,
+    PYTHON3,
+    Cell,
+    LabPage,
+    LabServer,
+    finished,
+    write_notebook,
+)
+from tests.helpers.net import wait_until
 
 pytestmark = pytest.mark.browser
 
-PYTHON3 = "Python 3 (ipykernel)"
-CRUCIBLE = "Python (Crucible isolated)"
 TAG = "browser-e2e"
 
 TICKS = f"""%%crucible --tag {TAG} --name ticks
@@ -52,23 +59,6 @@ def divide(a, b):
 divide(1, 0)
 """
 
-KERNELSPECS = {
-    "python3": {"name": "python3", "display_name": PYTHON3, "language": "python"},
-    "crucible": {"name": "crucible", "display_name": CRUCIBLE, "language": "python"},
-}
-
-FINISHED = re.compile(r"crucible · (\S+) (succeeded|failed|timed out|cancelled)[^·]* · (\S+)")
-
-
-def write_notebook(lab: LabServer, name: str, kernel: str, sources: list[str]) -> list[str]:
-    """Write ``name`` into the server's root with one code cell per source; the cell ids."""
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = KERNELSPECS[kernel]
-    nb.metadata["language_info"] = {"name": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(source) for source in sources]
-    nbformat.write(nb, str(lab.root / name))
-    return [cell.id for cell in nb.cells]
-
 
 @pytest.fixture(scope="module")
 def notebooks(lab: LabServer) -> dict[str, list[str]]:
@@ -81,11 +71,6 @@ def notebooks(lab: LabServer) -> dict[str, list[str]]:
             lab, "kernel.ipynb", "crucible", [KERNEL_TICKS, KERNEL_FAILING]
         ),
     }
-
-
-def finished(cell: Cell) -> re.Match[str] | None:
-    """The cell's final crucible status line, once the cell itself is done."""
-    return FINISHED.search(cell.text) if cell.done else None
 
 
 def assert_streamed_live(history: list[Cell], first: str, last: str) -> None:

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from .conftest import LabServer, wait_until
+from tests.helpers.lab import LabServer
+from tests.helpers.net import wait_until
 
 pytestmark = pytest.mark.browser
 

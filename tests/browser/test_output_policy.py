@@ -21,8 +21,15 @@ from typing import Any
 
 import pytest
 
-from .conftest import LabPage, LabServer
-from .test_lab import CRUCIBLE, FINISHED, PYTHON3, finished, write_notebook
+from tests.helpers.lab import (
+    CRUCIBLE,
+    FINISHED,
+    PYTHON3,
+    LabPage,
+    LabServer,
+    finished,
+    write_notebook,
+)
 
 pytestmark = pytest.mark.browser
 

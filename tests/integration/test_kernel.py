@@ -28,8 +28,7 @@ import jupyter_kernel_test as jkt
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 
-from .conftest import ServerProcess, server_request, start_session
-from .test_notebook import _collect, connect
+from tests.helpers.jupyter import ServerProcess, collect, connect, server_request, start_session
 
 pytestmark = pytest.mark.slow
 
@@ -228,7 +227,7 @@ def test_kernel_through_a_real_server(jupyter_server_process: ServerProcess) -> 
         kc = await connect(server, kernel_id)
         try:
             kc.cell_id = "cell-one"
-            msgs = await _collect(kc, kc.execute("print('isolated')\n6 * 7"))
+            msgs = await collect(kc, kc.execute("print('isolated')\n6 * 7"))
             kinds = [m["msg_type"] for m in msgs]
             assert "stream" in kinds and "execute_result" in kinds
             status = [
@@ -241,7 +240,7 @@ def test_kernel_through_a_real_server(jupyter_server_process: ServerProcess) -> 
 
             # an id is looked up as typed: not cut at a "?", not refused for a space
             for line in (f"%crucible status '{first_id}?x'", "%crucible status 'a b'"):
-                msgs = await _collect(kc, kc.execute(line))
+                msgs = await collect(kc, kc.execute(line))
                 [error] = [m["content"] for m in msgs if m["msg_type"] == "error"]
                 assert "no execution with id" in error["evalue"], error
 
@@ -255,7 +254,7 @@ def test_kernel_through_a_real_server(jupyter_server_process: ServerProcess) -> 
                     assert code == 204
 
             msg_id = kc.execute("import time\nprint('sleeping', flush=True)\ntime.sleep(60)")
-            msgs = await _collect(kc, msg_id, interrupt_once)
+            msgs = await collect(kc, msg_id, interrupt_once)
             errors = [m for m in msgs if m["msg_type"] == "error"]
             assert errors and errors[0]["content"]["ename"] == "KeyboardInterrupt"
             assert time.time() - interrupted[0] < 20

@@ -9,7 +9,6 @@ import asyncio
 import getpass
 import json
 import os
-import queue
 import subprocess
 import sys
 import time
@@ -22,7 +21,14 @@ from jupyter_client.asynchronous import AsyncKernelClient
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from .conftest import ServerKernelManager, ServerProcess, server_request, start_session
+from tests.helpers.jupyter import (
+    ServerKernelManager,
+    ServerProcess,
+    collect,
+    connect,
+    server_request,
+    start_session,
+)
 
 
 def _embedded_env(tmp_path: Path) -> dict[str, str]:
@@ -44,58 +50,6 @@ def _history(env: dict[str, str]) -> list[dict[str, Any]]:
 
 
 pytestmark = pytest.mark.slow
-
-
-class CellIdKernelClient(AsyncKernelClient):
-    """Sends ``cellId`` in the execute_request metadata, as JupyterLab does."""
-
-    cell_id: str | None = None
-
-    def execute(  # type: ignore[override]
-        self,
-        code: str,
-        silent: bool = False,
-        store_history: bool = True,
-        user_expressions: dict | None = None,
-        allow_stdin: bool | None = None,
-        stop_on_error: bool = True,
-    ) -> str:
-        content = {
-            "code": code,
-            "silent": silent,
-            "store_history": store_history,
-            "user_expressions": user_expressions or {},
-            "allow_stdin": False,
-            "stop_on_error": stop_on_error,
-        }
-        metadata = {"cellId": self.cell_id} if self.cell_id else {}
-        msg = self.session.msg("execute_request", content, metadata=metadata)
-        self.shell_channel.send(msg)
-        return msg["header"]["msg_id"]
-
-
-async def connect(server: ServerProcess, kernel_id: str) -> CellIdKernelClient:
-    """A client of a kernel the server started, from the server's connection file."""
-    kc = CellIdKernelClient()
-    kc.load_connection_file(str(server.runtime_dir / f"kernel-{kernel_id}.json"))
-    kc.start_channels()
-    # like kc.wait_for_ready, without trusting the heartbeat of a kernel that just started
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        kc.kernel_info()
-        try:
-            reply = await kc.get_shell_msg(timeout=1)
-        except queue.Empty:
-            continue
-        if reply["msg_type"] == "kernel_info_reply":
-            break
-    else:
-        raise AssertionError("the kernel never answered kernel_info")
-    while True:  # drop the startup chatter on IOPub
-        try:
-            await kc.get_iopub_msg(timeout=0.2)
-        except queue.Empty:
-            return kc
 
 
 def outputs_of(nb: Any, cell_id: str) -> list[dict[str, Any]]:
@@ -194,21 +148,6 @@ def test_demo_notebook_through_a_real_server(jupyter_server_process: ServerProce
     }
 
 
-async def _collect(kc: AsyncKernelClient, msg_id: str, stop: Any = None) -> list[dict[str, Any]]:
-    """IOPub messages of ``msg_id`` until idle, stamped with their arrival time."""
-    got = []
-    while True:
-        msg = await kc.get_iopub_msg(timeout=120)
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        msg["arrived"] = time.time()
-        got.append(msg)
-        if stop is not None:
-            await stop(msg)
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            return got
-
-
 def test_output_is_live_and_interrupt_cancels(jupyter_server_process: ServerProcess):
     server = jupyter_server_process
     session = start_session(server, "crucible-demo.ipynb")
@@ -221,7 +160,7 @@ def test_output_is_live_and_interrupt_cancels(jupyter_server_process: ServerProc
 
             # live: each line reaches the client while the cell still runs
             code = "%%crucible\nimport time\nfor i in range(4):\n    print(i, flush=True)\n    time.sleep(0.4)\n"
-            msgs = await _collect(kc, kc.execute(code))
+            msgs = await collect(kc, kc.execute(code))
             streams = [m for m in msgs if m["msg_type"] == "stream"]
             assert "".join(m["content"]["text"] for m in streams) == "0\n1\n2\n3\n"
             first = next(m["arrived"] for m in streams if m["content"]["text"].startswith("0"))
@@ -241,7 +180,7 @@ def test_output_is_live_and_interrupt_cancels(jupyter_server_process: ServerProc
                         )
 
             msg_id = kc.execute(code)
-            msgs = await _collect(kc, msg_id, interrupt_once)
+            msgs = await collect(kc, msg_id, interrupt_once)
             assert interrupted
             reply = await kc.get_shell_msg(timeout=30)
             while reply["parent_header"].get("msg_id") != msg_id:
@@ -267,7 +206,7 @@ def test_output_is_live_and_interrupt_cancels(jupyter_server_process: ServerProc
 
 async def _run(kc: AsyncKernelClient, code: str) -> dict[str, Any]:
     msg_id = kc.execute(code)
-    await _collect(kc, msg_id)
+    await collect(kc, msg_id)
     reply = await kc.get_shell_msg(timeout=60)
     assert reply["content"]["status"] == "ok", reply["content"]
     return reply
@@ -336,7 +275,7 @@ def test_status_line_shows_the_queue_position(tmp_path: Path):
                         cancelled.append(True)
                         server.api("POST", f"executions/{blocker['id']}/cancel", {})
 
-                msgs = await _collect(kc, msg_id, free_the_slot)
+                msgs = await collect(kc, msg_id, free_the_slot)
                 return [
                     m["content"]["data"]["text/plain"]
                     for m in msgs

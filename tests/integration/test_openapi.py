@@ -13,7 +13,7 @@ import schemathesis
 from schemathesis import checks as st
 from schemathesis.generation.modes import GenerationMode
 
-from .conftest import ServerProcess
+from tests.helpers.jupyter import ServerProcess
 
 pytestmark = pytest.mark.slow
 

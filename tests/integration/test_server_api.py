@@ -15,28 +15,9 @@ from typing import Any
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from .conftest import kernel_headers, wait_terminal
+from tests.helpers.jupyter import LONG, kernel_headers, submit, wait_status, wait_terminal
 
 ACTIVE = ("queued", "starting", "running")
-LONG = "import time\nprint('started', flush=True)\ntime.sleep(60)\n"
-
-
-def submit(api: Any, body: dict[str, Any], **kw: Any) -> dict[str, Any]:
-    code, execution, _ = api("POST", "executions", body=body, **kw)
-    assert code == 201, execution
-    return execution
-
-
-def wait_status(api: Any, execution_id: str, want: str, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        _, body, _ = api("GET", "executions", execution_id)
-        if body["status"] == want:
-            return body
-        api.sleep(0.05)
-    raise AssertionError(f"{execution_id} never reached {want}: {body['status']}")
-
-
 # -- the happy paths -----------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ import os
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from .conftest import NoCrucibleAuthorizer, ReadOnlyAuthorizer, kernel_headers
+from tests.helpers.jupyter import NoCrucibleAuthorizer, ReadOnlyAuthorizer, kernel_headers
 
 ID = "01234567-89ab-7def-8123-456789abcdef"
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from crucible_jupyter.server.base import KERNEL_TOKEN_HEADER
-
-from .conftest import wait_terminal
+from tests.helpers.jupyter import wait_terminal
 
 
 @pytest.fixture
@@ -122,8 +121,6 @@ def test_size_limits_say_what_to_do(api):
 
 
 def test_cancel_finished_is_409(api):
-    from .conftest import wait_terminal
-
     code, execution, _ = api("POST", "executions", body={"code": "print(1)"})
     assert code == 201
     wait_terminal(api, execution["id"])

@@ -11,7 +11,7 @@ import pytest
 from jupyter_server.auth.identity import IdentityProvider, User
 from tornado.httpclient import HTTPClientError
 
-from .conftest import wait_terminal
+from tests.helpers.jupyter import wait_terminal
 
 OWNER = "owner"
 HEADER = "X-Test-User"

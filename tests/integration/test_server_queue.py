@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from .conftest import wait_terminal
-from .test_server_api import LONG, submit, wait_status
+from tests.helpers.jupyter import LONG, submit, wait_status, wait_terminal
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ import time
 from typing import Any
 
 from crucible_jupyter.server.stream import _CrucibleSocket
-
-from .conftest import wait_terminal
+from tests.helpers.jupyter import wait_terminal
 
 GUARD = 60  # seconds
 FLOOD = "for i in range(131072):\n    print('x' * 63)\nwhile True:\n    pass\n"  # 8 MiB, spins
