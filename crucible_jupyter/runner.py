@@ -200,7 +200,7 @@ def _clean(obj, depth=0):
         return _json_default(obj)
     try:
         text = str(obj)
-    except Exception:
+    except Exception:  # noqa: BLE001 -- a cell's object's __str__ may raise anything
         text = f"<unprintable {type(obj).__name__} object>"
     return _clean_text(text)
 
@@ -213,7 +213,7 @@ def encode_json_line(obj) -> bytes:
     """
     try:
         return (_dumps(obj) + "\n").encode("utf-8")
-    except Exception:
+    except Exception:  # noqa: BLE001 -- a cell's object may fail to encode in any way; the cleaned copy encodes
         return (_dumps(_clean(obj)) + "\n").encode("utf-8")
 
 
@@ -417,7 +417,7 @@ class _EventReader:
         text = line.decode("utf-8", "replace")
         try:
             msg = _loads(text)
-        except Exception:  # not JSON, or nested too deep for the parser (RecursionError)
+        except Exception:  # noqa: BLE001 -- not JSON, or nested too deep for the parser (RecursionError)
             msg = None
         fields = _validate_event(msg) if isinstance(msg, dict) else None
         if fields is None:  # not ours: show it rather than lose it
@@ -621,7 +621,7 @@ def _interrupt(pid):
 
         if ctypes.CDLL(None).tgkill(pid, pid, signal.SIGINT) == 0:
             return
-    except Exception:
+    except Exception:  # noqa: BLE001 -- no ctypes, no tgkill in this libc, a foreign libc: kill() below
         pass
     try:
         os.kill(pid, signal.SIGINT)
@@ -637,7 +637,7 @@ def _set_dumpable(on):
         import ctypes
 
         ctypes.CDLL(None).prctl(4, 1 if on else 0, 0, 0, 0)  # 4: PR_SET_DUMPABLE
-    except Exception:
+    except Exception:  # noqa: BLE001 -- best effort: without ctypes or prctl the runner still runs
         pass
 
 
@@ -727,7 +727,7 @@ def main(argv=None):
     if pid == 0:
         try:
             _child_main(opts, source, supervisor_pid, out_r, out_w, err_r, err_w, ev_r, ev_w)
-        except BaseException:  # a bug of the runner: say so on the cell's stderr
+        except BaseException:  # noqa: BLE001 -- a bug of the runner: say so on the cell's stderr
             import traceback
 
             os.write(2, _clean_text("runner: " + traceback.format_exc()).encode("utf-8"))
@@ -748,7 +748,7 @@ def main(argv=None):
     except _FrameChannelGone:
         code = _EXIT_RUNNER_FAILURE
         _kill(pid)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 -- a bug of the runner: kill the cell, show the trace, exit as failed
         _kill(pid)
         import traceback
 
@@ -780,7 +780,7 @@ def _receive_cell(opts):
         ok = isinstance(code, str) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in env.items()
         )
-    except Exception:
+    except Exception:  # noqa: BLE001 -- whatever malformed input raises, it is refused the same way
         ok = False
     if not ok:
         sys.stderr.write("runner: the cell sent on stdin is not valid\n")
@@ -943,9 +943,8 @@ def _node_targets(ports):
     try:
         with open("/proc/net/ipv6_route") as f:
             for row in (line.split() for line in f):
-                if len(row) > 9 and row[0] == "0" * 32 and row[4] != "0" * 32:
-                    if row[9] == iface:
-                        nodes.add(socket.inet_ntop(socket.AF_INET6, bytes.fromhex(row[4])))
+                if len(row) > 9 and row[0] == "0" * 32 and row[4] != "0" * 32 and row[9] == iface:
+                    nodes.add(socket.inet_ntop(socket.AF_INET6, bytes.fromhex(row[4])))
     except OSError:
         pass
     return found + [(f"{a}%{iface}", p) for a in sorted(nodes) for p in ports]
@@ -996,7 +995,7 @@ class _EventChannel:
                 self._timer_running = True
                 try:
                     self._start_timer()
-                except Exception:
+                except Exception:  # noqa: BLE001 -- no timer thread (RuntimeError, MemoryError...): flush now instead
                     self._timer_running = False
                     self._flush_locked()
 
@@ -1036,7 +1035,7 @@ class _EventChannel:
             with self._lock:
                 self._timer_running = False
                 self._flush_locked()
-        except BaseException:
+        except BaseException:  # noqa: BLE001 -- the timer thread ends quietly, even at interpreter shutdown
             pass
 
     def _flush_locked(self):
@@ -1301,7 +1300,7 @@ def _get_ipython_formatter():
                 from IPython.core.formatters import DisplayFormatter
 
                 formatter = DisplayFormatter()
-        except Exception:
+        except Exception:  # noqa: BLE001 -- IPython missing or broken in the image: plain repr instead
             pass
         _ipython_formatter.append(formatter)
     return _ipython_formatter[0]
@@ -1312,7 +1311,7 @@ def _repr_method(obj, name):
         return None
     try:
         method = getattr(obj, name, None)
-    except Exception:
+    except Exception:  # noqa: BLE001 -- a cell's object's __getattr__ may raise anything
         return None
     return method if callable(method) else None
 
@@ -1323,7 +1322,7 @@ def _fallback_bundle(obj, include=None, exclude=None):
     if method is not None:
         try:
             bundle = method(include=include, exclude=exclude)
-        except Exception:
+        except Exception:  # noqa: BLE001 -- a cell's _repr_mimebundle_ may raise anything
             bundle = None
         if isinstance(bundle, tuple) and len(bundle) == 2:
             bundle, md = bundle
@@ -1337,7 +1336,7 @@ def _fallback_bundle(obj, include=None, exclude=None):
             continue
         try:
             value = method()
-        except Exception:
+        except Exception:  # noqa: BLE001 -- a cell's _repr_*_ method may raise anything
             continue
         if isinstance(value, tuple) and len(value) == 2:
             value, md = value
@@ -1519,7 +1518,7 @@ class _PatchingLoader:
         self._loader.exec_module(module)
         try:
             self._patch(module)
-        except Exception:
+        except Exception:  # noqa: BLE001 -- a patch that fails leaves the module as it was imported
             pass
 
     def __getattr__(self, name):
@@ -1601,7 +1600,7 @@ def _child_main(opts, source, supervisor_pid, out_r, out_w, err_r, err_w, ev_r, 
 
     try:
         _apply_rlimits(opts)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- any failure is reported to the cell as the runner's
         _send_error(exc, "runner: cannot apply resource limits")
         _exit_child(_EXIT_RUNNER_FAILURE, {})
     code = execute_cell(text, main_module.__dict__)
@@ -1646,13 +1645,13 @@ def _exit_child(code, namespace):
             except KeyboardInterrupt as exc:
                 _send_error(exc)
                 code = 130
-            except BaseException:
+            except BaseException:  # noqa: BLE001 -- teardown goes on whatever the cell's atexit hooks or threads raise
                 pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
             stream.flush()
-        except BaseException:
+        except BaseException:  # noqa: BLE001 -- the cell may have replaced the streams with anything
             pass
     if _channel is not None:
         _channel.flush()
@@ -1660,7 +1659,7 @@ def _exit_child(code, namespace):
     if ctypes is not None:
         try:
             ctypes.CDLL(None).fflush(None)
-        except Exception:
+        except Exception:  # noqa: BLE001 -- sys.modules['ctypes'] may be the cell's own object
             pass
     os._exit(code & 0xFF)
 
@@ -1733,7 +1732,7 @@ def execute_cell(source, namespace):
     except KeyboardInterrupt as exc:
         _send_error(exc)
         code = 130
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 -- whatever the cell raised is its error
         _send_error(exc)
         code = 1
     try:
@@ -1741,7 +1740,7 @@ def execute_cell(source, namespace):
     except KeyboardInterrupt as exc:
         _send_error(exc)
         code = 130
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- drawing the cell's figures may fail in any way
         _send_error(exc)
         code = code or 1
     return code
@@ -1792,7 +1791,7 @@ def _close_loop(loop):
         if tasks:
             loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
-    except BaseException:
+    except BaseException:  # noqa: BLE001 -- the cell's tasks may misbehave in any way while cancelled
         pass
     finally:
         loop.close()
@@ -1807,7 +1806,7 @@ def _system_exit_code(exc):
         return code
     try:
         sys.stderr.write(f"{code}\n")
-    except Exception:
+    except Exception:  # noqa: BLE001 -- the cell may have replaced sys.stderr with anything
         pass
     return 1
 
@@ -1815,14 +1814,14 @@ def _system_exit_code(exc):
 def _safe_str(obj):
     try:
         return str(obj)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 -- a cell's object's __str__ may raise anything, even SystemExit
         return f"<unprintable {type(obj).__name__} object>"
 
 
 def _send_error(exc, note=None):
     try:
         lines = format_traceback(exc)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 -- a cell's exception may break traceback formatting in any way
         lines = [f"{type(exc).__name__}: {_safe_str(exc)}"]
     if note:
         lines.insert(0, note)
