@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -58,7 +59,7 @@ class Server:
                "JUPYTER_RUNTIME_DIR": str(self.runtime)}  # fmt: skip
         for key in ("CRUCIBLE_SERVER_URL", "CRUCIBLE_TOKEN", "JPY_SESSION_NAME"):
             env.pop(key, None)
-        self.log = open(tmp / "server.log", "wb")
+        self.log = open(tmp / "server.log", "wb")  # noqa: SIM115 -- the server's lifetime; see stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter_server", f"--ServerApp.port={self.port}",
              "--ServerApp.ip=127.0.0.1", "--ServerApp.open_browser=False",
@@ -157,9 +158,9 @@ async def bench_cells(
         t0 = time.perf_counter()
         await engine_cell(engine)
         times["engine"].append(time.perf_counter() - t0)
-        assert nb.cells[2].outputs and any(
-            o.get("text") == "1\n" for o in nb.cells[2].outputs if o["output_type"] == "stream"
-        ), nb.cells[2].outputs
+        outputs = nb.cells[2].outputs
+        assert outputs
+        assert any(o.get("text") == "1\n" for o in outputs if o["output_type"] == "stream"), outputs
     kc.stop_channels()
     return times
 
@@ -181,10 +182,8 @@ async def bench_latency(server: Server, kernel_id: str, n: int) -> list[float]:
             continue
         if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout":
             for line in msg["content"]["text"].splitlines():
-                try:
+                with contextlib.suppress(ValueError):
                     lags.append(arrived - float(line))
-                except ValueError:
-                    pass
         if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
             break
     kc.stop_channels()
