@@ -8,6 +8,7 @@ silently, keeping one of the two).
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,27 @@ EXAMPLES = CHART / "examples"
 KUBE_VERSION = "1.34.0"
 NAMESPACE = "jhub"
 RELEASE = "crucible"
+
+#: value sets that switch the chart's other branches on
+VARIANTS: dict[str, dict[str, object]] = {
+    "defaults": {},
+    "postgresql": {
+        "storage.type": "postgresql",
+        "storage.postgresql.existingSecret.name": "crucible-db",
+    },
+    "existing-namespace": {"executions.createNamespace": False},
+    "existing-token": {
+        "hub.apiToken.existingSecret.name": "hub",
+        "hub.apiToken.existingSecret.key": "hub.services.crucible.apiToken",
+    },
+    "no-policy-no-quota": {
+        "networkPolicy.enabled": False,
+        "executions.resourceQuota.enabled": False,
+        "executions.limitRange.enabled": False,
+    },
+    "proxy-allowed": {"networkPolicy.allowProxy": True, "executions.isolationProbe": "off"},
+    "sqlite-existing-claim": {"storage.sqlite.existingClaim": "old-claim", "fullnameOverride": "x"},
+}
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -70,8 +92,8 @@ class Helm:
         args = []
         for f in files or []:
             args += ["-f", str(f)]
-        for key, value in (values or {}).items():
-            args += ["--set-string" if isinstance(value, str) else "--set", f"{key}={value}"]
+        for key, value in (values or {}).items():  # JSON: --set reads 0.5 as a string
+            args += ["--set-json", f"{key}={json.dumps(value)}"]
         return args
 
     def lint(self, files: list[Path] | None = None, values: dict | None = None) -> str:
@@ -115,8 +137,6 @@ class Rendered:
 
     def config(self) -> dict:
         """The service's traitlets settings (crucible_config.json in its ConfigMap)."""
-        import json
-
         return json.loads(self.one("ConfigMap")["data"]["crucible_config.json"])
 
 

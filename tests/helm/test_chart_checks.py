@@ -14,34 +14,13 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 
-from .chart import CHART, EXAMPLES, KUBE_VERSION, HelmFailed
+from .chart import CHART, EXAMPLES, KUBE_VERSION, VARIANTS, HelmFailed
 
 pytestmark = pytest.mark.helm
 
 BAD_VALUES = Path(__file__).parent / "bad-values"
 #: the examples for this chart (z2jh-values.yaml is for the jupyterhub chart)
 EXAMPLE_FILES = sorted(p for p in EXAMPLES.glob("*-values.yaml") if p.name != "z2jh-values.yaml")
-
-#: value sets that switch the chart's other branches on
-VARIANTS: dict[str, dict] = {
-    "defaults": {},
-    "postgresql": {
-        "storage.type": "postgresql",
-        "storage.postgresql.existingSecret.name": "crucible-db",
-    },
-    "existing-namespace": {"executions.createNamespace": False},
-    "existing-token": {
-        "hub.apiToken.existingSecret.name": "hub",
-        "hub.apiToken.existingSecret.key": "hub.services.crucible.apiToken",
-    },
-    "no-policy-no-quota": {
-        "networkPolicy.enabled": False,
-        "executions.resourceQuota.enabled": False,
-        "executions.limitRange.enabled": False,
-    },
-    "proxy-allowed": {"networkPolicy.allowProxy": True, "executions.isolationProbe": "off"},
-    "sqlite-existing-claim": {"storage.sqlite.existingClaim": "old-claim", "fullnameOverride": "x"},
-}
 
 
 def test_examples_exist():
