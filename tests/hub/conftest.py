@@ -44,10 +44,11 @@ SINGLEUSER = Path(sys.executable).with_name("jupyterhub-singleuser")
 STARTUP_GUARD = 90  # seconds a process may take to answer before the fixture gives up
 GUARD_SECONDS = 120  # seconds a polling loop may wait before a test fails (not a timing check)
 GRACE = 8  # shutdown grace period of the tests' own services (a setting, not a measured bound)
-USERS = ("alice", "bob", "admin", "carol", "hubwide")
+USERS = ("alice", "bob", "admin", "carol", "hubwide", "fuzz")
 #: carol's server forwards to a service the fault tests start, kill and restart themselves
 #: (on ``Hub.spare_port``), not to the hub-managed one. hubwide holds the unfiltered
 #: ``access:services`` scope (every service of the hub, as JupyterHub's admin role does).
+#: fuzz is schemathesis's user (its many queued cells hold up nobody else's).
 
 
 def free_port() -> int:
