@@ -84,7 +84,8 @@ def assert_streamed_live(history: list[Cell], first: str, last: str) -> None:
     assert all(c.running and not FINISHED.search(c.text) for c in early), early
     assert any("crucible · running" in c.text for c in early), early
     final = history[-1]
-    assert last in final.text and final.done, final
+    assert last in final.text, final
+    assert final.done, final
 
 
 def recorded(lab: LabServer, execution_id: str) -> dict[str, Any]:
@@ -148,7 +149,8 @@ def test_magic_and_kernel_cells_stream_live_and_are_recorded(
     ):
         assert rec["status"] == "succeeded", rec
         assert rec["exit_code"] == 0, rec
-        assert rec["name"] == name and TAG in rec["tags"], rec
+        assert rec["name"] == name, rec
+        assert TAG in rec["tags"], rec
         assert rec["notebook"]["path"] == path, rec["notebook"]
         assert rec["notebook"]["cell_id"] == cell_id, rec["notebook"]
         assert rec["notebook"]["kernel_id"], rec["notebook"]
@@ -173,8 +175,10 @@ def test_failing_cells_show_the_remote_traceback(
     icon, state, magic_id = finished(cell).groups()
     assert (icon, state) == ("✘", "failed"), cell
     # the cell's own frames and error, not the magic's local stack
-    assert "ValueError" in cell.stderr and "forty-two" in cell.stderr, cell.stderr
-    assert "parse" in cell.stderr and "return int(text)" in cell.stderr, cell.stderr
+    assert "ValueError" in cell.stderr, cell.stderr
+    assert "forty-two" in cell.stderr, cell.stderr
+    assert "parse" in cell.stderr, cell.stderr
+    assert "return int(text)" in cell.stderr, cell.stderr
     assert f"crucible execution {magic_id}" in cell.stderr, cell.stderr
     assert "magic.py" not in cell.stderr, cell.stderr
 
@@ -184,7 +188,8 @@ def test_failing_cells_show_the_remote_traceback(
     icon, state, kernel_id = finished(cell).groups()
     assert (icon, state) == ("✘", "failed"), cell
     assert "ZeroDivisionError" in cell.stderr, cell.stderr
-    assert "divide" in cell.stderr and "return a / b" in cell.stderr, cell.stderr
+    assert "divide" in cell.stderr, cell.stderr
+    assert "return a / b" in cell.stderr, cell.stderr
     assert f"crucible execution {kernel_id}" in cell.stderr, cell.stderr
 
     for execution_id, path in ((magic_id, "magic.ipynb"), (kernel_id, "kernel.ipynb")):
@@ -192,7 +197,8 @@ def test_failing_cells_show_the_remote_traceback(
         assert rec["status"] == "failed", rec
         assert rec["notebook"]["path"] == path, rec["notebook"]
         errors = [e for e in rec["events"] if e["type"] == "error"]
-        assert errors and errors[0]["ename"] in ("ValueError", "ZeroDivisionError"), errors
+        assert errors, errors
+        assert errors[0]["ename"] in ("ValueError", "ZeroDivisionError"), errors
 
 
 @pytest.mark.parametrize(
@@ -215,9 +221,11 @@ def test_example_notebook_runs_from_the_run_menu(
     last = cells[n - 1]
     for i, cell in enumerate(cells[: n - 1]):
         assert not finished(cell) or finished(cell).group(2) == "succeeded", (i, cell)
-        assert "Traceback" not in cell.stderr and "Error" not in cell.stderr, (i, cell)
+        assert "Traceback" not in cell.stderr, (i, cell)
+        assert "Error" not in cell.stderr, (i, cell)
     if fails_last:
-        assert finished(last) and finished(last).group(2) == "failed", last
+        assert finished(last), last
+        assert finished(last).group(2) == "failed", last
         assert "Error" in last.stderr, last
         assert any(c.images for c in cells), "the demo's figure did not show as an image"
     else:

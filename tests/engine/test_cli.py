@@ -47,24 +47,30 @@ def test_bad_input_is_a_clear_error(crucible, tmp_path):
     assert done.returncode == 2
     assert "timeout must be greater than 0" in done.stderr
     missing = crucible("run", str(tmp_path / "nope.py"))
-    assert missing.returncode == 2 and "cannot read" in missing.stderr
+    assert missing.returncode == 2
+    assert "cannot read" in missing.stderr
     unknown = crucible("show", "not-an-id")
-    assert unknown.returncode == 2 and "not-an-id" in unknown.stderr
+    assert unknown.returncode == 2
+    assert "not-an-id" in unknown.stderr
 
 
 def test_history_show_json_and_cancel(crucible):
     crucible("run", "--tag", "t1", "--name", "greeting", "-", input="print('hi')")
     hist = json.loads(crucible("history", "--json").stdout)
     (record,) = hist["executions"]
-    assert record["status"] == "succeeded" and record["tags"] == ["t1"]
+    assert record["status"] == "succeeded"
+    assert record["tags"] == ["t1"]
     table = crucible("history").stdout
-    assert record["id"] in table and "greeting" in table
+    assert record["id"] in table
+    assert "greeting" in table
     shown = json.loads(crucible("show", record["id"], "--json").stdout)
     assert [e["text"] for e in shown["events"] if e["type"] == "stream"] == ["hi\n"]
     text = crucible("show", record["id"]).stdout
-    assert "succeeded" in text and "hi" in text
+    assert "succeeded" in text
+    assert "hi" in text
     again = crucible("cancel", record["id"])
-    assert again.returncode == 2 and "already succeeded" in again.stderr
+    assert again.returncode == 2
+    assert "already succeeded" in again.stderr
 
 
 def test_doctor_reports_bubblewrap(crucible):
@@ -80,5 +86,7 @@ def test_doctor_reports_bubblewrap(crucible):
 def test_history_does_not_pass_a_cells_control_characters_to_the_terminal(crucible):
     crucible("run", "-", input="'\x1b[2J\x1b]0;owned\x07\u202e'  # clears, retitles, reorders")
     table = crucible("history").stdout
-    assert "\x1b" not in table and "\x07" not in table and "\u202e" not in table
+    assert "\x1b" not in table
+    assert "\x07" not in table
+    assert "\u202e" not in table
     assert "\\x1b[2J" in table and "\\u202e" in table  # shown, escaped

@@ -458,7 +458,8 @@ async def test_forged_frames_do_not_change_the_status(dispatcher):
     """)
     execution, events = await run_cell(dispatcher, code)
     assert execution.status is Status.FAILED
-    assert execution.exit_code == 3 and execution.reason == "exited with code 3"
+    assert execution.exit_code == 3
+    assert execution.reason == "exited with code 3"
     assert '"type":"end"' in stream_text(events, "stdout")  # shown as text, not obeyed
 
 
@@ -536,7 +537,8 @@ async def test_error_frames_do_not_pass_the_output_limit_without_end(make_dispat
     stored = await d.events(execution.id)
     kept = sum(len(json.dumps(e.data)) for e in stored)
     assert kept < (64 << 10) + (1 << 20) + (64 << 10), kept  # limit + error room + notices
-    assert execution.truncated and execution.dropped_bytes > 3 << 20
+    assert execution.truncated
+    assert execution.dropped_bytes > 3 << 20
     assert execution.reason == "ValueError: the real one"
 
 
@@ -564,7 +566,8 @@ async def test_dev_holds_no_more_than_tmp_without_a_memory_cgroup(make_dispatche
     execution, events = await run_cell(d, code, memory="128Mi", timeout=60)
     assert execution.status is Status.SUCCEEDED, (execution.reason, stream_text(events))
     shm, dev = stream_text(events, "stdout").splitlines()
-    assert shm.startswith("ENOSPC after ") and int(shm.split()[2]) <= 16, shm
+    assert shm.startswith("ENOSPC after "), shm
+    assert int(shm.split()[2]) <= 16, shm
     assert dev == "EROFS after 0 MiB"
 
 
@@ -641,18 +644,21 @@ async def test_no_sandbox_starts_when_its_binds_would_show_secrets(
     d = await make_dispatcher(local={"extra_ro_binds": [str(home)]})
     execution, events = await run_cell(d, f"print(open({str(home / '.ssh/id_ed25519')!r}).read())")
     assert execution.status is Status.FAILED
-    assert "cells would see secrets" in execution.reason and str(home) in execution.reason
+    assert "cells would see secrets" in execution.reason
+    assert str(home) in execution.reason
     assert "own folder" in execution.reason  # says how to fix it
     assert "SECRET" not in stream_text(events)
     backend = d.get_backend("local")
-    assert not backend.warm_pool.ready and not backend.warm_pool.starting
+    assert not backend.warm_pool.ready
+    assert not backend.warm_pool.starting
     for inside in (home / ".ssh", home / ".local/share/jupyter/crucible"):  # not only above
         inside.mkdir(parents=True, exist_ok=True)
         other = await make_dispatcher(local={"extra_ro_binds": [str(inside)]})
         refused, _ = await run_cell(other, "print(1)")
         assert "cells would see secrets" in refused.reason, (inside, refused)
     checks = {c.name: c for c in await backend.checks()}
-    assert not checks["secrets"].ok and "own folder" in checks["secrets"].fix
+    assert not checks["secrets"].ok
+    assert "own folder" in checks["secrets"].fix
 
 
 TCP_FLOOD = textwrap.dedent("""
@@ -995,7 +1001,8 @@ async def test_per_user_kernel_limits_are_not_shared(make_dispatcher, warm):
             int(Path("/proc/sys/fs/inotify/max_user_instances").read_text()),
             "EMFILE",
         ), held
-        assert held["mqueue"][1] == "EMFILE" and held["mqueue"][0] >= 1, held
+        assert held["mqueue"][1] == "EMFILE", held
+        assert held["mqueue"][0] >= 1, held
         other, events = await run_cell(d, PER_USER.format(most=1))
         assert other.status is Status.SUCCEEDED, (other.reason, stream_text(events))
         theirs = _counts(stream_text(events, "stdout"))

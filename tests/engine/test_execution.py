@@ -80,7 +80,8 @@ async def test_syntax_and_import_errors_are_error_frames(dispatcher):
     execution, events = await run_cell(dispatcher, "x = (1,\nprint(x")
     assert execution.status is Status.FAILED
     errors = [e for e in events if e.type == "error"]
-    assert errors and errors[0].data["ename"] == "SyntaxError"
+    assert errors
+    assert errors[0].data["ename"] == "SyntaxError"
     execution, events = await run_cell(dispatcher, "import no_such_module_here")
     assert execution.status is Status.FAILED
     (error,) = [e for e in events if e.type == "error"]
@@ -178,7 +179,8 @@ async def test_cancel_while_queued_and_while_running(make_dispatcher):
     final = await d.cancel(running.id)
     assert final.status is Status.CANCELLED
     errors = [e for e in await d.events(running.id) if e.type == "error"]
-    assert errors and errors[0].data["ename"] == "KeyboardInterrupt"
+    assert errors
+    assert errors[0].data["ename"] == "KeyboardInterrupt"
     with pytest.raises(Conflict, match="already cancelled"):
         await d.cancel(running.id)
 
@@ -194,7 +196,8 @@ async def test_cancel_while_queued_and_while_running(make_dispatcher):
 async def test_a_cell_interrupting_itself_is_named_by_its_exception(dispatcher, code, reason):
     # not "killed by SIGINT": nothing killed it, the cell ended with an exception
     execution, _ = await run_cell(dispatcher, code)
-    assert execution.status is Status.FAILED and execution.reason == reason
+    assert execution.status is Status.FAILED
+    assert execution.reason == reason
 
 
 async def test_cancel_kills_a_cell_that_ignores_interrupts(make_dispatcher):
@@ -308,7 +311,8 @@ async def test_a_backend_without_a_cluster_refuses_before_storing(make_dispatche
     # a 400 (the request's backend cannot serve here; retrying will not help), not a 503
     with pytest.raises(InvalidRequest, match="kubeconfig '/nonexistent/kubeconfig' does not") as e:
         await d.submit({"code": "print(1)", "backend": "kubernetes"})
-    assert e.value.field == "backend" and "run on backend 'local'" in e.value.message
+    assert e.value.field == "backend"
+    assert "run on backend 'local'" in e.value.message
     assert (await d.list())[0] == []
 
 

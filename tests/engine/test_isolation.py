@@ -91,7 +91,8 @@ async def test_host_secrets_and_homes_are_invisible(dispatcher):
         execution, events = await run_cell(dispatcher, code)
         out = stream_text(events, "stdout")
         assert "top secret" not in out
-        assert "READ" not in out and "LISTED" not in out, out
+        assert "READ" not in out, out
+        assert "LISTED" not in out, out
         assert out.count("denied") == 3
         assert "crucible-test-secret" not in out.split("root has")[1]
         assert "passwd 1" in out  # only the sandbox user, not the host's accounts
@@ -238,11 +239,14 @@ async def test_after_the_output_limit_only_the_error_gets_through(make_dispatche
     # every x and as many y as fit: the cell's output is kept up to the limit, in order
     assert shown.startswith("x" * (60 << 10) + "\n" + "y")
     assert shown.rstrip("y") == "x" * (60 << 10) + "\n"
-    assert 60 << 10 < len(shown) < 64 << 10 and "late and small" not in text
+    assert 60 << 10 < len(shown) < 64 << 10
+    assert "late and small" not in text
     assert text.count("[crucible] output limit of 64 KiB reached") == 1
     assert [e.data["evalue"] for e in events if e.type == "error"] == ["the end"]
-    assert execution.status is Status.FAILED and execution.reason == "ValueError: the end"
-    assert execution.truncated and execution.dropped_bytes > (8 << 10) - shown.count("y")
+    assert execution.status is Status.FAILED
+    assert execution.reason == "ValueError: the end"
+    assert execution.truncated
+    assert execution.dropped_bytes > (8 << 10) - shown.count("y")
     assert events[-1].data["dropped_bytes"] == execution.dropped_bytes
 
 

@@ -45,7 +45,8 @@ def test_only_old_empty_groups_are_removed(layout):
         _age(busy, 3600)
         assert cgroups.remove_stale(layout, older_than=600) >= 1
         assert not _exists(stale)
-        assert _exists(fresh) and _exists(busy)
+        assert _exists(fresh)
+        assert _exists(busy)
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -68,7 +69,10 @@ def test_only_scratch_folders_of_dead_processes_are_removed(tmp_path):
             then = time.time() - 3600
             os.utime(d, (then, then))
     assert remove_stale_state_dirs(str(tmp_path)) == 1
-    assert not dead.exists() and alive.exists() and other.exists() and recent.exists()
+    assert not dead.exists()
+    assert alive.exists()
+    assert other.exists()
+    assert recent.exists()
 
 
 async def test_a_dispatcher_names_its_scratch_folder_after_its_pid(make_dispatcher):

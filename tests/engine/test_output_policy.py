@@ -43,10 +43,13 @@ def _assert_clean(bundles: list[dict]) -> None:
     assert "application/javascript was removed" in script["text/plain"], script
     assert set(svg) == {"image/svg+xml"}, svg
     image = svg["image/svg+xml"]  # (the order of the svg element's xmlns attributes varies)
-    assert image.startswith("<svg ") and image.endswith('><circle r="3"></circle></svg>'), svg
-    assert "script" not in image and "onload" not in image, svg
+    assert image.startswith("<svg "), svg
+    assert image.endswith('><circle r="3"></circle></svg>'), svg
+    assert "script" not in image, svg
+    assert "onload" not in image, svg
     assert set(markdown) == {"text/html"}, markdown
-    assert "<script" not in markdown["text/html"] and "href" not in markdown["text/html"]
+    assert "<script" not in markdown["text/html"]
+    assert "href" not in markdown["text/html"]
     assert table == {
         "text/html": '<table class="dataframe"><tbody><tr><td>1</td></tr></tbody></table>'
     }, table

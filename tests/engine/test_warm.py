@@ -90,7 +90,9 @@ async def test_stop_leaves_no_warm_sandbox_behind(make_dispatcher):
 async def test_no_warm_sandboxes_when_turned_off(make_dispatcher):
     d = await make_dispatcher(local={"warm_sandboxes": 0})
     execution, events = await run_cell(d, "print('cold')")
-    assert execution.status is Status.SUCCEEDED and stream_text(events) == "cold\n"
+    assert execution.status is Status.SUCCEEDED
+    assert stream_text(events) == "cold\n"
     backend = d.get_backend("local")
     await asyncio.sleep(0.2)
-    assert not backend.warm_pool.ready and not backend.warm_pool.starting
+    assert not backend.warm_pool.ready
+    assert not backend.warm_pool.starting

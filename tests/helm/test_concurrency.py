@@ -54,9 +54,12 @@ def test_the_service_reads_the_rendered_settings(service):
     dispatcher = service.dispatcher
     assert dispatcher.max_concurrency == 7
     assert dispatcher.max_concurrency_per_user == 3
-    assert dispatcher.backend == "kubernetes" and dispatcher.enabled_backends == ["kubernetes"]
-    assert dispatcher.default_cpu == 0.5 and dispatcher.max_cpu == 1.5
-    assert dispatcher.default_memory == 300 << 20 and dispatcher.max_memory == 1000 << 20
+    assert dispatcher.backend == "kubernetes"
+    assert dispatcher.enabled_backends == ["kubernetes"]
+    assert dispatcher.default_cpu == 0.5
+    assert dispatcher.max_cpu == 1.5
+    assert dispatcher.default_memory == 300 << 20
+    assert dispatcher.max_memory == 1000 << 20
     assert dispatcher.output_limit == 5 << 20
     assert service.prefix == "/services/crucible/"
     assert service.bind_url == "http://0.0.0.0:8576"

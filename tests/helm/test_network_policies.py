@@ -130,7 +130,8 @@ def test_deny_all_selects_cold_and_warm_executor_pods(rendered):
     for kind, labels in _executor_pods().items():
         assert selector_matches(policy["spec"]["podSelector"], labels), kind
     assert sorted(policy["spec"]["policyTypes"]) == ["Egress", "Ingress"]
-    assert policy["spec"]["ingress"] == [] and policy["spec"]["egress"] == []
+    assert policy["spec"]["ingress"] == []
+    assert policy["spec"]["egress"] == []
 
 
 def test_deny_all_is_the_backends_policy(rendered):

@@ -103,7 +103,8 @@ def test_the_derivation_sees_the_backend_calls():
 def _role_rules(role: dict) -> dict[tuple[str, str], set[str]]:
     rules: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
-        assert not rule.get("resourceNames") and not rule.get("nonResourceURLs")
+        assert not rule.get("resourceNames")
+        assert not rule.get("nonResourceURLs")
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 rules.setdefault((group, resource), set()).update(rule["verbs"])
@@ -130,7 +131,8 @@ def test_nothing_cluster_scoped(helm, variant):
     executions namespace; every other object names its namespace."""
     rendered = helm.render(values=VARIANTS[variant])
     kinds = rendered.kinds()
-    assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds
+    assert "ClusterRole" not in kinds
+    assert "ClusterRoleBinding" not in kinds
     for obj in rendered.objects:
         if obj["kind"] == "Namespace":
             assert obj["metadata"]["name"] == "crucible-executions"
@@ -167,4 +169,5 @@ def test_the_service_is_told_not_to_need_what_is_not_granted(helm):
 
 def test_rbac_create_false_renders_no_rbac(helm):
     kinds = helm.render(values={"rbac.create": False}).kinds()
-    assert "Role" not in kinds and "RoleBinding" not in kinds
+    assert "Role" not in kinds
+    assert "RoleBinding" not in kinds

@@ -52,7 +52,8 @@ def test_service_pod_is_restricted(helm):
     assert context["seccompProfile"] == {"type": "RuntimeDefault"}
     for volume in pod["volumes"]:
         assert "hostPath" not in volume
-    assert "resources" in container and container["resources"]["limits"]
+    assert "resources" in container
+    assert container["resources"]["limits"]
 
 
 def test_service_account_mounts_no_token_by_default(helm):
@@ -84,7 +85,8 @@ def _token_env(rendered) -> dict:
 def test_token_generated_and_wired_into_the_pod(helm):
     rendered = helm.render()
     token = _token(rendered)
-    assert len(token) == 64 and token.isalnum()
+    assert len(token) == 64
+    assert token.isalnum()
     secret = rendered.one("Secret", "-hub-token")
     assert _token_env(rendered) == {"name": secret["metadata"]["name"], "key": "api-token"}
 

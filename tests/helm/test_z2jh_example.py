@@ -85,11 +85,13 @@ def test_scopes(z2jh, rendered):
     access = f"access:services!service={service['service_name']}"
     admin = service["admin_scope"]
     roles = z2jh["hub"]["loadRoles"]
-    assert access in roles["user"]["scopes"] and "self" in roles["user"]["scopes"]
+    assert access in roles["user"]["scopes"]
+    assert "self" in roles["user"]["scopes"]
     assert roles["crucible-admin"]["scopes"] == [admin]
     assert admin in z2jh["hub"]["config"]["JupyterHub"]["custom_scopes"]
     server_scopes = z2jh["hub"]["config"]["Spawner"]["server_token_scopes"]
-    assert access in server_scopes and admin in server_scopes
+    assert access in server_scopes
+    assert admin in server_scopes
     assert {"users:activity!user", "access:servers!server"} <= set(server_scopes)
 
 

@@ -129,9 +129,11 @@ def test_the_unfiltered_access_scope_passes_one_for_another_service_does_not(hub
 
 async def test_probes_need_no_token(hub: Hub) -> None:
     r = requests.get(f"{hub.service_url}readyz", timeout=30)
-    assert r.status_code == 200 and r.json() == {"ready": True, "reason": None}
+    assert r.status_code == 200
+    assert r.json() == {"ready": True, "reason": None}
     r = requests.get(f"{hub.service_url}healthz", timeout=30)
-    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok"}
 
 
 def test_the_service_serves_the_extensions_api(hub: Hub) -> None:
@@ -142,9 +144,11 @@ def test_the_service_serves_the_extensions_api(hub: Hub) -> None:
     assert doc["security"] == [{"HubToken": []}]
     assert "401" in doc["paths"]["/executions"]["get"]["responses"]
     code, health = hub.call("alice", "GET", "health")
-    assert code == 200 and health["status"] == "ok", health
+    assert code == 200, health
+    assert health["status"] == "ok", health
     code, body = hub.call("alice", "GET", "no/such/endpoint")
-    assert code == 404 and "openapi.json" in body["message"], body
+    assert code == 404, body
+    assert "openapi.json" in body["message"], body
 
 
 # -- ownership -----------------------------------------------------------------------------------
@@ -165,7 +169,8 @@ async def test_alice_streams_her_cell_live_and_owns_it_whatever_she_claims(hub: 
     assert r.headers["Location"] == f"/services/crucible/api/executions/{execution['id']}"
     # ...and a `user` field in the body is refused, nothing is stored
     code, body = hub.call("alice", "POST", "executions", json={"code": "1", "user": "bob"})
-    assert code == 400 and body["field"] == "user", body
+    assert code == 400, body
+    assert body["field"] == "user", body
 
     conn = await ws(hub, "alice", f"executions/{execution['id']}/stream")
     try:
@@ -178,11 +183,13 @@ async def test_alice_streams_her_cell_live_and_owns_it_whatever_she_claims(hub: 
                 break
         # the output arrived while the cell runs (it never ends by itself): live
         code, now = hub.call("alice", "GET", f"executions/{execution['id']}")
-        assert code == 200 and now["status"] == "running", now
+        assert code == 200, now
+        assert now["status"] == "running", now
         cancel(hub, "alice", execution["id"])
         while (event := await read_json(conn)) is not None:
             seen.append(event)
-        assert seen[-1]["type"] == "status" and seen[-1]["status"] == "cancelled", seen
+        assert seen[-1]["type"] == "status", seen
+        assert seen[-1]["status"] == "cancelled", seen
     finally:
         await close_ws(conn)
 
@@ -192,7 +199,8 @@ async def test_bob_cannot_see_alices_executions_anywhere(hub: Hub) -> None:
     try:
         alices = submit(hub, "alice", "print('secret of alice')")
         done = wait_status(hub, "alice", alices["id"], {"succeeded", "failed"})
-        assert done["status"] == "succeeded" and "secret of alice" in stdout_of(done), done
+        assert done["status"] == "succeeded", done
+        assert "secret of alice" in stdout_of(done), done
 
         unknown = str(uuid.uuid4())
         _, unknown_body = hub.call("bob", "GET", f"executions/{unknown}")
@@ -201,7 +209,8 @@ async def test_bob_cannot_see_alices_executions_anywhere(hub: Hub) -> None:
             **unknown_body,
             "message": unknown_body["message"].replace(unknown, alices["id"]),
         }
-        assert code == 404 and body == not_yours, body
+        assert code == 404, body
+        assert body == not_yours, body
         for method, path in (
             ("POST", f"executions/{alices['id']}/cancel"),
             ("DELETE", f"executions/{alices['id']}"),
@@ -211,14 +220,18 @@ async def test_bob_cannot_see_alices_executions_anywhere(hub: Hub) -> None:
             assert code == 404, (method, path, body)
         stream = f"{hub.service_url}api/executions/{alices['id']}/stream"
         code, body = ws_refusal(stream, hub.headers("bob"))
-        assert code == 404 and body == not_yours, body
+        assert code == 404, body
+        assert body == not_yours, body
 
         code, page = hub.call("bob", "GET", "executions?limit=500")
-        assert code == 200 and all(e["user"] == "bob" for e in page["executions"]), page
+        assert code == 200, page
+        assert all(e["user"] == "bob" for e in page["executions"]), page
         code, page = hub.call("bob", "GET", "executions?user=alice")
-        assert code == 200 and page["executions"] == [], page
+        assert code == 200, page
+        assert page["executions"] == [], page
         code, stats = hub.call("bob", "GET", "stats?user=alice")
-        assert code == 200 and stats["total"] == 0, stats
+        assert code == 200, stats
+        assert stats["total"] == 0, stats
         code, alice_stats = hub.call("alice", "GET", "stats")
         code, bob_stats = hub.call("bob", "GET", "stats")
         code, page = hub.call("bob", "GET", "executions?limit=500")
@@ -251,17 +264,20 @@ async def test_admin_sees_everyone_and_cancels_bobs_cell(hub: Hub) -> None:
         code, page = hub.call("admin", "GET", "executions?limit=500")
         assert code == 200, page
         ids = {e["id"]: e["user"] for e in page["executions"]}
-        assert ids[bobs["id"]] == "bob" and ids[alices["id"]] == "alice"
+        assert ids[bobs["id"]] == "bob"
+        assert ids[alices["id"]] == "alice"
         code, page = hub.call("admin", "GET", "executions?user=bob&limit=500")
         assert {e["user"] for e in page["executions"]} == {"bob"}
         code, stats = hub.call("admin", "GET", "stats")
         assert stats["total"] == len(ids), (stats, len(ids))
         code, body = hub.call("admin", "GET", f"executions/{alices['id']}")
-        assert code == 200 and "alice for the admin" in stdout_of(body)
+        assert code == 200
+        assert "alice for the admin" in stdout_of(body)
 
         assert cancel(hub, "admin", bobs["id"])["status"] == "cancelled"
         code, body = hub.call("bob", "GET", f"executions/{bobs['id']}")
-        assert body["status"] == "cancelled" and body["user"] == "bob", body
+        assert body["status"] == "cancelled", body
+        assert body["user"] == "bob", body
 
         users = set()
         while not {"alice", "bob"} <= users:
@@ -283,7 +299,9 @@ def test_per_user_limit_holds_across_the_service_and_queue_counts_everyone(hub: 
         code, body = hub.call("alice", "GET", f"executions/{second['id']}")
         assert body["status"] == "queued", body
         code, queue = hub.call("bob", "GET", "queue")
-        assert code == 200 and queue["queued"] >= 1 and queue["per_user_limit"] == 1, queue
+        assert code == 200, queue
+        assert queue["queued"] >= 1, queue
+        assert queue["per_user_limit"] == 1, queue
         code, queue = hub.call("alice", "GET", f"queue?execution_id={second['id']}")
         assert queue["position"] == 1, queue
     finally:

@@ -38,7 +38,8 @@ def test_a_cell_through_alices_server_runs_at_the_service_as_alice(
 
     # the service recorded it, as alice (the admin looks at the service directly)
     code, at_service = hub.call("admin", "GET", f"executions/{execution['id']}")
-    assert code == 200 and at_service["user"] == "alice", at_service
+    assert code == 200, at_service
+    assert at_service["user"] == "alice", at_service
 
     deadline = time.monotonic() + GUARD_SECONDS
     while (body := alice_server.call("GET", f"executions/{execution['id']}")[1])["status"] != (
@@ -69,24 +70,29 @@ async def test_streams_and_history_through_the_server_are_alices_only(
             events.append(json.loads(message))
     finally:
         await close_ws(conn)
-    assert events[-1]["type"] == "status" and events[-1]["status"] == "succeeded", events
+    assert events[-1]["type"] == "status", events
+    assert events[-1]["status"] == "succeeded", events
     assert "streamed\n" in [e.get("text") for e in events]
 
     code, page, _ = alice_server.call("GET", "executions", params={"limit": 500})
-    assert code == 200 and {e["user"] for e in page["executions"]} == {"alice"}, page
+    assert code == 200, page
+    assert {e["user"] for e in page["executions"]} == {"alice"}, page
     code, body, _ = alice_server.call("GET", f"executions/{bobs['id']}")
     assert code == 404, body
     unknown = str(uuid.uuid4())
     code, body, _ = alice_server.call("GET", f"executions/{unknown}")
-    assert code == 404 and unknown in body["message"], body
+    assert code == 404, body
+    assert unknown in body["message"], body
     assert "GET /user/alice/crucible/api/executions" in body["message"], body
     assert "/services/crucible/" not in body["message"], body
     code, body = ws_refusal(
         f"{alice_server.api}executions/{bobs['id']}/stream", hub.headers("alice")
     )
-    assert code == 404 and bobs["id"] in body["message"], body
+    assert code == 404, body
+    assert bobs["id"] in body["message"], body
     code, doc, _ = alice_server.call("GET", "openapi.json")
-    assert code == 200 and doc["servers"] == [{"url": "/user/alice/crucible/api"}], doc
+    assert code == 200, doc
+    assert doc["servers"] == [{"url": "/user/alice/crucible/api"}], doc
 
 
 @pytest.mark.parametrize(("who", "ok"), [("alice", True), ("alice-noscope", False)])
@@ -102,7 +108,8 @@ def test_doctor_in_a_user_server_checks_the_service_and_the_token(
         [str(CRUCIBLE), "doctor", "--json"], env=env, capture_output=True, text=True, timeout=120
     )
     report = json.loads(done.stdout)
-    assert report["ok"] is ok and done.returncode == (0 if ok else 1), (report, done.stderr)
+    assert report["ok"] is ok, (report, done.stderr)
+    assert done.returncode == (0 if ok else 1), (report, done.stderr)
     service, token = report["checks"]
     assert service["ok"], service
     assert token["ok"] is ok, token

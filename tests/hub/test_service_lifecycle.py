@@ -58,10 +58,12 @@ def test_sigterm_lets_cells_finish_within_the_grace_period_then_ends_them(
         assert time.monotonic() < deadline + GUARD_SECONDS
         time.sleep(0.02)
     r = requests.get(f"{service.url}readyz", timeout=30)
-    assert r.status_code == 503 and r.json()["reason"] == "shutting down", r.text
+    assert r.status_code == 503, r.text
+    assert r.json()["reason"] == "shutting down", r.text
     # draining: nothing new is accepted, what exists can still be read
     status, body = service.call(hub, "alice", "POST", "executions", json={"code": "print(2)"})
-    assert status == 503 and "shutting down" in body["message"], body
+    assert status == 503, body
+    assert "shutting down" in body["message"], body
     status, body = service.call(hub, "alice", "GET", f"executions/{ids['forever']}")
     assert status == 200, body
 
@@ -80,7 +82,8 @@ def test_sigterm_lets_cells_finish_within_the_grace_period_then_ends_them(
         f"the crucible service shut down; the cell was still running after the {GRACE} s"
         " grace period"
     )
-    assert forever_events[-1].type == "status" and forever_events[-1].data["status"] == "failed"
+    assert forever_events[-1].type == "status"
+    assert forever_events[-1].data["status"] == "failed"
     assert "begun\n" in [e.data.get("text") for e in forever_events]
     assert queued.status.value == "queued"  # kept for the next start, not failed
 
@@ -101,4 +104,5 @@ def test_a_hub_that_does_not_answer_is_a_503_with_the_reason(hub: Hub, service_f
     status, body = service.call(hub, "alice", "GET", "executions")
     assert status == 503, body
     assert body["error"] == "Unavailable"
-    assert nowhere in body["message"] and "retry" in body["message"]
+    assert nowhere in body["message"]
+    assert "retry" in body["message"]

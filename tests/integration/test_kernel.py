@@ -123,7 +123,8 @@ class TestCrucibleKernel(jkt.KernelTests):
             content, outputs = self._outputs(code)
             assert content["status"] == "error", code
             assert content["ename"] == "UsageError"
-            assert "IPython syntax" in content["evalue"] and "fresh" in content["evalue"]
+            assert "IPython syntax" in content["evalue"]
+            assert "fresh" in content["evalue"]
             assert [m["msg_type"] for m in outputs] == ["error"]
 
     def test_crucible_line_commands_work_in_the_kernel(self) -> None:
@@ -165,7 +166,8 @@ class TestCrucibleKernel(jkt.KernelTests):
         content, outputs = self._outputs("%%crucible --help\nprint('not run')")
         assert content["status"] == "ok", content
         [shown] = [m["content"]["text"] for m in outputs if m["msg_type"] == "stream"]
-        assert shown.startswith("%%crucible [options]") and "--timeout SECONDS" in shown
+        assert shown.startswith("%%crucible [options]")
+        assert "--timeout SECONDS" in shown
         assert "not run" not in shown
 
     def test_display_updates_replace_in_place(self) -> None:
@@ -229,7 +231,8 @@ def test_kernel_through_a_real_server(jupyter_server_process: ServerProcess) -> 
             kc.cell_id = "cell-one"
             msgs = await collect(kc, kc.execute("print('isolated')\n6 * 7"))
             kinds = [m["msg_type"] for m in msgs]
-            assert "stream" in kinds and "execute_result" in kinds
+            assert "stream" in kinds
+            assert "execute_result" in kinds
             status = [
                 m["content"]["data"]["text/plain"]
                 for m in msgs
@@ -256,7 +259,8 @@ def test_kernel_through_a_real_server(jupyter_server_process: ServerProcess) -> 
             msg_id = kc.execute("import time\nprint('sleeping', flush=True)\ntime.sleep(60)")
             msgs = await collect(kc, msg_id, interrupt_once)
             errors = [m for m in msgs if m["msg_type"] == "error"]
-            assert errors and errors[0]["content"]["ename"] == "KeyboardInterrupt"
+            assert errors
+            assert errors[0]["content"]["ename"] == "KeyboardInterrupt"
             assert time.time() - interrupted[0] < 20
             status = [
                 m["content"]["data"]["text/plain"]
@@ -318,9 +322,12 @@ def test_run_all_stops_at_the_failing_cell(tmp_path: Path, monkeypatch: pytest.M
     assert e.value.evalue == "bad ünïcode 💥"
     [error] = [o for o in nb.cells[1].outputs if o["output_type"] == "error"]
     tb = "\n".join(error["traceback"])
-    assert 'File "<cell>", line 2' in tb and "raise ValueError" in tb
-    assert nb.cells[0].execution_count == 1 and nb.cells[1].execution_count == 2
-    assert nb.cells[2].outputs == [] and nb.cells[2].execution_count is None
+    assert 'File "<cell>", line 2' in tb
+    assert "raise ValueError" in tb
+    assert nb.cells[0].execution_count == 1
+    assert nb.cells[1].execution_count == 2
+    assert nb.cells[2].outputs == []
+    assert nb.cells[2].execution_count is None
 
 
 def test_status_line_survives_clear_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

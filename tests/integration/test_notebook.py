@@ -114,7 +114,8 @@ def test_demo_notebook_through_a_real_server(jupyter_server_process: ServerProce
     pngs = [o for o in out if o["output_type"] == "display_data" and "image/png" in o["data"]]
     assert len(pngs) == 1
     results = [o for o in out if o["output_type"] == "execute_result"]
-    assert results and results[0]["data"]["text/plain"] == "42"
+    assert results
+    assert results[0]["data"]["text/plain"] == "42"
 
     out = outputs_of(nb, "crucible-demo-08")
     assert "a fresh process" in stream(out, "stdout")
@@ -128,14 +129,16 @@ def test_demo_notebook_through_a_real_server(jupyter_server_process: ServerProce
     assert error["ename"] == "RemoteExecutionError"
     assert "ValueError" in error["evalue"]
     tb = "\n".join(error["traceback"])
-    assert "invalid literal for int()" in tb and "parse" in tb
+    assert "invalid literal for int()" in tb
+    assert "parse" in tb
     assert "✘ failed" in status_lines(out)[0]
 
     # the records say who ran what, from which notebook, cell and kernel
     record = server.api("GET", f"executions/{streaming_id}")
     assert record["status"] == "succeeded"
     assert record["user"] == getpass.getuser()
-    assert record["tags"] == ["demo"] and record["name"] == "streaming"
+    assert record["tags"] == ["demo"]
+    assert record["name"] == "streaming"
     assert record["notebook"] == {
         "path": "crucible-demo.ipynb",
         "cell_id": "crucible-demo-03",
@@ -247,8 +250,10 @@ def test_plain_ipython_uses_an_embedded_dispatcher(tmp_path: Path):
     assert ": failed (ZeroDivisionError: division by zero)" in done.stdout  # %crucible status
     records = _history(env)
     first = next(r for r in records if r.get("name") == "first")
-    assert first["tags"] == ["plain", "two"] and first["priority"] == "high"
-    assert first["timeout"] == 5 and first["resources"] == {"cpu": 0.5, "memory": 256 << 20}
+    assert first["tags"] == ["plain", "two"]
+    assert first["priority"] == "high"
+    assert first["timeout"] == 5
+    assert first["resources"] == {"cpu": 0.5, "memory": 256 << 20}
     assert first["user"]
 
 
@@ -339,7 +344,8 @@ def test_plain_ipython_misuse_is_one_clear_error(tmp_path: Path):
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout + done.stderr
     # no stack through crucible's code (IPython's long form starts with a dashed rule)
-    assert "crucible_jupyter/" not in out and "----------" not in out, out
+    assert "crucible_jupyter/" not in out, out
+    assert "----------" not in out, out
     chunks = done.stdout.split("=== CELL\n")[1:]
     assert len(chunks) == len(cells) + 2, done.stdout
     for cell, chunk in zip(cells, chunks, strict=False):
@@ -347,7 +353,8 @@ def test_plain_ipython_misuse_is_one_clear_error(tmp_path: Path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("UsageError")]
     assert len(errors) == len(cells), done.stderr  # one error line per misuse
     assert "no closing quotation" in errors[0]
-    assert "unrecognized arguments: --bogus" in errors[1] and "--timeout SECONDS" in errors[1]
+    assert "unrecognized arguments: --bogus" in errors[1]
+    assert "--timeout SECONDS" in errors[1]
     assert "given more than once" in errors[4]
     assert "unknown unit 'XB'" in errors[5]
     assert "tag 'a b' is invalid" in errors[9]  # quotes grouped the value, then removed
@@ -361,7 +368,8 @@ def test_plain_ipython_misuse_is_one_clear_error(tmp_path: Path):
     # an interrupt: one line saying what became of the execution
     assert "=== INTERRUPTED KeyboardInterrupt" in done.stdout
     [line] = [x for x in out.splitlines() if x.startswith("KeyboardInterrupt")]
-    assert line.startswith("KeyboardInterrupt: crucible execution ") and "cancelled" in line
+    assert line.startswith("KeyboardInterrupt: crucible execution ")
+    assert "cancelled" in line
 
     records = _history(env)
     by_name = {r.get("name"): r for r in records}
@@ -392,7 +400,8 @@ def test_plain_ipython_exits_cleanly_after_an_interrupted_cell(tmp_path: Path):
         )  # fmt: skip
         out = done.stdout + done.stderr
         assert "INTERRUPTED KeyboardInterrupt" in done.stdout, out
-        assert "unclosed" not in out and "Event loop is closed" not in out, out
+        assert "unclosed" not in out, out
+        assert "Event loop is closed" not in out, out
     records = _history(env)
     statuses = [r["status"] for r in records]
     assert sorted(statuses) == ["cancelled"] * 3 + ["succeeded"] * 3
@@ -437,8 +446,11 @@ def test_plain_ipython_interrupted_twice_shows_one_line(tmp_path: Path):
     )  # fmt: skip
     out = done.stdout + done.stderr
     assert "=== INTERRUPTED KeyboardInterrupt" in done.stdout, out
-    assert "crucible_jupyter/" not in out and "Traceback" not in out, out
+    assert "crucible_jupyter/" not in out, out
+    assert "Traceback" not in out, out
     [line] = [x for x in out.splitlines() if x.startswith("KeyboardInterrupt")]
-    assert line.startswith("KeyboardInterrupt: crucible execution ") and "cancelled" in line
+    assert line.startswith("KeyboardInterrupt: crucible execution ")
+    assert "cancelled" in line
     [record] = _history(env)
-    assert record["name"] == "stubborn" and record["status"] == "cancelled"
+    assert record["name"] == "stubborn"
+    assert record["status"] == "cancelled"

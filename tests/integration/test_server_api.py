@@ -32,7 +32,8 @@ def test_submit_get_and_outputs(api, jp_serverapp, jp_base_url):
     assert execution["status"] == "queued"
     assert execution["tags"] == ["t1"]
     # the user recorded is the jupyter_server identity of the caller
-    assert execution["user"] and execution["user"] != "local"
+    assert execution["user"]
+    assert execution["user"] != "local"
 
     final = wait_terminal(api, execution["id"])
     assert final["status"] == "succeeded", final
@@ -42,7 +43,8 @@ def test_submit_get_and_outputs(api, jp_serverapp, jp_base_url):
     seqs = [e["seq"] for e in final["events"]]
     assert seqs == list(range(len(seqs)))
     statuses = [e["status"] for e in final["events"] if e["type"] == "status"]
-    assert statuses[0] == "queued" and statuses[-1] == "succeeded"
+    assert statuses[0] == "queued"
+    assert statuses[-1] == "succeeded"
 
     _, later, _ = api("GET", "executions", execution["id"], params={"after": seqs[-2]})
     assert [e["seq"] for e in later["events"]] == [seqs[-1]]
@@ -53,7 +55,9 @@ def test_failing_cell_is_recorded_with_its_error(api):
     final = wait_terminal(api, execution["id"])
     assert final["status"] == "failed"
     errors = [e for e in final["events"] if e["type"] == "error"]
-    assert errors and errors[0]["ename"] == "ValueError" and errors[0]["evalue"] == "bad input"
+    assert errors
+    assert errors[0]["ename"] == "ValueError"
+    assert errors[0]["evalue"] == "bad input"
     assert any("ValueError" in line for line in errors[0]["traceback"])
 
 
@@ -67,7 +71,9 @@ def test_list_filters_and_pages(api, crucible_app):
     for i in ids:
         wait_terminal(api, i)
     code, page, _ = api("GET", "executions", params={"limit": 2})
-    assert code == 200 and len(page["executions"]) == 2 and page["next_cursor"]
+    assert code == 200
+    assert len(page["executions"]) == 2
+    assert page["next_cursor"]
     seen = [e["id"] for e in page["executions"]]
     while page["next_cursor"]:
         _, page, _ = api("GET", "executions", params={"limit": 2, "cursor": page["next_cursor"]})
@@ -105,7 +111,8 @@ def test_cancel_running_then_conflict(api, how):
     final = wait_terminal(api, execution["id"])
     assert final["status"] == "cancelled"
     code, body, _ = api("POST", "executions", execution["id"], "cancel", body={})
-    assert code == 409 and body["error"] == "Conflict"
+    assert code == 409
+    assert body["error"] == "Conflict"
     code, body, _ = api("DELETE", "executions", execution["id"])
     assert code == 409
 
@@ -130,7 +137,8 @@ def test_stream_live_then_resume(api, jp_ws_fetch, run):
     events = _read_all(run, ws)
     assert ws.close_code == 1000
     assert [e["seq"] for e in events] == list(range(len(events)))
-    assert events[-1]["type"] == "status" and events[-1]["status"] == "succeeded"
+    assert events[-1]["type"] == "status"
+    assert events[-1]["status"] == "succeeded"
     text = "".join(e["text"] for e in events if e["type"] == "stream")
     assert text == "0\n1\n2\n3\n4\n"
 
@@ -166,7 +174,8 @@ def test_stream_errors_before_upgrade(api, jp_ws_fetch, run):
     assert e.value.code == 400
     # a plain GET (no Upgrade) is a JSON 400, not tornado's text error
     code, body, _ = api("GET", "executions", execution["id"], "stream")
-    assert code == 400 and body["error"] == "InvalidRequest"
+    assert code == 400
+    assert body["error"] == "InvalidRequest"
 
 
 class TestServerActivity:
@@ -255,7 +264,8 @@ def test_changes_tell_of_every_status_as_it_is_recorded(api, jp_ws_fetch, run):
 
 def test_changes_errors_before_upgrade(api, jp_ws_fetch, run):
     code, body, _ = api("GET", "changes")
-    assert code == 400 and "WebSocket" in body["message"], body
+    assert code == 400, body
+    assert "WebSocket" in body["message"], body
     with pytest.raises(HTTPClientError) as e:
         run(jp_ws_fetch("crucible", "api", "changes", params={"status": "running"}))
     assert e.value.code == 400

@@ -42,7 +42,8 @@ def test_kernel_credential_is_the_servers_user(api, crucible_app):
 def test_kernels_get_url_and_credential(jp_serverapp, crucible_app, jp_base_url):
     assert os.environ["CRUCIBLE_TOKEN"] == crucible_app.kernel_token
     url = os.environ["CRUCIBLE_SERVER_URL"]
-    assert url.endswith(jp_base_url) and f":{jp_serverapp.port}" in url
+    assert url.endswith(jp_base_url)
+    assert f":{jp_serverapp.port}" in url
 
 
 class TestReadOnlyUser:
@@ -60,7 +61,8 @@ class TestReadOnlyUser:
         assert api("GET", "openapi.json")[0] == 200
         run(jp_ws_fetch("crucible", "api", "changes")).close()  # watching is reading
         code, body, _ = api("POST", "executions", body={"code": "print(1)"})
-        assert code == 403 and "not authorized to write" in body["message"]
+        assert code == 403
+        assert "not authorized to write" in body["message"]
         assert "ask whoever runs this Jupyter server for the permission" in body["message"]
         assert api("POST", "executions", ID, "cancel", body={})[0] == 403
         assert api("DELETE", "executions", ID)[0] == 403

@@ -49,10 +49,12 @@ def test_each_identity_sees_its_own_and_the_owner_sees_all(api, jp_ws_fetch, run
     code, mine, _ = api(
         "POST", "executions", body={"code": "print('m')"}, headers=as_user("mallory")
     )
-    assert code == 201 and mine["user"] == "mallory", mine
+    assert code == 201, mine
+    assert mine["user"] == "mallory", mine
     wait_terminal(api, mine["id"])  # (as the server's token user: the owner)
     code, hers, _ = api("POST", "executions", body={"code": "print('e')"}, headers=as_user("eve"))
-    assert code == 201 and hers["user"] == "eve", hers
+    assert code == 201, hers
+    assert hers["user"] == "eve", hers
 
     unknown = str(uuid.uuid4())
     _, unknown_body, _ = api("GET", "executions", unknown, headers=as_user("eve"))
@@ -82,6 +84,7 @@ def test_each_identity_sees_its_own_and_the_owner_sees_all(api, jp_ws_fetch, run
     code, page, _ = api("GET", "executions")
     assert {mine["id"], hers["id"]} <= {e["id"] for e in page["executions"]}
     code, body, _ = api("GET", "executions", mine["id"])
-    assert code == 200 and body["user"] == "mallory"
+    assert code == 200
+    assert body["user"] == "mallory"
     code, stats, _ = api("GET", "stats")
     assert stats["total"] == 2, stats

@@ -84,5 +84,6 @@ def test_a_client_that_never_reads_holds_nothing_up(
     head, _, body = bytes(received).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101"), head
     messages = [json.loads(p) for op, p in _frames(body) if op == 1]
-    assert messages and messages[0]["seq"] == 0, messages[:1]
+    assert messages, messages[:1]
+    assert messages[0]["seq"] == 0, messages[:1]
     assert not any(m["type"] == "status" and m["status"] == "timed_out" for m in messages)

@@ -256,7 +256,8 @@ async def test_executions_do_not_share_per_user_kernel_limits(k8s):
             held = event.data["text"]
             break
     # it exhausted its user's limits
-    assert "'inotify': 'EMFILE'" in held and "'mqueue': 'EMFILE'" in held, held
+    assert "'inotify': 'EMFILE'" in held, held
+    assert "'mqueue': 'EMFILE'" in held, held
     one = HOLD_PER_USER_LIMITS.replace("HOW_MANY", "1").replace("HOLD_SECONDS", "0")
     other, events = await run_cell(d, one, timeout=120)
     await d.cancel(holder.id)
@@ -264,7 +265,8 @@ async def test_executions_do_not_share_per_user_kernel_limits(k8s):
     assert other.status is Status.SUCCEEDED, (other.reason, stream_text(events))
     assert "held {'inotify': 1, 'mqueue': 1} failed {}" in out, out
     uids = {int(re.search(r"uid (\d+)", text).group(1)) for text in (held, out)}
-    assert len(uids) == 2 and all(1_000_000_000 <= u <= 1_000_065_535 for u in uids), uids
+    assert len(uids) == 2, uids
+    assert all(1_000_000_000 <= u <= 1_000_065_535 for u in uids), uids
 
 
 SECCOMP_PROBES = r"""

@@ -87,7 +87,8 @@ async def test_node_link_local_ipv6_is_not_reached(k8s):
     assert execution.status is Status.SUCCEEDED, (execution.reason, stream_text(events))
     results = _results(events)
     assert results.pop("if_inet6") == "", "executor pods must have no IPv6 address"
-    assert results and not [k for k, v in results.items() if v.startswith("open")], results
+    assert results, results
+    assert not [k for k, v in results.items() if v.startswith("open")], results
 
 
 LISTENER = r"""

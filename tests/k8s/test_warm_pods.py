@@ -68,7 +68,8 @@ async def test_the_pool_serves_the_dispatchers_configured_defaults(k8s):
     (pod,) = await warm(d)
     execution, events = await run_cell(d, HOSTNAME)
     assert execution.request.resources.memory == 256 << 20
-    assert execution.isolation == "kubernetes+warm" and stream_text(events) == pod + "\n"
+    assert execution.isolation == "kubernetes+warm"
+    assert stream_text(events) == pod + "\n"
 
 
 async def test_requests_a_warm_pod_cannot_honour_take_the_cold_path(k8s):
@@ -166,9 +167,12 @@ async def test_a_warm_pod_is_as_isolated_as_a_cold_one(k8s, kube):
     assert (on_warm.isolation, cold.isolation) == ("kubernetes+warm", "kubernetes")
     assert stream_text(warm_events) == stream_text(cold_events)
     out = stream_text(warm_events)
-    assert out.count("blocked") == 2 and "OPEN" not in out, out
-    assert out.count("denied") == 3 and "WROTE" not in out, out
-    assert "token False" in out and "uid True" in out, out
+    assert out.count("blocked") == 2, out
+    assert "OPEN" not in out, out
+    assert out.count("denied") == 3, out
+    assert "WROTE" not in out, out
+    assert "token False" in out, out
+    assert "uid True" in out, out
 
 
 async def test_reattach_to_a_warm_pod_after_the_dispatcher_is_killed(

@@ -20,7 +20,8 @@ async def test_a_subscriber_that_does_not_read_is_bounded_then_told_it_is_behind
     assert (await idle.get()).data["text"] == "live\n"  # then it follows live events again
     assert (await reader.get()).seq == 1000
     channel.close()
-    assert await idle.get() is None and await reader.get() is None
+    assert await idle.get() is None
+    assert await reader.get() is None
 
 
 async def test_the_bound_counts_bytes_too():
@@ -30,7 +31,8 @@ async def test_the_bound_counts_bytes_too():
     for _ in range(20):
         channel.publish("stream", {"name": "stdout", "text": "x" * (256 << 10)})
         assert idle.bytes <= 1 << 20
-    assert idle.behind and not idle.events
+    assert idle.behind
+    assert not idle.events
 
 
 async def test_what_was_read_leaves_the_bound():
@@ -40,4 +42,5 @@ async def test_what_was_read_leaves_the_bound():
     for i in range(10):
         channel.publish("display_data", {"data": {"text/plain": str(i)}})
         assert (await sub.get()).seq == i
-    assert not sub.behind and sub.bytes == 0
+    assert not sub.behind
+    assert sub.bytes == 0

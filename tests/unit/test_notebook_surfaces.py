@@ -66,9 +66,11 @@ def test_cell_help_is_shown_and_nothing_runs(line):
 
     magics = CrucibleMagics(shell=None, client=NoDispatcher())
     shown = magics.crucible_cell(line, "print(1)\n")
-    assert repr(shown) == CELL_HELP and OPTIONS_HELP in CELL_HELP
+    assert repr(shown) == CELL_HELP
+    assert OPTIONS_HELP in CELL_HELP
     assert _cell_help(f"%%crucible {line}\nprint(1)")
-    assert not _cell_help("%%crucible --name x\nprint('-h')") and not _cell_help("print(1)")
+    assert not _cell_help("%%crucible --name x\nprint('-h')")
+    assert not _cell_help("print(1)")
     assert not _cell_help('%%crucible --name "a -h b"\nprint(1)')  # inside a value
     assert not _cell_help("%%crucible --tag --help\nprint(1)")  # a value (an odd tag)
 
@@ -136,7 +138,9 @@ def test_outcome_text_does_not_repeat_the_status():
 )
 def test_ipython_syntax_is_named_in_the_crucible_kernel(code):
     why = _ipython_syntax(code)
-    assert why is not None and "IPython syntax" in why and "%crucible history" in why
+    assert why is not None
+    assert "IPython syntax" in why
+    assert "%crucible history" in why
 
 
 @pytest.mark.parametrize(

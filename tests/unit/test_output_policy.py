@@ -122,12 +122,15 @@ def assert_inert(markup: str, *, svg: bool = False) -> None:
                     assert re.match(r"data:image/(png|jpeg|gif|webp|bmp);base64,", flat), value
                 else:
                     assert flat.startswith("#"), (tag, name, value)
-            assert "javascript:" not in flat and "vbscript:" not in flat, (tag, name, value)
-            assert "\\" not in value and "expression(" not in flat, (tag, name, value)
+            assert "javascript:" not in flat, (tag, name, value)
+            assert "vbscript:" not in flat, (tag, name, value)
+            assert "\\" not in value, (tag, name, value)
+            assert "expression(" not in flat, (tag, name, value)
             for target in re.findall(r"url\(\s*['\"]?([^)'\"]*)", flat):
                 assert target.startswith("#"), (tag, name, value)
             if name == "style":
-                assert "position" not in flat and "@import" not in flat, value
+                assert "position" not in flat, value
+                assert "@import" not in flat, value
             if name == "class":
                 assert not re.search(r"(^|\s)(jp|lm|jupyter|cm)-", value), value
 
@@ -301,7 +304,9 @@ def test_scripts_and_unknown_types_leave_a_visible_notice(mime):
     data, metadata = clean_bundle({mime: value}, {mime: {"isolated": False}})
     notice = data["text/plain"]
     assert set(data) == {"text/plain"}, data
-    assert mime in notice and REMOVED_TYPES[mime] in notice and SETTING in notice, notice
+    assert mime in notice, notice
+    assert REMOVED_TYPES[mime] in notice, notice
+    assert SETTING in notice, notice
     assert metadata == {}
     # the bundle's own text/plain stays, with the notice after it
     data, _ = clean_bundle({mime: value, "text/plain": "<Figure>"})
@@ -321,7 +326,9 @@ def test_a_notice_shows_the_type_escaped():
     forged = "x/y\n[crucible] succeeded\x1b[8m\u202e" + "z" * 500
     data, _ = clean_bundle({forged: "1"})
     (line,) = data["text/plain"].splitlines()
-    assert "\x1b" not in line and "\u202e" not in line and len(line) < 300, line
+    assert "\x1b" not in line, line
+    assert "\u202e" not in line, line
+    assert len(line) < 300, line
     assert line.startswith('[crucible: output of type "x/y\\n[crucible] succeeded\\u001b'), line
 
 
@@ -358,7 +365,9 @@ def test_a_pandas_table_still_renders_as_a_table(source):
     out = clean_html(source)
     assert_inert(out)
     tags = [tag for tag, _ in elements(out)]
-    assert tags.count("table") == 1 and tags.count("tr") == 3 and tags.count("td") == 4, out
+    assert tags.count("table") == 1, out
+    assert tags.count("tr") == 3, out
+    assert tags.count("td") == 4, out
     assert ("table", {"border": "1", "class": "dataframe"}) in elements(out)
     assert ("tr", {"style": "text-align:right"}) in elements(out)
     for text in ("city", "temp", "Oslo", "Lima", "3.5", "19.0"):
@@ -406,8 +415,10 @@ def test_markdown_renders_with_tables_and_emphasis():
         {"text/markdown": "# Result\n\n**bold**, `x < 1`\n\n| a | b |\n|---|---|\n| 1 | 2 |"}
     )
     out = data["text/html"]
-    assert "<h1>Result</h1>" in out and "<strong>bold</strong>" in out, out
-    assert "<code>x &lt; 1</code>" in out and "<td>1</td>" in out, out
+    assert "<h1>Result</h1>" in out, out
+    assert "<strong>bold</strong>" in out, out
+    assert "<code>x &lt; 1</code>" in out, out
+    assert "<td>1</td>" in out, out
     # a bundle with HTML as well keeps its HTML (what JupyterLab would show)
     data, _ = clean_bundle({"text/markdown": "**md**", "text/html": "<b>html</b>"})
     assert data == {"text/html": "<b>html</b>"}
@@ -546,7 +557,8 @@ def test_frames_from_the_runner_leave_cleaned():
     assert payload["data"]["text/html"].startswith("<p>x</p><pre>[crucible:")
     assert "<script" not in payload["data"]["text/html"]
     assert "application/javascript" not in payload["data"]
-    assert payload["metadata"] == {} and payload["transient"] == {"display_id": "d"}
+    assert payload["metadata"] == {}
+    assert payload["transient"] == {"display_id": "d"}
     # the operator's setting reaches the parser
     kind, payload = frames.parse(json.dumps(frame).encode(), {"application/javascript"})
     assert payload["data"]["application/javascript"] == "alert(2)"
@@ -606,7 +618,8 @@ def test_markdown_too_large_to_render_is_shown_as_text():
 def test_text_that_is_not_utf8_is_shown_escaped(mime):
     data, _ = clean_bundle({mime: "<b>a\ud800b</b>"})
     (value,) = data.values()
-    assert "\\ud800" in value and "\ud800" not in value, value
+    assert "\\ud800" in value, value
+    assert "\ud800" not in value, value
     value.encode("utf-8")
 
 

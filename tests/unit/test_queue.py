@@ -37,4 +37,5 @@ def test_per_user_limit_skips_busy_users():
     q.push(_ex(2, "low", "bob"))
     assert q.pop_next(Counter({"alice": 1}), 1).id == "2"
     assert q.pop_next(Counter({"alice": 1}), 1) is None
-    assert q.position("1") == 1 and q.depth() == {"high": 1, "normal": 0, "low": 0}
+    assert q.position("1") == 1
+    assert q.depth() == {"high": 1, "normal": 0, "low": 0}

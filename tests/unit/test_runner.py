@@ -753,5 +753,6 @@ def test_output_limit_must_be_a_number(tmp_path):
          "--output-limit", "lots"],
         capture_output=True, timeout=TIMEOUT,
     )  # fmt: skip
-    assert done.returncode == 2 and done.stdout == b""
+    assert done.returncode == 2
+    assert done.stdout == b""
     assert b"--output-limit needs an integer" in done.stderr

@@ -76,7 +76,8 @@ def test_round_trip_every_field(storage: Storage) -> None:
     got = storage.get(ex.id)
     assert got == ex
     assert got.request.tags == ("zeta", "alpha", "team:ml", "ü-tag")
-    assert isinstance(got.request.priority, Priority) and isinstance(got.status, Status)
+    assert isinstance(got.request.priority, Priority)
+    assert isinstance(got.status, Status)
     with pytest.raises(Conflict, match="already stored"):
         storage.create(ex)
 
@@ -382,7 +383,8 @@ def test_concurrent_migrations_from_processes(tmp_path: Path) -> None:
 def test_errors_name_the_failure_and_hide_the_password() -> None:
     s = Storage("postgresql://crucible:s3cr3t-pw@127.0.0.1:1/nowhere")
     try:
-        assert "s3cr3t" not in repr(s) and "s3cr3t" not in s.url
+        assert "s3cr3t" not in repr(s)
+        assert "s3cr3t" not in s.url
         assert s.url.startswith("postgresql+psycopg://crucible:***@")
         with pytest.raises(StorageError, match="reading execution") as info:
             s.get(new_execution_id())
