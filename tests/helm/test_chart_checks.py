@@ -140,3 +140,14 @@ def test_every_value_is_in_the_schema():
         return out
 
     assert missing(values, schema, "") == []
+
+
+def test_readme_lists_every_value():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    readme = (CHART / "README.md").read_text()
+    leaves = [
+        path.lstrip(".")
+        for path, node in _walk(schema)
+        if path and not (node.get("type") == "object" and "properties" in node)
+    ]
+    assert [p for p in leaves if f"| `{p}` |" not in readme] == []
