@@ -310,7 +310,7 @@ async def probe_results(make_dispatcher, tmp_path) -> dict[str, str]:
     return _results
 
 
-@pytest.mark.parametrize("probe,expected", sorted(EXPECTED.items()))
+@pytest.mark.parametrize(("probe", "expected"), sorted(EXPECTED.items()))
 async def test_escape_attempt_is_stopped(probe_results, probe, expected):
     if probe in SECCOMP_PROBES and platform.machine() != "x86_64":
         pytest.skip("the seccomp filter is written for x86_64 only")
@@ -694,7 +694,7 @@ def _host_tcp_pages() -> int:
 
 
 @pytest.mark.parametrize(
-    "warm,memory,cap",
+    ("warm", "memory", "cap"),
     [(2, "64Mi", None), (0, "64Mi", None), (0, "1Gi", 32 << 20)],
     ids=["warm", "cold", "capped"],
 )
@@ -775,7 +775,7 @@ def _host_socket_pages() -> int:
 
 
 @pytest.mark.parametrize(
-    "warm,memory,cap", [(2, "64Mi", 256 << 20), (0, "1Gi", None)], ids=["warm", "cold-big"]
+    ("warm", "memory", "cap"), [(2, "64Mi", 256 << 20), (0, "1Gi", None)], ids=["warm", "cold-big"]
 )
 async def test_many_connections_do_not_grow_host_tcp_memory_past_the_limit(
     make_dispatcher, warm, memory, cap
@@ -896,7 +896,7 @@ def test_group_kill_ends_a_forking_tree(cgroup):
 
 @pytest.mark.parametrize("warm", [2, 0], ids=["warm", "cold"])
 @pytest.mark.parametrize(
-    "code,exit_code,reason",
+    ("code", "exit_code", "reason"),
     [
         ("raise SystemExit(125)", 125, "exited with code 125"),  # was "could not place..."
         ("raise SystemExit(137)", 137, "exited with code 137"),  # was "killed by SIGKILL"

@@ -174,13 +174,12 @@ def test_output_is_live_and_interrupt_cancels(jupyter_server_process: ServerProc
             interrupted: list[float] = []
 
             async def interrupt_once(msg: dict[str, Any]) -> None:
-                if msg["msg_type"] == "stream" and "sleeping" in msg["content"]["text"]:
-                    if not interrupted:
-                        interrupted.append(time.time())
-                        assert (
-                            server_request(server, "POST", f"api/kernels/{kernel_id}/interrupt")
-                            == 204
-                        )
+                stream = msg["msg_type"] == "stream"
+                if stream and "sleeping" in msg["content"]["text"] and not interrupted:
+                    interrupted.append(time.time())
+                    assert (
+                        server_request(server, "POST", f"api/kernels/{kernel_id}/interrupt") == 204
+                    )
 
             msg_id = kc.execute(code)
             msgs = await collect(kc, msg_id, interrupt_once)

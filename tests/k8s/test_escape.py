@@ -113,7 +113,7 @@ async def probe_results(k8s, kube) -> dict[str, str]:
     return _results
 
 
-@pytest.mark.parametrize("probe,expected", sorted(EXPECTED.items()))
+@pytest.mark.parametrize(("probe", "expected"), sorted(EXPECTED.items()))
 async def test_escape_attempt_is_stopped(probe_results, probe, expected):
     assert probe_results[probe] == expected
 
@@ -183,7 +183,8 @@ async def test_an_output_flood_leaves_at_most_the_output_limit_on_the_node(k8s, 
     largest = max(largest, _pod_log_bytes(namespace, job) or 0)
     print(f"pod log on the node: at most {largest:,} bytes; dropped {final.dropped_bytes:,}")
     assert final.reason == "ValueError: flood over", final.reason
-    assert final.truncated and final.dropped_bytes > 50 << 20  # it did flood
+    assert final.truncated
+    assert final.dropped_bytes > 50 << 20  # it did flood
     # the limit, the frame that crossed it, the error, ~40 bytes of prefix per log line
     assert 0 < largest < limit + (1 << 20), largest
 
@@ -411,7 +412,7 @@ async def test_hostile_bytes_on_the_event_pipe_do_not_kill_the_runner(k8s):
 
 
 @pytest.mark.parametrize(
-    "code,reason",
+    ("code", "reason"),
     [
         ("raise SystemExit(125)", "exited with code 125"),
         ("raise SystemExit(137)", "exited with code 137"),

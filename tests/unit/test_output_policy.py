@@ -510,7 +510,7 @@ def test_clean_output_keeps_the_event_and_only_a_display_id():
 
 
 @pytest.mark.parametrize(
-    "kind, payload",
+    ("kind", "payload"),
     [
         ("stream", {"name": "stdout", "text": "<script>alert(1)</script>"}),
         ("error", {"ename": "E", "evalue": "<img onerror=x>", "traceback": ["<script>"]}),
