@@ -248,7 +248,7 @@ class WarmPool:
         self._stdin[pod_name] = await self._attach(pod_name)
         try:
             await self.cluster.patch_pod(pod_name, objects.state_patch("warming", "warm"))
-        except BaseException:
+        except BaseException:  # cancelled too: release the stdin, then re-raise
             self._detach(pod_name)  # its Job is deleted: do not keep its stdin open
             raise
         return pod_name
