@@ -6,9 +6,12 @@ temporary directory, listening on 127.0.0.1 only. Its configuration is the one t
 documents: the ``crucible`` service (command ``crucible serve``, local bubblewrap backend,
 SQLite in the temporary directory), ``custom:crucible:admin`` declared, the ``user`` role
 granted ``access:services!service=crucible``, the ``crucible-admin`` role granting the custom
-scope to the user ``admin``. A control service creates the users alice, bob and admin and
-their API tokens through the hub's REST API, plus a token of alice's without the access
-scope. Everything reaches crucible through the hub's proxy at ``/services/crucible/``.
+scope to the user ``admin``. A control service creates the users (alice, bob, admin and
+the special ones of ``USERS``) and their API tokens through the hub's REST API, plus a token
+of alice's without the access scope. Everything reaches crucible through the hub's proxy at
+``/services/crucible/``. User servers (started by tests with :func:`user_server`) run in
+remote mode, except carol's (a service on ``Hub.spare_port`` that tests start and kill) and
+the user ``embedded``'s (no service: an embedded dispatcher, for the benchmark).
 
 Missing jupyterhub or configurable-http-proxy is a failure, not a skip: ``dev/test`` installs
 both.
@@ -44,7 +47,7 @@ SINGLEUSER = Path(sys.executable).with_name("jupyterhub-singleuser")
 STARTUP_GUARD = 90  # seconds a process may take to answer before the fixture gives up
 GUARD_SECONDS = 120  # seconds a polling loop may wait before a test fails (not a timing check)
 GRACE = 8  # shutdown grace period of the tests' own services (a setting, not a measured bound)
-USERS = ("alice", "bob", "admin", "carol", "hubwide", "fuzz")
+USERS = ("alice", "bob", "admin", "carol", "hubwide", "fuzz", "embedded")
 #: carol's server forwards to a service the fault tests start, kill and restart themselves
 #: (on ``Hub.spare_port``), not to the hub-managed one. hubwide holds the unfiltered
 #: ``access:services`` scope (every service of the hub, as JupyterHub's admin role does).
@@ -361,7 +364,16 @@ def text_of(outputs: list[dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
-def _hub_config(tmp: Path, ports: dict[str, int], control_token: str) -> str:
+#: Settings of the hub-managed service in the tests (4 cells at once, 1 per user).
+SERVICE_ARGS = (
+    "--CrucibleDispatcher.max_concurrency=4",
+    "--CrucibleDispatcher.max_concurrency_per_user=1",
+)
+
+
+def _hub_config(
+    tmp: Path, ports: dict[str, int], control_token: str, service_args: tuple[str, ...]
+) -> str:
     service_url = f"http://127.0.0.1:{ports['service']}"
     env = {
         "CRUCIBLE_DB_URL": f"sqlite:///{tmp}/crucible.db",
@@ -371,8 +383,7 @@ def _hub_config(tmp: Path, ports: dict[str, int], control_token: str) -> str:
     command = [
         str(CRUCIBLE),
         "serve",
-        "--CrucibleDispatcher.max_concurrency=4",
-        "--CrucibleDispatcher.max_concurrency_per_user=1",
+        *service_args,
         "--CrucibleDispatcher.enabled_backends=local",
     ]
     return f"""
@@ -397,6 +408,8 @@ c.Spawner.start_timeout = {STARTUP_GUARD}
 c.Spawner.http_timeout = {STARTUP_GUARD}
 
 def _crucible_url(spawner):
+    if spawner.user.name == "embedded":  # no service: the server embeds a dispatcher
+        return ""
     port = {ports["spare"]} if spawner.user.name == "carol" else {ports["service"]}
     return f"http://127.0.0.1:{{port}}/services/crucible/"
 
@@ -416,6 +429,8 @@ c.JupyterHub.services = [
         "command": {json.dumps(command)},
         "environment": {json.dumps(env)},
         "display": False,
+        "oauth_no_confirm": True,
+        "oauth_client_allowed_scopes": ["custom:crucible:admin"],
     }},
     {{"name": "test-control", "api_token": {control_token!r}}},
 ]
@@ -472,17 +487,18 @@ def _make_tokens(hub: Hub, control_token: str) -> None:
     hub.tokens["hubwide-other"] = r.json()["token"]
 
 
-@pytest.fixture(scope="session")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    """A running JupyterHub with the crucible service; stopped at the end of the session."""
+@contextlib.contextmanager
+def start_hub(tmp: Path, service_args: tuple[str, ...] = SERVICE_ARGS) -> Iterator[Hub]:
+    """A running JupyterHub with the crucible service (run with ``service_args``) in ``tmp``,
+    its users and tokens made; stopped on exit. Also used by benchmarks/bench_hub.py."""
     if not CHP.exists():
         pytest.fail(f"configurable-http-proxy not found at {CHP}: run dev/setup --tests")
     if not CRUCIBLE.exists():
         pytest.fail(f"the crucible command is not at {CRUCIBLE}: run dev/setup --tests")
-    tmp = tmp_path_factory.mktemp("hub")
     ports = {name: free_port() for name in ("public", "hub", "proxy_api", "service", "spare")}
     control_token = secrets.token_hex(16)
-    (tmp / "jupyterhub_config.py").write_text(_hub_config(tmp, ports, control_token))
+    config = _hub_config(tmp, ports, control_token, service_args)
+    (tmp / "jupyterhub_config.py").write_text(config)
     log = tmp / "jupyterhub.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -514,3 +530,10 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
         stop_process(proc)
         if os.environ.get("CRUCIBLE_HUB_LOG"):
             print(log.read_text()[-20000:])
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    """A running JupyterHub with the crucible service; stopped at the end of the session."""
+    with start_hub(tmp_path_factory.mktemp("hub")) as running:
+        yield running
