@@ -10,12 +10,10 @@ resources, ``uids.py`` leases host uids, ``doctor.py`` reports health.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,9 +27,17 @@ from traitlets import Bool, Integer, List, TraitError, Unicode, default, validat
 from ...errors import InvalidRequest, Unavailable
 from ...models import Execution, ExecutionRequest
 from ..base import Backend, Check, Sandbox
-from . import bwrap, cgroups, doctor, uids
+from . import cgroups, doctor, uids
+from .bwrap import (
+    SandboxSpec,
+    base_env,
+    cell_env,
+    drop_argv,
+    runner_options,
+    sandboxed_runner,
+)
 from .doctor import EXPOSURE_FIX
-from .launch import LaunchReport, launch, make_state_dir, remove_stale_state_dirs
+from .launch import LaunchReport, launch, make_state_dir, release, remove_stale_state_dirs
 from .sandbox import LocalSandbox, off_loop
 from .seccomp import seccomp_fd
 from .warm import WARM_MEMORY, Warm, WarmPool
@@ -269,7 +275,7 @@ class CrucibleLocalBackend(Backend):
         (``true`` runs for a moment), nothing bound. Empty otherwise."""
         if not self.as_root:
             return []
-        return bwrap.drop_argv((), None, self._uid_leases.first, self.max_processes)
+        return drop_argv((), None, self._uid_leases.first, self.max_processes)
 
     def _take_uid(self, isolated: bool) -> uids.Lease | None:
         """A host uid for one isolated sandbox, when crucible runs as root (None otherwise)."""
@@ -317,9 +323,9 @@ class CrucibleLocalBackend(Backend):
         return compiled
 
     @cached_property
-    def sandbox_spec(self) -> bwrap.SandboxSpec:
+    def sandbox_spec(self) -> SandboxSpec:
         """What every sandbox of this backend is made of (once discovery is done)."""
-        return bwrap.SandboxSpec(
+        return SandboxSpec(
             bwrap=self.bwrap_path or "bwrap",
             python=self.python,
             runner=self.runner_path,
@@ -375,8 +381,8 @@ class CrucibleLocalBackend(Backend):
         return LaunchReport(steps, os.path.join(self._state_dir, "launch"))
 
     def _runner_options(self) -> list[str]:
-        """The runner's options every sandbox gets (see :func:`bwrap.runner_options`)."""
-        return bwrap.runner_options(self.max_file_size, self.max_open_files, self.output_limit)
+        """The runner's options every sandbox gets (see :func:`.bwrap.runner_options`)."""
+        return runner_options(self.max_file_size, self.max_open_files, self.output_limit)
 
     def _sandboxed_runner(
         self,
@@ -386,8 +392,8 @@ class CrucibleLocalBackend(Backend):
         report: LaunchReport,
         uid: int | None,
     ) -> list[str]:
-        """The bubblewrap command running the runner (see :func:`bwrap.sandboxed_runner`)."""
-        return bwrap.sandboxed_runner(
+        """The bubblewrap command running the runner (see :func:`.bwrap.sandboxed_runner`)."""
+        return sandboxed_runner(
             self.sandbox_spec, env, code_fd, seccomp, report.path, uid, self._runner_options()
         )
 
@@ -441,10 +447,10 @@ class CrucibleLocalBackend(Backend):
         seccomp = seccomp_fd() if isolated else None
         report = self._launch_report(group, isolated)
         workdir = None
-        if isolated:
+        if code_fd is not None:  # isolated
             os.write(code_fd, req.code.encode("utf-8"))
             os.lseek(code_fd, 0, os.SEEK_SET)
-            env = {**bwrap.base_env(), **bwrap.cell_env(execution)}
+            env = {**base_env(), **cell_env(execution)}
             argv = self._sandboxed_runner(
                 env, code_fd, seccomp, report, lease.uid if lease else None
             )
@@ -456,8 +462,8 @@ class CrucibleLocalBackend(Backend):
             argv = [self.python, "-I", self.runner_path, "--code-file", f"{workdir}/cell.py"]
             argv += self._runner_options()
             env = {
-                **bwrap.base_env(),
-                **bwrap.cell_env(execution),
+                **base_env(),
+                **cell_env(execution),
                 "HOME": workdir,
                 "TMPDIR": workdir,
             }
@@ -540,7 +546,7 @@ class CrucibleLocalBackend(Backend):
                 )
             report = self._launch_report(group, True)
             uid = lease.uid if lease else None
-            argv = self._sandboxed_runner(bwrap.base_env(), None, seccomp, report, uid)
+            argv = self._sandboxed_runner(base_env(), None, seccomp, report, uid)
             fds = () if seccomp is None else (seccomp,)
             proc = await self._exec(argv, {}, group, report, pass_fds=fds)
         except Exception:
@@ -569,7 +575,7 @@ class CrucibleLocalBackend(Backend):
             )
         cell = {
             "code": req.code,
-            "env": bwrap.cell_env(execution),
+            "env": cell_env(execution),
             "rlimit_as": None if warm.group is not None else req.resources.memory,
         }
         assert warm.proc.stdin is not None  # the pool hands over only sandboxes with one
@@ -593,23 +599,8 @@ class CrucibleLocalBackend(Backend):
         self._closed = True
         if "warm_pool" in self.__dict__:
             await self.warm_pool.close()
-        await self._release_processes()
+        await release(self._procs)
+        self._procs.clear()
         if "_state_dir" in self.__dict__:
             shutil.rmtree(self._state_dir, ignore_errors=True)
             del self.__dict__["_state_dir"]
-
-    async def _release_processes(self) -> None:
-        """Kill what still runs and close every process's pipes while the event loop still
-        runs (a transport left to the garbage collector complains once the loop is gone)."""
-        procs = list(self._procs)
-        for proc in procs:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError, asyncio.TimeoutError):
-                await asyncio.wait_for(proc.wait(), 5)
-            transport = getattr(proc, "_transport", None)  # asyncio keeps no public handle
-            if transport is not None:
-                transport.close()
-        self._procs.clear()

@@ -8,8 +8,10 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from . import cgroups
@@ -93,6 +95,22 @@ async def launch(
         cwd=cwd,
         limit=1 << 16,
     )
+
+
+async def release(procs: Iterable[asyncio.subprocess.Process]) -> None:
+    """Kill what still runs of ``procs`` and close every one's pipes while the event loop
+    still runs (a transport left to the garbage collector complains once the loop is gone)."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, asyncio.TimeoutError):
+            await asyncio.wait_for(proc.wait(), 5)
+        transport = getattr(proc, "_transport", None)  # asyncio keeps no public handle
+        if transport is not None:
+            transport.close()
 
 
 def make_state_dir() -> str:

@@ -77,10 +77,13 @@ class LocalSandbox(Sandbox):
                     frames_read.set()
 
         frames_read = self._frames_read = asyncio.Event()
+        stdout, stderr = self.proc.stdout, self.proc.stderr
+        assert stdout is not None  # started with pipes (launch.py)
+        assert stderr is not None
 
         tasks = [
-            asyncio.create_task(pump(FRAMES, self.proc.stdout)),
-            asyncio.create_task(pump(STDERR, self.proc.stderr)),
+            asyncio.create_task(pump(FRAMES, stdout)),
+            asyncio.create_task(pump(STDERR, stderr)),
         ]
         done = asyncio.gather(*tasks)
         getter = None
