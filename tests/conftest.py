@@ -55,6 +55,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=RESTART_SKIP_REASON))
 
 
+@pytest.fixture(autouse=True)
+def _environment_left_as_found() -> Iterator[None]:
+    """A test (with its fixtures) leaves ``os.environ`` as it found it: a variable left
+    behind (a server's CRUCIBLE_SERVER_URL, say) would change what later tests run against,
+    so the outcome would depend on their order. Restored, and the test errors."""
+    before = dict(os.environ)
+    yield
+    after = dict(os.environ)
+    changed = sorted(
+        key
+        for key in before.keys() | after.keys()
+        if before.get(key) != after.get(key) and key != "PYTEST_CURRENT_TEST"  # pytest's own
+    )
+    if changed:
+        for key in changed:
+            if key in before:
+                os.environ[key] = before[key]
+            else:
+                del os.environ[key]
+        pytest.fail(f"the test left environment variables changed: {changed}", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """URL (``postgresql+psycopg://``) of the ``crucible_test`` database on a throwaway server."""
