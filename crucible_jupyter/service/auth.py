@@ -12,14 +12,21 @@ The promises:
   has) lets the caller in as themselves, with no crucible admin rights;
 * a hub that does not answer (down, restarting) is a 503 with the reason, never a 500;
 * the token's own scopes decide admin rights (``admin_scope``, unfiltered), not the user's
-  ``admin`` flag, which would ignore how the token was scoped.
+  ``admin`` flag, which would ignore how the token was scoped;
+* browsers (when the hub gave the service an OAuth client, as it does for a hub-managed
+  service with a ``url``): a login through the hub (``{prefix}login``, then the hub's OAuth
+  back to ``{prefix}oauth_callback``, jupyterhub's ``HubOAuth``) leaves a signed cookie
+  holding a hub token scoped for this service; that cookie only reads (GET, and WebSockets
+  from pages of the service's own origin), so no other site's page can make a logged-in
+  browser submit or cancel anything; writes need a token in ``Authorization``.
 """
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
-from jupyterhub.services.auth import HubAuth, check_scopes
+from jupyterhub.services.auth import HubAuth, HubOAuth, check_scopes
 from tornado import web
 
 from ..errors import CrucibleError, Forbidden, Unavailable
@@ -37,7 +44,12 @@ class HubIdentity:
     """Turns a request into a :class:`~crucible_jupyter.server.common.Caller` via JupyterHub."""
 
     def __init__(
-        self, hub_auth: HubAuth, *, admin_scope: str, service_name: str, prefix: str = ""
+        self,
+        hub_auth: HubAuth | HubOAuth,
+        *,
+        admin_scope: str,
+        service_name: str,
+        prefix: str = "",
     ) -> None:
         self.hub_auth = hub_auth
         self.admin_scope = admin_scope
@@ -54,18 +66,63 @@ class HubIdentity:
     def _token_page(self) -> str:
         return self.hub_auth.hub_prefix.rstrip("/") + "/token"
 
+    @property
+    def browser_login(self) -> bool:
+        """Whether browsers can log in through the hub: the hub gave this service an OAuth
+        client (``$JUPYTERHUB_CLIENT_ID``, set for a hub-managed service with a ``url``)."""
+        return isinstance(self.hub_auth, HubOAuth) and bool(self.hub_auth.oauth_client_id)
+
+    @property
+    def login_path(self) -> str:
+        """Where a browser starts its login: ``{prefix}login``."""
+        return self.prefix + "login"
+
+    def _browser_hint(self) -> str:
+        return f"; in a browser, log in at {self.login_path}" if self.browser_login else ""
+
+    def _check_cookie_use(self, handler: web.RequestHandler) -> None:
+        """A browser login reads only, and opens WebSockets only from the service's origin."""
+        request = handler.request
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            origin = request.headers.get("Origin")
+            if origin is not None and urlsplit(origin).netloc != request.host:
+                raise Forbidden(
+                    f"a page of {origin[:100]!r} may not use your browser login to the crucible"
+                    f" service at {self.prefix}; connect from the hub's own pages, or send"
+                    " 'Authorization: token <token>'"
+                )
+        elif request.method not in ("GET", "HEAD"):
+            raise Forbidden(
+                f"a browser login to the crucible service at {self.prefix} may only read; to"
+                f" {request.method} send 'Authorization: token <token>' with an API token of"
+                f" your JupyterHub user (made at {self._token_page()})"
+            )
+
     async def caller(self, handler: web.RequestHandler) -> Caller:
         """The verified caller of ``handler``'s request; Unauthorized, Forbidden or
         Unavailable (hub down) otherwise."""
         token = self.hub_auth.get_token(handler, in_cookie=False)
+        by_cookie = False
+        if not token and self.browser_login:
+            token = self.hub_auth.get_token(handler, in_cookie=True)
+            by_cookie = bool(token)
         if not token:
             raise Unauthorized(
                 f"no JupyterHub token: the crucible service at {self.prefix} needs"
                 " 'Authorization: token <token>' with an API token of your JupyterHub user"
                 f" ($JUPYTERHUB_API_TOKEN in a user server, or one made at {self._token_page()})"
+                + self._browser_hint()
             )
+        if by_cookie:
+            self._check_cookie_use(handler)
         model = await self._user_for(token)
         if not model:
+            if by_cookie:
+                self.hub_auth.clear_cookie(handler)
+                raise Unauthorized(
+                    f"your browser login to the crucible service at {self.prefix} has ended"
+                    f" (the hub no longer knows its token); log in again at {self.login_path}"
+                )
             raise Unauthorized(
                 "JupyterHub does not know this token (expired, revoked, or from another hub);"
                 f" the crucible service at {self.prefix} needs a current API token of your"

@@ -7,6 +7,10 @@ WebSocket upgrade) by :class:`~crucible_jupyter.service.auth.HubIdentity`; holde
 access scope may read and write; the owner rule of :mod:`crucible_jupyter.server.common`
 then limits them to their own executions (admin scope: all).
 
+Browsers log in through the hub at ``{prefix}login`` (OAuth, answered at
+``{prefix}oauth_callback``; see :mod:`.auth` for what that login may do); a browser that asks
+an API URL for a page without credentials is sent there first.
+
 Probes, for a kubelet or a load balancer (no token needed, nothing private in them):
 
 * ``{prefix}healthz`` (liveness): 200 while the process serves requests;
@@ -20,13 +24,17 @@ from __future__ import annotations
 import json
 import re
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
+from jupyterhub.services.auth import HubOAuthCallbackHandler
 from tornado import web
+from tornado.httputil import url_concat
 from tornado.websocket import WebSocketHandler
 
 from ..errors import CrucibleError, NotFound
 from ..server.common import Caller, CrucibleRequestMixin
 from ..server.handlers import routes
+from .auth import Unauthorized
 
 if TYPE_CHECKING:
     from .app import CrucibleService
@@ -52,8 +60,24 @@ class ServiceMixin(CrucibleRequestMixin):
         return self.crucible.log
 
     async def prepare(self) -> None:
-        """Authenticate with JupyterHub before anything else (401/403/503 as JSON)."""
-        self._caller = await self.crucible.identity.caller(self)
+        """Authenticate with JupyterHub before anything else (401/403/503 as JSON; a browser
+        asking for a page without credentials is sent to log in through the hub)."""
+        try:
+            self._caller = await self.crucible.identity.caller(self)
+        except Unauthorized:
+            if not self._browser_wants_login():
+                raise
+            login = self.crucible.identity.login_path
+            self.redirect(url_concat(login, {"next": self.request.uri}))  # type: ignore[attr-defined]
+
+    def _browser_wants_login(self) -> bool:
+        request = self.request  # type: ignore[attr-defined]
+        return (
+            self.crucible.identity.browser_login
+            and request.method == "GET"
+            and request.headers.get("Upgrade", "").lower() != "websocket"
+            and "text/html" in request.headers.get("Accept", "")
+        )
 
     @property
     def caller(self) -> Caller:
@@ -94,7 +118,8 @@ class ServiceSocket(ServiceMixin, WebSocketHandler):
         """No extra headers on a WebSocket handshake."""
 
     def check_origin(self, origin: str) -> bool:
-        """Any origin: authentication is by token, never by an ambient cookie."""
+        """Any origin with a token; a browser login's cookie counts only from the service's
+        own origin (checked with the credentials, in :meth:`prepare`)."""
         return True
 
 
@@ -120,6 +145,62 @@ class ReadinessHandler(web.RequestHandler):
         self.finish(json.dumps({"ready": reason is None, "reason": reason}))
 
 
+class LoginHandler(web.RequestHandler):
+    """``login?next=PATH``: send a browser to log in through the hub (OAuth), then back to
+    ``PATH`` (a path of this service only; anything else goes to the execution list)."""
+
+    def get(self) -> None:
+        """Redirect to the hub's OAuth authorization, with the state in a cookie."""
+        service: CrucibleService = self.settings["crucible_service"]
+        identity = service.identity
+        if not identity.browser_login:
+            self.set_status(404)
+            self.set_header("Content-Type", "application/json")
+            self.finish(
+                json.dumps(
+                    {
+                        "error": "NotFound",
+                        "message": "browser login is off: JupyterHub gave this service no"
+                        " OAuth client (run it as a hub service with a `url`, which sets"
+                        " JUPYTERHUB_CLIENT_ID); send 'Authorization: token <token>' instead",
+                    }
+                )
+            )
+            return
+        default = service.api_root + "/executions"
+        next_url = self.get_argument("next", default)
+        if not _is_own_path(next_url, service.prefix):
+            next_url = default  # never redirect a login elsewhere
+        hub_auth = identity.hub_auth
+        params = {}
+        verifier = None
+        if hub_auth.pkce_enabled:
+            verifier, challenge, method = hub_auth.generate_pkce_code_challenge()
+            params = {"code_challenge": challenge, "code_challenge_method": method}
+        state = hub_auth.set_state_cookie(self, next_url=next_url, code_verifier=verifier)
+        self.redirect(url_concat(hub_auth.login_url, {**params, "state": state}))
+
+
+def _is_own_path(url: str, prefix: str) -> bool:
+    """Whether ``url`` is a path under ``prefix`` on this host (no scheme, host or tricks)."""
+    parts = urlsplit(url)
+    return (
+        not parts.scheme
+        and not parts.netloc
+        and url.startswith(prefix)
+        and "\\" not in url
+        and all(ord(c) > 31 for c in url)
+    )
+
+
+class OAuthCallbackHandler(HubOAuthCallbackHandler):
+    """``oauth_callback``: the hub's OAuth answer; sets the login cookie, back to ``next``."""
+
+    def initialize(self) -> None:
+        """Use the service's own HubOAuth (its settings, its state store)."""
+        self.hub_auth = self.settings["crucible_service"].identity.hub_auth
+
+
 class OutsideHandler(ServiceAPIHandler):
     """Any other path: a JSON 404 pointing at the API's document (after authentication)."""
 
@@ -140,6 +221,8 @@ def service_routes(prefix: str) -> list[tuple[str, type]]:
     return [
         (rf"{root}/healthz/?", LivenessHandler),
         (rf"{root}/readyz/?", ReadinessHandler),
+        (rf"{root}/login", LoginHandler),
+        (rf"{root}/oauth_callback", OAuthCallbackHandler),
         *routes(rf"{root}/api", ServiceAPIHandler, ServiceSocket),
         (rf"{root}(?P<path>/.*)?", OutsideHandler),
     ]
