@@ -46,10 +46,20 @@ RESERVED_ENV_PREFIXES = ("CRUCIBLE_", "LD_", "PYTHON")
 _FALSE = ("0", "false", "no", "off")
 
 
-def env_text(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:
-    """The value of environment variable ``name``; ``default`` when it is unset or empty."""
+def env_text(
+    name: str,
+    default: str,
+    environ: Mapping[str, str] | None = None,
+    *,
+    empty_is_unset: bool = True,
+) -> str:
+    """The value of environment variable ``name``; ``default`` when it is unset, or empty
+    (unless ``empty_is_unset`` is false: for a setting where empty means "none")."""
     env = os.environ if environ is None else environ
-    return env.get(name) or default
+    value = env.get(name)
+    if value is None or (empty_is_unset and value == ""):
+        return default
+    return value
 
 
 def env_float(name: str, default: float, environ: Mapping[str, str] | None = None) -> float:

@@ -165,3 +165,6 @@ def test_env_text_default_for_unset_and_empty():
     assert protocol.env_text("X", "d", {}) == "d"
     assert protocol.env_text("X", "d", {"X": ""}) == "d"
     assert protocol.env_text("X", "d", {"X": "v"}) == "v"
+    # where empty means "none" (the service's admin scope), it is kept
+    assert protocol.env_text("X", "d", {"X": ""}, empty_is_unset=False) == ""
+    assert protocol.env_text("X", "d", {}, empty_is_unset=False) == "d"

@@ -24,6 +24,7 @@ from traitlets import Bool, Dict, Enum, Float, Integer, List, TraitError, Unicod
 
 from ...errors import InvalidRequest, RequestTooLarge
 from ...models import Execution, ExecutionRequest, Limits, Resources, format_bytes
+from ...protocol import ENV_K8S_NAMESPACE, env_text
 from ..base import Backend, Check, Sandbox
 from . import doctor, objects, pods
 from .cluster import Cluster
@@ -44,7 +45,7 @@ class CrucibleKubernetesBackend(Backend):
 
     @default("namespace")
     def _default_namespace(self) -> str:
-        return os.environ.get("CRUCIBLE_K8S_NAMESPACE", "crucible-executions")
+        return env_text(ENV_K8S_NAMESPACE, "crucible-executions")
 
     kubeconfig = Unicode(
         help="""kubeconfig file to use; empty: in-cluster configuration when running in a
