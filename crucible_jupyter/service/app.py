@@ -26,11 +26,12 @@ import asyncio
 import contextlib
 import copy
 import os
+import secrets
 import signal
 from typing import Any
 from urllib.parse import urlparse
 
-from jupyterhub.services.auth import HubAuth
+from jupyterhub.services.auth import HubAuth, HubOAuth
 from tornado import web
 from tornado.httpserver import HTTPServer
 from traitlets import Float, Int, Unicode, default, validate
@@ -128,6 +129,31 @@ class CrucibleService(Application):
     def _default_grace(self) -> float:
         return env_float(ENV_SHUTDOWN_GRACE_SECONDS, 25)
 
+    cookie_secret = Unicode(
+        help="""Hex key that signs the cookie of a browser's login (OAuth through the hub).
+        Give every replica the same one, and keep it across restarts to keep browsers logged
+        in. Env: CRUCIBLE_COOKIE_SECRET. Default: random at each start (a restart logs
+        browsers out; tokens are not affected).""",
+    ).tag(config=True)
+
+    @default("cookie_secret")
+    def _default_cookie_secret(self) -> str:
+        return os.environ.get("CRUCIBLE_COOKIE_SECRET") or secrets.token_hex(32)
+
+    @validate("cookie_secret")
+    def _hex_key(self, proposal: Any) -> str:
+        value = str(proposal["value"]).strip()
+        try:
+            key = bytes.fromhex(value)
+        except ValueError:
+            key = b""
+        if len(key) < 32:
+            raise ValueError(
+                "CrucibleService.cookie_secret (CRUCIBLE_COOKIE_SECRET) must be at least 32"
+                " bytes as hex, e.g. the output of `openssl rand -hex 32`"
+            )
+        return value
+
     max_body_bytes = Int(
         8 << 20,
         help="""Largest request body (bytes) the API reads; larger ones are refused with 413.
@@ -159,7 +185,7 @@ class CrucibleService(Application):
         from ..cli import load_config
         from ..dispatcher import Dispatcher
 
-        self.classes = [CrucibleService, Dispatcher, HubAuth]
+        self.classes = [CrucibleService, Dispatcher, HubAuth, HubOAuth]
         for name in installed_backends():
             with contextlib.suppress(Exception):
                 self.classes.append(load_backend_class(name))
@@ -176,9 +202,12 @@ class CrucibleService(Application):
         cache = {}
         if "cache_max_age" not in self.config.get("HubAuth", {}):
             cache["cache_max_age"] = self.auth_cache_seconds
-        hub_auth = HubAuth(parent=self, log=self.log, **cache)
+        hub_auth = HubOAuth(parent=self, log=self.log, **cache)  # tokens, and browsers
         self.identity = HubIdentity(
-            hub_auth, admin_scope=self.admin_scope, service_name=self.service_name
+            hub_auth,
+            admin_scope=self.admin_scope,
+            service_name=self.service_name,
+            prefix=self.prefix,
         )
         if not os.environ.get("JUPYTERHUB_API_URL") and "api_url" not in self.config.get(
             "HubAuth", {}
@@ -191,6 +220,7 @@ class CrucibleService(Application):
         self.web_app = web.Application(
             service_routes(self.prefix),
             crucible_service=self,
+            cookie_secret=bytes.fromhex(self.cookie_secret),
             websocket_ping_interval=30,
             log_function=self._log_request,
         )
