@@ -9,11 +9,14 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
-/** States of an execution, in the order they are reached. */
+/**
+ * States of an execution, in the order they are reached. Python's spelling is
+ * `crucible_jupyter/protocol.py` (STATUSES); tests/unit/test_protocol.py keeps the two equal.
+ */
 export type Status =
   'queued' | 'starting' | 'running' | 'succeeded' | 'failed' | 'timed_out' | 'cancelled';
 
-/** The states after which nothing changes. */
+/** The states after which nothing changes (protocol.py's TERMINAL_STATUSES, held equal by a test). */
 export const TERMINAL: ReadonlySet<Status> = new Set([
   'succeeded',
   'failed',
