@@ -118,6 +118,13 @@ class CrucibleService(Application):
         revoked token or a removed scope takes effect at most this late.""",
     ).tag(config=True)
 
+    hub_timeout = Float(
+        10.0,
+        help="""Seconds the service waits for JupyterHub to answer about a token before it
+        answers 503 (a hub that accepts connections but does not answer would otherwise hold
+        each request for minutes).""",
+    ).tag(config=True)
+
     shutdown_grace_seconds = Float(
         help="""On SIGTERM, seconds running cells get to finish before they are ended (with a
         reason saying so). Keep it under the orchestrator's own grace period (Kubernetes:
@@ -208,6 +215,7 @@ class CrucibleService(Application):
             admin_scope=self.admin_scope,
             service_name=self.service_name,
             prefix=self.prefix,
+            hub_timeout=self.hub_timeout,
         )
         if not os.environ.get("JUPYTERHUB_API_URL") and "api_url" not in self.config.get(
             "HubAuth", {}

@@ -10,7 +10,8 @@ The promises:
   each with a message saying what to send or whom to ask, naming the service's path;
   JupyterHub's unfiltered ``access:services`` (every service of the hub, as its admin role
   has) lets the caller in as themselves, with no crucible admin rights;
-* a hub that does not answer (down, restarting) is a 503 with the reason, never a 500;
+* a hub that does not answer (down, restarting, failing, or silent for ``hub_timeout``
+  seconds) is a 503 with the reason, never a 500 or a hang;
 * the token's own scopes decide admin rights (``admin_scope``, unfiltered), not the user's
   ``admin`` flag, which would ignore how the token was scoped;
 * browsers (when the hub gave the service an OAuth client, as it does for a hub-managed
@@ -23,6 +24,7 @@ The promises:
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -50,8 +52,10 @@ class HubIdentity:
         admin_scope: str,
         service_name: str,
         prefix: str = "",
+        hub_timeout: float = 10.0,
     ) -> None:
         self.hub_auth = hub_auth
+        self.hub_timeout = hub_timeout
         self.admin_scope = admin_scope
         self.service_name = service_name
         self.prefix = prefix or f"/services/{service_name}/"
@@ -147,7 +151,15 @@ class HubIdentity:
 
     async def _user_for(self, token: str) -> dict[str, Any] | None:
         try:
-            return await self.hub_auth.user_for_token(token, sync=False)
+            return await asyncio.wait_for(
+                self.hub_auth.user_for_token(token, sync=False), self.hub_timeout
+            )
+        except asyncio.TimeoutError:
+            raise Unavailable(
+                f"cannot check the token with JupyterHub at {self.hub_auth.api_url}: it did"
+                f" not answer within {self.hub_timeout:g} s; the hub may be overloaded or"
+                " restarting: retry shortly"
+            ) from None
         except web.HTTPError as e:
             raise Unavailable(
                 f"cannot check the token with JupyterHub at {self.hub_auth.api_url}:"

@@ -4,7 +4,10 @@ tokens checked by the session's real hub) and talks to it directly."""
 
 from __future__ import annotations
 
+import http.server
 import signal
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,3 +109,45 @@ def test_a_hub_that_does_not_answer_is_a_503_with_the_reason(hub: Hub, service_f
     assert body["error"] == "Unavailable"
     assert nowhere in body["message"]
     assert "retry" in body["message"]
+
+
+class FailingHub(http.server.BaseHTTPRequestHandler):
+    """A hub API that is up but fails every request (500), as a hub with a broken database."""
+
+    def do_GET(self) -> None:
+        self.send_response(500)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"status": 500, "message": "database is locked"}')
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_hub_that_fails_is_a_503_with_the_reason(hub: Hub, service_factory) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FailingHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        failing = f"http://127.0.0.1:{server.server_port}/hub/api"
+        service = service_factory(hub_api=failing)
+        status, body = service.call(hub, "alice", "GET", "executions")
+        assert status == 503, body
+        assert failing in body["message"], body
+        assert "upstream problem" in body["message"], body
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_hub_that_says_nothing_is_a_503_after_hub_timeout(hub: Hub, service_factory) -> None:
+    silent = socket.socket()  # accepts connections (the kernel's backlog), never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    try:
+        where = f"http://127.0.0.1:{silent.getsockname()[1]}/hub/api"
+        service = service_factory("--CrucibleService.hub_timeout=1", hub_api=where)
+        status, body = service.call(hub, "alice", "GET", "executions")
+        assert status == 503, body
+        assert "did not answer within 1 s" in body["message"], body
+    finally:
+        silent.close()
