@@ -396,6 +396,22 @@ async def _release_garbage() -> None:
     await asyncio.sleep(0)
 
 
+def notebook_ref(cell_id: object = None) -> dict[str, str]:
+    """Where a cell comes from, as far as this process knows: the notebook ``path`` (env
+    ``JPY_SESSION_NAME``, set by a Jupyter server for a session's kernel), ``cell_id`` when
+    it is a non-empty string, and this kernel's id. Shared by the magic and the kernel."""
+    ref: dict[str, str] = {}
+    path = os.environ.get("JPY_SESSION_NAME")
+    if path:
+        ref["path"] = path
+    if isinstance(cell_id, str) and cell_id:
+        ref["cell_id"] = cell_id
+    kernel_id = current_kernel_id()
+    if kernel_id:
+        ref["kernel_id"] = kernel_id
+    return ref
+
+
 def current_kernel_id() -> str | None:
     """This kernel's id, from its connection file name (``kernel-<id>.json``)."""
     try:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import html
-import os
 import shlex
 import sys
 import time
@@ -41,7 +40,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import clear_output, display, publish_display_data
 
-from .client import ThreadedClient, client_from_env, current_kernel_id
+from .client import ThreadedClient, client_from_env, notebook_ref
 from .errors import Conflict, CrucibleError, NotFound
 from .options import (
     CELL_HELP,
@@ -190,23 +189,16 @@ class CrucibleMagics(Magics):
 
     def notebook_ref(self) -> dict[str, str]:
         """Notebook path, cell id and kernel id, as far as this kernel knows them."""
-        ref: dict[str, str] = {}
-        path = os.environ.get("JPY_SESSION_NAME")
-        if path:
-            ref["path"] = path
         kernel = getattr(self.shell, "kernel", None)
-        if kernel is not None:
-            try:
-                parent = kernel.get_parent() or {}
-                cell_id = (parent.get("metadata") or {}).get("cellId")
-                if isinstance(cell_id, str) and cell_id:
-                    ref["cell_id"] = cell_id
-            except Exception:
-                pass
-            kernel_id = current_kernel_id()
-            if kernel_id:
-                ref["kernel_id"] = kernel_id
-        return ref
+        if kernel is None:  # terminal IPython: no notebook, no kernel
+            return notebook_ref()
+        cell_id = None
+        try:
+            parent = kernel.get_parent() or {}
+            cell_id = (parent.get("metadata") or {}).get("cellId")
+        except Exception:  # whatever the frontend sent, the cell still runs
+            pass
+        return notebook_ref(cell_id)
 
     # -- %%crucible ----------------------------------------------------------------------------
 

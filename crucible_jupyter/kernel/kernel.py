@@ -42,7 +42,7 @@ from IPython.core.error import UsageError
 from traitlets import Bool, default
 
 from .. import __version__
-from ..client import ThreadedClient, client_from_env, current_kernel_id
+from ..client import ThreadedClient, client_from_env, notebook_ref
 from ..errors import Conflict, CrucibleError
 from ..options import (
     CELL_HELP,
@@ -200,15 +200,7 @@ class CrucibleKernel(Kernel):
             request = parse_cell_options(line).to_request()
             check_cell_body(body)
             request["code"] = body
-        notebook: dict[str, str] = {}
-        if os.environ.get("JPY_SESSION_NAME"):
-            notebook["path"] = os.environ["JPY_SESSION_NAME"]
-        cell_id = cell_id or (cell_meta or {}).get("cellId")
-        if isinstance(cell_id, str) and cell_id:
-            notebook["cell_id"] = cell_id
-        kernel_id = current_kernel_id()
-        if kernel_id:
-            notebook["kernel_id"] = kernel_id
+        notebook = notebook_ref(cell_id or (cell_meta or {}).get("cellId"))
         if notebook:
             request["notebook"] = notebook
         return request

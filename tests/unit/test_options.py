@@ -180,3 +180,24 @@ def test_history_misuse(words, says):
         options.parse_history(words)
     assert says in str(e.value)
     assert str(e.value).startswith("%crucible history: ")
+
+
+@pytest.mark.parametrize(
+    ("session", "cell_id", "ref"),
+    [
+        (None, None, {}),
+        ("", "", {}),
+        ("work/a.ipynb", "c1", {"path": "work/a.ipynb", "cell_id": "c1"}),
+        (None, 42, {}),  # a cell id from the frontend that is not text is left out
+        ("b.ipynb", None, {"path": "b.ipynb"}),
+    ],
+)
+def test_magic_and_kernel_record_where_a_cell_comes_from_alike(monkeypatch, session, cell_id, ref):
+    from crucible_jupyter.client import notebook_ref
+
+    if session is None:
+        monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    else:
+        monkeypatch.setenv("JPY_SESSION_NAME", session)
+    assert notebook_ref(cell_id) == ref  # no kernel app in this process: no kernel id
+    assert magic.CrucibleMagics(shell=None).notebook_ref() == notebook_ref()
