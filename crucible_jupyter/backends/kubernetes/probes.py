@@ -94,15 +94,15 @@ runner = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(runner)
 results = []
 
-def tcp(host, port, kind):
+def attempt(exchange, family=None, host=None, port=None, kind=socket.SOCK_DGRAM, proto=0):
+    # one socket (to host:port, numeric, or of family), 1.5 s per step; what became of it
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_NUMERICHOST)
-        s = socket.socket(infos[0][0], socket.SOCK_STREAM)
-        s.settimeout(1.5)
-        s.connect(infos[0][4])
-        s.close()
-        return "open"
+        if host is not None:
+            infos = socket.getaddrinfo(host, port, type=kind, flags=socket.AI_NUMERICHOST)
+            family, address = infos[0][0], infos[0][4]
+        with socket.socket(family, kind, proto) as s:
+            s.settimeout(1.5)
+            return exchange(s, address if host is not None else None)
     except ConnectionRefusedError:
         return "refused"
     except socket.timeout:
@@ -110,51 +110,41 @@ def tcp(host, port, kind):
     except OSError as e:
         return "unreachable (%s)" % (e.strerror or e)
 
-def udp(host, port, kind, many=False):
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM,
-                                   flags=socket.AI_NUMERICHOST)
-        s = socket.socket(infos[0][0], socket.SOCK_DGRAM)
-        s.settimeout(1.5)
-        if many:  # multicast/broadcast: answers come from other addresses
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-            s.sendto(b"ping", infos[0][4])
-            data, peer = s.recvfrom(512)
-            return "open (answered by %s)" % peer[0]
-        s.connect(infos[0][4])
-        s.send(b"ping")
-        s.recv(512)
-        return "open"
-    except ConnectionRefusedError:
-        return "refused"
-    except socket.timeout:
-        return "no answer"
-    except OSError as e:
-        return "unreachable (%s)" % (e.strerror or e)
+def tcp(s, address):
+    s.connect(address)
+    return "open"
 
-def ping6(host, port, kind, many=True):
+def udp(s, address):
+    s.connect(address)
+    s.send(b"ping")
+    s.recv(512)
+    return "open"
+
+def udp_many(s, address):  # multicast/broadcast: answers come from other addresses
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    s.sendto(b"ping", address)
+    data, peer = s.recvfrom(512)
+    return "open (answered by %s)" % peer[0]
+
+def ping6(host):
     # ICMPv6 echo to all nodes, where ping sockets are allowed (net.ipv4.ping_group_range)
-    own = set()
-    try:
+    def echo(s, _):
         own = {{socket.inet_ntop(socket.AF_INET6, bytes.fromhex(l.split()[0]))
                 for l in open("/proc/net/if_inet6")}}
-        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
-        s.settimeout(1.5)
         s.sendto(b"\x80\x00\x00\x00\x00\x01\x00\x01crucible", (host, 0))
         while True:
             data, peer = s.recvfrom(512)
             if peer[0].split("%")[0] not in own:
                 return "open (answered by %s)" % peer[0]
-    except socket.timeout:
-        return "no answer"
-    except OSError as e:
-        return "unreachable (%s)" % (e.strerror or e)
+    return attempt(echo, socket.AF_INET6, proto=socket.IPPROTO_ICMPV6)
 
 def run(proto, host, port, kind, family, many=False):
     if proto == "icmp":
-        result = ping6(host, port, kind)
+        result = ping6(host)
+    elif proto == "tcp":
+        result = attempt(tcp, host=host, port=port, kind=socket.SOCK_STREAM)
     else:
-        result = tcp(host, port, kind) if proto == "tcp" else udp(host, port, kind, many)
+        result = attempt(udp_many if many else udp, host=host, port=port)
     results.append({{"proto": proto, "to": host, "port": port, "kind": kind,
                     "family": family, "result": result}})
 
