@@ -108,8 +108,10 @@ class _RemoteMixin:
         try:
             body = json.loads(text or b"{}")
         except ValueError:
-            body = {}
-        if not isinstance(body, dict):
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("message"), str):
+            if status in (502, 503, 504):  # a proxy or load balancer's page: nobody behind it
+                return self.unreachable(self.crucible.service_url, f"HTTP {status}")  # type: ignore[attr-defined]
             body = {}
         body.setdefault("error", "ServiceError")
         body.setdefault("message", f"the crucible service answered {status}")
@@ -170,7 +172,15 @@ class RemoteAPIHandler(_RemoteMixin, CrucibleAPIHandler):
             raise self.unreachable(url, response.error)
         if response.code >= 400:
             raise self.relayed(response.code, response.body)
-        data = json.loads(response.body or b"null")
+        try:
+            data = json.loads(response.body or b"null")
+        except ValueError:
+            raise Unavailable(
+                f"{self.crucible.service_url} answered {response.code} with something that is"
+                " not the crucible API (not JSON); check CRUCIBLE_SERVICE_URL"
+                " (c.CrucibleApp.service_url): it is the service's URL with its prefix, such as"
+                " http://crucible:8576/services/crucible/"
+            ) from None
         if self.request.path.endswith("/openapi.json") and isinstance(data, dict):
             data["servers"] = [{"url": self.crucible.api_root}]
         location = response.headers.get("Location")

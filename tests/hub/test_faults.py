@@ -1,12 +1,14 @@
 """Faults between a user server in remote mode and the crucible service (issue 10, item 5):
 the service down when a cell is submitted, and the service killed (SIGKILL) mid-cell and
 started again. carol's server forwards to a service these tests start, kill and restart
-themselves on ``Hub.spare_port`` (see conftest); cells come from her notebook kernels
+themselves on ``Hub.spare_port`` (see tests.helpers.hub); cells come from her notebook kernels
 (``%%crucible`` in a python3 kernel, and the crucible kernel), as JupyterLab sends them."""
 
 from __future__ import annotations
 
+import http.server
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from crucible_jupyter.storage import Storage
-
-from .conftest import (
+from tests.helpers.hub import (
     GUARD_SECONDS,
     Hub,
     Kernel,
@@ -161,3 +162,42 @@ async def test_the_service_killed_mid_cell_and_restarted(
         code, page, _ = carol.call("GET", "executions", params={"status": status})
         assert code == 200, page
         assert page["executions"] == [], page
+
+
+class NotTheService(http.server.BaseHTTPRequestHandler):
+    """What may answer at the service's URL instead of the service: a proxy's error page for
+    a backend that is down (503, HTML), or some other web server (200, HTML)."""
+
+    status = 503
+
+    def _page(self) -> None:
+        self.send_response(self.status)
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<html><body>Service Unavailable</body></html>")
+
+    do_GET = do_POST = _page
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status", [503, 200])
+def test_something_else_at_the_service_url_is_a_clear_503(
+    hub: Hub, carol: UserServer, status: int
+) -> None:
+    handler = type("Page", (NotTheService,), {"status": status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", hub.spare_port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code, body, _ = carol.call("POST", "executions", json={"code": "print(1)"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 503, body
+    if status == 503:
+        _unreachable(hub, body["message"])
+        assert "HTTP 503" in body["message"], body
+    else:
+        assert "not the crucible API" in body["message"], body
+        assert "CRUCIBLE_SERVICE_URL" in body["message"], body
