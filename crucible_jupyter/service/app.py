@@ -7,7 +7,9 @@ It promises:
   ``{prefix}api/`` (``prefix`` from ``$JUPYTERHUB_SERVICE_PREFIX``, e.g.
   ``/services/crucible/``), listening where ``$JUPYTERHUB_SERVICE_URL`` says when the hub
   manages the service;
-* callers authenticated by JupyterHub (:mod:`.auth`); each user lists, reads, streams and
+* callers authenticated by JupyterHub (:mod:`.auth`): API tokens, and browsers logged in
+  through the hub's OAuth (``{prefix}login``; such a login only reads); a hub that fails or
+  stays silent for ``hub_timeout`` seconds is a 503; each user lists, reads, streams and
   cancels only their own executions, holders of ``admin_scope`` all of them;
 * probes: ``{prefix}healthz`` (liveness) and ``{prefix}readyz`` (readiness: the dispatcher
   started and its database answers, and no shutdown has begun);
