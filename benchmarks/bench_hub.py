@@ -36,7 +36,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.hub.conftest import Hub, start_hub, user_server
+from tests.helpers.hub import Hub, start_hub, user_server
 
 UNFINISHED = ("queued", "starting", "running")
 

@@ -14,7 +14,7 @@ import requests
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
-from .conftest import Hub, close_ws, ws_refusal
+from tests.helpers.hub import Hub, close_ws, ws_refusal
 
 pytestmark = pytest.mark.hub
 

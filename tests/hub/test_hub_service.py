@@ -14,8 +14,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from crucible_jupyter.server.openapi import openapi_document
-
-from .conftest import Hub, close_ws, ws_refusal
+from tests.helpers.hub import Hub, close_ws, ws_refusal
 
 pytestmark = pytest.mark.hub
 

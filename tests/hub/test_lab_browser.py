@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.hub import Hub, UserServer, user_server
 from tests.helpers.lab import CHROMEDRIVER, CHROMIUM, CHROMIUM_ARGS, INSTALL_HINT
 from tests.helpers.net import wait_until
-
-from .conftest import Hub, UserServer, user_server
 
 pytestmark = [pytest.mark.hub, pytest.mark.browser]
 

@@ -14,7 +14,15 @@ import pytest
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
-from .conftest import CRUCIBLE, GUARD_SECONDS, Hub, UserServer, close_ws, user_server, ws_refusal
+from tests.helpers.hub import (
+    CRUCIBLE,
+    GUARD_SECONDS,
+    Hub,
+    UserServer,
+    close_ws,
+    user_server,
+    ws_refusal,
+)
 
 pytestmark = pytest.mark.hub
 

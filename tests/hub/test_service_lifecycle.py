@@ -16,8 +16,8 @@ import pytest
 import requests
 
 from crucible_jupyter.storage import Storage
-
-from .conftest import GRACE, GUARD_SECONDS, Hub, Service, free_port, stop_process
+from tests.helpers.hub import GRACE, GUARD_SECONDS, Hub, Service, stop_process
+from tests.helpers.net import free_port
 
 pytestmark = pytest.mark.hub
 

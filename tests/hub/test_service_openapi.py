@@ -14,7 +14,7 @@ import schemathesis
 from schemathesis import checks as st
 from schemathesis.generation.modes import GenerationMode
 
-from .conftest import Hub, user_server
+from tests.helpers.hub import Hub, user_server
 
 pytestmark = pytest.mark.hub
 
