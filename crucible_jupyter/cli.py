@@ -25,6 +25,7 @@ from traitlets.config import Config
 
 from .errors import CrucibleError
 from .models import Event, Execution, Status, format_bytes
+from .protocol import ENV_CLI_TIMING, ENV_SERVICE_URL, env_flag, env_text
 from .terminal import Output, dumps, escape
 
 EXIT_TIMED_OUT = 124
@@ -260,7 +261,7 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
     """Say which isolation is available and, if not, why and how to get it. In a user
     server in remote mode (CRUCIBLE_SERVICE_URL set): whether the service answers and
     whether this server's token may use it."""
-    service_url = os.environ.get("CRUCIBLE_SERVICE_URL")
+    service_url = env_text(ENV_SERVICE_URL, "")
     if service_url and not args.backend:
         from .service.check import doctor
 
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_CANCELLED
     finally:
-        if os.environ.get("CRUCIBLE_CLI_TIMING"):
+        if env_flag(ENV_CLI_TIMING, False):
             print(f"[crucible] {time.monotonic() - started:.3f} s", file=sys.stderr)
 
 

@@ -38,6 +38,8 @@ ENV_K8S_NAMESPACE = "CRUCIBLE_K8S_NAMESPACE"
 ENV_ADMIN_SCOPE = "CRUCIBLE_ADMIN_SCOPE"
 #: Seconds the crucible service gives running cells on SIGTERM.
 ENV_SHUTDOWN_GRACE_SECONDS = "CRUCIBLE_SHUTDOWN_GRACE_SECONDS"
+#: Any value but ``0``/``false``/``no``/``off``: the ``crucible`` CLI prints its run time.
+ENV_CLI_TIMING = "CRUCIBLE_CLI_TIMING"
 #: The execution's id, in the environment of the cell itself.
 ENV_EXECUTION_ID = "CRUCIBLE_EXECUTION_ID"
 #: Name prefixes a request's ``env`` may not use: crucible's own, the loader's, Python's.
