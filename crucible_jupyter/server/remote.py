@@ -126,7 +126,7 @@ class _RemoteMixin:
         return Relayed(status, body)
 
 
-class RemoteAPIHandler(_RemoteMixin, CrucibleAPIHandler):
+class RemoteAPIHandler(_RemoteMixin, CrucibleAPIHandler):  # type: ignore[misc, override]
     """Every REST endpoint of ``crucible/api/``, forwarded to the service."""
 
     async def get(self, path: str = "") -> None:
@@ -197,7 +197,7 @@ class RemoteAPIHandler(_RemoteMixin, CrucibleAPIHandler):
         return await ExecutionsAPI._with_notebook_path(self, body)  # type: ignore[arg-type]
 
 
-class RemoteSocket(_RemoteMixin, _CrucibleSocket, JupyterSocket):
+class RemoteSocket(_RemoteMixin, _CrucibleSocket, JupyterSocket):  # type: ignore[misc, override]
     """A WebSocket of ``crucible/api/`` (stream, changes), relayed from the service's."""
 
     endpoint = "reconnect"
@@ -207,7 +207,7 @@ class RemoteSocket(_RemoteMixin, _CrucibleSocket, JupyterSocket):
     #: Drops of an execution's stream in a row (no message between them) before giving up.
     max_drops = 5
 
-    async def get(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    async def get(self, *args: Any, **kwargs: Any) -> None:
         """Authorize, connect to the service (its refusal is this answer), then upgrade."""
         await self.authorize("read")
         self.require_upgrade("the REST endpoints answer over plain HTTP")
@@ -228,7 +228,7 @@ class RemoteSocket(_RemoteMixin, _CrucibleSocket, JupyterSocket):
         )
         return await websocket_connect(request)
 
-    async def relay(self):  # type: ignore[override]
+    async def relay(self):
         """The service's messages, one by one, until it closes (an execution's stream: until
         its terminal event, across restarts of the service)."""
         stream = "execution_id" in self.path_kwargs
@@ -249,7 +249,7 @@ class RemoteSocket(_RemoteMixin, _CrucibleSocket, JupyterSocket):
             drops += 1
             if not stream or drops > self.max_drops:
                 raise ConnectionError(f"the crucible service's socket {why}")
-            self.log.warning(  # type: ignore[attr-defined]
+            self.log.warning(
                 "crucible: the service's stream of %s %s; reconnecting",
                 self.path_kwargs["execution_id"],
                 why,

@@ -52,10 +52,10 @@ class ServiceMixin(CrucibleRequestMixin):
     @property
     def crucible(self) -> CrucibleService:
         """The running :class:`~crucible_jupyter.service.app.CrucibleService`."""
-        return self.settings["crucible_service"]  # type: ignore[attr-defined]
+        return self.settings["crucible_service"]
 
     @property
-    def log(self) -> Any:
+    def log(self) -> Any:  # type: ignore[override]
         """The service's logger."""
         return self.crucible.log
 
@@ -68,10 +68,10 @@ class ServiceMixin(CrucibleRequestMixin):
             if not self._browser_wants_login():
                 raise
             login = self.crucible.identity.login_path
-            self.redirect(url_concat(login, {"next": self.request.uri}))  # type: ignore[attr-defined]
+            self.redirect(url_concat(login, {"next": self.request.uri}))
 
     def _browser_wants_login(self) -> bool:
-        request = self.request  # type: ignore[attr-defined]
+        request = self.request
         return (
             self.crucible.identity.browser_login
             and request.method == "GET"
@@ -103,8 +103,8 @@ class ServiceMixin(CrucibleRequestMixin):
 
     def set_default_headers(self) -> None:
         """API answers are not to be cached or sniffed."""
-        self.set_header("Cache-Control", "no-store")  # type: ignore[attr-defined]
-        self.set_header("X-Content-Type-Options", "nosniff")  # type: ignore[attr-defined]
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
 
 
 class ServiceAPIHandler(ServiceMixin, web.RequestHandler):
