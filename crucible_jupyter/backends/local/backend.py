@@ -149,7 +149,6 @@ class CrucibleLocalBackend(Backend):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._procs: weakref.WeakSet[asyncio.subprocess.Process] = weakref.WeakSet()
-        self._closed = False
 
     @cached_property
     def warm_pool(self) -> WarmPool:
@@ -596,9 +595,7 @@ class CrucibleLocalBackend(Backend):
 
     async def close(self) -> None:
         """End the warm sandboxes; remove the backend's scratch folder."""
-        self._closed = True
-        if "warm_pool" in self.__dict__:
-            await self.warm_pool.close()
+        await self.warm_pool.close()  # and none start afterwards
         await release(self._procs)
         self._procs.clear()
         if "_state_dir" in self.__dict__:
