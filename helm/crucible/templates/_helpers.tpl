@@ -86,20 +86,25 @@ api-token
 {{- end }}
 
 {{- /* The API server's addresses as executors see them (HOST:PORT,...), for the
-       isolation probe: the value, else the `kubernetes` Endpoints read at install time. */}}
+       isolation probe: the value, else the `kubernetes` EndpointSlices of `default`,
+       read when helm installs or upgrades (nothing with `helm template`). */}}
 {{- define "crucible.isolationProbe" -}}
 {{- if .Values.executions.isolationProbe }}
 {{- .Values.executions.isolationProbe }}
 {{- else }}
-{{- $ep := lookup "v1" "Endpoints" "default" "kubernetes" | default dict }}
+{{- $slices := lookup "discovery.k8s.io/v1" "EndpointSlice" "default" "" | default dict }}
 {{- $found := list }}
-{{- range $subset := (get $ep "subsets") | default list }}
-{{- range $address := $subset.addresses | default list }}
-{{- range $port := $subset.ports | default list }}
-{{- if contains ":" $address.ip }}
-{{- $found = append $found (printf "[%s]:%v" $address.ip $port.port) }}
+{{- range $slice := (get $slices "items") | default list }}
+{{- if eq (dig "metadata" "labels" "kubernetes.io/service-name" "" $slice) "kubernetes" }}
+{{- range $endpoint := $slice.endpoints | default list }}
+{{- range $address := $endpoint.addresses | default list }}
+{{- range $port := $slice.ports | default list }}
+{{- if contains ":" $address }}
+{{- $found = append $found (printf "[%s]:%v" $address $port.port) }}
 {{- else }}
-{{- $found = append $found (printf "%s:%v" $address.ip $port.port) }}
+{{- $found = append $found (printf "%s:%v" $address $port.port) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
