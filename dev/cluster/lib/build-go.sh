@@ -23,10 +23,18 @@ mkdir -p "$BIN" "$CACHE_DIR/src"
 
 log() { echo "[build-go $(date +%T)] $*" >&2; }
 
+# CoreDNS and local-path-provisioner go into images (`cluster` packs each binary
+# alone), not onto the host: own directories, so that a new pin of either leaves the
+# Kubernetes binaries where they are.
+COREDNS_BIN=$CACHE_DIR/bin/coredns-$COREDNS_VERSION
+LOCAL_PATH_BIN=$CACHE_DIR/bin/local-path-provisioner-$LOCAL_PATH_VERSION
+
 need=0
-for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl helm kube-router crictl; do
+for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl helm kube-router crictl; do
   [ -x "$BIN/$b" ] || need=1
 done
+[ -x "$COREDNS_BIN/coredns" ] || need=1
+[ -x "$LOCAL_PATH_BIN/local-path-provisioner" ] || need=1
 if [ $need = 0 ]; then echo "$BIN"; exit 0; fi
 
 # --- wrapper module for k8s.io/kubernetes (+ etcd server, helm) -------------
@@ -69,7 +77,7 @@ build() { # build <out> <pkg> [ldflags]
   go build -trimpath -ldflags="$ldflags" -o "$BIN/$out.tmp" "$pkg"
   mv "$BIN/$out.tmp" "$BIN/$out"
 }
-for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
+for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl; do
   build "$c" "k8s.io/kubernetes/cmd/$c" "$K8S_LDFLAGS"
 done
 build etcd go.etcd.io/etcd/server/v3
@@ -96,5 +104,49 @@ if [ ! -x "$BIN/crictl" ]; then
     echo "package wrapper" > wrapper.go
   fi
   build crictl sigs.k8s.io/cri-tools/cmd/crictl "$LDFLAGS -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION"
+fi
+# --- CoreDNS (own module; a main package with only the plugins a cluster's DNS
+# uses, instead of upstream's plugin.cfg with every cloud provider's SDK; forward
+# and loop are there for an upstream, which addons/coredns.yaml does not set) ----
+CD=$CACHE_DIR/src/coredns-$COREDNS_VERSION
+if [ ! -x "$COREDNS_BIN/coredns" ]; then
+  mkdir -p "$CD" "$COREDNS_BIN"; cd "$CD"
+  if [ ! -f go.mod ]; then
+    printf 'module crucible.local/coredns-wrapper\n\ngo 1.24\n\nrequire github.com/coredns/coredns %s\n' "$COREDNS_VERSION" > go.mod
+    cat > main.go <<'GO'
+// CoreDNS with the plugins of a Kubernetes cluster's DNS (see dev/cluster/README.md).
+package main
+
+import (
+	_ "github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/forward"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/loadbalance"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/loop"
+	_ "github.com/coredns/coredns/plugin/ready"
+	_ "github.com/coredns/coredns/plugin/reload"
+)
+
+func main() { coremain.Run() }
+GO
+  fi
+  BIN=$COREDNS_BIN build coredns .
+fi
+
+# --- local-path-provisioner (own module; also goes into an image) -------------
+LP=$CACHE_DIR/src/local-path-provisioner-$LOCAL_PATH_VERSION
+if [ ! -x "$LOCAL_PATH_BIN/local-path-provisioner" ]; then
+  mkdir -p "$LP" "$LOCAL_PATH_BIN"; cd "$LP"
+  if [ ! -f go.mod ]; then
+    printf 'module crucible.local/local-path-wrapper\n\ngo 1.23\n\nrequire github.com/rancher/local-path-provisioner %s\n' "$LOCAL_PATH_VERSION" > go.mod
+    echo "package wrapper" > wrapper.go
+  fi
+  BIN=$LOCAL_PATH_BIN build local-path-provisioner github.com/rancher/local-path-provisioner
 fi
 echo "$BIN"

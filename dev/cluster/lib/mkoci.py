@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Pack a root filesystem directory into a single-layer OCI image archive.
 
-Usage: mkoci.py ROOTFS OUT.tar NAME [--cmd ARG ...] [--env K=V ...]
+Usage: mkoci.py ROOTFS OUT.tar NAME [--cmd ARG ...] [--entrypoint ARG ...] [--env K=V ...]
+                 [--workdir DIR] [--user UID[:GID]]
 
 The archive is what `ctr -n k8s.io images import` reads; the image is named
 NAME through the io.containerd.image.name annotation.
@@ -33,7 +34,10 @@ def main():
     ap.add_argument("name")
     ap.add_argument("--cmd", nargs="*", default=["/bin/sh"])
     ap.add_argument("--env", action="append", default=[])
+    ap.add_argument("--entrypoint", nargs="*", default=None)
     ap.add_argument("--workdir", default="/")
+    # numeric, so that Kubernetes' runAsNonRoot can check it without a passwd lookup
+    ap.add_argument("--user", default=None)
     a = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="mkoci.", dir=os.path.dirname(os.path.abspath(a.out)))
@@ -75,7 +79,13 @@ def main():
             "architecture": "amd64",
             "os": "linux",
             "created": "1970-01-01T00:00:00Z",
-            "config": {"Env": env, "Cmd": a.cmd, "WorkingDir": a.workdir},
+            "config": {
+                "Env": env,
+                "Cmd": a.cmd,
+                "WorkingDir": a.workdir,
+                **({"Entrypoint": a.entrypoint} if a.entrypoint else {}),
+                **({"User": a.user} if a.user else {}),
+            },
             "rootfs": {"type": "layers", "diff_ids": ["sha256:" + diff_id]},
             "history": [
                 {"created": "1970-01-01T00:00:00Z", "created_by": "crucible dev/cluster mkoci.py"}
