@@ -48,6 +48,7 @@ from ..storage import Storage
 from . import frames
 from .channel import BEHIND, Changes, Channel
 from .queue import WaitQueue
+from .recovery import RESTARTED, Recovery, after_restart, owner_alive
 
 T = TypeVar("T")
 #: What marks an error frame (the runner writes compact JSON): errors pass the output limit.
@@ -520,7 +521,7 @@ class CrucibleDispatcher(LoggingConfigurable):
         run = self._runs.get(execution_id)
         if run is None:  # another dispatcher runs it: ask it through storage
             await self._db(self.storage.request_cancel, execution_id)
-            if not _owner_alive(execution.dispatcher_id):
+            if not owner_alive(execution.dispatcher_id):
                 return await self._cancel_orphan(execution)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.wait(execution_id), self.cancel_grace_seconds + 3)
@@ -611,6 +612,10 @@ class CrucibleDispatcher(LoggingConfigurable):
                 except CrucibleError as e:
                     await self._finish(execution, Status.FAILED, reason=e.message)
                     return
+                # the mark that the cell began (recovery.began): a restart after this point
+                # follows or fails it, never runs it a second time
+                execution.isolation = run.sandbox.isolation
+                await self._db(self.storage.update, execution.id, isolation=execution.isolation)
             sandbox = run.sandbox
             if run.cancelled:
                 await sandbox.kill()
@@ -926,27 +931,39 @@ class CrucibleDispatcher(LoggingConfigurable):
             await self.cancel(execution_id)
 
     async def _reconcile(self) -> None:
-        """Adopt queued work a dead dispatcher left; fail what it left running."""
+        """Take over what a dead dispatcher left unfinished (see ``recovery.py``): queued
+        and never-begun executions are queued here, those whose sandbox is still there are
+        followed again, those that began and whose sandbox is gone fail with a reason."""
         for execution in await self._db(self.storage.unfinished):
             owner = execution.dispatcher_id
-            if owner != self.owner and not self.single_dispatcher and _owner_alive(owner):
+            if owner != self.owner and not self.single_dispatcher and owner_alive(owner):
                 continue
             events = await self._db(self.storage.events, execution.id, -1)
             next_seq = events[-1].seq + 1 if events else 0
-            if execution.status is Status.QUEUED:
-                await self._db(self.storage.update, execution.id, dispatcher_id=self.owner)
-                execution.dispatcher_id = self.owner
-                self._enqueue(execution, next_seq)
-                self.log.info("crucible: adopted queued execution %s", execution.id)
-            elif sandbox := await self._reattach(execution):
+            sandbox, problem = None, None
+            if execution.status is not Status.QUEUED:
+                sandbox, problem = await self._reattach(execution)
+            action = after_restart(execution, sandbox is not None)
+            if action is Recovery.RESUME:
                 self._resume(execution, sandbox, next_seq, events)
+            elif action in (Recovery.ADOPT, Recovery.REQUEUE):
+                fields = {"dispatcher_id": self.owner}
+                if action is Recovery.REQUEUE:
+                    fields["status"] = Status.QUEUED
+                await self._db(self.storage.update, execution.id, **fields)
+                execution.dispatcher_id = self.owner
+                execution.status = Status.QUEUED
+                self._enqueue(execution, next_seq)
+                self.log.info(
+                    "crucible: %s execution %s",
+                    "adopted queued" if action is Recovery.ADOPT else "queued again never-begun",
+                    execution.id,
+                )
             else:
                 self._open_channel(execution.id, next_seq)
+                reason = RESTARTED if problem is None else f"{RESTARTED} ({problem})"
                 await self._finish(
-                    execution,
-                    Status.FAILED,
-                    reason="dispatcher restarted",
-                    exit_code=execution.exit_code,
+                    execution, Status.FAILED, reason=reason, exit_code=execution.exit_code
                 )
                 self.log.warning("crucible: %s was running when its dispatcher died", execution.id)
 
@@ -961,13 +978,14 @@ class CrucibleDispatcher(LoggingConfigurable):
             except Exception as e:
                 self.log.warning("crucible: could not sweep backend %s: %s", name, e)
 
-    async def _reattach(self, execution: Execution) -> Sandbox | None:
-        """The backend's handle on an execution a dead dispatcher ran, if it still runs."""
+    async def _reattach(self, execution: Execution) -> tuple[Sandbox | None, str | None]:
+        """The backend's handle on an execution a dead dispatcher ran, if it still has it,
+        and why it could not tell (None when it could)."""
         try:
-            return await self.get_backend(execution.backend).reattach(execution)
-        except Exception as e:
+            return await self.get_backend(execution.backend).reattach(execution), None
+        except Exception as e:  # its reason goes on the record: the execution cannot be followed
             self.log.warning("crucible: cannot reattach to %s: %s", execution.id, e)
-            return None
+            return None, f"reattaching failed: {getattr(e, 'message', None) or e!r}"
 
     def _resume(
         self, execution: Execution, sandbox: Sandbox, next_seq: int, stored: list[Event]
@@ -1013,22 +1031,6 @@ def _merge(stored: list[Event], pending: list[Event], after: int) -> list[Event]
 
 def _is_terminal(event: Event) -> bool:
     return event.type == "status" and Status(event.data.get("status")).terminal
-
-
-def _owner_alive(owner: str | None) -> bool:
-    """Whether the dispatcher ``host:pid`` may still be running (unknown hosts count as alive)."""
-    if not owner or ":" not in owner:
-        return False
-    host, _, pid = owner.rpartition(":")
-    if host != os.uname().nodename:
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 Dispatcher = CrucibleDispatcher

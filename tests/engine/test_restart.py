@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+from crucible_jupyter.dispatcher.recovery import RESTARTED
 from crucible_jupyter.models import Execution, ExecutionRequest, Status, new_execution_id
 from crucible_jupyter.storage import Storage
 from tests.helpers.engine import stream_text
@@ -55,7 +56,7 @@ async def test_restart_fails_running_and_adopts_queued(make_dispatcher, tmp_path
     d = await make_dispatcher(db_url=db_url)
     failed = await d.get(running.id)
     assert failed.status is Status.FAILED
-    assert failed.reason == "dispatcher restarted"
+    assert failed.reason == RESTARTED
     adopted = await d.wait(queued.id)
     assert adopted.status is Status.SUCCEEDED
     assert stream_text(await d.events(queued.id)) == "adopted\n"
@@ -129,7 +130,7 @@ def test_sigkilled_cli_leaves_nothing_running(tmp_path):
     records = json.loads(hist.stdout)["executions"]
     assert sorted(r["status"] for r in records) == ["failed", "succeeded"]
     failed = next(r for r in records if r["status"] == "failed")
-    assert failed["reason"] == "dispatcher restarted"
+    assert failed["reason"] == RESTARTED
     assert textwrap.dedent(failed["code"]).startswith("import time")
 
 

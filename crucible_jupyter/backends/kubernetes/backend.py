@@ -113,7 +113,11 @@ class CrucibleKubernetesBackend(Backend):
         config=True
     )
     ttl_seconds_after_finished = Integer(
-        300, help="Backstop: Kubernetes deletes finished Jobs after this many seconds."
+        300,
+        help="""Backstop: Kubernetes deletes finished Jobs after this many seconds (the
+        dispatcher deletes each one itself once its outcome is recorded). It is also how long
+        a cell that ends while no dispatcher runs keeps its outcome and output for the next
+        one to collect: after a longer outage the cell is failed "dispatcher restarted".""",
     ).tag(config=True)
     deadline_padding = Integer(
         15, help="activeDeadlineSeconds = the request's timeout + this (a backstop)."
