@@ -176,7 +176,7 @@ class CrucibleKernel(Kernel):
 
     async def _line_command(self, line: str, silent: bool, expressions: dict) -> dict[str, Any]:
         """``%crucible history|status ID|queue``, answered here (nothing runs)."""
-        from ..magic import line_command
+        from ..lines import line_command
 
         loop = asyncio.get_running_loop()
         try:

@@ -9,7 +9,8 @@ from IPython.core.error import UsageError
 
 from crucible_jupyter.dispatcher import frames
 from crucible_jupyter.kernel.kernel import _cell_help, _ipython_syntax, _line_command
-from crucible_jupyter.magic import CrucibleMagics, QueueSummary, line_command
+from crucible_jupyter.lines import QueueSummary, line_command
+from crucible_jupyter.magic import CrucibleMagics
 from crucible_jupyter.options import (
     CELL_HELP,
     OPTIONS_HELP,
