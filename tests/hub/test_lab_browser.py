@@ -1,10 +1,12 @@
 """JupyterLab of a hub user server in remote mode, in a real browser (Debian's headless
 Chromium through Selenium): logged in through the hub's login form, alice's Crucible panel
 lists her executions and none of bob's; carol's, whose crucible service is down, says the
-service is unreachable (panel and status bar)."""
+service is unreachable (panel and status bar); the service's own API URL opened in the
+browser goes through the hub's OAuth and back, and lists alice's executions only."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import uuid
@@ -46,16 +48,21 @@ def chromium() -> Iterator[Any]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def open_panel(driver: Any, hub: Hub, server: UserServer) -> None:
-    """Log in to the hub as the server's user, open their JupyterLab and the Crucible panel."""
+def log_in(driver: Any, hub: Hub, user: str) -> None:
+    """Log in to the hub as ``user`` through its login form (after logging out anyone)."""
     driver.get(f"{hub.url}/hub/logout")
     driver.delete_all_cookies()
     driver.get(f"{hub.url}/hub/login")
     wait_until(lambda: driver.find_elements("id", "username_input"), GUARD, "the login form")
-    driver.find_element("id", "username_input").send_keys(server.user)
+    driver.find_element("id", "username_input").send_keys(user)
     driver.find_element("id", "password_input").send_keys("any")
     driver.find_element("id", "login_submit").click()
     wait_until(lambda: "/hub/login" not in driver.current_url, GUARD, "the hub to accept the login")
+
+
+def open_panel(driver: Any, hub: Hub, server: UserServer) -> None:
+    """Log in to the hub as the server's user, open their JupyterLab and the Crucible panel."""
+    log_in(driver, hub, server.user)
     driver.get(f"{server.base}lab/workspaces/{uuid.uuid4().hex[:12]}")
     tab = wait_until(
         lambda: driver.find_elements(
@@ -124,3 +131,19 @@ def test_carols_panel_says_her_service_is_unreachable(hub: Hub, chromium: Any) -
             "the status bar's 'crucible: unavailable'",
         )
         assert "is unreachable" in item[0].get_attribute("title")
+
+
+def test_the_service_in_a_browser_logs_in_through_the_hub(hub: Hub, chromium: Any) -> None:
+    alices = hub.call("alice", "POST", "executions", json={"code": "print('a')"})[1]
+    bobs = hub.call("bob", "POST", "executions", json={"code": "print('b')"})[1]
+    with user_server(hub, "alice"):  # logging in starts her server: it is stopped afterwards
+        log_in(chromium, hub, "alice")
+        url = f"{hub.service_url}api/executions?limit=500"
+        chromium.get(url)  # to the hub's OAuth and back, as a browser goes
+        wait_until(lambda: chromium.current_url == url, GUARD, "the way back from the hub")
+        text = wait_until(
+            lambda: chromium.find_element("tag name", "body").text, GUARD, "the answer"
+        )
+        listed = {e["id"] for e in json.loads(text)["executions"]}
+        assert alices["id"] in listed
+        assert bobs["id"] not in listed
