@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from .chart import CHART, Helm
+from .cluster import SCRIPT, Cluster
 
 
 def _find_helm() -> tuple[str | None, str]:
@@ -47,3 +48,25 @@ def helm() -> Helm:
             pytest.fail(reason)
         pytest.skip(reason)
     return Helm(path)
+
+
+@pytest.fixture(scope="module")
+def cluster(helm) -> Cluster:
+    """The running dev cluster (skip, or fail with CRUCIBLE_CLUSTER_REQUIRED=1, without)."""
+    try:
+        kubeconfig = (
+            os.environ.get("CRUCIBLE_CLUSTER_KUBECONFIG")
+            or subprocess.run(
+                [str(SCRIPT), "kubeconfig"], capture_output=True, text=True, timeout=60, check=True
+            ).stdout.strip()
+        )
+        bin_dir = Path(helm.path).parent
+        subprocess.run(
+            [str(bin_dir / "kubectl"), "--kubeconfig", kubeconfig, "get", "--raw", "/readyz"],
+            check=True, capture_output=True, timeout=20,
+        )  # fmt: skip
+    except (subprocess.SubprocessError, OSError) as e:
+        if os.environ.get("CRUCIBLE_CLUSTER_REQUIRED") == "1":
+            pytest.fail(f"the dev cluster is required but not reachable: {e}")
+        pytest.skip(f"the dev cluster is not running (start it: dev/cluster/cluster up): {e}")
+    return Cluster(kubeconfig, bin_dir, helm)

@@ -16,85 +16,17 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from crucible_jupyter.backends.kubernetes import CrucibleKubernetesBackend, objects
 from crucible_jupyter.models import Resources
 
-from .chart import CHART, REPO, Helm
+from .chart import CHART
+from .cluster import Cluster, Release
 
 pytestmark = pytest.mark.k8s
-
-SCRIPT = REPO / "dev" / "cluster" / "cluster"
-
-
-class Cluster:
-    """kubectl and helm bound to the dev cluster's admin kubeconfig."""
-
-    def __init__(self, kubeconfig: str, bin_dir: Path, helm: Helm) -> None:
-        self.kubeconfig = kubeconfig
-        self.kubectl_path = str(bin_dir / "kubectl")
-        self.helm_path = helm.path
-
-    def _run(
-        self, cmd: list[str], check: bool, input: str | None = None
-    ) -> subprocess.CompletedProcess:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, input=input)
-        if check and done.returncode:
-            raise AssertionError(f"{' '.join(cmd)}:\n{done.stdout}{done.stderr}")
-        return done
-
-    def kubectl(self, *args: str, check: bool = True, input: str | None = None):
-        """``kubectl ARGS`` against the dev cluster."""
-        return self._run([self.kubectl_path, "--kubeconfig", self.kubeconfig, *args], check, input)
-
-    def helm(self, *args: str, check: bool = True):
-        """``helm ARGS`` against the dev cluster."""
-        return self._run([self.helm_path, "--kubeconfig", self.kubeconfig, *args], check)
-
-
-@pytest.fixture(scope="module")
-def cluster(helm) -> Cluster:
-    try:
-        kubeconfig = (
-            os.environ.get("CRUCIBLE_CLUSTER_KUBECONFIG")
-            or subprocess.run(
-                [str(SCRIPT), "kubeconfig"], capture_output=True, text=True, timeout=60, check=True
-            ).stdout.strip()
-        )
-        bin_dir = Path(helm.path).parent
-        subprocess.run(
-            [str(bin_dir / "kubectl"), "--kubeconfig", kubeconfig, "get", "--raw", "/readyz"],
-            check=True, capture_output=True, timeout=20,
-        )  # fmt: skip
-    except (subprocess.SubprocessError, OSError) as e:
-        if os.environ.get("CRUCIBLE_CLUSTER_REQUIRED") == "1":
-            pytest.fail(f"the dev cluster is required but not reachable: {e}")
-        pytest.skip(f"the dev cluster is not running (start it: dev/cluster/cluster up): {e}")
-    return Cluster(kubeconfig, bin_dir, helm)
-
-
-class Release:
-    """One install of the chart: its names."""
-
-    def __init__(self) -> None:
-        suffix = uuid.uuid4().hex[:8]
-        self.name = "crucible"
-        self.namespace = f"crucible-helm-{suffix}"
-        self.executions = f"crucible-helm-{suffix}-cells"
-        self.service_account = f"system:serviceaccount:{self.namespace}:crucible"
-
-    def values(self, **more: object) -> list[str]:
-        args = ["--set", f"executions.namespace={self.executions}"]
-        for key, value in more.items():
-            args += ["--set-json", f"{key}={json.dumps(value)}"]
-        return args
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,127 @@
+"""The chart's `crucible serve` running on the dev cluster, with its Role only.
+
+Needs the service image (``localhost/crucible/service:dev``, built and loaded by
+``dev/cluster/cluster images``); without it these tests skip saying so. Installed with
+the dev cluster's example values: the pod becomes ready (its dispatcher started with
+nothing but the namespaced Role, its SQLite database on the claim, a read-only root),
+keeps a warm executor pod in the executions namespace (Pod Security `restricted`, the
+deny-all policy selecting it), comes back ready when deleted, and ``helm uninstall``
+leaves no executor Job or pod. On failure the namespaces' events and the service's log
+are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from crucible_jupyter.backends.kubernetes import objects
+
+from .chart import CHART, EXAMPLES, selector_matches
+from .cluster import Cluster, Release
+
+pytestmark = pytest.mark.k8s
+
+IMAGE = "localhost/crucible/service:dev"
+
+
+@pytest.fixture(scope="module")
+def service_release(cluster: Cluster, request) -> Iterator[Release]:
+    node = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"][0]
+    names = {n for image in node["status"].get("images", []) for n in image.get("names", [])}
+    if not any(n.endswith(IMAGE) for n in names):
+        pytest.skip(f"{IMAGE} is not loaded on the node (dev/cluster/cluster images builds it)")
+    rel = Release()
+    cluster.helm(
+        "install", rel.name, str(CHART), "--namespace", rel.namespace, "--create-namespace",
+        "-f", str(EXAMPLES / "dev-cluster-values.yaml"), *rel.values(),
+        "--wait", "--timeout", "180s", check=False,
+    )  # fmt: skip
+    try:
+        yield rel
+    finally:
+        if request.session.testsfailed:
+            for ns in (rel.namespace, rel.executions):
+                print(cluster.kubectl("-n", ns, "get", "all,events", check=False).stdout)
+            print(cluster.kubectl("-n", rel.namespace, "logs", "deploy/crucible", "--tail=80",
+                                  check=False).stdout)  # fmt: skip
+        cluster.helm("uninstall", rel.name, "--namespace", rel.namespace, "--wait", check=False)
+        for ns in (rel.executions, rel.namespace):
+            cluster.kubectl("delete", "namespace", ns, "--ignore-not-found", "--wait=false",
+                            check=False)  # fmt: skip
+
+
+def _wait(what: str, probe, seconds: float = 180) -> object:
+    """Poll ``probe()`` until it returns something true (bounded)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(2)
+    pytest.fail(f"{what}: not within {seconds:g} s")
+
+
+def _ready_pod(cluster: Cluster, rel: Release) -> str | None:
+    out = cluster.kubectl(
+        "-n", rel.namespace, "get", "pods", "-l", "app.kubernetes.io/component=service",
+        "-o", "json", check=False,
+    ).stdout  # fmt: skip
+    for pod in json.loads(out or '{"items": []}')["items"]:
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        conditions = pod.get("status", {}).get("conditions") or []
+        if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+            return pod["metadata"]["name"]
+    return None
+
+
+def _executor_pods(cluster: Cluster, rel: Release) -> list[dict]:
+    out = cluster.kubectl(
+        "-n", rel.executions, "get", "pods", "-l", f"{objects.APP_LABEL}={objects.APP}",
+        "-o", "json", check=False,
+    ).stdout  # fmt: skip
+    return json.loads(out or '{"items": []}')["items"]
+
+
+def test_service_becomes_ready(cluster, service_release):
+    _wait("the crucible pod ready", lambda: _ready_pod(cluster, service_release))
+
+
+def test_service_keeps_a_warm_pod_the_policy_selects(cluster, service_release):
+    def warm():
+        return [p for p in _executor_pods(cluster, service_release)
+                if p["metadata"]["labels"].get(objects.STATE_LABEL) == "warm"]  # fmt: skip
+
+    (pod, *_) = _wait("a warm executor pod", warm)
+    policy = json.loads(
+        cluster.kubectl(
+            "-n", service_release.executions, "get", "networkpolicy", objects.POLICY_NAME,
+            "-o", "json",
+        ).stdout
+    )  # fmt: skip
+    assert selector_matches(policy["spec"]["podSelector"], pod["metadata"]["labels"])
+
+
+def test_deleted_pod_comes_back_ready(cluster, service_release):
+    first = _wait("the crucible pod ready", lambda: _ready_pod(cluster, service_release))
+    cluster.kubectl("-n", service_release.namespace, "delete", "pod", first, "--wait=false")
+    second = _wait(
+        "a new crucible pod ready",
+        lambda: (name := _ready_pod(cluster, service_release)) and name != first and name,
+    )
+    assert second != first
+
+
+def test_zz_uninstall_leaves_no_executor(cluster, service_release):
+    rel = service_release
+    cluster.helm("uninstall", rel.name, "--namespace", rel.namespace, "--wait")
+
+    def gone():
+        jobs = cluster.kubectl("-n", rel.executions, "get", "jobs", "-o", "name", check=False)
+        return not _executor_pods(cluster, rel) and not jobs.stdout.strip()
+
+    _wait("no executor Job or pod after helm uninstall", gone, seconds=120)
