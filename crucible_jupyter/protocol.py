@@ -34,6 +34,8 @@ ENV_DB_URL = "CRUCIBLE_DB_URL"
 ENV_BACKEND = "CRUCIBLE_BACKEND"
 #: Namespace of the Kubernetes backend's execution Jobs.
 ENV_K8S_NAMESPACE = "CRUCIBLE_K8S_NAMESPACE"
+#: Hex key signing the crucible service's login cookie.
+ENV_COOKIE_SECRET = "CRUCIBLE_COOKIE_SECRET"
 #: JupyterHub scope of the crucible service's administrators.
 ENV_ADMIN_SCOPE = "CRUCIBLE_ADMIN_SCOPE"
 #: Seconds the crucible service gives running cells on SIGTERM.

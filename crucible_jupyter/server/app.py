@@ -38,7 +38,7 @@ from ..backends.registry import backend_classes
 from ..dispatcher import Dispatcher
 from ..errors import Unavailable
 from ..output_policy import ENV_TRUSTED_TYPES, trusted_types_from_env
-from ..protocol import ENV_SERVER_URL, ENV_TOKEN
+from ..protocol import ENV_SERVER_URL, ENV_SERVICE_URL, ENV_TOKEN, env_text
 from .identity import KernelTokenIdentity
 
 
@@ -120,7 +120,7 @@ class CrucibleApp(ExtensionApp):
 
     @default("service_url")
     def _default_service_url(self) -> str:
-        return os.environ.get("CRUCIBLE_SERVICE_URL", "")
+        return env_text(ENV_SERVICE_URL, "")
 
     service_token = Unicode(
         help="""Token sent to the crucible service in remote mode. Default: the server's own

@@ -41,7 +41,13 @@ from traitlets.config import Application
 
 from .. import __version__
 from ..errors import Unavailable
-from ..protocol import ENV_ADMIN_SCOPE, ENV_SHUTDOWN_GRACE_SECONDS, env_float, env_text
+from ..protocol import (
+    ENV_ADMIN_SCOPE,
+    ENV_COOKIE_SECRET,
+    ENV_SHUTDOWN_GRACE_SECONDS,
+    env_float,
+    env_text,
+)
 from .auth import HubIdentity
 from .handlers import service_routes
 
@@ -147,7 +153,7 @@ class CrucibleService(Application):
 
     @default("cookie_secret")
     def _default_cookie_secret(self) -> str:
-        return os.environ.get("CRUCIBLE_COOKIE_SECRET") or secrets.token_hex(32)
+        return env_text(ENV_COOKIE_SECRET, "") or secrets.token_hex(32)
 
     @validate("cookie_secret")
     def _hex_key(self, proposal: Any) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...models import Execution
+from ...protocol import ENV_EXECUTION_ID
 
 #: Where the runner and the cell are inside the sandbox.
 SANDBOX_DIR = "/opt/crucible"
@@ -212,4 +213,4 @@ def base_env() -> dict[str, str]:
 
 def cell_env(execution: Execution) -> dict[str, str]:
     """What one cell adds to :func:`base_env`: its request's variables and its id."""
-    return {**execution.request.env, "CRUCIBLE_EXECUTION_ID": execution.id}
+    return {**execution.request.env, ENV_EXECUTION_ID: execution.id}
