@@ -9,6 +9,7 @@
     ├── NotFound                      no execution with that id (404)
     ├── Forbidden                     the caller may not see or change that execution (403)
     ├── Conflict                      the execution is in a state that forbids the action (409)
+    ├── TooManyQueued                 the user has as many executions queued as allowed (429)
     ├── Unavailable                   the dispatcher or a backend cannot take work now (503)
     └── StorageError                  the database failed (503)
 
@@ -71,6 +72,13 @@ class Conflict(CrucibleError):
     """The execution's state forbids the action (for example, cancelling a finished one)."""
 
     status_code = 409
+
+
+class TooManyQueued(CrucibleError):
+    """The caller already has as many executions waiting as one user may; the message says
+    how many and what to do (wait, or cancel some)."""
+
+    status_code = 429
 
 
 class Unavailable(CrucibleError):

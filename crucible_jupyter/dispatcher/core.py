@@ -32,7 +32,14 @@ from traitlets.config import LoggingConfigurable
 from .. import output_policy
 from ..backends.base import FRAMES, Backend, Sandbox
 from ..backends.registry import installed_backends, load_backend_class
-from ..errors import Conflict, CrucibleError, NotFound, StorageError, Unavailable
+from ..errors import (
+    Conflict,
+    CrucibleError,
+    NotFound,
+    StorageError,
+    TooManyQueued,
+    Unavailable,
+)
 from ..models import (
     Event,
     Execution,
@@ -128,6 +135,17 @@ class CrucibleDispatcher(LoggingConfigurable):
         0, help="Most executions one user may have running at once (0: no per-user limit)."
     ).tag(config=True)
 
+    max_queued_per_user = Integer(
+        0,
+        min=0,
+        help="""Most executions one user may have waiting in the queue at once (0: no
+        limit). A submission past it is refused with 429 and a message saying how many are
+        queued; the user waits for some to start, or cancels some. It holds for everything
+        this dispatcher queues, so for every user of a `crucible serve` service (which is
+        the only dispatcher of its database); dispatchers sharing a database each count
+        their own.""",
+    ).tag(config=True)
+
     aging_seconds = Float(
         30.0,
         help="""Seconds of waiting that raise a queued execution by one priority level, so
@@ -206,6 +224,7 @@ class CrucibleDispatcher(LoggingConfigurable):
         self._live: dict[str, Execution] = {}
         self._runs: dict[str, _Run] = {}
         self._per_user: Counter = Counter()
+        self._submitting: Counter = Counter()  # user -> submissions being stored
         self._flush_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
         self._loops: list[asyncio.Task] = []
@@ -358,16 +377,35 @@ class CrucibleDispatcher(LoggingConfigurable):
             request = ExecutionRequest.from_dict(request, self.limits)
         backend = request.backend or self.backend
         self.get_backend(backend).admit(request)
+        user = user or "local"
+        self._admit_queued(user)
         execution = Execution(
             id=new_execution_id(),
             request=request,
-            user=user or "local",
+            user=user,
             backend=backend,
             dispatcher_id=self.owner,
         )
-        await self._db(self.storage.create, execution)
+        self._submitting[user] += 1  # counted while stored: concurrent submits see it
+        try:
+            await self._db(self.storage.create, execution)
+        finally:
+            self._submitting[user] -= 1
+            if self._submitting[user] <= 0:
+                del self._submitting[user]
         self._enqueue(execution)
         return execution
+
+    def _admit_queued(self, user: str) -> None:
+        """Refuse (429) a submission past ``max_queued_per_user``."""
+        limit = self.max_queued_per_user
+        queued = self._queue.waiting(user) + self._submitting[user]
+        if limit > 0 and queued >= limit:
+            raise TooManyQueued(
+                f"user {user!r} already has {queued} execution{'s' * (queued != 1)} queued, the"
+                f" most one user may have waiting (max_queued_per_user = {limit}); wait until"
+                " some have started, or cancel some, then submit again"
+            )
 
     def _open_channel(self, execution_id: str, next_seq: int = 0) -> Channel:
         """The live event stream of an execution, with the lock that orders its writes."""
@@ -582,6 +620,7 @@ class CrucibleDispatcher(LoggingConfigurable):
             "running": len(self._runs),
             "capacity": self.max_concurrency,
             "per_user_limit": self.max_concurrency_per_user,
+            "per_user_queue_limit": self.max_queued_per_user,
             "position": self._queue.position(execution_id) if execution_id else None,
         }
 

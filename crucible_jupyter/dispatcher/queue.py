@@ -42,6 +42,7 @@ class WaitQueue:
         self.aging_seconds = aging_seconds
         self._entries: dict[str, Entry] = {}
         self._counter = 0
+        self._by_user: Counter = Counter()  # user -> how many of theirs wait
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -52,12 +53,27 @@ class WaitQueue:
     def push(self, execution: Execution) -> None:
         """Add an execution at the back of its priority."""
         self._counter += 1
+        if execution.id in self._entries:  # (pushed again: counted once)
+            self._taken(self._entries[execution.id])
         self._entries[execution.id] = Entry(execution, order=self._counter)
+        self._by_user[execution.user] += 1
+
+    def _taken(self, entry: Entry) -> None:
+        self._by_user[entry.user] -= 1
+        if self._by_user[entry.user] <= 0:
+            del self._by_user[entry.user]
+
+    def waiting(self, user: str) -> int:
+        """How many executions of ``user`` wait."""
+        return self._by_user.get(user, 0)
 
     def remove(self, execution_id: str) -> Execution | None:
         """Take an execution out (e.g. cancelled); None if it was not waiting."""
         entry = self._entries.pop(execution_id, None)
-        return entry.execution if entry else None
+        if entry is None:
+            return None
+        self._taken(entry)
+        return entry.execution
 
     def _key(self, entry: Entry) -> tuple[float, int]:
         return (entry.enqueued + entry.priority.rank * self.aging_seconds, entry.order)
@@ -71,6 +87,7 @@ class WaitQueue:
         for entry in self.ordered():
             if per_user_limit <= 0 or running_per_user[entry.user] < per_user_limit:
                 del self._entries[entry.execution.id]
+                self._taken(entry)
                 return entry.execution
         return None
 

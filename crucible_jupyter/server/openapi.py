@@ -46,6 +46,8 @@ _ERRORS = {
     "409": "The execution's state forbids the action (it already finished)",
     "413": "The body or the code is over its size limit",
     "422": "The language is not supported",
+    "429": "The caller already has as many executions queued as one user may"
+    " (max_queued_per_user); wait for some to start, or cancel some",
     "503": "The dispatcher or its storage is unavailable; retry later",
 }
 
@@ -240,7 +242,7 @@ def _document(api_root: str, limits: Limits | None, max_page_size: int) -> dict[
                                 }
                             },
                         },
-                        **_errors("400", "403", "413", "422", "503"),
+                        **_errors("400", "403", "413", "422", "429", "503"),
                     },
                 },
                 "get": {

@@ -39,3 +39,14 @@ def test_per_user_limit_skips_busy_users():
     assert q.pop_next(Counter({"alice": 1}), 1) is None
     assert q.position("1") == 1
     assert q.depth() == {"high": 1, "normal": 0, "low": 0}
+
+
+def test_waiting_counts_each_users_entries():
+    q = WaitQueue(aging_seconds=1000)
+    for i, user in enumerate(["alice", "alice", "bob"]):
+        q.push(_ex(i, user=user))
+    q.push(_ex(0, user="alice"))  # pushed again: counted once
+    assert (q.waiting("alice"), q.waiting("bob"), q.waiting("carol")) == (2, 1, 0)
+    q.remove("0")
+    q.pop_next(Counter(), 0)
+    assert (q.waiting("alice"), q.waiting("bob")) == (0, 1)
