@@ -20,11 +20,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Dict, Enum, Float, Integer, List, TraitError, Unicode, default, validate
+from traitlets import (
+    Bool,
+    Dict,
+    Enum,
+    Float,
+    Instance,
+    Integer,
+    List,
+    TraitError,
+    Unicode,
+    default,
+    validate,
+)
 
 from ...errors import InvalidRequest, RequestTooLarge
 from ...models import Execution, ExecutionRequest, Limits, Resources, format_bytes
-from ...protocol import ENV_K8S_NAMESPACE, env_text
+from ...protocol import ENV_EXECUTION_ID, ENV_K8S_NAMESPACE, env_text
 from ..base import Backend, Check, Sandbox
 from . import doctor, objects, pods
 from .cluster import Cluster
@@ -177,13 +189,31 @@ class CrucibleKubernetesBackend(Backend):
         before the execution fails.""",
     ).tag(config=True)
 
+    # ----- handed over by the dispatcher that creates the backend (not settings) --------
+
+    dispatcher_owner = Unicode(
+        "crucible",
+        help="""Who runs this backend: the dispatcher's ``host:pid``, which labels its pods
+        (given by the dispatcher; a backend made on its own, as the doctor does, keeps the
+        default).""",
+    )
+    default_resources = Instance(
+        Resources,
+        help="""What a request that asks for no resources gets (the dispatcher's default_cpu
+        and default_memory): the resources of every warm pod. Given by the dispatcher.""",
+    )
+
+    @default("default_resources")
+    def _default_default_resources(self) -> Resources:
+        limits = Limits()
+        return Resources(limits.default_cpu, limits.default_memory)
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._pool: WarmPool | None = None
         self._runner_source = RUNNER.read_text()
         self._picked: dict[int, float] = {}  # uids picked lately -> when (see _pick_uid)
-        self._dispatcher = _DispatcherSettings(self.parent)
-        self.dispatcher_id = objects.label_value(self._dispatcher.owner)
+        self.dispatcher_id = objects.label_value(self.dispatcher_owner)
         self._cluster: Cluster | None = None
 
     @property
@@ -226,7 +256,7 @@ class CrucibleKubernetesBackend(Backend):
     def _warm_spec(self) -> WarmSpec:
         return WarmSpec(
             image=self.image_for(None),
-            resources=self._dispatcher.default_resources(),
+            resources=self.default_resources,
             lifetime=self.warm_pod_lifetime,
             deadline_padding=self.deadline_padding,
             start_timeout=self.unschedulable_timeout + 60,
@@ -345,7 +375,8 @@ class CrucibleKubernetesBackend(Backend):
 
     def _output_limit(self) -> int | None:
         """The dispatcher's output limit (the runner writes no more output than that)."""
-        return self._dispatcher.output_limit
+        limit = self.output_limit
+        return limit if limit is not None and limit > 0 else None
 
     def _pick_uid(self) -> int:
         """A uid from :attr:`uid_range` that no executor pod in the namespace runs as, nor
@@ -395,7 +426,7 @@ class CrucibleKubernetesBackend(Backend):
             labels = objects.labels(execution.id, execution.user, self.dispatcher_id)
             job = self.make_job(
                 name, labels, image, req.resources, req.timeout,
-                {**req.env, "CRUCIBLE_EXECUTION_ID": execution.id},
+                {**req.env, ENV_EXECUTION_ID: execution.id},
             )  # fmt: skip
             configmap = objects.make_configmap(name, req.code, self._runner_source, labels)
             await self.cluster.create_job(job, configmap)
@@ -452,28 +483,3 @@ class CrucibleKubernetesBackend(Backend):
         """Cluster reachable, namespace usable, NetworkPolicy present, warm pods, seccomp,
         and executor probes of network isolation and the process limit (``doctor.py``)."""
         return await doctor.checks(self)
-
-
-class _DispatcherSettings:
-    """What the backend takes from the dispatcher it runs under (its traitlets parent),
-    read in this one place and when needed, with the library's defaults when there is
-    none (a backend made on its own, as the doctor and tests do)."""
-
-    def __init__(self, dispatcher: Any) -> None:
-        self._dispatcher = dispatcher
-
-    @property
-    def owner(self) -> str:
-        """Who the dispatcher is (labels its pods)."""
-        return getattr(self._dispatcher, "owner", "crucible")
-
-    @property
-    def output_limit(self) -> int | None:
-        """The dispatcher's output limit (None: not known)."""
-        limit = getattr(self._dispatcher, "output_limit", None)
-        return limit if isinstance(limit, int) and limit > 0 else None
-
-    def default_resources(self) -> Resources:
-        """What a request that asks for none gets: every warm pod's resources."""
-        limits = getattr(self._dispatcher, "limits", None) or Limits()
-        return Resources(limits.default_cpu, limits.default_memory)

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...models import Execution, Resources
+from ...protocol import ENV_EXECUTION_ID
 from . import objects
 from .cluster import Cluster
 from .pods import Pod, age, container, job_of, running, state_of
@@ -365,7 +366,7 @@ class WarmPool:
         now for a pod of another dispatcher's pool), then close stdin."""
         cell = {
             "code": execution.request.code,
-            "env": {**execution.request.env, "CRUCIBLE_EXECUTION_ID": execution.id},
+            "env": {**execution.request.env, ENV_EXECUTION_ID: execution.id},
             "rlimit_as": None,
         }
         line = json.dumps(cell).encode() + b"\n"
