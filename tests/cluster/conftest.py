@@ -19,18 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cluster import REPO, Kube, namespace_report
+from tests.helpers.cluster import Kube, namespace_report, versions
 from tests.helpers.reports import failed
 
 
 @pytest.fixture(scope="session")
 def images() -> dict:
     """The executor images' names (dev/cluster/versions.env): ``executor`` and ``ml``."""
-    env = {}
-    for line in (REPO / "dev" / "cluster" / "versions.env").read_text().splitlines():
-        if "=" in line and not line.lstrip().startswith("#"):
-            k, v = line.split("=", 1)
-            env[k.strip()] = v.strip().strip('"')
+    env = versions()
     return {"executor": env["EXECUTOR_IMAGE"], "ml": env["EXECUTOR_ML_IMAGE"]}
 
 

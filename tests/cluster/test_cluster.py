@@ -9,44 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.cluster import pod_ip, pod_manifest, pod_phase, tcp_reachable, wait_running
+
 pytestmark = pytest.mark.cluster
-
-
-def _pod(name, image, command, labels=None, **spec):
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "labels": labels or {}},
-        "spec": {
-            "restartPolicy": "Never",
-            "terminationGracePeriodSeconds": 1,
-            "automountServiceAccountToken": False,
-            "containers": [
-                {
-                    "name": "main",
-                    "image": image,
-                    "imagePullPolicy": "Never",
-                    "command": command,
-                }
-            ],
-            **spec,
-        },
-    }
-
-
-def _phase(kube, ns, name):
-    return kube.get_json("pod", name, "-n", ns).get("status", {}).get("phase")
-
-
-def _wait_running(kube, ns, *names, timeout=120):
-    for n in names:
-        kube.wait_for(
-            lambda n=n: _phase(kube, ns, n) == "Running", timeout, what=f"pod {n} Running"
-        )
-
-
-def _pod_ip(kube, ns, name):
-    return kube.get_json("pod", name, "-n", ns)["status"]["podIP"]
 
 
 def test_node_ready_and_runtimeclass(kube):
@@ -108,35 +73,16 @@ def test_job_prints_completes_and_logs_readable(kube, namespace, images):
 
 def test_ml_image_has_numpy(kube, namespace, images):
     kube.apply(
-        _pod(
+        pod_manifest(
             "np", images["ml"], ["python3", "-c", "import numpy; print('numpy', numpy.__version__)"]
         ),
         namespace,
     )
     kube.wait_for(
-        lambda: _phase(kube, namespace, "np") in ("Succeeded", "Failed"), 120, what="np done"
+        lambda: pod_phase(kube, namespace, "np") in ("Succeeded", "Failed"), 120, what="np done"
     )
-    assert _phase(kube, namespace, "np") == "Succeeded"
+    assert pod_phase(kube, namespace, "np") == "Succeeded"
     assert "numpy 1." in kube.run("logs", "-n", namespace, "np").stdout
-
-
-PROBE = r"""
-import socket, sys, json
-res = {}
-for target in sys.argv[1:]:
-    host, port = target.rsplit(":", 1)
-    try:
-        socket.create_connection((host, int(port)), timeout=2).close()
-        res[target] = True
-    except OSError as e:
-        res[target] = False
-print(json.dumps(res))
-"""
-
-
-def _probe(kube, ns, pod, *targets):
-    p = kube.run("exec", "-n", ns, pod, "--", "python3", "-c", PROBE, *targets, timeout=60)
-    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def test_networkpolicy_deny_all(kube, namespace, images):
@@ -146,15 +92,17 @@ def test_networkpolicy_deny_all(kube, namespace, images):
             "apiVersion": "v1",
             "kind": "List",
             "items": [
-                _pod("server", img, ["python3", "-m", "http.server", "8080"], {"app": "server"}),
-                _pod("isolated", img, ["sleep", "3600"], {"role": "isolated"}),
-                _pod("free", img, ["sleep", "3600"], {"role": "free"}),
+                pod_manifest(
+                    "server", img, ["python3", "-m", "http.server", "8080"], {"app": "server"}
+                ),
+                pod_manifest("isolated", img, ["sleep", "3600"], {"role": "isolated"}),
+                pod_manifest("free", img, ["sleep", "3600"], {"role": "free"}),
             ],
         },
         namespace,
     )
-    _wait_running(kube, namespace, "server", "isolated", "free")
-    server = _pod_ip(kube, namespace, "server") + ":8080"
+    wait_running(kube, namespace, "server", "isolated", "free")
+    server = pod_ip(kube, namespace, "server") + ":8080"
     node = kube.get_json("nodes")["items"][0]
     node_ip = next(a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP")
     host = node_ip + ":6443"  # the API server, listening on the host
@@ -162,11 +110,11 @@ def test_networkpolicy_deny_all(kube, namespace, images):
 
     # Before any policy both clients reach the server pod and the host.
     kube.wait_for(
-        lambda: all(_probe(kube, namespace, "isolated", *targets).values()),
+        lambda: all(tcp_reachable(kube, namespace, "isolated", *targets).values()),
         60,
         what="isolated pod reaches targets before policy",
     )
-    assert all(_probe(kube, namespace, "free", *targets).values())
+    assert all(tcp_reachable(kube, namespace, "free", *targets).values())
 
     kube.apply(
         {
@@ -182,17 +130,17 @@ def test_networkpolicy_deny_all(kube, namespace, images):
     )
     t0 = time.monotonic()
     kube.wait_for(
-        lambda: not any(_probe(kube, namespace, "isolated", *targets).values()),
+        lambda: not any(tcp_reachable(kube, namespace, "isolated", *targets).values()),
         60,
         what="deny-all enforced on isolated pod",
     )
     print(f"policy enforced within {int((time.monotonic() - t0) * 1000)} ms")
     # Stays denied, and the unselected pod is unaffected.
-    assert _probe(kube, namespace, "isolated", *targets) == {server: False, host: False}
+    assert tcp_reachable(kube, namespace, "isolated", *targets) == {server: False, host: False}
     # (seen once under heavy load: one probe of the free pod failed right after the policy
     # landed; what matters is that it is not blocked, so it may take more than one try)
     kube.wait_for(
-        lambda: _probe(kube, namespace, "free", *targets) == {server: True, host: True},
+        lambda: tcp_reachable(kube, namespace, "free", *targets) == {server: True, host: True},
         30,
         what="the pod no policy selects still reaches both",
     )
@@ -216,7 +164,7 @@ def test_resourcequota_refuses_over_quota_pod(kube, namespace, images):
         60,
         what="quota status",
     )
-    pod = _pod("big", images["executor"], ["sleep", "10"])
+    pod = pod_manifest("big", images["executor"], ["sleep", "10"])
     pod["spec"]["containers"][0]["resources"] = {
         "requests": {"memory": "128Mi"},
         "limits": {"memory": "128Mi"},
@@ -225,7 +173,7 @@ def test_resourcequota_refuses_over_quota_pod(kube, namespace, images):
     assert p.returncode != 0
     assert "exceeded quota" in p.stderr, p.stderr
     # A pod within quota is accepted.
-    pod = _pod("small", images["executor"], ["true"])
+    pod = pod_manifest("small", images["executor"], ["true"])
     pod["spec"]["containers"][0]["resources"] = {
         "requests": {"memory": "32Mi"},
         "limits": {"memory": "32Mi"},
@@ -235,10 +183,13 @@ def test_resourcequota_refuses_over_quota_pod(kube, namespace, images):
 
 def test_active_deadline_ends_sleeping_pod(kube, namespace, images):
     kube.apply(
-        _pod("sleeper", images["executor"], ["sleep", "600"], activeDeadlineSeconds=5), namespace
+        pod_manifest("sleeper", images["executor"], ["sleep", "600"], activeDeadlineSeconds=5),
+        namespace,
     )
     t0 = time.monotonic()
-    kube.wait_for(lambda: _phase(kube, namespace, "sleeper") == "Failed", 90, what="sleeper Failed")
+    kube.wait_for(
+        lambda: pod_phase(kube, namespace, "sleeper") == "Failed", 90, what="sleeper Failed"
+    )
     status = kube.get_json("pod", "sleeper", "-n", namespace)["status"]
     assert status.get("reason") == "DeadlineExceeded", status
     print(f"deadline pod failed after {int((time.monotonic() - t0) * 1000)} ms")
@@ -280,9 +231,11 @@ def test_load_image_then_run(kube, namespace, tmp_path):
         capture_output=True,
         timeout=120,
     )
-    kube.apply(_pod("hello", name, ["/hello"]), namespace)
+    kube.apply(pod_manifest("hello", name, ["/hello"]), namespace)
     kube.wait_for(
-        lambda: _phase(kube, namespace, "hello") in ("Succeeded", "Failed"), 120, what="hello done"
+        lambda: pod_phase(kube, namespace, "hello") in ("Succeeded", "Failed"),
+        120,
+        what="hello done",
     )
-    assert _phase(kube, namespace, "hello") == "Succeeded"
+    assert pod_phase(kube, namespace, "hello") == "Succeeded"
     assert "hello from a loaded image" in kube.run("logs", "-n", namespace, "hello").stdout

@@ -13,23 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cluster import REPO
-
-from .test_cluster import _phase, _pod, _pod_ip, _probe, _wait_running
+from tests.helpers.cluster import (
+    pod_ip,
+    pod_manifest,
+    pod_phase,
+    tcp_reachable,
+    versions,
+    wait_running,
+)
 
 pytestmark = pytest.mark.cluster
 
 
-def _versions() -> dict[str, str]:
-    env = {}
-    for line in (REPO / "dev" / "cluster" / "versions.env").read_text().splitlines():
-        if "=" in line and not line.lstrip().startswith("#"):
-            k, v = line.split("=", 1)
-            env[k.strip()] = v.strip().strip('"')
-    return env
-
-
-VERSIONS = _versions()
+VERSIONS = versions()
 CLUSTER_DNS = VERSIONS["CLUSTER_DNS"]
 DOMAIN = VERSIONS["CLUSTER_DOMAIN"]
 NODE_IP = VERSIONS["POD_CIDR"].rsplit(".", 1)[0] + ".1"  # the bridge, the pods' gateway
@@ -56,7 +52,7 @@ def _web(kube, ns, img, name="web"):
             "apiVersion": "v1",
             "kind": "List",
             "items": [
-                _pod(name, img, ["python3", "-m", "http.server", "8080"], {"app": name}),
+                pod_manifest(name, img, ["python3", "-m", "http.server", "8080"], {"app": name}),
                 _service(name, {"app": name}, 80, 8080),
             ],
         },
@@ -88,8 +84,8 @@ def test_pod_resolves_service_names_and_connects_through_cluster_ip(kube, namesp
     request to a Service name reaches the pod behind it."""
     img = images["executor"]
     web_ip = _web(kube, namespace, img)
-    kube.apply(_pod("client", img, ["sleep", "3600"]), namespace)
-    _wait_running(kube, namespace, "web", "client")
+    kube.apply(pod_manifest("client", img, ["sleep", "3600"]), namespace)
+    wait_running(kube, namespace, "web", "client")
     api_ip = kube.get_json("service", "kubernetes", "-n", "default")["spec"]["clusterIP"]
     names = ["web", f"web.{namespace}.svc.{DOMAIN}", f"kubernetes.default.svc.{DOMAIN}"]
 
@@ -124,7 +120,7 @@ def test_claim_binds_and_pods_of_other_users_write_and_read_it(kube, namespace, 
     )  # fmt: skip
 
     def user_pod(name, uid, command):
-        pod = _pod(name, img, command)
+        pod = pod_manifest(name, img, command)
         pod["spec"]["securityContext"] = {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid}
         pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "data", "mountPath": "/data"}]
         pod["spec"]["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]
@@ -132,9 +128,9 @@ def test_claim_binds_and_pods_of_other_users_write_and_read_it(kube, namespace, 
 
     def finished(name):
         kube.wait_for(
-            lambda: _phase(kube, namespace, name) in ("Succeeded", "Failed"), 120, what=name
+            lambda: pod_phase(kube, namespace, name) in ("Succeeded", "Failed"), 120, what=name
         )
-        assert _phase(kube, namespace, name) == "Succeeded", kube.run(
+        assert pod_phase(kube, namespace, name) == "Succeeded", kube.run(
             "logs", "-n", namespace, name, check=False
         ).stdout
 
@@ -177,13 +173,13 @@ def test_deny_all_pod_cannot_reach_a_cluster_ip(kube, namespace, images):
             "apiVersion": "v1",
             "kind": "List",
             "items": [
-                _pod("isolated", img, ["sleep", "3600"], {"role": "isolated"}),
-                _pod("free", img, ["sleep", "3600"], {"role": "free"}),
+                pod_manifest("isolated", img, ["sleep", "3600"], {"role": "isolated"}),
+                pod_manifest("free", img, ["sleep", "3600"], {"role": "free"}),
             ],
         },
         namespace,
     )
-    _wait_running(kube, namespace, "web", "isolated", "free")
+    wait_running(kube, namespace, "web", "isolated", "free")
     api_ip = kube.get_json("service", "kubernetes", "-n", "default")["spec"]["clusterIP"]
     web, api = f"{web_ip}:80", f"{api_ip}:443"
     both = {web: True, api: True}
@@ -191,7 +187,7 @@ def test_deny_all_pod_cannot_reach_a_cluster_ip(kube, namespace, images):
     # Before any policy both pods reach both ClusterIPs (so the probes can fail).
     for pod in ("isolated", "free"):
         kube.wait_for(
-            lambda pod=pod: _probe(kube, namespace, pod, web, api) == both,
+            lambda pod=pod: tcp_reachable(kube, namespace, pod, web, api) == both,
             60,
             what=f"{pod} reaches both ClusterIPs before any policy",
         )
@@ -209,13 +205,13 @@ def test_deny_all_pod_cannot_reach_a_cluster_ip(kube, namespace, images):
         namespace,
     )
     kube.wait_for(
-        lambda: _probe(kube, namespace, "isolated", web, api) == {web: False, api: False},
+        lambda: tcp_reachable(kube, namespace, "isolated", web, api) == {web: False, api: False},
         60,
         what="deny-all enforced on traffic to ClusterIPs",
     )
-    assert _probe(kube, namespace, "isolated", web, api) == {web: False, api: False}
+    assert tcp_reachable(kube, namespace, "isolated", web, api) == {web: False, api: False}
     kube.wait_for(
-        lambda: _probe(kube, namespace, "free", web, api) == both,
+        lambda: tcp_reachable(kube, namespace, "free", web, api) == both,
         30,
         what="the pod no policy selects still reaches both",
     )
@@ -232,7 +228,7 @@ def test_deny_all_pod_cannot_reach_a_cluster_ip(kube, namespace, images):
         namespace,
     )
     kube.wait_for(
-        lambda: _probe(kube, namespace, "free", web, api) == {web: False, api: True},
+        lambda: tcp_reachable(kube, namespace, "free", web, api) == {web: False, api: True},
         60,
         what="ingress policy of the Service's pod enforced through its ClusterIP",
     )
@@ -248,17 +244,17 @@ def test_node_ports_stay_closed_to_pods(kube, namespace, images):
             "apiVersion": "v1",
             "kind": "List",
             "items": [
-                _pod("web", img, ["python3", "-m", "http.server", "8080"], {"app": "web"}),
+                pod_manifest("web", img, ["python3", "-m", "http.server", "8080"], {"app": "web"}),
                 _service("web", {"app": "web"}, 80, 8080, type="NodePort"),
-                _pod("client", img, ["sleep", "3600"]),
+                pod_manifest("client", img, ["sleep", "3600"]),
             ],
         },
         namespace,
     )
-    _wait_running(kube, namespace, "web", "client")
+    wait_running(kube, namespace, "web", "client")
     node_port = kube.get_json("service", "web", "-n", namespace)["spec"]["ports"][0]["nodePort"]
     target = f"{NODE_IP}:{node_port}"
-    web_pod = _pod_ip(kube, namespace, "web") + ":8080"
+    web_pod = pod_ip(kube, namespace, "web") + ":8080"
 
     def host_reaches():
         p = subprocess.run(
@@ -270,10 +266,10 @@ def test_node_ports_stay_closed_to_pods(kube, namespace, images):
     # The Service works (from the host), and the client reaches its pod directly.
     kube.wait_for(host_reaches, 60, what=f"the host reaches the NodePort {target}")
     kube.wait_for(
-        lambda: _probe(kube, namespace, "client", web_pod)[web_pod], 60, what="pod to pod"
+        lambda: tcp_reachable(kube, namespace, "client", web_pod)[web_pod], 60, what="pod to pod"
     )
     drops = _raw_nodeport_drops()
-    assert _probe(kube, namespace, "client", target) == {target: False}
+    assert tcp_reachable(kube, namespace, "client", target) == {target: False}
     assert _raw_nodeport_drops() > drops, "the probe was not dropped in the raw table"
 
 
@@ -288,8 +284,8 @@ def _raw_nodeport_drops() -> int:
 def test_dns_outside_the_cluster_domain_is_not_answered_with_an_address(kube, namespace, images):
     """CoreDNS has no upstream (pods have no route off this machine): a name outside the
     cluster domain gets no address."""
-    kube.apply(_pod("client", images["executor"], ["sleep", "3600"]), namespace)
-    _wait_running(kube, namespace, "client")
+    kube.apply(pod_manifest("client", images["executor"], ["sleep", "3600"]), namespace)
+    wait_running(kube, namespace, "client")
     code = (
         "import socket\n"
         "try:\n    print(socket.gethostbyname('example.invalid'))\n"

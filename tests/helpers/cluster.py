@@ -12,6 +12,7 @@ the shared cluster down and up again (marker ``cluster_restart``) run only with
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -164,3 +165,81 @@ def namespace_report(kube: Kube, namespace: str, events: str | None = None) -> s
             lp = kube.run("logs", "-n", namespace, name, "-c", c["name"], check=False)
             out.append(f"===== logs {name}/{c['name']} =====\n{lp.stdout}{lp.stderr}")
     return "\n".join(out)
+
+
+@functools.cache
+def versions() -> dict[str, str]:
+    """The settings of dev/cluster/versions.env (image names, versions, CIDRs), by name."""
+    env = {}
+    for line in (REPO / "dev" / "cluster" / "versions.env").read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            k, v = line.split("=", 1)
+            env[k.strip()] = v.strip().strip('"')
+    return env
+
+
+def pod_manifest(
+    name: str, image: str, command: list[str], labels: dict[str, str] | None = None, **spec: Any
+) -> dict[str, Any]:
+    """A bare Pod running ``command`` on a local ``image`` (never pulled), once, with no
+    service account token; ``spec`` adds to (or replaces) its spec's fields."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "automountServiceAccountToken": False,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": image,
+                    "imagePullPolicy": "Never",
+                    "command": command,
+                }
+            ],
+            **spec,
+        },
+    }
+
+
+def pod_phase(kube: Kube, namespace: str, name: str) -> str | None:
+    """The pod's phase (``Pending``, ``Running``, ``Succeeded``...), None before it has one."""
+    return kube.get_json("pod", name, "-n", namespace).get("status", {}).get("phase")
+
+
+def wait_running(kube: Kube, namespace: str, *names: str, timeout: float = 120) -> None:
+    """Wait (bounded by ``timeout`` each) until every named pod is Running."""
+    for n in names:
+        kube.wait_for(
+            lambda n=n: pod_phase(kube, namespace, n) == "Running", timeout, what=f"pod {n} Running"
+        )
+
+
+def pod_ip(kube: Kube, namespace: str, name: str) -> str:
+    """The pod's IP address."""
+    return kube.get_json("pod", name, "-n", namespace)["status"]["podIP"]
+
+
+TCP_PROBE = r"""
+import socket, sys, json
+res = {}
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+        res[target] = True
+    except OSError as e:
+        res[target] = False
+print(json.dumps(res))
+"""
+
+
+def tcp_reachable(kube: Kube, namespace: str, pod: str, *targets: str) -> dict[str, bool]:
+    """From inside ``pod`` (it needs python3): which ``host:port`` targets accept a TCP
+    connection within 2 s."""
+    p = kube.run(
+        "exec", "-n", namespace, pod, "--", "python3", "-c", TCP_PROBE, *targets, timeout=60
+    )
+    return json.loads(p.stdout.strip().splitlines()[-1])
