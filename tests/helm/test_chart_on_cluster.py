@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -211,6 +215,62 @@ def test_deny_all_policy_is_the_charts(cluster, release):
     policy = json.loads(out)
     assert policy["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
     assert policy["spec"]["podSelector"] == {"matchLabels": {objects.APP_LABEL: objects.APP}}
+
+
+def _service_account_kubeconfig(cluster: Cluster, rel: Release, path: Path) -> Path:
+    """A kubeconfig that is the chart's service account (a short-lived token of it)."""
+    token = cluster.kubectl(
+        "-n", rel.namespace, "create", "token", "crucible", "--duration", "15m"
+    ).stdout.strip()  # fmt: skip
+    admin = json.loads(cluster.kubectl("config", "view", "--raw", "--minify", "-o", "json").stdout)
+    server = admin["clusters"][0]["cluster"]
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "dev", "cluster": server}],
+        "users": [{"name": "crucible", "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "dev", "user": "crucible"}}],
+        "current-context": "sa",
+    }
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("warm_pods", [0, 1])
+def test_cells_run_with_the_roles_rights_only(cluster, release, tmp_path, warm_pods):
+    """A dispatcher holding only the service account's token, with the settings the
+    chart rendered for the service, runs a cell in the executions namespace (cold Job,
+    or warm pod): the Role grants every call the backend makes."""
+    kubeconfig = _service_account_kubeconfig(cluster, release, tmp_path / "sa.kubeconfig")
+    rendered = _config(cluster, release)
+    settings = {
+        "CrucibleDispatcher": rendered["CrucibleDispatcher"],
+        "CrucibleKubernetesBackend": {
+            **rendered["CrucibleKubernetesBackend"],
+            "kubeconfig": str(kubeconfig),
+            "warm_pods": warm_pods,
+        },
+    }
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    (config_dir / "crucible_config.json").write_text(json.dumps(settings))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBE", "CRUCIBLE_"))}
+    env.update(JUPYTER_CONFIG_DIR=str(config_dir), JUPYTER_DATA_DIR=str(tmp_path / "data"))
+    cell = "import os\nprint(6 * 7, os.getuid() > 0)\n"
+    cli = [sys.executable, "-m", "crucible_jupyter.cli", "--db-url",
+           f"sqlite:///{tmp_path / 'crucible.db'}"]  # fmt: skip
+    done = subprocess.run(
+        [*cli, "run", "--timeout", "60", "-"],
+        input=cell, capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "42 True" in done.stdout
+    history = subprocess.run([*cli, "history", "--json"], capture_output=True, text=True,
+                             timeout=60, env=env, check=True).stdout  # fmt: skip
+    (execution,) = json.loads(history)["executions"]
+    assert execution["isolation"] == ("kubernetes+warm" if warm_pods else "kubernetes")
+    assert "Forbidden" not in done.stderr, done.stderr
+    assert "403" not in done.stderr, done.stderr
 
 
 def test_zz_uninstall_removes_the_executions_namespace(cluster, release):
