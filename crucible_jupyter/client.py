@@ -380,8 +380,8 @@ class ThreadedClient:
             # transports of processes that ended but were never closed are released while
             # their loop still runs (not at exit, where they complain about a closed loop)
             self.run(_release_garbage()).result(5)
-        except Exception:
-            pass
+        except Exception:  # noqa: BLE001 -- a client that cannot close (server gone, loop
+            pass  # stuck) must not keep the loop thread from stopping
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
         if not self._thread.is_alive():
@@ -420,7 +420,7 @@ def current_kernel_id() -> str | None:
         if not IPKernelApp.initialized():
             return None
         name = os.path.basename(IPKernelApp.instance().connection_file or "")
-    except Exception:
+    except Exception:  # noqa: BLE001 -- no ipykernel, or an app without a connection file
         return None
     m = re.match(r"^kernel-(.+)\.json$", name)
     return m.group(1) if m else None

@@ -30,6 +30,7 @@ Line magic: ``%crucible history [-n N] [--status S] [--tag T] [--user U]``,
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import html
 import sys
 import time
@@ -193,7 +194,7 @@ class CrucibleMagics(Magics):
         try:
             parent = kernel.get_parent() or {}
             cell_id = (parent.get("metadata") or {}).get("cellId")
-        except Exception:  # whatever the frontend sent, the cell still runs
+        except Exception:  # noqa: BLE001 -- whatever the frontend sent, the cell still runs
             pass
         return notebook_ref(cell_id)
 
@@ -250,8 +251,8 @@ class CrucibleMagics(Magics):
                 execution_id = future.result(15)["id"]
                 self.client.call("cancel", execution_id, timeout=15)
                 state = "cancelled"
-            except (Exception, KeyboardInterrupt):
-                pass  # refused, never accepted, already over, or interrupted again
+            except (Exception, KeyboardInterrupt):  # noqa: BLE001 -- refused, never accepted,
+                pass  # already over, or interrupted again: the cell says what it knows
             raise _interrupted(execution_id, state) from None
         except CrucibleError as e:
             status.show(refused_line(e))
@@ -272,10 +273,8 @@ class CrucibleMagics(Magics):
         execution_id = future.result()["id"]
 
         async def cancel() -> None:
-            try:
+            with contextlib.suppress(CrucibleError):  # already over: nothing to cancel
                 await self.client.client.cancel(execution_id)
-            except CrucibleError:
-                pass
 
         self.client.run(cancel())
 
@@ -324,7 +323,7 @@ class _Relay:
                 self._position_checked = time.monotonic()
                 try:
                     position = self.client.call("queue_status", self.id, timeout=5).get("position")
-                except Exception:
+                except Exception:  # noqa: BLE001 -- the position is a nicety; the stream goes on
                     position = None
                 if position is not None:
                     self.position = position
@@ -390,7 +389,7 @@ class _Relay:
             client.call("cancel", self.id, timeout=15)
         except Conflict:
             pass
-        except Exception as e:  # still raise KeyboardInterrupt; say why the cancel failed
+        except Exception as e:  # noqa: BLE001 -- still raise KeyboardInterrupt; say why
             print(f"crucible: could not cancel {self.id}: {e}", file=sys.stderr)
             return
         deadline = time.monotonic() + 15
@@ -400,7 +399,7 @@ class _Relay:
                     self.handle(event)
                 if self.terminal or time.monotonic() > deadline:
                     break
-        except Exception:
+        except Exception:  # noqa: BLE001 -- what the cancelled cell did last: best effort
             pass
 
     def finish(self) -> Any:
@@ -439,10 +438,8 @@ def _for_terminal(data: dict[str, Any]) -> dict[str, Any]:
 
 def _flush_streams() -> None:
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream
             stream.flush()
-        except Exception:
-            pass
 
 
 _MAGICS_ATTR = "_crucible_magics"

@@ -497,7 +497,7 @@ def clean_bundle(
             out[mime] = value
             continue
         text = _text(value)
-        if mime in _TEXT_TYPES and text is not None:
+        if mime in _TEXT_TYPES and text is not None:  # noqa: SIM114 -- two reasons to keep
             out[mime] = text
         elif mime in _IMAGE_TYPES and text is not None and _BASE64.fullmatch(text):
             out[mime] = text

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import os
 import re
 import sys
@@ -309,10 +310,8 @@ class CrucibleKernel(Kernel):
             self.session.send(stream, "interrupt_reply", content, parent, ident=ident)
 
     async def _cancel(self, execution_id: str) -> None:
-        try:
+        with contextlib.suppress(Conflict):  # it had finished already
             await asyncio.wrap_future(self.client.run(self.client.client.cancel(execution_id)))
-        except Conflict:  # it had finished already
-            pass
 
     # -- comms: none (there is no live object for a widget to talk to) ---------------------
 
@@ -360,7 +359,7 @@ class CrucibleKernel(Kernel):
             m = re.search(r"[A-Za-z_][A-Za-z0-9_]*$", before)
             start = cursor_pos - (len(m.group(0)) if m else 0)
             matches = [c.name for c in jedi.Script(code).complete(line, column)][:200]
-        except Exception:
+        except Exception:  # noqa: BLE001 -- no jedi, or jedi failing on odd code: no matches
             matches = []
         return {
             "status": "ok",
