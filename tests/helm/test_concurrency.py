@@ -2,9 +2,9 @@
 
 ``executions.maxConcurrent`` is the dispatcher's ``max_concurrency`` and counts the
 quota's pods; the cell sizes are the dispatcher's limits and the LimitRange's maximum.
-The executor pods here are made by the Kubernetes backend's own code, with the settings
-the service reads from the rendered config file (``crucible serve --config``), so the
-test fails if the chart and the code drift apart.
+The executor pods here are made by the Kubernetes backend the dispatcher creates, with
+the settings the service reads from the rendered config file (``crucible serve
+--config``), so the test fails if the chart and the code drift apart.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 
 import pytest
 
-from crucible_jupyter.backends.kubernetes import CrucibleKubernetesBackend, objects
+from crucible_jupyter.backends.kubernetes import objects
 from crucible_jupyter.models import Resources
 
 pytestmark = pytest.mark.helm
@@ -22,6 +22,7 @@ pytestmark = pytest.mark.helm
 VALUES = {
     "executions.maxConcurrent": 7,
     "executions.maxConcurrentPerUser": 3,
+    "executions.maxQueuedPerUser": 9,
     "executions.warmPods": 2,
     "executions.resourceQuota.extraPods": 1,
     "executions.cell.defaultCpu": 0.5,
@@ -54,6 +55,7 @@ def test_the_service_reads_the_rendered_settings(service):
     dispatcher = service.dispatcher
     assert dispatcher.max_concurrency == 7
     assert dispatcher.max_concurrency_per_user == 3
+    assert dispatcher.max_queued_per_user == 9
     assert dispatcher.backend == "kubernetes"
     assert dispatcher.enabled_backends == ["kubernetes"]
     assert dispatcher.default_cpu == 0.5
@@ -63,7 +65,7 @@ def test_the_service_reads_the_rendered_settings(service):
     assert dispatcher.output_limit == 5 << 20
     assert service.prefix == "/services/crucible/"
     assert service.bind_url == "http://0.0.0.0:8576"
-    backend = CrucibleKubernetesBackend(parent=dispatcher)
+    backend = dispatcher.get_backend("kubernetes")
     assert backend.namespace == "crucible-executions"
     assert backend.create_namespace is False
     assert backend.warm_pods == 2
@@ -71,7 +73,7 @@ def test_the_service_reads_the_rendered_settings(service):
 
 
 def _pod_resources(service, cpu: float, memory: int) -> dict:
-    backend = CrucibleKubernetesBackend(parent=service.dispatcher)
+    backend = service.dispatcher.get_backend("kubernetes")
     labels = objects.labels("e", "u", backend.dispatcher_id)
     job = backend.make_job("crucible-e", labels, "img", Resources(cpu, memory), 60, {})
     (container,) = job["spec"]["template"]["spec"]["containers"]

@@ -165,6 +165,7 @@ ephemeral: {{ mul (add $cells $warm) $ephemeral }}
   "enabled_backends" (list "kubernetes")
   "max_concurrency" $e.maxConcurrent
   "max_concurrency_per_user" $e.maxConcurrentPerUser
+  "max_queued_per_user" $e.maxQueuedPerUser
   "default_cpu" (float64 $c.defaultCpu)
   "max_cpu" (float64 $c.maxCpu)
   "default_memory" (int64 $s.defaultMemory)
