@@ -48,11 +48,10 @@ from .options import (
     NO_ANSWER,
     OPTIONS_USAGE,
     SUBMITTING,
+    CellStatus,
     check_cell_body,
     failure_text,
-    final_status_line,
     interrupted_text,
-    live_status_line,
     lost_line,
     outcome_text,
     parse_cell_options,
@@ -61,7 +60,6 @@ from .options import (
     wants_help,
 )
 from .output_policy import DISPLAY_KINDS, clean_output, trusted_types_from_env
-from .protocol import is_terminal_event
 from .terminal import escape
 
 _SUBMIT_TIMEOUT = 60.0
@@ -297,36 +295,35 @@ class _Relay:
         self.client = client
         self.last_seq = -1
         self._position_checked = time.monotonic()
-        self.state = "queued"
-        self.position: int | None = None
-        self.running_since: float | None = None
-        self.t_running: int | None = None
-        self.reason: str | None = None
+        self.cell = CellStatus(execution_id)
         self.result: MimeBundle | None = None
         self.error: dict[str, Any] | None = None
-        self.terminal = False
-        self.final: dict[str, Any] = {}
         self._render()
 
+    @property
+    def state(self) -> str:
+        """The execution's state as last heard."""
+        return self.cell.state
+
+    @property
+    def terminal(self) -> bool:
+        """True once its terminal status event was seen."""
+        return self.cell.terminal
+
     def _render(self) -> None:
-        short = self.id
-        if self.terminal:
-            text = final_status_line(self.final, self.t_running, short)
-        else:
-            text = live_status_line(self.state, self.position, self.running_since, short)
-        self.status.show(text)
+        self.status.show(self.cell.line())
 
     def handle(self, event: dict[str, Any] | None) -> None:
         """Show one event (``None``: nothing new, refresh the clock)."""
         if event is None:
-            if self.state == "queued" and time.monotonic() - self._position_checked > 1:
+            if self.cell.state == "queued" and time.monotonic() - self._position_checked > 1:
                 self._position_checked = time.monotonic()
                 try:
                     position = self.client.call("queue_status", self.id, timeout=5).get("position")
                 except Exception:  # noqa: BLE001 -- the position is a nicety; the stream goes on
                     position = None
                 if position is not None:
-                    self.position = position
+                    self.cell.position = position
             self._render()
             return
         if isinstance(event.get("seq"), int):
@@ -335,18 +332,7 @@ class _Relay:
         if kind in DISPLAY_KINDS:
             event = clean_output(kind, event, trusted_types_from_env())
         if kind == "status":
-            self.state = event.get("status", self.state)
-            if event.get("position") is not None:
-                self.position = event["position"]
-            if self.state == "running" and self.running_since is None:
-                self.running_since = time.monotonic()
-                self.t_running = event.get("t")
-            if is_terminal_event(event):
-                self.terminal = True
-                self.final = event
-                self.reason = event.get("reason")
-                if self.t_running is None:
-                    self.t_running = event.get("t")
+            self.cell.update(event)
             self._render()
         elif kind == "stream":
             out = sys.stderr if event.get("name") == "stderr" else sys.stdout
@@ -411,7 +397,7 @@ class _Relay:
         raise RemoteExecutionError(
             self.id,
             self.state,
-            reason=self.reason,
+            reason=self.cell.reason,
             ename=err.get("ename"),
             evalue=err.get("evalue"),
             traceback=err.get("traceback"),

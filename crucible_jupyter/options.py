@@ -30,6 +30,7 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from .models import format_bytes
+from .protocol import is_terminal_event
 
 # ----- the grammar ----------------------------------------------------------------------------
 
@@ -292,6 +293,46 @@ def final_status_line(event: dict[str, Any], t_running: int | None, execution_id
     cut = f" · output truncated, {format_bytes(dropped)} dropped" if dropped else ""
     icon = _ICONS.get(state, "")
     return f"crucible · {icon} {state.replace('_', ' ')}{took}{why}{cut} · {execution_id}"
+
+
+class CellStatus:
+    """Where one cell's execution is, followed from its status events, and the status line
+    that says so (:meth:`line`): what the magic and the kernel show, kept the same way."""
+
+    def __init__(self, execution_id: str) -> None:
+        self.id = execution_id
+        self.state = "queued"
+        self.position: int | None = None
+        self.running_since: float | None = None  # time.monotonic() when it began to run
+        self.t_running: int | None = None  # the ``t`` of its running event
+        self.final: dict[str, Any] | None = None  # its terminal status event
+
+    @property
+    def terminal(self) -> bool:
+        """True once the terminal status event was seen."""
+        return self.final is not None
+
+    @property
+    def reason(self) -> str | None:
+        """Why it ended as it did (the terminal event's ``reason``), if it has ended."""
+        return None if self.final is None else self.final.get("reason")
+
+    def update(self, event: dict[str, Any]) -> None:
+        """Take in one status event (``{"type": "status", "status": ..., "t": ...}``)."""
+        self.state = str(event.get("status", self.state))
+        if event.get("position") is not None:
+            self.position = event["position"]
+        if self.state == "running" and self.running_since is None:
+            self.running_since = time.monotonic()
+            self.t_running = event.get("t")
+        if is_terminal_event(event):
+            self.final = event
+
+    def line(self) -> str:
+        """The status line now: live (queued, running with the elapsed time) or final."""
+        if self.final is not None:
+            return final_status_line(self.final, self.t_running, self.id)
+        return live_status_line(self.state, self.position, self.running_since, self.id)
 
 
 def outcome_text(status: str, reason: str | None) -> str:

@@ -35,7 +35,6 @@ import contextlib
 import os
 import re
 import sys
-import time
 from typing import Any
 
 from ipykernel.kernelbase import Kernel
@@ -48,11 +47,10 @@ from ..errors import Conflict, CrucibleError
 from ..options import (
     CELL_HELP,
     OPTIONS_EXAMPLE,
+    CellStatus,
     check_cell_body,
     failure_text,
-    final_status_line,
     interrupted_text,
-    live_status_line,
     outcome_text,
     parse_cell_options,
     split_cell,
@@ -387,12 +385,9 @@ class _KernelStatus:
         # not guessable from the cell, so its own display updates cannot rewrite the status
         self.display_id = f"crucible-{execution_id}-{os.urandom(8).hex()}"
         self.shown = False
-        self.state = "queued"
-        self.position: Any = None
-        self.t_running: int | None = None
-        self.since: float | None = None
+        self.status = CellStatus(execution_id)
         self.text = ""
-        self._send(live_status_line("queued", None, None, execution_id))
+        self._send(self.status.line())
 
     def _send(self, text: str) -> None:
         if not self.enabled or text == self.text:
@@ -409,16 +404,8 @@ class _KernelStatus:
 
     def update(self, event: dict[str, Any]) -> None:
         """Show a status event."""
-        self.state = event.get("status", self.state)
-        if event.get("position") is not None:
-            self.position = event["position"]
-        if self.state == "running" and self.since is None:
-            self.since = time.monotonic()
-            self.t_running = event.get("t")
-        if is_terminal_event(event):
-            self._send(final_status_line(event, self.t_running, self.id))
-        else:
-            self.tick()
+        self.status.update(event)
+        self._send(self.status.line())
 
     def cleared(self) -> None:
         """The cell cleared its output, this line with it: show the line again, as a new
@@ -429,7 +416,7 @@ class _KernelStatus:
 
     def tick(self) -> None:
         """Refresh the elapsed time."""
-        self._send(live_status_line(self.state, self.position, self.since, self.id))
+        self._send(self.status.line())
 
 
 _IPYTHON_LINE = re.compile(r"^\s*(?:%|!|[\w.]+\s*=\s*[%!])|\?\s*$")

@@ -3,6 +3,8 @@ one module for the magic and the crucible kernel: good and bad option lines as t
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from IPython.core.error import UsageError
 
@@ -201,3 +203,73 @@ def test_magic_and_kernel_record_where_a_cell_comes_from_alike(monkeypatch, sess
         monkeypatch.setenv("JPY_SESSION_NAME", session)
     assert notebook_ref(cell_id) == ref  # no kernel app in this process: no kernel id
     assert magic.CrucibleMagics(shell=None).notebook_ref() == notebook_ref()
+
+
+def _status(status: str, t: int, **fields: object) -> dict:
+    return {"type": "status", "status": status, "t": t, **fields}
+
+
+def test_cell_status_follows_the_events_to_the_final_line():
+    cell = options.CellStatus("ID")
+    assert cell.line() == "crucible · queued · ID"
+    cell.update(_status("queued", 10, position=3))
+    assert cell.line() == "crucible · queued at position 3 · ID"
+    cell.update(_status("starting", 20))
+    assert cell.line() == "crucible · starting · ID"
+    cell.update(_status("running", 1000))
+    assert re.fullmatch(r"crucible · running · \d+ s · ID", cell.line())
+    assert not cell.terminal
+    assert cell.reason is None
+    cell.update(_status("failed", 1250, reason="exited with code 3"))
+    assert cell.terminal
+    assert cell.reason == "exited with code 3"
+    assert cell.line() == "crucible · ✘ failed in 0.25 s (exited with code 3) · ID"
+
+
+def test_a_cell_that_never_ran_shows_no_duration():
+    """The magic used to time a cell that never ran from its own terminal event ("cancelled
+    in 0.00 s"); the kernel did not. One tracker now: no duration for either."""
+    cell = options.CellStatus("ID")
+    cell.update(_status("cancelled", 900, reason="cancelled by request"))
+    assert cell.line() == "crucible · ■ cancelled (cancelled by request) · ID"
+
+
+@pytest.mark.parametrize(
+    ("events", "last"),
+    [
+        (
+            [_status("queued", 1, position=2), _status("running", 100), _status("succeeded", 2600)],
+            "crucible · ✔ succeeded in 2.50 s · ID",
+        ),
+        (
+            [_status("queued", 1), _status("cancelled", 50, reason="cancelled by request")],
+            "crucible · ■ cancelled (cancelled by request) · ID",
+        ),
+    ],
+)
+def test_magic_and_kernel_show_the_same_status_lines(events, last):
+    class Recorder:
+        def __init__(self) -> None:
+            self.shown: list[str] = []
+
+        def show(self, text: str, *, force: bool = False) -> None:
+            if not self.shown or text != self.shown[-1]:  # as StatusLine, a change only
+                self.shown.append(text)
+
+        def send_response(self, socket: object, kind: str, content: dict) -> None:
+            self.shown.append(content["data"]["text/plain"])
+
+    magic_side = Recorder()
+    relay = magic._Relay("ID", magic_side, client=None)
+    kernel_side = Recorder()
+    kernel_side.iopub_socket = None
+    status = kernel._KernelStatus(kernel_side, "ID", enabled=True)
+    for event in events:
+        relay.handle(event)
+        status.update(event)
+
+    def seconds_out(lines: list[str]) -> list[str]:  # the elapsed time is the clock's
+        return [re.sub(r"running · \d+ s", "running · N s", line) for line in lines]
+
+    assert seconds_out(magic_side.shown) == seconds_out(kernel_side.shown)
+    assert magic_side.shown[-1] == last
