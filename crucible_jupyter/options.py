@@ -13,8 +13,10 @@ Promises:
 - :func:`split_cell` finds a ``%%crucible`` first line (after blank lines, as IPython does).
 - :data:`CELL_HELP`, :data:`OPTIONS_HELP`, :data:`OPTIONS_USAGE`, :data:`LINE_USAGE`,
   :data:`HISTORY_HELP`: the help.
-- :func:`live_status_line`, :func:`final_status_line`, :func:`outcome_text` and the other
-  ``*_text`` functions: every line the two surfaces show about an execution.
+- :class:`CellStatus` follows one execution's status events and gives its status line
+  (:func:`live_status_line` until it ends, then :func:`final_status_line`); with
+  :func:`outcome_text` and the other ``*_text``/``*_line`` functions, every line the two
+  surfaces show about an execution.
 """
 
 from __future__ import annotations
