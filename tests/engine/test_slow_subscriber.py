@@ -31,7 +31,7 @@ async def test_a_subscriber_that_stops_reading_misses_nothing_and_holds_nothing_
     held = []
 
     async def watch() -> None:  # how much the subscription holds while nobody reads it
-        while (channel := dispatcher._channels.get(execution.id)) and not channel.closed:
+        while (channel := dispatcher._rec.channels.get(execution.id)) and not channel.closed:
             held.extend(len(s.events) for s in channel.subscribers)
             await asyncio.sleep(0.05)
 
