@@ -21,7 +21,7 @@ from tests.helpers.net import wait_until
 
 pytestmark = [pytest.mark.hub, pytest.mark.browser]
 
-GUARD = 90  # seconds a page may take to show something before the test fails
+GUARD = 180  # seconds a page may take to show something (a guard for a loaded machine)
 
 
 @pytest.fixture(scope="module")
