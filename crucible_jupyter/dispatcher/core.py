@@ -54,7 +54,7 @@ from ..storage import Storage
 from .channel import BEHIND
 from .queue import WaitQueue
 from .recording import Recorder, is_terminal, merge
-from .recovery import RESTARTED, Recovery, after_restart, owner_alive
+from .recovery import RESTARTED, Recovery, after_restart, began, owner_alive
 from .running import Run, Runner
 from .settings import DispatcherSettings
 
@@ -436,8 +436,9 @@ class CrucibleDispatcher(DispatcherSettings):
     async def _run(self, run: Run) -> None:
         """Run one execution (``running.py``), then give its slot back."""
         execution = run.execution
+        again = False
         try:
-            await self._runner.run(run)
+            again = await self._runner.run(run)
         finally:
             self._runs.pop(execution.id, None)
             self._per_user[execution.user] -= 1
@@ -445,6 +446,11 @@ class CrucibleDispatcher(DispatcherSettings):
                 del self._per_user[execution.user]
             if self._wake is not None:
                 self._wake.set()
+        if again:  # resumed, and its sandbox ended without the cell: it never began
+            await self._rec.transition(execution, Status.QUEUED, isolation=None)
+            self._queue.push(execution)
+            self._wake.set()
+            self.log.info("crucible: queued again never-begun execution %s", execution.id)
 
     async def _cancel_watch_loop(self) -> None:
         """Honour cancels requested through storage by other processes (`crucible cancel`)."""
@@ -537,6 +543,7 @@ class CrucibleDispatcher(DispatcherSettings):
             sandbox=sandbox,
             skip=sum(1 for e in stored if e.type != "status"),
             timeout=execution.request.timeout - elapsed,
+            again_if_unstarted=not began(execution),
         )
         self._runs[execution.id] = run
         self._per_user[execution.user] += 1

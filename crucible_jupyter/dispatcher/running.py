@@ -22,7 +22,7 @@ from ..models import Execution, Status, format_bytes, now_ms
 from . import frames
 from .channel import Channel
 from .limits import LIMIT_NOTICE, Frame, OutputBudget
-from .outcome import decide
+from .outcome import NEVER_STARTED, decide
 from .recording import Recorder
 
 #: What marks frames the pump looks at without parsing them (the runner writes compact JSON
@@ -50,6 +50,9 @@ class Run:
     runner_started: bool = False  # the runner's start frame was read: it has the cell
     skip: int = 0  # output events already stored before a restart: replayed, not repeated
     timeout: float | None = None  # seconds left, when resumed after a restart
+    #: resumed, and it had not begun (no mark): if its sandbox ends without running the cell
+    #: (a warm pod claimed, its cell never sent), it is queued again instead of failed
+    again_if_unstarted: bool = False
 
 
 class RunSettings(Protocol):
@@ -77,8 +80,9 @@ class Runner:
         #: recorded on executions still running when the dispatcher stops
         self.stop_reason = "dispatcher stopped while the cell was running"
 
-    async def run(self, run: Run) -> None:
-        """Start (or, after a restart, follow again) one execution and record its end."""
+    async def run(self, run: Run) -> bool:
+        """Start (or, after a restart, follow again) one execution and record its end.
+        True instead when it is to be queued again (``Run.again_if_unstarted``)."""
         execution = run.execution
         rec = self.recorder
         try:
@@ -88,7 +92,7 @@ class Runner:
                     run.sandbox = await self.backend(execution.backend).start(execution)
                 except CrucibleError as e:
                     await rec.finish(execution, Status.FAILED, reason=e.message)
-                    return
+                    return False
                 # from here on a restart follows or fails it, never runs it a second time
                 await rec.mark_began(execution, run.sandbox.isolation)
             sandbox = run.sandbox
@@ -113,6 +117,8 @@ class Runner:
                 runner_started=run.runner_started,
                 last_error=run.last_error,
             )
+            if run.again_if_unstarted and (status, reason) == (Status.FAILED, NEVER_STARTED):
+                return True
             await rec.finish(execution, status, reason=reason, exit_code=outcome.exit_code)
         except asyncio.CancelledError:
             if run.sandbox is not None:
@@ -126,6 +132,7 @@ class Runner:
             if run.sandbox is not None:
                 await run.sandbox.kill()
             await rec.finish(execution, Status.FAILED, reason=f"internal error: {e!r}")
+        return False
 
     async def _supervise(self, run: Run, sandbox: Sandbox) -> Outcome:
         """Pump output until the sandbox ends, enforcing the wall-clock timeout."""

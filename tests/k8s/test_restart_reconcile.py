@@ -163,3 +163,74 @@ async def test_sigkill_with_cells_queued_starting_and_running(k8s, kube, namespa
         assert Status(events[-1].data["status"]).terminal
     stuck, _ = await d.list(status=["queued", "starting", "running"])
     assert stuck == []
+
+
+#: A dispatcher process with one warm pod whose pool stalls sending a cell marked "stall" to
+#: the warm pod it claimed: it models a dispatcher that dies between the claim (the pod then
+#: carries the execution's labels) and the cell reaching the pod.
+CLAIMED_NOT_SENT = """
+import asyncio, json, sys
+from traitlets.config import Config
+from crucible_jupyter.backends.kubernetes import warm
+from crucible_jupyter.dispatcher import Dispatcher
+
+send = warm.WarmPool._send
+
+async def send_stalled(self, pod_name, execution):
+    if execution.request.code.startswith("# stall"):
+        print("stalled", flush=True)
+        await asyncio.sleep(3600)
+    return await send(self, pod_name, execution)
+
+warm.WarmPool._send = send_stalled
+
+async def main():
+    c = Config()
+    c.CrucibleDispatcher.db_url = sys.argv[1]
+    c.CrucibleDispatcher.backend = "kubernetes"
+    d = Dispatcher(config=c)
+    await d.start()
+    backend = d.get_backend("kubernetes")
+    await backend.prepare()
+    while not backend.warm_pool().warm_pods():
+        await asyncio.sleep(0.2)
+    execution = await d.submit({"code": "# stall\\nprint('ran after the restart')"})
+    print(json.dumps({"id": execution.id}), flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_sigkill_between_a_warm_claim_and_its_cell(k8s, kube, namespace, tmp_path):
+    """The claimed warm pod ends without the cell (its stdin closed with the dead dispatcher):
+    the cell never began, so it runs after the restart (it failed "the sandbox ended without
+    running the cell" before)."""
+    url = f"sqlite:///{tmp_path}/claimed.db"
+    env = dispatcher_env(kube, namespace, tmp_path, warm_pods=1)
+    with subprocess.Popen(
+        [sys.executable, "-c", CLAIMED_NOT_SENT, url],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    ) as proc:
+        lines = [_readline(proc), _readline(proc)]
+        assert "stalled\n" in lines, lines
+        execution_id = json.loads(next(line for line in lines if line.startswith("{")))["id"]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    storage = Storage(url)
+    left = storage.get(execution_id)
+    storage.close()
+    assert left.status is Status.STARTING
+    assert left.isolation is None  # no mark: it never began
+    assert _pod_phases(kube, namespace, execution_id)  # the claimed warm pod carries its label
+
+    d = await k8s(db_url=url)
+    final = await d.wait(execution_id)
+    assert final.status is Status.SUCCEEDED, final.reason
+    assert final.isolation == "kubernetes"  # run again, on a Job of its own
+    events = await d.events(execution_id)
+    assert _stream(events) == "ran after the restart\n"
+    assert [e.seq for e in events] == list(range(len(events)))

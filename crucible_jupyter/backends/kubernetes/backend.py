@@ -417,6 +417,7 @@ class CrucibleKubernetesBackend(Backend):
             await self.cluster.connect()
         isolation = "kubernetes" + (f"/{self.runtime_class}" if self.runtime_class else "")
         key = objects.label_value(execution.id)
+        await self._clear_previous(key)
         self.cluster.pods.hold(key)  # from here on its pod's last state is kept
         try:
             if warm and self._pool is not None and (name := await self._pool.run(execution)):
@@ -435,6 +436,19 @@ class CrucibleKubernetesBackend(Backend):
             if self.cluster.reflector is not None:
                 self.cluster.reflector.release(key)
             raise
+
+    async def _clear_previous(self, key: str) -> None:
+        """Delete a pod this execution had before, and wait (bounded) until it is gone: a
+        warm pod claimed for it whose cell never came (its dispatcher died in between; the
+        execution is queued again). Its sandbox finds its pod by the execution's label, so
+        only one pod may carry it. None: nothing to wait for (the usual case)."""
+        old = self.cluster.pods.pod_for(key)
+        if old is None:
+            return
+        await self.cluster.delete(pods.job_of(old) or old["metadata"]["name"], grace=0)
+        await self.cluster.delete_pods(key, grace=0)
+        with contextlib.suppress(TimeoutError):
+            await self.cluster.pods.wait_for(key, lambda p: p is None, 30)
 
     def _sandbox(self, execution: Execution, name: str, isolation: str) -> KubernetesSandbox:
         following = Following(self.quota_policy, self.unschedulable_timeout, self.max_line_bytes)
