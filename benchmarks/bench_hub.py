@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -208,9 +209,16 @@ def main() -> None:
     )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp:
         figures = asyncio.run(main_async(args, Path(tmp)))
+    figures["load_average"] = [load_before, os.getloadavg()[0]]
+    figures["cpus"] = os.cpu_count()
     p, b = figures["paths"], figures["burst"]
+    print(
+        f"machine: {figures['cpus']} CPUs, 1-minute load average {load_before:.1f} before,"
+        f" {figures['load_average'][1]:.1f} after (other work on the machine slows both paths)"
+    )
     print(f"print(1) through a user server, {p['remote']['runs']} runs each, interleaved:")
     for name in ("embedded", "remote"):
         print(f"  {name:9s} p50 {p[name]['p50_ms']:7.1f} ms   p95 {p[name]['p95_ms']:7.1f} ms")
