@@ -31,7 +31,7 @@ IMAGE = "localhost/crucible/service:dev"
 @pytest.fixture(scope="module")
 def service_release(cluster: Cluster, request) -> Iterator[Release]:
     node = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"][0]
-    names = {n for image in node["status"].get("images", []) for n in image.get("names", [])}
+    names = {n for image in node["status"].get("images", []) for n in image.get("names") or []}
     if not any(n.endswith(IMAGE) for n in names):
         pytest.skip(f"{IMAGE} is not loaded on the node (dev/cluster/cluster images builds it)")
     rel = Release()
@@ -88,7 +88,13 @@ def _executor_pods(cluster: Cluster, rel: Release) -> list[dict]:
 
 
 def test_service_becomes_ready(cluster, service_release):
-    _wait("the crucible pod ready", lambda: _ready_pod(cluster, service_release))
+    pod = _wait("the crucible pod ready", lambda: _ready_pod(cluster, service_release))
+    log = cluster.kubectl("-n", service_release.namespace, "logs", str(pod)).stdout
+    # the dev-cluster values' concurrency, and no call the Role refused
+    assert "backend=kubernetes" in log, log
+    assert "concurrency=8" in log, log
+    assert "Forbidden" not in log, log
+    assert "403" not in log, log
 
 
 def test_service_keeps_a_warm_pod_the_policy_selects(cluster, service_release):
