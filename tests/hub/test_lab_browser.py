@@ -48,11 +48,22 @@ def chromium() -> Iterator[Any]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
+def goto(driver: Any, url: str) -> None:
+    """Open ``url``; again when Chromium aborted the load with ERR_NETWORK_CHANGED (it does
+    when any network interface of the machine comes or goes, as other tests' sandboxes and
+    cluster pods make them), which says nothing about the page."""
+    for _ in range(5):
+        driver.get(url)
+        if "ERR_NETWORK_CHANGED" not in driver.find_element("tag name", "body").text:
+            return
+    raise AssertionError(f"Chromium kept failing to load {url}: ERR_NETWORK_CHANGED")
+
+
 def log_in(driver: Any, hub: Hub, user: str) -> None:
     """Log in to the hub as ``user`` through its login form (after logging out anyone)."""
-    driver.get(f"{hub.url}/hub/logout")
+    goto(driver, f"{hub.url}/hub/logout")
     driver.delete_all_cookies()
-    driver.get(f"{hub.url}/hub/login")
+    goto(driver, f"{hub.url}/hub/login")
     wait_until(lambda: driver.find_elements("id", "username_input"), GUARD, "the login form")
     driver.find_element("id", "username_input").send_keys(user)
     driver.find_element("id", "password_input").send_keys("any")
@@ -63,7 +74,7 @@ def log_in(driver: Any, hub: Hub, user: str) -> None:
 def open_panel(driver: Any, hub: Hub, server: UserServer) -> None:
     """Log in to the hub as the server's user, open their JupyterLab and the Crucible panel."""
     log_in(driver, hub, server.user)
-    driver.get(f"{server.base}lab/workspaces/{uuid.uuid4().hex[:12]}")
+    goto(driver, f"{server.base}lab/workspaces/{uuid.uuid4().hex[:12]}")
     tab = wait_until(
         lambda: driver.find_elements(
             "css selector", '.jp-SideBar .lm-TabBar-tab[data-id="crucible-history"]'
@@ -139,7 +150,7 @@ def test_the_service_in_a_browser_logs_in_through_the_hub(hub: Hub, chromium: An
     with user_server(hub, "alice"):  # logging in starts her server: it is stopped afterwards
         log_in(chromium, hub, "alice")
         url = f"{hub.service_url}api/executions?limit=500"
-        chromium.get(url)  # to the hub's OAuth and back, as a browser goes
+        goto(chromium, url)  # to the hub's OAuth and back, as a browser goes
         wait_until(lambda: chromium.current_url == url, GUARD, "the way back from the hub")
         text = wait_until(
             lambda: chromium.find_element("tag name", "body").text, GUARD, "the answer"
