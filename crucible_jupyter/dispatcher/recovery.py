@@ -11,8 +11,8 @@ storage and decided here, from facts that are durable:
   beginning is the record's ``isolation``, written only once the backend's start call
   returned a sandbox (``running`` and ``started_at`` come later still). A dispatcher that
   died before that, for example while a Job was being created, left a cell that never ran.
-  A Job whose creation was in flight at the death is found (its name is the execution's)
-  and followed, by the reattach above or by the creation of the requeued cell.
+  A resumed execution that had not begun and whose sandbox ends without running the cell
+  (a warm pod claimed for it, its cell never sent before the death) is queued again too.
 * no sandbox, and it began: it ends ``failed`` with :data:`RESTARTED` (a local sandbox dies
   with its dispatcher; a Job can be deleted, by hand or by its TTL after a long outage).
   The output stored before the death is kept, and the terminal status follows it.
@@ -20,8 +20,8 @@ storage and decided here, from facts that are durable:
 What the marker cannot tell: a sandbox created in the instant between the backend's call
 returning and the marker being stored, and gone without a trace by the restart (a local
 sandbox in that millisecond), counts as not begun and runs again; a Job whose creation
-request was still in flight at the death may appear after the reattach looked for it (a
-cold start of the requeued cell then finds it by its name and follows it).
+request was still in flight at the death may appear after the reattach looked for it (the
+start of the requeued cell deletes a pod that carries its label before it starts its own).
 """
 
 from __future__ import annotations
