@@ -5,8 +5,10 @@ Needs the service image (``localhost/crucible/service:dev``, built and loaded by
 the dev cluster's example values: the pod becomes ready (its dispatcher started with
 nothing but the namespaced Role, its SQLite database on the claim, a read-only root),
 keeps a warm executor pod in the executions namespace (Pod Security `restricted`, the
-deny-all policy selecting it), comes back ready when deleted, and ``helm uninstall``
-leaves no executor Job or pod. On failure the namespaces' events and the service's log
+deny-all policy selecting it), comes back ready when deleted, admits connections only
+from pods labelled as z2jh's hub and user servers (real connections; an unlabelled pod
+is the control that proves the policy is enforced), and ``helm uninstall`` leaves no
+executor Job or pod. On failure the namespaces' events and the service's log
 are printed.
 """
 
@@ -120,6 +122,70 @@ def test_deleted_pod_comes_back_ready(cluster, service_release):
         lambda: (name := _ready_pod(cluster, service_release)) and name != first and name,
     )
     assert second != first
+
+
+PROBE = """
+import sys, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
+        print("REACHED", r.status)
+except Exception as e:
+    print("BLOCKED", type(e).__name__, e)
+"""
+
+#: probe pod -> (labels, whether the service's NetworkPolicy admits it)
+PROBES = {
+    "user-server": ({"component": "singleuser-server", "release": "jupyterhub"}, True),
+    "hub": ({"component": "hub", "release": "jupyterhub"}, True),
+    "other-release": ({"component": "singleuser-server", "release": "other"}, False),
+    "proxy": ({"component": "proxy", "release": "jupyterhub"}, False),
+    "unlabelled": ({}, False),  # the control: a pod no rule names
+}
+
+
+def test_network_policy_admits_only_hub_and_user_servers(cluster, service_release):
+    """Real connections from pods labelled as z2jh labels its pods: the hub and user
+    servers of release `jupyterhub` reach the service; another release's, the proxy and
+    an unlabelled pod (the control: it proves the policy is enforced) do not."""
+    rel = service_release
+    _wait("the crucible pod ready", lambda: _ready_pod(cluster, rel))
+    url = f"http://crucible.{rel.namespace}.svc:8576/services/crucible/healthz"
+    for name, (labels, _) in PROBES.items():
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"probe-{name}", "labels": labels},
+            "spec": {
+                "restartPolicy": "Never",
+                "automountServiceAccountToken": False,
+                "containers": [
+                    {
+                        "name": "probe",
+                        "image": "localhost/crucible/executor:dev",
+                        "imagePullPolicy": "Never",
+                        "command": ["python3", "-c", PROBE, url],
+                    }
+                ],
+            },
+        }
+        cluster.kubectl("-n", rel.namespace, "create", "-f", "-", input=json.dumps(pod))
+
+    def finished() -> dict[str, str] | None:
+        out = {}
+        for name in PROBES:
+            phase = cluster.kubectl(
+                "-n", rel.namespace, "get", "pod", f"probe-{name}", "-o", "jsonpath={.status.phase}"
+            ).stdout  # fmt: skip
+            if phase not in ("Succeeded", "Failed"):
+                return None
+            out[name] = cluster.kubectl("-n", rel.namespace, "logs", f"probe-{name}").stdout
+        return out
+
+    results = _wait("the probe pods to finish", finished, seconds=120)
+    assert isinstance(results, dict)
+    for name, (_, admitted) in PROBES.items():
+        expected = "REACHED 200" if admitted else "BLOCKED"
+        assert expected in results[name], f"{name}: {results[name]}"
 
 
 def test_zz_uninstall_leaves_no_executor(cluster, service_release):
