@@ -9,7 +9,6 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 CACHE_DIR=${CRUCIBLE_CLUSTER_CACHE:-/var/cache/crucible-cluster}
 OUT=$CACHE_DIR/images/rev-$IMAGES_REVISION-$DEBIAN_SUITE
 WORK=$CACHE_DIR/images/work
-mkdir -p "$OUT" "$WORK" "$CACHE_DIR/debs"
 log() { echo "[build-images $(date +%T)] $*" >&2; }
 
 # The Debian mirror apt uses for $DEBIAN_SUITE: /etc/apt/sources.list (one-line
@@ -44,7 +43,12 @@ debian_mirror() {
   echo "$m"
 }
 
+# `build-images.sh --mirror`: only print that mirror (build-app-images.sh uses it).
+if [ "${1:-}" = "--mirror" ]; then debian_mirror; exit; fi
+
 mkoci() { python3 "$HERE/lib/mkoci.py" "$@"; }
+
+mkdir -p "$OUT" "$WORK" "$CACHE_DIR/debs"
 
 # --- pause -------------------------------------------------------------------
 if [ ! -f "$OUT/pause.tar" ]; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Pack a root filesystem directory into a single-layer OCI image archive.
 
-Usage: mkoci.py ROOTFS OUT.tar NAME [--cmd ARG ...] [--entrypoint ARG ...] [--env K=V ...]
+Usage: mkoci.py ROOTFS OUT.tar NAME [--cmd ARG ...] [--entrypoint JSON-LIST] [--env K=V ...]
                  [--workdir DIR] [--user UID[:GID]]
 
 The archive is what `ctr -n k8s.io images import` reads; the image is named
@@ -34,7 +34,8 @@ def main():
     ap.add_argument("name")
     ap.add_argument("--cmd", nargs="*", default=["/bin/sh"])
     ap.add_argument("--env", action="append", default=[])
-    ap.add_argument("--entrypoint", nargs="*", default=None)
+    # a JSON list: its words may start with "-" (["/usr/bin/tini", "-g", "--"])
+    ap.add_argument("--entrypoint", type=json.loads, default=None)
     ap.add_argument("--workdir", default="/")
     # numeric, so that Kubernetes' runAsNonRoot can check it without a passwd lookup
     ap.add_argument("--user", default=None)
@@ -74,7 +75,9 @@ def main():
                 f.write(data)
             return d, len(data)
 
-        env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", *a.env]
+        env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+        env = [e for e in env if e.split("=")[0] not in {v.split("=")[0] for v in a.env}]
+        env += a.env
         config = {
             "architecture": "amd64",
             "os": "linux",
