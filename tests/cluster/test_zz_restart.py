@@ -39,6 +39,15 @@ def _leftovers(state: str, bridge: str = "cni0") -> list[str]:
             found.append(f"mount {mp}")
     if subprocess.run(["ip", "link", "show", bridge], capture_output=True).returncode == 0:
         found.append(f"network device {bridge}")
+    # kube-proxy's Service rules, kube-router's and the kubelet's chains, ours (raw, ip6)
+    for ipt in ("iptables", "ip6tables"):
+        for table in ("filter", "nat", "mangle", "raw"):
+            out = subprocess.run([ipt, "-t", table, "-S"], capture_output=True, text=True).stdout
+            found += [
+                f"{ipt} -t {table} chain {line.split()[1]}"
+                for line in out.splitlines()
+                if line.startswith(("-N KUBE-", "-N CRUCIBLE-DEV-"))
+            ]
     return found
 
 
