@@ -133,7 +133,10 @@ class CrucibleApp(ExtensionApp):
         return os.environ.get("JUPYTERHUB_API_TOKEN", "")
 
     service_timeout = Float(
-        120.0, help="Seconds a forwarded request (remote mode) may take before it fails."
+        120.0,
+        help="""Seconds a forwarded request (remote mode) may take before it fails; also how
+        long an execution's stream keeps trying to reach a service that went away mid-cell
+        (restarting) before it closes with a reason.""",
     ).tag(config=True)
 
     @property
