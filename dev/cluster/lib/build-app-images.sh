@@ -47,7 +47,7 @@ if [ ! -f "$BASE" ]; then
   : > "$r/etc/resolv.conf"
   img_py=$(chroot "$r" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
   [ "$img_py" = "$APP_PYTHON" ] || die "Debian $DEBIAN_SUITE has python3 $img_py, versions.env says APP_PYTHON=$APP_PYTHON"
-  echo "$(chroot "$r" python3 -c 'import platform; print(platform.python_version())')" > "$BASE.python"
+  chroot "$r" python3 -c 'import platform; print(platform.python_version())' > "$BASE.python"
   tar -C "$r" --numeric-owner -cf "$BASE.tmp" . && mv "$BASE.tmp" "$BASE"
   rm -rf "$r"
 fi
@@ -110,7 +110,7 @@ python_image() {
   mkdir -p "$R/tmp/wheels"; cp "$wh"/*.whl "$R/tmp/wheels/"
   chroot "$R" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
     python3 -m venv /opt/venv
-  log "$name: installing $(ls "$wh" | wc -l) wheels into the image (offline)"
+  log "$name: installing $(find "$wh" -name '*.whl' | wc -l) wheels into the image (offline)"
   # (this project by name: the wheelhouse holds its wheel)
   local reqs=() a
   for a in "$@"; do
@@ -142,7 +142,7 @@ build_service() {
   project_wheel
   local key; key=$(echo "service $WHEEL_HASH $JUPYTERHUB_VERSION $BASE $SCRIPT_HASH" | sha)
   if [ ! -f "$APP/service-$key.tar" ]; then
-    python_image service "$key" "$WHEEL[hub,postgres]" "jupyterhub==$JUPYTERHUB_VERSION"
+    python_image service "$key" "${WHEEL}[hub,postgres]" "jupyterhub==$JUPYTERHUB_VERSION"
     add_user "$R" crucible 1000 1000 crucible /home/crucible
     pack service "$key" "$SERVICE_IMAGE" "${VENV_ENV[@]}" --env HOME=/home/crucible \
       --user 1000:1000 --workdir /home/crucible \
@@ -155,7 +155,7 @@ build_singleuser() {
   project_wheel
   local key; key=$(echo "singleuser $WHEEL_HASH $JUPYTERHUB_VERSION $BASE $SCRIPT_HASH" | sha)
   if [ ! -f "$APP/singleuser-$key.tar" ]; then
-    python_image singleuser "$key" "$WHEEL[lab,hub]" "jupyterhub==$JUPYTERHUB_VERSION"
+    python_image singleuser "$key" "${WHEEL}[lab,hub]" "jupyterhub==$JUPYTERHUB_VERSION"
     # z2jh's convention: jovyan, uid 1000, group users (100), home on the user's volume
     add_user "$R" jovyan 1000 100 users /home/jovyan
     pack singleuser "$key" "$SINGLEUSER_IMAGE" "${VENV_ENV[@]}" --env HOME=/home/jovyan \
@@ -172,8 +172,9 @@ build_hub() {
   local node node_ver lock_hash key
   node=$(command -v node) || die "no node on the host (configurable-http-proxy needs Node.js >= 20)"
   node_ver=$("$node" --version)
-  [ "${node_ver#v}" != "$node_ver" ] && [ "$(echo "${node_ver#v}" | cut -d. -f1)" -ge 20 ] \
-    || die "node $node_ver on the host; configurable-http-proxy $CHP_VERSION needs >= 20"
+  if ! [[ $node_ver =~ ^v([0-9]+)\. ]] || [ "${BASH_REMATCH[1]}" -lt 20 ]; then
+    die "node $node_ver on the host; configurable-http-proxy $CHP_VERSION needs >= 20"
+  fi
   lock_hash=$(cat "$REPO/dev/chp/package.json" "$REPO/dev/chp/package-lock.json" | sha)
   key=$(echo "hub $JUPYTERHUB_VERSION $KUBESPAWNER_VERSION $lock_hash $node_ver $BASE $SCRIPT_HASH" | sha)
   if [ ! -f "$APP/hub-$key.tar" ]; then
