@@ -37,6 +37,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from ..errors import CrucibleError, Unavailable
+from ..protocol import is_terminal_event
 from .base import CrucibleAPIHandler
 from .stream import JupyterSocket, _CrucibleSocket
 
@@ -243,8 +244,15 @@ class RemoteSocket(_RemoteMixin, _CrucibleSocket, JupyterSocket):  # type: ignor
                 if stream and isinstance(event, dict) and isinstance(event.get("seq"), int):
                     after = event["seq"]
                 yield event
+                if stream and isinstance(event, dict) and is_terminal_event(event):
+                    return
             if upstream.close_code == 1000:
-                return  # the service ended it: the terminal event was the last message
+                if stream and after is not None:
+                    # ended with nothing after `after`: a service killed after it sent an event
+                    # but before it stored it numbers its recorded end at or below that seq;
+                    # the client gets that end rather than a stream that never finishes
+                    yield await self._recorded_end()
+                return  # the service ended it
             why = f"closed with {upstream.close_code}" if upstream.close_code else "went away"
             drops += 1
             if not stream or drops > self.max_drops:
@@ -255,6 +263,20 @@ class RemoteSocket(_RemoteMixin, _CrucibleSocket, JupyterSocket):  # type: ignor
                 why,
             )
             self._upstream = await self._reconnect(after, why)
+
+    async def _recorded_end(self) -> dict[str, Any]:
+        """The terminal status event the service recorded for this stream's execution."""
+        url = self.crucible.service_api_url + "executions/" + self.path_kwargs["execution_id"]
+        request = HTTPRequest(
+            url, headers=self.auth_headers(), connect_timeout=10, request_timeout=30
+        )
+        response = await AsyncHTTPClient().fetch(request, raise_error=False)
+        if response.code != 200:
+            raise ConnectionError(f"the crucible service answered {response.code} for {url}")
+        events = json.loads(response.body).get("events") or []
+        if not events or not is_terminal_event(events[-1]):
+            raise ConnectionError("the crucible service closed the stream before its end")
+        return events[-1]
 
     async def _reconnect(self, after: int | None, why: str) -> WebSocketClientConnection:
         """The stream again from the service, after ``after``; ConnectionError once it has not

@@ -96,9 +96,13 @@ async def test_the_service_down_fails_the_cell_at_once_with_the_reason(
         assert "never runs" not in text_of(outputs)
 
 
+@pytest.mark.parametrize("when", ["output stored", "output only sent"])
 async def test_the_service_killed_mid_cell_and_restarted(
-    hub: Hub, carol: UserServer, carols_service
+    hub: Hub, carol: UserServer, carols_service, when: str
 ) -> None:
+    """Killed once the cell's first output is stored, or as soon as the notebook has it
+    (sent live, perhaps not stored yet: the restarted service may then number its recorded
+    end at or below what the notebook saw; the notebook still gets that end)."""
     service = carols_service()
     async with Kernel(carol, "python3") as kernel:
         reply, _ = await kernel.run("%load_ext crucible_jupyter")
@@ -117,7 +121,7 @@ async def test_the_service_killed_mid_cell_and_restarted(
         assert code == 200, page
         (running,) = page["executions"]
         deadline = time.monotonic() + GUARD_SECONDS
-        while True:  # what it printed is stored: the kill comes after that
+        while when == "output stored":  # the kill comes after what it printed is stored
             code, body, _ = carol.call("GET", f"executions/{running['id']}")
             if "begun\n" in [e.get("text") for e in body["events"]]:
                 break
@@ -147,10 +151,12 @@ async def test_the_service_killed_mid_cell_and_restarted(
     else:
         assert reply["status"] == "ok", reply
     texts = [e.data.get("text") for e in events if e.type == "stream"]
-    assert "begun\n" in texts, texts
+    if when == "output stored":
+        assert "begun\n" in texts, texts
     assert events[-1].type == "status", events[-1]
     assert events[-1].data["status"] == record.status.value
-    assert [e.seq for e in events] == list(range(len(events))), events
+    seqs = [e.seq for e in events]
+    assert seqs == sorted(set(seqs)), seqs  # each once, in order
 
     # the cell that had not started runs after the restart; nothing is left unfinished
     deadline = time.monotonic() + GUARD_SECONDS
