@@ -22,7 +22,10 @@ _SCOPE_FIX = (
 async def _get(url: str, token: str | None = None) -> tuple[int, Any]:
     headers = {"Authorization": f"token {token}"} if token else {}
     request = HTTPRequest(url, headers=headers, connect_timeout=10, request_timeout=30)
-    response = await AsyncHTTPClient().fetch(request, raise_error=False)
+    try:
+        response = await AsyncHTTPClient().fetch(request, raise_error=False)
+    except OSError as e:  # refused, unreachable, no such host: raised despite raise_error
+        return 599, str(e) or type(e).__name__
     if response.code == 599:
         return 599, str(response.error)
     try:
@@ -48,11 +51,16 @@ async def service_checks(service_url: str, token: str | None) -> list[dict[str, 
             }
         )
     else:
+        detail = (
+            f"the crucible service at {base} is unreachable ({body})"
+            if code == 599
+            else f"{base} does not answer as a crucible service ({code}: {body})"
+        )
         checks.append(
             {
                 "name": "service",
                 "ok": False,
-                "detail": f"{base} does not answer as a crucible service ({code}: {body})",
+                "detail": detail,
                 "fix": "check CRUCIBLE_SERVICE_URL (c.CrucibleApp.service_url); ask your"
                 " JupyterHub administrator whether `crucible serve` runs",
             }

@@ -124,3 +124,17 @@ def test_doctor_in_a_user_server_checks_the_service_and_the_token(
     if not ok:
         assert "access:services!service=crucible" in token["detail"]
         assert "c.Spawner.server_token_scopes" in token["fix"]
+
+
+def test_doctor_in_a_user_server_says_the_service_is_unreachable(hub: Hub) -> None:
+    nowhere = f"http://127.0.0.1:{hub.spare_port}/services/crucible/"  # nothing listens
+    env = {**os.environ, "CRUCIBLE_SERVICE_URL": nowhere, "JUPYTERHUB_API_TOKEN": "x"}
+    done = subprocess.run(
+        [str(CRUCIBLE), "doctor", "--json"], env=env, capture_output=True, text=True, timeout=120
+    )
+    report = json.loads(done.stdout)
+    assert done.returncode == 1, (report, done.stderr)
+    (service,) = report["checks"]
+    assert not service["ok"], service
+    assert f"the crucible service at {nowhere} is unreachable" in service["detail"], service
+    assert "crucible serve" in service["fix"], service
