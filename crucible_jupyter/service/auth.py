@@ -17,16 +17,17 @@ The promises:
 * browsers (when the hub gave the service an OAuth client, as it does for a hub-managed
   service with a ``url``): a login through the hub (``{prefix}login``, then the hub's OAuth
   back to ``{prefix}oauth_callback``, jupyterhub's ``HubOAuth``) leaves a signed cookie
-  holding a hub token scoped for this service; that cookie only reads (GET, and WebSockets
-  from pages of the service's own origin), so no other site's page can make a logged-in
-  browser submit or cancel anything; writes need a token in ``Authorization``.
+  holding a hub token scoped for this service; that cookie only opens API pages in the
+  browser (GET navigations: no writes, no WebSockets, no scripts' requests), so neither
+  another site's page nor a page of another user's server (same origin without per-user
+  subdomains) can submit, cancel or read through it; those need a token in
+  ``Authorization``.
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
-from urllib.parse import urlsplit
 
 from jupyterhub.services.auth import HubAuth, HubOAuth, check_scopes
 from tornado import web
@@ -85,21 +86,30 @@ class HubIdentity:
         return f"; in a browser, log in at {self.login_path}" if self.browser_login else ""
 
     def _check_cookie_use(self, handler: web.RequestHandler) -> None:
-        """A browser login reads only, and opens WebSockets only from the service's origin."""
+        """A browser login opens API pages (reads by navigation) and nothing else: no writes,
+        no WebSockets, no scripts (``Sec-Fetch-Mode`` other than ``navigate``). Without
+        per-user subdomains, pages of every user server share the hub's origin, so a script
+        there must not be able to use another user's login."""
         request = handler.request
+        token_hint = (
+            "send 'Authorization: token <token>' with an API token of your JupyterHub user"
+            f" (made at {self._token_page()})"
+        )
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            origin = request.headers.get("Origin")
-            if origin is not None and urlsplit(origin).netloc != request.host:
-                raise Forbidden(
-                    f"a page of {origin[:100]!r} may not use your browser login to the crucible"
-                    f" service at {self.prefix}; connect from the hub's own pages, or send"
-                    " 'Authorization: token <token>'"
-                )
-        elif request.method not in ("GET", "HEAD"):
+            raise Forbidden(
+                f"a browser login to the crucible service at {self.prefix} does not open"
+                f" WebSockets; {token_hint}"
+            )
+        if request.method not in ("GET", "HEAD"):
             raise Forbidden(
                 f"a browser login to the crucible service at {self.prefix} may only read; to"
-                f" {request.method} send 'Authorization: token <token>' with an API token of"
-                f" your JupyterHub user (made at {self._token_page()})"
+                f" {request.method} {token_hint}"
+            )
+        mode = request.headers.get("Sec-Fetch-Mode")
+        if mode is not None and mode != "navigate":
+            raise Forbidden(
+                f"a browser login to the crucible service at {self.prefix} opens its pages in"
+                f" the browser only; a script ({mode} request) must {token_hint}"
             )
 
     async def caller(self, handler: web.RequestHandler) -> Caller:
