@@ -271,6 +271,8 @@ def test_cells_run_with_the_roles_rights_only(cluster, release, tmp_path, warm_p
     assert execution["isolation"] == ("kubernetes+warm" if warm_pods else "kubernetes")
     assert "Forbidden" not in done.stderr, done.stderr
     assert "403" not in done.stderr, done.stderr
+    # the rendered isolation_probe: no lookup in `default`, which the Role refuses
+    assert "isolation probe" not in done.stderr, done.stderr
 
 
 def test_zz_uninstall_removes_the_executions_namespace(cluster, release):

@@ -227,6 +227,9 @@ class CrucibleKubernetesBackend(Backend):
                 create_namespace=self.create_namespace,
                 request_timeout=self.request_timeout,
                 retry_timeout=self.retry_timeout,
+                # given targets: no lookup in `default` (the chart's Role refuses it);
+                # "off" still looks, for the doctor's probe
+                find_api_endpoint=self.isolation_probe in ("", "off"),
                 log=self.log,
             )
         return self._cluster

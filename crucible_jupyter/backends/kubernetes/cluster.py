@@ -41,6 +41,7 @@ class Cluster:
         create_namespace: bool = True,
         request_timeout: float = 10.0,
         retry_timeout: float = 10.0,
+        find_api_endpoint: bool = True,
         log: logging.Logger | None = None,
     ) -> None:
         self.namespace = namespace
@@ -50,6 +51,10 @@ class Cluster:
         self.request_timeout = request_timeout
         #: seconds the creation of an execution's objects is retried
         self.retry_timeout = retry_timeout
+        #: look up the API server's addresses (in ``default``) on connect; False when the
+        #: isolation probe's targets are given, so a Role confined to one namespace is
+        #: not asked for them (and no misleading warning is logged)
+        self.find_api_endpoint = find_api_endpoint
         self.log = log or logging.getLogger(__name__)
         self.api: Any = None
         self.core: Any = None
@@ -66,7 +71,8 @@ class Cluster:
 
     async def connect(self) -> None:
         """Load the configuration, make sure the namespace and its deny-all NetworkPolicy
-        exist, find the API server's addresses and start the pod watch (once)."""
+        exist, find the API server's addresses (unless ``find_api_endpoint`` is False) and
+        start the pod watch (once)."""
         async with self._lock:
             if self.core is not None:
                 return
@@ -89,7 +95,8 @@ class Cluster:
             self.networking = client.NetworkingV1Api(api)
             try:
                 await self._ensure_network_policy()
-                self.api_endpoint = await self._find_api_endpoint()
+                if self.find_api_endpoint:
+                    self.api_endpoint = await self._find_api_endpoint()
                 self.reflector = PodReflector(
                     self.core,
                     self.namespace,
