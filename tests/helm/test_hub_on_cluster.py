@@ -409,11 +409,12 @@ def _overlap(deployed: Deployment, first: str) -> list[str]:
 @pytest.mark.xfail(
     strict=True,
     reason="chart bug: a Deployment (even with Recreate) replaces a deleted pod at once, so"
-    " a second `crucible serve` reattaches the cell on the same SQLite file while the first"
-    " is still in its shutdown grace; both write the cell's events (UNIQUE constraint"
-    " failed: events.execution_id, events.seq) and the notebook is told 'failed: the"
-    " crucible service shut down' while the new pod goes on running the cell. Needs at"
-    " most one pod (a StatefulSet) or a lease in the dispatcher.",
+    " a second `crucible serve` runs beside the first during its 25 s shutdown grace, on"
+    " the same SQLite file, and reattaches the cell; the first ends the cell at the end of"
+    " its grace (the second then records 'the pod disappeared before it finished'), or"
+    " both write its events (UNIQUE constraint failed: events.execution_id, events.seq)"
+    " and the notebook is told 'failed' while the record stays running. Needs at most one"
+    " pod (a StatefulSet) or a lease in the dispatcher.",
 )
 async def test_crucible_pod_deleted_mid_cell(deployed, servers):
     """The crucible pod deleted mid-cell: one dispatcher at a time; the new one reattaches;
