@@ -333,6 +333,11 @@ class CrucibleDispatcher(DispatcherSettings):
                             return
                 if queue is None:
                     if ended:
+                        # nothing after ``after`` although it ended: the caller's seq came from
+                        # a dispatcher that died before storing it (a restart numbers on from
+                        # what was stored). The recorded end is what the caller lacks.
+                        if last == after and (end := await self._recorded_end(execution_id)):
+                            yield end
                         return
                     await asyncio.sleep(0.1)
                     continue
@@ -348,6 +353,11 @@ class CrucibleDispatcher(DispatcherSettings):
         finally:
             if queue is not None:
                 channel.unsubscribe(queue)
+
+    async def _recorded_end(self, execution_id: str) -> Event | None:
+        """The stored terminal status event of an ended execution (None if not stored)."""
+        stored = await self._stored_events(execution_id, -1)
+        return stored[-1] if stored and is_terminal(stored[-1]) else None
 
     async def wait(self, execution_id: str) -> Execution:
         """Wait until the execution is finished and return its final record."""

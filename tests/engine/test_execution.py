@@ -334,3 +334,17 @@ async def test_a_sandbox_that_ends_without_running_the_cell_is_not_a_success(mak
     assert execution.reason == (
         "the sandbox ended without running the cell (its runner never started)"
     )
+
+
+async def test_a_stream_after_the_last_stored_seq_gets_the_recorded_end(dispatcher):
+    # a client that followed a dispatcher killed before it stored its last events holds a
+    # seq the restarted one never stored: it must still get the end, not a silent close
+    execution, _ = await run_cell(dispatcher, "print('x')")
+    stored = await dispatcher.events(execution.id)
+    assert stored[-1].seq < 1000
+    got = [e async for e in dispatcher.subscribe(execution.id, after=1000)]
+    assert [(e.type, e.data.get("status")) for e in got] == [("status", "succeeded")]
+    assert got[0].seq == stored[-1].seq
+    # the ordinary case is unchanged: after any earlier seq, the events that follow it
+    got = [e async for e in dispatcher.subscribe(execution.id, after=stored[-2].seq)]
+    assert [e.seq for e in got] == [stored[-1].seq]
