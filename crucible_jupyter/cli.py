@@ -21,8 +21,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from traitlets.config import Config
-
+from .config_files import load_config
 from .errors import CrucibleError
 from .models import Event, Execution, Status, format_bytes
 from .protocol import ENV_CLI_TIMING, ENV_SERVICE_URL, env_flag, env_text
@@ -31,24 +30,6 @@ from .terminal import Output, dumps, escape
 EXIT_TIMED_OUT = 124
 EXIT_CANCELLED = 130
 _TONES = {"succeeded": "ok", "failed": "bad", "timed_out": "bad", "cancelled": "bad"}
-
-
-def load_config(db_url: str | None) -> Config:
-    """Configuration from ``crucible_config.{py,json}`` on the Jupyter config path."""
-    from jupyter_core.paths import jupyter_config_path
-    from traitlets.config.loader import JSONFileConfigLoader, PyFileConfigLoader
-
-    config = Config()
-    for path in reversed(jupyter_config_path()):
-        for name, loader in (
-            ("crucible_config.json", JSONFileConfigLoader),
-            ("crucible_config.py", PyFileConfigLoader),
-        ):
-            if os.path.isfile(os.path.join(path, name)):
-                config.merge(loader(name, path=path).load_config())
-    if db_url:
-        config.CrucibleDispatcher.db_url = db_url
-    return config
 
 
 def make_dispatcher(args: argparse.Namespace):

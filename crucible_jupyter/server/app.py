@@ -32,7 +32,7 @@ from jupyter_server.serverapp import ServerApp
 from jupyter_server.utils import url_path_join
 from traitlets import Bool, Float, Int, Unicode, default
 
-from .. import __version__
+from .._version import __version__
 from ..backends.local import CrucibleLocalBackend
 from ..backends.registry import backend_classes
 from ..dispatcher import Dispatcher

@@ -32,7 +32,7 @@ from typing import Any
 
 from jupyter_server.utils import url_path_join
 
-from .. import __version__
+from .._version import __version__
 from ..errors import InvalidRequest, NotFound
 from .common import CrucibleRequestMixin, empty_stats
 from .openapi import openapi_document

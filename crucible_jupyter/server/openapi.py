@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..models import CONTROL_CHARS, Limits, Priority, Status
 from ..protocol import TAG_PATTERN
 

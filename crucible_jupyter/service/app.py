@@ -39,7 +39,7 @@ from tornado.httpserver import HTTPServer
 from traitlets import Float, Int, Unicode, default, validate
 from traitlets.config import Application
 
-from .. import __version__
+from .._version import __version__
 from ..errors import Unavailable
 from ..protocol import (
     ENV_ADMIN_SCOPE,
@@ -197,7 +197,7 @@ class CrucibleService(Application):
     def initialize(self, argv: list[str] | None = None) -> None:
         """Read settings (files, then the command line); build the dispatcher and the web app."""
         from ..backends.registry import installed_backends, load_backend_class
-        from ..cli import load_config
+        from ..config_files import load_config
         from ..dispatcher import Dispatcher
 
         self.classes = [CrucibleService, Dispatcher, HubAuth, HubOAuth]
