@@ -38,7 +38,7 @@ from tornado import web
 from ..errors import CrucibleError, InvalidRequest, NotFound, RequestTooLarge, http_status
 from ..models import Execution, Status
 from ..protocol import is_tag
-from ..storage.core import not_found
+from ..storage.values import not_found
 
 #: What an execution id looks like (UUIDv7 text); anything else is a 404 without a lookup.
 EXECUTION_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")

@@ -9,8 +9,10 @@ SQLite (a file in the Jupyter data dir) by default, PostgreSQL in production::
 
 from __future__ import annotations
 
-from .core import UPDATABLE_FIELDS, Storage, clean_text, decode_cursor, default_url, encode_cursor
+from .connect import default_url
+from .core import UPDATABLE_FIELDS, Storage
 from .schema import VERSION_TABLE, Base, EventRow, ExecutionRow, ExecutionTagRow
+from .values import clean_text, decode_cursor, encode_cursor
 
 __all__ = [
     "UPDATABLE_FIELDS",

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import builtins
 import heapq
 import json
 import math
-import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,24 +15,36 @@ from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import and_, create_engine, event, exists, func, insert, or_, select, text, update
-from sqlalchemy.engine import URL, CursorResult, Engine, make_url
+from sqlalchemy.engine import URL, CursorResult, Engine
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..errors import Conflict, CrucibleError, InvalidRequest, NotFound, StorageError
+from ..errors import Conflict, CrucibleError, InvalidRequest, StorageError
 from ..models import (
     TERMINAL,
     Event,
     Execution,
-    ExecutionRequest,
-    NotebookRef,
     Priority,
-    Resources,
     Status,
     now_ms,
 )
-from ..protocol import clean_utf8
+from .connect import default_url, normalize_url, sqlite_on_begin, sqlite_on_connect
 from .schema import EventRow, ExecutionRow, ExecutionTagRow
+from .values import (
+    EX_NAMES,
+    MAX_ID_LEN,
+    check_ms,
+    clean_json,
+    clean_text,
+    decode_cursor,
+    dump_payload,
+    encode_cursor,
+    execution_from_row,
+    not_found,
+    opt_text,
+    parse_statuses,
+    valid_id,
+)
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
@@ -43,10 +52,9 @@ _EX = ExecutionRow.__table__
 _TAGS = ExecutionTagRow.__table__
 _EVENTS = EventRow.__table__
 _EX_COLUMNS = tuple(_EX.c)
-_EX_NAMES = tuple(c.name for c in _EX_COLUMNS)
-assert _EX_NAMES[0] == "id"  # rows are read positionally: r[0] is the id
+assert EX_NAMES[0] == "id"  # rows are read positionally: r[0] is the id
 _SELECT_EX = select(*_EX_COLUMNS)  # built once; .where() etc. copy it
-_ORDER_KEY = itemgetter(_EX_NAMES.index("created_at"), 0)  # (created_at, id) of a row
+_ORDER_KEY = itemgetter(EX_NAMES.index("created_at"), 0)  # (created_at, id) of a row
 
 #: Fields :meth:`Storage.update` accepts.
 UPDATABLE_FIELDS = frozenset(
@@ -66,154 +74,9 @@ UPDATABLE_FIELDS = frozenset(
 )
 _TEXT_FIELDS = frozenset({"reason", "isolation", "dispatcher_id", "backend"})
 _UNFINISHED = (Status.QUEUED.value, Status.STARTING.value, Status.RUNNING.value)
-_MAX_ID_LEN = 36
 _MAX_PAGE = 1000
 _CHUNK = 500
-_CURSOR_RE = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 _PG_MIGRATION_LOCK = 0x6372_7563_6962  # "crucib": serializes concurrent migrate() calls
-_HOW_TO_LIST = "list recent ids with `crucible history` or GET crucible/api/executions"
-
-
-def default_url() -> str:
-    """The default database: a SQLite file at ``<jupyter data dir>/crucible/crucible.db``.
-
-    The folder is created if missing; the file itself is created on first connection.
-    """
-    from jupyter_core.paths import jupyter_data_dir
-
-    folder = Path(jupyter_data_dir()) / "crucible"
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'crucible.db'}"
-
-
-def clean_text(value: str) -> str:
-    """``value`` made storable in any database: NUL bytes and lone surrogates escaped.
-
-    Valid text is returned unchanged (the same object); only broken text is rewritten,
-    with ``backslashreplace`` (a lone ``\\udc80`` becomes the six characters ``\\udc80``).
-    """
-    if "\x00" in value:
-        value = value.replace("\x00", "\\x00")
-    return clean_utf8(value)
-
-
-def _clean_json(value: Any, clean: Any = clean_text) -> Any:
-    if isinstance(value, str):
-        return clean(value)
-    if isinstance(value, dict):
-        return {clean(str(k)): _clean_json(v, clean) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean_json(v, clean) for v in value]
-    return value
-
-
-def _dump_payload(data: dict[str, Any]) -> str:
-    """Event data as compact JSON text; lone surrogates are escaped, never a crash."""
-    out = json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str)
-    try:
-        out.encode("utf-8")
-    except UnicodeEncodeError:
-        out = json.dumps(
-            _clean_json(data, clean_utf8),  # JSON escapes NUL itself (\u0000)
-            ensure_ascii=False,
-            separators=(",", ":"),
-            default=str,
-        )
-    return out
-
-
-def _valid_id(execution_id: Any) -> bool:
-    if not isinstance(execution_id, str) or not 0 < len(execution_id) <= _MAX_ID_LEN:
-        return False
-    return clean_text(execution_id) == execution_id
-
-
-def not_found(execution_id: Any) -> NotFound:
-    """The NotFound an unknown execution id gets (also what the API answers for an execution
-    the caller may not see, so that its existence is not leaked)."""
-    shown = repr(execution_id)
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    return NotFound(f"no execution with id {shown}; {_HOW_TO_LIST}", field="id")
-
-
-_not_found = not_found
-
-
-def encode_cursor(created_at: int, execution_id: str) -> str:
-    """The opaque, URL-safe cursor that resumes a listing after this (created_at, id)."""
-    raw = json.dumps([created_at, execution_id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def decode_cursor(cursor: str) -> tuple[int, str]:
-    """Inverse of :func:`encode_cursor`; any other string raises InvalidRequest."""
-    bad = InvalidRequest(
-        "cursor is not valid: pass the next_cursor value of a previous page unchanged,"
-        " or leave it out to start from the newest execution",
-        field="cursor",
-    )
-    if not isinstance(cursor, str) or not _CURSOR_RE.match(cursor):
-        raise bad
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        value = json.loads(raw.decode("utf-8"))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise bad from None
-    if (
-        not isinstance(value, list)
-        or len(value) != 2
-        or type(value[0]) is not int
-        or not _valid_id(value[1])
-    ):
-        raise bad
-    return value[0], value[1]
-
-
-def _statuses(status: Any) -> list[str]:
-    items = [status] if isinstance(status, (str, Status)) else list(status)
-    out = []
-    for item in items:
-        try:
-            out.append(Status(item).value)
-        except ValueError:
-            raise InvalidRequest(
-                f"status {item!r} is not one of {', '.join(s.value for s in Status)}",
-                field="status",
-            ) from None
-    return out
-
-
-def _normalize_url(url: str | URL) -> URL:
-    try:
-        u = make_url(url)
-    except ArgumentError as e:
-        raise StorageError(
-            "database url is not valid; use sqlite:///path/to/file.db or"
-            " postgresql://user:password@host/dbname"
-        ) from e
-    if u.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
-        u = u.set(drivername="postgresql+psycopg")
-    return u
-
-
-def _sqlite_on_connect(dbapi_connection, _record) -> None:
-    # Let the "begin" listener emit BEGIN itself so reads get a real snapshot and
-    # writers take the lock up front (BEGIN IMMEDIATE) instead of failing to upgrade.
-    dbapi_connection.isolation_level = None
-    cur = dbapi_connection.cursor()
-    try:
-        cur.execute("PRAGMA busy_timeout = 5000")
-        cur.execute("PRAGMA foreign_keys = ON")
-        cur.execute("PRAGMA journal_mode = WAL")
-        cur.execute("PRAGMA synchronous = NORMAL")
-    finally:
-        cur.close()
-
-
-def _sqlite_on_begin(conn) -> None:
-    mode = "IMMEDIATE" if conn.get_execution_options().get("crucible_write") else "DEFERRED"
-    conn.exec_driver_sql(f"BEGIN {mode}")
 
 
 class Storage:
@@ -233,7 +96,7 @@ class Storage:
         a 5 s busy timeout, foreign keys and ``synchronous=NORMAL`` on every connection.
         Call :meth:`migrate` once before use to create or upgrade the tables.
         """
-        u = _normalize_url(default_url() if url is None else url)
+        u = normalize_url(default_url() if url is None else url)
         self.dialect = u.get_backend_name()
         self.url = u.render_as_string(hide_password=True)
         self._password = u.password
@@ -251,8 +114,8 @@ class Storage:
                 " postgresql://... (pip install 'crucible_jupyter[postgres]')"
             ) from None
         if self.dialect == "sqlite":
-            event.listen(self._engine, "connect", _sqlite_on_connect)
-            event.listen(self._engine, "begin", _sqlite_on_begin)
+            event.listen(self._engine, "connect", sqlite_on_connect)
+            event.listen(self._engine, "begin", sqlite_on_begin)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         self._migrate_lock = threading.Lock()
 
@@ -340,9 +203,9 @@ class Storage:
         This is how an accepted request is persisted as ``queued`` before it runs.
         Raises Conflict if the id already exists, InvalidRequest for an unusable id.
         """
-        if not _valid_id(execution.id):
+        if not valid_id(execution.id):
             raise InvalidRequest(
-                f"execution id {execution.id!r} must be text of 1-{_MAX_ID_LEN} characters",
+                f"execution id {execution.id!r} must be text of 1-{MAX_ID_LEN} characters",
                 field="id",
             )
         req = execution.request
@@ -355,13 +218,13 @@ class Storage:
             "started_at": execution.started_at,
             "finished_at": execution.finished_at,
             "exit_code": execution.exit_code,
-            "reason": _opt_text(execution.reason),
+            "reason": opt_text(execution.reason),
             "backend": clean_text(execution.backend),
-            "isolation": _opt_text(execution.isolation),
+            "isolation": opt_text(execution.isolation),
             "output_bytes": execution.output_bytes,
             "truncated": bool(execution.truncated),
             "dropped_bytes": execution.dropped_bytes,
-            "dispatcher_id": _opt_text(execution.dispatcher_id),
+            "dispatcher_id": opt_text(execution.dispatcher_id),
             "cancel_requested_at": None,
             "code": clean_text(req.code),
             "language": clean_text(req.language),
@@ -369,13 +232,13 @@ class Storage:
             "priority": Priority(req.priority).value,
             "cpu": float(req.resources.cpu),
             "memory": int(req.resources.memory),
-            "env": _clean_json(dict(req.env)),
-            "name": _opt_text(req.name),
-            "requested_backend": _opt_text(req.backend),
-            "image": _opt_text(req.image),
-            "notebook_path": _opt_text(nb.path),
-            "cell_id": _opt_text(nb.cell_id),
-            "kernel_id": _opt_text(nb.kernel_id),
+            "env": clean_json(dict(req.env)),
+            "name": opt_text(req.name),
+            "requested_backend": opt_text(req.backend),
+            "image": opt_text(req.image),
+            "notebook_path": opt_text(nb.path),
+            "cell_id": opt_text(nb.cell_id),
+            "kernel_id": opt_text(nb.kernel_id),
         }
         tags = [
             {"execution_id": execution.id, "tag": clean_text(tag), "position": i}
@@ -403,18 +266,18 @@ class Storage:
                 f"cannot update {', '.join(unknown)};"
                 f" updatable: {', '.join(sorted(UPDATABLE_FIELDS))}"
             )
-        if not _valid_id(execution_id):
-            raise _not_found(execution_id)
+        if not valid_id(execution_id):
+            raise not_found(execution_id)
         values = dict(fields)
         if "status" in values:
-            values["status"] = _statuses(values["status"])[0]
+            values["status"] = parse_statuses(values["status"])[0]
         if "truncated" in values:
             values["truncated"] = bool(values["truncated"])
         for key in _TEXT_FIELDS & values.keys():
-            values[key] = _opt_text(values[key])
+            values[key] = opt_text(values[key])
         if not values:
             if not self._exists(execution_id):
-                raise _not_found(execution_id)
+                raise not_found(execution_id)
             return
         with self._session(f"updating execution {execution_id}", write=True) as s:
             result = cast(
@@ -422,7 +285,7 @@ class Storage:
                 s.execute(update(ExecutionRow).where(_EX.c.id == execution_id).values(values)),
             )
             if result.rowcount == 0:
-                raise _not_found(execution_id)
+                raise not_found(execution_id)
 
     def append_events(self, execution_id: str, events: list[Event]) -> None:
         """Store ``events`` of one execution in one transaction (a batch insert).
@@ -433,8 +296,8 @@ class Storage:
         (lone surrogates) is stored escaped instead of failing. NotFound if the
         execution does not exist.
         """
-        if not _valid_id(execution_id):
-            raise _not_found(execution_id)
+        if not valid_id(execution_id):
+            raise not_found(execution_id)
         if not events:
             return
         rows = [
@@ -443,7 +306,7 @@ class Storage:
                 "seq": ev.seq,
                 "t": ev.t,
                 "type": clean_text(ev.type),
-                "payload": _dump_payload(ev.data),
+                "payload": dump_payload(ev.data),
             }
             for ev in events
         ]
@@ -454,7 +317,7 @@ class Storage:
                 s.execute(insert(EventRow), rows)
         except StorageError as e:
             if isinstance(e.__cause__, IntegrityError) and not self._exists(execution_id):
-                raise _not_found(execution_id) from None
+                raise not_found(execution_id) from None
             raise
 
     def request_cancel(self, execution_id: str) -> None:
@@ -463,8 +326,8 @@ class Storage:
         Any process may call this (e.g. ``crucible cancel``); the dispatcher running the
         execution sees it through :meth:`cancel_requested`. NotFound if missing.
         """
-        if not _valid_id(execution_id):
-            raise _not_found(execution_id)
+        if not valid_id(execution_id):
+            raise not_found(execution_id)
         with self._session(f"requesting cancellation of {execution_id}", write=True) as s:
             result = cast(
                 "CursorResult[Any]",  # what an UPDATE returns (typed as a plain Result)
@@ -475,7 +338,7 @@ class Storage:
                 ),
             )
             if result.rowcount == 0:
-                raise _not_found(execution_id)
+                raise not_found(execution_id)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -485,12 +348,12 @@ class Storage:
 
     def get(self, execution_id: str) -> Execution:
         """The execution with this id; NotFound (saying how to list ids) otherwise."""
-        if not _valid_id(execution_id):
-            raise _not_found(execution_id)
+        if not valid_id(execution_id):
+            raise not_found(execution_id)
         with self._session(f"reading execution {execution_id}") as s:
             row = s.execute(_SELECT_EX.where(_EX.c.id == execution_id)).first()
             if row is None:
-                raise _not_found(execution_id)
+                raise not_found(execution_id)
             return self._build(s, [row])[0]
 
     def events(self, execution_id: str, after: int = -1, limit: int | None = None) -> list[Event]:
@@ -498,8 +361,8 @@ class Storage:
 
         An unknown execution simply has no events (an empty list).
         """
-        _check_ms(after=after)
-        if not _valid_id(execution_id):
+        check_ms(after=after)
+        if not valid_id(execution_id):
             return []
         q = (
             select(_EVENTS.c.seq, _EVENTS.c.t, _EVENTS.c.type, _EVENTS.c.payload)
@@ -538,11 +401,11 @@ class Storage:
         """
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= _MAX_PAGE:
             raise InvalidRequest(f"limit must be between 1 and {_MAX_PAGE}", field="limit")
-        _check_ms(since=since, until=until)
+        check_ms(since=since, until=until)
         q = _SELECT_EX
         if user is not None:
             q = q.where(_EX.c.user == clean_text(str(user)))
-        statuses = [None] if status is None else list(dict.fromkeys(_statuses(status)))
+        statuses = [None] if status is None else list(dict.fromkeys(parse_statuses(status)))
         if tag is not None:
             tag = clean_text(str(tag))
             q = q.where(exists().where(_TAGS.c.tag == tag, _TAGS.c.execution_id == _EX.c.id))
@@ -581,7 +444,7 @@ class Storage:
         over terminal executions with both started_at and finished_at. ``user`` and
         ``since`` (created_at >= since, ms) filter everything. One consistent snapshot.
         """
-        _check_ms(since=since)
+        check_ms(since=since)
         where = []
         if user is not None:
             where.append(_EX.c.user == clean_text(str(user)))
@@ -626,7 +489,7 @@ class Storage:
 
     def cancel_requested(self, execution_ids: Sequence[str]) -> set[str]:
         """The subset of ``execution_ids`` someone asked to cancel (unknown ids are ignored)."""
-        ids = sorted({i for i in execution_ids if _valid_id(i)})
+        ids = sorted({i for i in execution_ids if valid_id(i)})
         found: set[str] = set()
         if not ids:
             return found
@@ -660,50 +523,4 @@ class Storage:
                 .order_by(_TAGS.c.execution_id, _TAGS.c.position)
             ):
                 tags.setdefault(eid, []).append(tag)
-        return [_execution(r, tuple(tags.get(r[0], ()))) for r in rows]
-
-
-def _check_ms(**values: Any) -> None:
-    for name, value in values.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise InvalidRequest(f"{name} must be an integer, not {value!r}", field=name)
-
-
-def _opt_text(value: str | None) -> str | None:
-    return None if value is None else clean_text(value)
-
-
-def _execution(row: Any, tags: tuple[str, ...]) -> Execution:
-    r = dict(zip(_EX_NAMES, row, strict=True))  # dict access: much cheaper than Row attributes
-    request = ExecutionRequest(
-        code=r["code"],
-        language=r["language"],
-        timeout=r["timeout"],
-        priority=Priority(r["priority"]),
-        resources=Resources(cpu=r["cpu"], memory=r["memory"]),
-        tags=tags,
-        env=dict(r["env"] or {}),
-        notebook=NotebookRef(
-            path=r["notebook_path"], cell_id=r["cell_id"], kernel_id=r["kernel_id"]
-        ),
-        name=r["name"],
-        backend=r["requested_backend"],
-        image=r["image"],
-    )
-    return Execution(
-        id=r["id"],
-        request=request,
-        user=r["user"],
-        status=Status(r["status"]),
-        created_at=r["created_at"],
-        started_at=r["started_at"],
-        finished_at=r["finished_at"],
-        exit_code=r["exit_code"],
-        reason=r["reason"],
-        backend=r["backend"],
-        isolation=r["isolation"],
-        output_bytes=r["output_bytes"],
-        truncated=bool(r["truncated"]),
-        dropped_bytes=r["dropped_bytes"],
-        dispatcher_id=r["dispatcher_id"],
-    )
+        return [execution_from_row(r, tuple(tags.get(r[0], ()))) for r in rows]
