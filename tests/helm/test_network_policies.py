@@ -1,7 +1,7 @@
 """Every NetworkPolicy selects the pods it is for, and admits only the peers it should.
 
 The pods' labels come from where those pods get them: the service's pod from the
-rendered Deployment; executor pods (a cold Job's and a warm pod's) from the Kubernetes
+rendered StatefulSet; executor pods (a cold Job's and a warm pod's) from the Kubernetes
 backend's own ``make_job``; JupyterHub's pods from the labels zero-to-jupyterhub and
 KubeSpawner give them (z2jh ``jupyterhub.matchLabels``: ``component``, ``app``,
 ``release``; KubeSpawner ``_build_pod_labels``: ``component: singleuser-server`` and the
@@ -75,7 +75,7 @@ def _service_policy(rendered) -> dict:
 
 def test_service_policy_selects_the_service_pod(rendered):
     policy = _service_policy(rendered)
-    pod = rendered.one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    pod = rendered.one("StatefulSet")["spec"]["template"]["metadata"]["labels"]
     assert policy["metadata"]["namespace"] == NAMESPACE
     assert selector_matches(policy["spec"]["podSelector"], pod)
     assert policy["spec"]["policyTypes"] == ["Ingress"]
@@ -143,7 +143,7 @@ def test_deny_all_is_the_backends_policy(rendered):
 
 def test_deny_all_does_not_select_the_service(rendered):
     policy = rendered.one("NetworkPolicy", "deny-all")
-    pod = rendered.one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    pod = rendered.one("StatefulSet")["spec"]["template"]["metadata"]["labels"]
     assert not selector_matches(policy["spec"]["podSelector"], pod)
 
 

@@ -153,8 +153,8 @@ def test_role_and_binding_only_in_the_executions_namespace(helm):
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "jhub"}
     ]
-    deployment = rendered.one("Deployment")
-    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+    workload = rendered.one("StatefulSet")
+    assert workload["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
 
 
 def test_the_service_is_told_not_to_need_what_is_not_granted(helm):

@@ -13,6 +13,8 @@ import base64
 
 import pytest
 
+from .chart import HelmFailed
+
 pytestmark = pytest.mark.helm
 
 PSA_MODES = ("enforce", "audit", "warn")
@@ -38,7 +40,7 @@ def test_no_namespace_when_it_exists_already(helm):
 
 def test_service_pod_is_restricted(helm):
     """The service's pod meets Pod Security `restricted` itself, with a read-only root."""
-    pod = helm.render().one("Deployment")["spec"]["template"]["spec"]
+    pod = helm.render().one("StatefulSet")["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] > 0
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -60,15 +62,46 @@ def test_service_account_mounts_no_token_by_default(helm):
     assert helm.render().one("ServiceAccount")["automountServiceAccountToken"] is False
 
 
-def test_deployment_is_one_replica_recreated_with_probes(helm):
-    deployment = helm.render().one("Deployment")["spec"]
-    assert deployment["replicas"] == 1
-    assert deployment["strategy"] == {"type": "Recreate"}
-    (container,) = deployment["template"]["spec"]["containers"]
+def test_service_is_a_one_replica_statefulset(helm):
+    """At most one dispatcher at any time: the service's workload is a StatefulSet with
+    one replica, never a Deployment. A Deployment (even with ``strategy: Recreate``,
+    which only governs rollouts) starts a deleted or evicted pod's replacement at once,
+    beside the old pod in its shutdown grace: two dispatchers on one SQLite file were
+    seen writing the same cell's events (``UNIQUE constraint failed: events.execution_id,
+    events.seq``) and a cell reported failed while its record stayed ``running``. A
+    StatefulSet starts the replacement (same name) only once the old pod is gone. On the
+    cluster: tests/helm/test_hub_on_cluster.py::test_crucible_pod_deleted_mid_cell."""
+    for values in ({}, {"storage.type": "postgresql",
+                        "storage.postgresql.existingSecret.name": "db"}):  # fmt: skip
+        rendered = helm.render(values=values)
+        for kind in ("Deployment", "ReplicaSet", "DaemonSet", "Pod", "Job"):
+            assert kind not in rendered.kinds(), f"{kind} in the chart: {rendered.kinds()}"
+        workload = rendered.one("StatefulSet")
+        spec = workload["spec"]
+        assert spec["replicas"] == 1
+        assert spec["serviceName"] == rendered.one("Service")["metadata"]["name"]
+        assert spec["updateStrategy"] == {"type": "RollingUpdate"}
+        assert "volumeClaimTemplates" not in spec  # the chart's own claim, kept by upgrades
+        assert spec["selector"]["matchLabels"] == rendered.one("Service")["spec"]["selector"]
+
+
+def test_service_pod_probes_and_grace(helm):
+    rendered = helm.render()
+    pod = rendered.one("StatefulSet")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/services/crucible/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/services/crucible/readyz"
-    grace = deployment["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace > helm.render().config()["CrucibleService"]["shutdown_grace_seconds"]
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace > rendered.config()["CrucibleService"]["shutdown_grace_seconds"]
+
+
+def test_grace_not_above_the_service_s_own_is_refused(helm):
+    """The kill must come after the service's shutdown grace, also when server.config
+    sets that grace directly (a value file test: bad-values/grace-not-above-shutdown)."""
+    with pytest.raises(HelmFailed) as refused:
+        helm.render(values={"server.config.CrucibleService.shutdown_grace_seconds": 45})
+    assert "server.terminationGracePeriodSeconds (40) is not above" in str(refused.value)
+    assert "(45, server.shutdownGraceSeconds)" in str(refused.value)
 
 
 def _token(rendered) -> str:
@@ -77,7 +110,7 @@ def _token(rendered) -> str:
 
 
 def _token_env(rendered) -> dict:
-    (container,) = rendered.one("Deployment")["spec"]["template"]["spec"]["containers"]
+    (container,) = rendered.one("StatefulSet")["spec"]["template"]["spec"]["containers"]
     (env,) = [e for e in container["env"] if e["name"] == "JUPYTERHUB_API_TOKEN"]
     return env["valueFrom"]["secretKeyRef"]
 
@@ -127,7 +160,7 @@ def test_postgresql_url_from_the_secret_and_no_volume(helm):
     rendered = helm.render(
         values={"storage.type": "postgresql", "storage.postgresql.existingSecret.name": "db"}
     )
-    pod = rendered.one("Deployment")["spec"]["template"]["spec"]
+    pod = rendered.one("StatefulSet")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     (env,) = [e for e in container["env"] if e["name"] == "CRUCIBLE_DB_URL"]
     assert env["valueFrom"]["secretKeyRef"] == {"name": "db", "key": "url"}
@@ -139,7 +172,7 @@ def test_sqlite_on_a_kept_claim(helm):
     rendered = helm.render()
     claim = rendered.one("PersistentVolumeClaim")
     assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
-    pod = rendered.one("Deployment")["spec"]["template"]["spec"]
+    pod = rendered.one("StatefulSet")["spec"]["template"]["spec"]
     (volume,) = [v for v in pod["volumes"] if v["name"] == "data"]
     assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     assert rendered.config()["CrucibleDispatcher"]["db_url"] == "sqlite:////data/crucible.db"

@@ -70,7 +70,7 @@ def test_token_code_hands_the_token_to_the_service(z2jh, monkeypatch):
 
 @pytest.mark.parametrize("component", ["singleuser", "hub"])
 def test_egress_reaches_the_service_pod(z2jh, rendered, component):
-    pod = rendered.one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    pod = rendered.one("StatefulSet")["spec"]["template"]["metadata"]["labels"]
     port = rendered.one("Service")["spec"]["ports"][0]["port"]
     rules = z2jh[component]["networkPolicy"]["egress"]
     assert any(

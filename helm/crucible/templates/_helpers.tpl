@@ -22,7 +22,7 @@ app.kubernetes.io/part-of: crucible
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{- /* Labels of the service's own objects (Deployment and its pod, Service, ConfigMap). */}}
+{{- /* Labels of the service's own objects (StatefulSet and its pod, Service, ConfigMap). */}}
 {{- define "crucible.serviceLabels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
@@ -30,7 +30,7 @@ app.kubernetes.io/part-of: crucible
 {{ include "crucible.selectorLabels" . }}
 {{- end }}
 
-{{- /* The labels that select the service's pod (Deployment, Service, NetworkPolicy, and
+{{- /* The labels that select the service's pod (StatefulSet, Service, NetworkPolicy, and
        the z2jh example's singleuser egress rule). */}}
 {{- define "crucible.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "crucible.name" . }}
