@@ -335,7 +335,7 @@ class ThreadedClient:
         return self.run(getattr(self.client, name)(*args, **kwargs)).result(timeout)
 
     def start_stream(
-        self, execution_id: str, on_event: Callable[[Any], None], after: int = -1
+        self, execution_id: str, on_event: Callable[[Any], object], after: int = -1
     ) -> concurrent.futures.Future:
         """Feed every event (then an end marker or the exception) to ``on_event`` from the loop."""
 

@@ -34,7 +34,8 @@ import contextlib
 import html
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -160,6 +161,20 @@ class StatusLine:
             self.mid_line = False
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _cell_magic(name: str) -> Callable[[_F], _F]:
+    """IPython's ``cell_magic(name)``, typed as the decorator it is (IPython types its result
+    as a union that mypy cannot apply)."""
+    return cast("Callable[[_F], _F]", cell_magic(name))
+
+
+def _line_magic(name: str) -> Callable[[_F], _F]:
+    """IPython's ``line_magic(name)``, typed like :func:`_cell_magic`."""
+    return cast("Callable[[_F], _F]", line_magic(name))
+
+
 @magics_class
 class CrucibleMagics(Magics):
     """The ``%%crucible`` cell magic and the ``%crucible`` line magic."""
@@ -198,7 +213,7 @@ class CrucibleMagics(Magics):
 
     # -- %%crucible ----------------------------------------------------------------------------
 
-    @cell_magic("crucible")
+    @_cell_magic("crucible")
     def crucible_cell(self, line: str, cell: str) -> Any:
         """Run this cell as an isolated, recorded crucible execution (fresh process, no state
         shared with the kernel); output streams into the cell as it is produced."""
@@ -278,7 +293,7 @@ class CrucibleMagics(Magics):
 
     # -- %crucible -----------------------------------------------------------------------------
 
-    @line_magic("crucible")
+    @_line_magic("crucible")
     def crucible_line(self, line: str) -> Any:
         """``%crucible history [-n N] [--status S] [--tag T] [--user U]`` ·
         ``%crucible status ID`` · ``%crucible queue``: look at recorded executions and the

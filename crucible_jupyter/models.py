@@ -190,11 +190,12 @@ def parse_cpu(value: Any) -> float:
 
 def format_bytes(n: int) -> str:
     """``1048576`` → ``'1 MiB'``: a size as a person reads it."""
+    size: float = n
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:g} {unit}" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
+        if size < 1024 or unit == "TiB":
+            return f"{size:g} {unit}" if unit == "B" else f"{size:.3g} {unit}"
+        size /= 1024
+    return f"{size} B"  # pragma: no cover
 
 
 @dataclass(frozen=True)

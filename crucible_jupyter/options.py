@@ -27,7 +27,7 @@ import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from IPython.core.error import UsageError
 
@@ -159,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
             parser.add_argument(
                 option.flag,
                 action=_Once,
-                type=option.type,
+                type=cast("Callable[[str], Any]", option.type),  # None: argparse's own default
                 choices=option.choices,
                 metavar=option.metavar if option.choices is None else None,
                 help=option.help,

@@ -119,7 +119,7 @@ class CrucibleKernel(Kernel):
 
     # -- execute -------------------------------------------------------------------------------
 
-    async def do_execute(  # type: ignore[override]
+    async def do_execute(
         self,
         code: str,
         silent: bool,
@@ -333,7 +333,7 @@ class CrucibleKernel(Kernel):
 
     # -- introspection (static: there is no state to inspect) --------------------------------
 
-    async def do_is_complete(self, code: str) -> dict[str, Any]:  # type: ignore[override]
+    async def do_is_complete(self, code: str) -> dict[str, Any]:
         """Whether ``code`` is a complete Python cell (IPython's rules)."""
         from IPython.core.inputtransformer2 import TransformerManager
 
@@ -343,7 +343,7 @@ class CrucibleKernel(Kernel):
             reply["indent"] = " " * (indent or 0)
         return reply
 
-    async def do_complete(self, code: str, cursor_pos: int | None) -> dict[str, Any]:  # type: ignore[override]
+    async def do_complete(self, code: str, cursor_pos: int | None) -> dict[str, Any]:
         """Static completions (keywords, builtins, importable names) from jedi, when available."""
         cursor_pos = len(code) if cursor_pos is None else cursor_pos
         matches: list[str] = []
@@ -367,7 +367,7 @@ class CrucibleKernel(Kernel):
             "metadata": {},
         }
 
-    async def do_shutdown(self, restart: bool) -> dict[str, Any]:  # type: ignore[override]
+    async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         """Close the client (stopping an embedded dispatcher)."""
         if self._client is not None:
             self._client.close()
