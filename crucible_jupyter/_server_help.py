@@ -41,7 +41,7 @@ def extend(server_app: Any) -> None:
     """Append the crucible classes to ``server_app.classes`` (idempotent)."""
     try:
         extra = [c for c in crucible_classes() if c not in server_app.classes]
-    except Exception as e:  # never break `jupyter server --help-all` itself
+    except Exception as e:  # noqa: BLE001 -- never break `jupyter server --help-all` itself
         print(f"crucible_jupyter: settings not listed here ({e})", file=sys.stderr)
         return
     server_app.classes = [*server_app.classes, *extra]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,7 +159,7 @@ class Backend(LoggingConfigurable):
 
 async def read_lines(
     reader: asyncio.StreamReader, max_line: int, chunk: int = 1 << 16
-) -> AsyncIterator[tuple[bytes, int]]:
+) -> AsyncGenerator[tuple[bytes, int], None]:
     """Yield complete lines (without the newline) from ``reader`` with bounded memory.
 
     A line longer than ``max_line`` is yielded cut to ``max_line`` bytes, and the number of

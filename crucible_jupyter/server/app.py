@@ -20,6 +20,7 @@ It promises:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import os
 import secrets
@@ -44,6 +45,9 @@ from .identity import KernelTokenIdentity
 
 class CrucibleApp(ExtensionApp):
     """Jupyter server extension ``crucible``: dispatcher, REST/WebSocket API, kernel wiring."""
+
+    #: set by jupyter_server before any method below runs (ExtensionApp types it Optional)
+    serverapp: ServerApp
 
     name = "crucible"
     description = "Run notebook cells as isolated, recorded executions (crucible_jupyter)."
@@ -191,9 +195,9 @@ class CrucibleApp(ExtensionApp):
             raise Unavailable("this server forwards crucible to a service (remote mode)")
         task = self._start_task
         if task is None or (task.done() and not task.cancelled() and task.exception()):
-            self._start_task = asyncio.ensure_future(self._start())
+            task = self._start_task = asyncio.ensure_future(self._start())
         try:
-            await asyncio.wait_for(asyncio.shield(self._start_task), self.start_timeout)
+            await asyncio.wait_for(asyncio.shield(task), self.start_timeout)
         except asyncio.TimeoutError:
             raise Unavailable("the crucible dispatcher is still starting; retry shortly") from None
         except Exception as e:
@@ -201,6 +205,7 @@ class CrucibleApp(ExtensionApp):
         return self.dispatcher
 
     async def _start(self) -> None:
+        assert self.dispatcher is not None  # ready() refuses remote mode before this
         await self.dispatcher.start()
         if self._activity_task is None:
             self._activity_task = asyncio.ensure_future(self._track_activity())
@@ -226,16 +231,14 @@ class CrucibleApp(ExtensionApp):
         """Stop the dispatcher (cancelling what runs) and undo the kernel environment."""
         if self._activity_task is not None:
             self._activity_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._activity_task
-            except asyncio.CancelledError:
-                pass
             self._activity_task = None
         if self._start_task is not None:
-            try:
+            # a failed start was reported by ready(); stop whatever did start regardless
+            with contextlib.suppress(Exception):
                 await self._start_task
-            except Exception:
-                pass
+            assert self.dispatcher is not None  # only ready() starts one, never in remote mode
             await self.dispatcher.stop()
             self._start_task = None
         self._restore_kernel_env()

@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 AUTH_RESOURCE = "crucible"
 
 
-class CrucibleMixin(CrucibleRequestMixin, ExtensionHandlerMixin):
+# jupyter_server's ExtensionHandlerMixin types config, serverapp and settings unlike tornado's
+# and JupyterHandler's; every class that mixes them (as extensions must) meets that clash.
+class CrucibleMixin(CrucibleRequestMixin, ExtensionHandlerMixin):  # type: ignore[override]
     """The jupyter_server host of the crucible API's handlers (REST and WebSocket)."""
 
     auth_resource = AUTH_RESOURCE
@@ -49,7 +51,7 @@ class CrucibleMixin(CrucibleRequestMixin, ExtensionHandlerMixin):
         return self.extensionapp  # type: ignore[return-value]
 
     @property
-    def identity_provider(self) -> Any:  # type: ignore[override]
+    def identity_provider(self) -> Any:
         """The server's identity provider, extended with the kernel credential."""
         return self.crucible.identity_for(super().identity_provider)  # type: ignore[misc]
 
@@ -64,7 +66,7 @@ class CrucibleMixin(CrucibleRequestMixin, ExtensionHandlerMixin):
         ``kernel_user``, like the kernels', and history stays searchable by user. Real
         identities (JupyterHub's, a custom provider's) are recorded as they are.
         """
-        user = self.current_user  # type: ignore[attr-defined]
+        user = self.current_user
         if str(getattr(user, "name", "")).startswith("Anonymous "):
             return self.crucible.kernel_user
         return getattr(user, "username", None) or str(user)
@@ -77,7 +79,7 @@ class CrucibleMixin(CrucibleRequestMixin, ExtensionHandlerMixin):
 
     def authenticate(self) -> None:
         """403 (bare: see :meth:`describe_http_error`) unless the request has a user."""
-        if not self.current_user:  # type: ignore[attr-defined]
+        if not self.current_user:
             raise web.HTTPError(403)
 
     async def authorize(self, action: str) -> None:
@@ -96,7 +98,7 @@ class CrucibleMixin(CrucibleRequestMixin, ExtensionHandlerMixin):
         a Host header that is not a local name, a cross-origin browser request, a stale kernel
         credential, or no credentials."""
         if status_code == 403 and not self.check_host():  # type: ignore[attr-defined]
-            host = self.request.host[:100]  # type: ignore[attr-defined]
+            host = self.request.host[:100]
             message = (
                 f"the Host header {host!r} is not a local name of this server, which refuses"
                 " such requests (DNS-rebinding protection): connect by localhost or 127.0.0.1,"
@@ -104,14 +106,14 @@ class CrucibleMixin(CrucibleRequestMixin, ExtensionHandlerMixin):
             )
             return {"error": "Forbidden", "message": message}
         if status_code == 404 and not self.check_origin():  # type: ignore[attr-defined]
-            origin = self.request.headers.get("Origin", "")[:200]  # type: ignore[attr-defined]
+            origin = self.request.headers.get("Origin", "")[:200]
             message = (
                 f"cross-origin request from {origin!r} refused: this server does not allow"
                 " that origin (ServerApp.allow_origin); call the API from a page the server"
                 " itself serves, or authenticate with 'Authorization: token <token>'"
             )
             return {"error": "NotFound", "message": message}
-        if status_code == 403 and self.request.headers.get(KERNEL_TOKEN_HEADER):  # type: ignore[attr-defined]
+        if status_code == 403 and self.request.headers.get(KERNEL_TOKEN_HEADER):
             message = (
                 f"not authenticated: the {KERNEL_TOKEN_HEADER} header is not this server's"
                 " kernel credential, which is new each time the server starts; restart the"
@@ -125,7 +127,7 @@ class CrucibleMixin(CrucibleRequestMixin, ExtensionHandlerMixin):
                 " (header 'Authorization: token <token>'), or log in to the server first"
             )
             return {"error": "Forbidden", "message": message}
-        return {"error": "NotFound", "message": f"nothing at {self.request.path[:200]!r}"}  # type: ignore[attr-defined]
+        return {"error": "NotFound", "message": f"nothing at {self.request.path[:200]!r}"}
 
     def describe_http_error(self, status_code: int, exc: web.HTTPError) -> dict[str, str] | None:
         """jupyter_server's refusals, explained: a bare 403/404 raised before any crucible code
@@ -149,5 +151,5 @@ class CrucibleMixin(CrucibleRequestMixin, ExtensionHandlerMixin):
         return {"error": reason.replace(" ", ""), "message": message}
 
 
-class CrucibleAPIHandler(CrucibleMixin, APIHandler):
+class CrucibleAPIHandler(CrucibleMixin, APIHandler):  # type: ignore[misc, override]
     """Base of the REST handlers on the Jupyter server: JSON in, JSON out."""
