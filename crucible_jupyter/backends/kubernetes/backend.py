@@ -389,7 +389,7 @@ class CrucibleKubernetesBackend(Backend):
         first, last = self.uid_range
         now = time.monotonic()
         self._picked = {u: t for u, t in self._picked.items() if now - t < 300}
-        used = set(self._picked)
+        used: set[int | None] = set(self._picked)
         reflector = self.cluster.reflector
         for pod in reflector.pods.values() if reflector is not None else ():
             context = (pod.get("spec") or {}).get("securityContext") or {}
@@ -464,9 +464,10 @@ class CrucibleKubernetesBackend(Backend):
         if not await self.cluster.job_exists(name):
             # a warm pod claimed for it? (found by the execution's label, like any pod)
             pod = self.cluster.pods.pod_for(objects.label_value(execution.id))
-            if pod is None or not pods.job_of(pod):
+            job = pods.job_of(pod) if pod is not None else None
+            if not job:
                 return None
-            name = pods.job_of(pod)
+            name = job
         return self._sandbox(execution, name, execution.isolation or "kubernetes")
 
     def isolation_target(self) -> str | None:
