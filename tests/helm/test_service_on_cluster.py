@@ -48,7 +48,7 @@ def service_release(cluster: Cluster, request) -> Iterator[Release]:
         if request.session.testsfailed:
             for ns in (rel.namespace, rel.executions):
                 print(cluster.kubectl("-n", ns, "get", "all,events", check=False).stdout)
-            print(cluster.kubectl("-n", rel.namespace, "logs", "deploy/crucible", "--tail=80",
+            print(cluster.kubectl("-n", rel.namespace, "logs", "statefulset/crucible", "--tail=80",
                                   check=False).stdout)  # fmt: skip
         cluster.helm("uninstall", rel.name, "--namespace", rel.namespace, "--wait", check=False)
         for ns in (rel.executions, rel.namespace):
@@ -67,18 +67,28 @@ def _wait(what: str, probe, seconds: float = 180) -> object:
     pytest.fail(f"{what}: not within {seconds:g} s")
 
 
-def _ready_pod(cluster: Cluster, rel: Release) -> str | None:
+def _service_pods(cluster: Cluster, rel: Release) -> list[dict]:
     out = cluster.kubectl(
         "-n", rel.namespace, "get", "pods", "-l", "app.kubernetes.io/component=service",
         "-o", "json", check=False,
     ).stdout  # fmt: skip
-    for pod in json.loads(out or '{"items": []}')["items"]:
+    return json.loads(out or '{"items": []}')["items"]
+
+
+def _ready(cluster: Cluster, rel: Release) -> dict | None:
+    """The service's ready pod (not terminating), if any."""
+    for pod in _service_pods(cluster, rel):
         if pod["metadata"].get("deletionTimestamp"):
             continue
         conditions = pod.get("status", {}).get("conditions") or []
         if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
-            return pod["metadata"]["name"]
+            return pod
     return None
+
+
+def _ready_pod(cluster: Cluster, rel: Release) -> str | None:
+    pod = _ready(cluster, rel)
+    return pod["metadata"]["name"] if pod else None
 
 
 def _executor_pods(cluster: Cluster, rel: Release) -> list[dict]:
@@ -114,14 +124,36 @@ def test_service_keeps_a_warm_pod_the_policy_selects(cluster, service_release):
     assert selector_matches(policy["spec"]["podSelector"], pod["metadata"]["labels"])
 
 
-def test_deleted_pod_comes_back_ready(cluster, service_release):
-    first = _wait("the crucible pod ready", lambda: _ready_pod(cluster, service_release))
-    cluster.kubectl("-n", service_release.namespace, "delete", "pod", first, "--wait=false")
+def test_deleted_pod_comes_back_ready_never_beside_it(cluster, service_release):
+    """A deleted pod comes back (the StatefulSet's pod keeps its name, so pods are told
+    apart by uid), and no other service pod runs while the deleted one still exists: at
+    most one dispatcher (a Deployment started its replacement at once)."""
+    rel = service_release
+    first = _wait("the crucible pod ready", lambda: _ready(cluster, rel))
+    assert isinstance(first, dict)
+    uid = first["metadata"]["uid"]
+    cluster.kubectl("-n", rel.namespace, "delete", "pod", first["metadata"]["name"],
+                    "--wait=false")  # fmt: skip
+    beside: set[str] = set()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        pods = _service_pods(cluster, rel)
+        if uid not in {p["metadata"]["uid"] for p in pods}:
+            break
+        beside |= {
+            f"{p['metadata']['name']} ({p['metadata']['uid']})"
+            for p in pods
+            if p["metadata"]["uid"] != uid
+        }
+        time.sleep(0.5)
+    else:
+        pytest.fail("the deleted crucible pod still exists after 180 s")
+    assert not beside, f"service pods beside the deleted one in its grace period: {beside}"
     second = _wait(
         "a new crucible pod ready",
-        lambda: (name := _ready_pod(cluster, service_release)) and name != first and name,
+        lambda: (pod := _ready(cluster, rel)) and pod["metadata"]["uid"] != uid and pod,
     )
-    assert second != first
+    assert isinstance(second, dict)
 
 
 #: Tries for 20 s: kube-router adds a new pod's address to a policy's ipsets a moment after
