@@ -23,11 +23,12 @@ does with what a dead dispatcher left, ``queue.py`` which execution runs next.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from .. import output_policy
 from ..backends.base import Backend, Sandbox
@@ -82,7 +83,7 @@ class CrucibleDispatcher(DispatcherSettings):
         self._submitting: Counter = Counter()  # user -> submissions being stored
         self._tasks: set[asyncio.Task] = set()
         self._loops: list[asyncio.Task] = []
-        self._wake: asyncio.Event | None = None
+        self._wake = asyncio.Event()  # made again by start(), in the loop that runs it
         self._started = False
         self._scheduling = False
         self._draining = False
@@ -177,7 +178,7 @@ class CrucibleDispatcher(DispatcherSettings):
     async def _prepare(self, backend: Backend) -> None:
         try:
             await backend.prepare()
-        except Exception as e:  # only a head start: a failure shows again when a cell starts
+        except Exception as e:  # noqa: BLE001 -- only a head start: a failure shows again when a cell starts
             self.log.warning("crucible: backend %s could not prepare: %s", backend.name, e)
 
     def get_backend(self, name: str) -> Backend:
@@ -198,6 +199,15 @@ class CrucibleDispatcher(DispatcherSettings):
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    @property
+    def _store(self) -> Storage:
+        """The storage start() opened (everything that uses it runs after start)."""
+        if self.storage is None:
+            raise Unavailable(
+                "the crucible dispatcher is not running; start it (or the server) first"
+            )
+        return self.storage
 
     def _require_started(self) -> None:
         if not self._started:
@@ -232,7 +242,7 @@ class CrucibleDispatcher(DispatcherSettings):
         )
         self._submitting[user] += 1  # counted while stored: concurrent submits see it
         try:
-            await self._db(self.storage.create, execution)
+            await self._db(self._store.create, execution)
         finally:
             self._submitting[user] -= 1
             if self._submitting[user] <= 0:
@@ -266,7 +276,7 @@ class CrucibleDispatcher(DispatcherSettings):
         self._require_started()
         if execution_id in self._rec.live:
             return self._rec.live[execution_id]
-        return await self._db(self.storage.get, execution_id)
+        return await self._db(self._store.get, execution_id)
 
     async def events(self, execution_id: str, after: int = -1) -> list[Event]:
         """Every event of an execution with seq > ``after``, stored or still pending."""
@@ -282,7 +292,7 @@ class CrucibleDispatcher(DispatcherSettings):
         """Stored events after ``after``, their rich output cleaned by the output policy
         again: a record stored before the policy (or under a wider setting) leaves clean."""
         trusted = frozenset(self.trusted_output_types)
-        stored = await self._db(self.storage.events, execution_id, after)
+        stored = await self._db(self._store.events, execution_id, after)
         if not any(e.type in output_policy.DISPLAY_KINDS for e in stored):
             return stored
 
@@ -341,17 +351,19 @@ class CrucibleDispatcher(DispatcherSettings):
                         return
                     await asyncio.sleep(0.1)
                     continue
-                while (event := await queue.get()) is not None and event is not BEHIND:
+                assert channel is not None  # the queue came from it
+                while (item := await queue.get()) is not None and item is not BEHIND:
+                    event = cast(Event, item)  # neither the end (None) nor BEHIND
                     if event.seq > last:
                         yield event
                         last = event.seq
                         if is_terminal(event):
                             return
-                if event is None:  # closed before we saw the end: the rest is in storage
+                if item is None:  # closed before we saw the end: the rest is in storage
                     channel.unsubscribe(queue)
                     queue = None
         finally:
-            if queue is not None:
+            if queue is not None and channel is not None:  # the queue came from the channel
                 channel.unsubscribe(queue)
 
     async def _recorded_end(self, execution_id: str) -> Event | None:
@@ -387,7 +399,7 @@ class CrucibleDispatcher(DispatcherSettings):
             return execution
         run = self._runs.get(execution_id)
         if run is None:  # another dispatcher runs it: ask it through storage
-            await self._db(self.storage.request_cancel, execution_id)
+            await self._db(self._store.request_cancel, execution_id)
             if not owner_alive(execution.dispatcher_id):
                 return await self._rec.cancel_orphan(execution)
             with contextlib.suppress(asyncio.TimeoutError):
@@ -408,13 +420,13 @@ class CrucibleDispatcher(DispatcherSettings):
         Filters: user, status, tag, since, until (ms), cursor, limit.
         """
         self._require_started()
-        page, cursor = await self._db(self.storage.list, **filters)
+        page, cursor = await self._db(self._store.list, **filters)
         return [self._rec.live.get(e.id, e) for e in page], cursor
 
     async def stats(self, **filters: Any) -> dict:
         """Counts by status and p50/p95 durations (filters: user, since)."""
         self._require_started()
-        return await self._db(self.storage.stats, **filters)
+        return await self._db(self._store.stats, **filters)
 
     def queue_status(self, execution_id: str | None = None) -> dict:
         """Depth per priority, running count, capacity, and ``execution_id``'s position."""
@@ -454,8 +466,7 @@ class CrucibleDispatcher(DispatcherSettings):
             self._per_user[execution.user] -= 1
             if self._per_user[execution.user] <= 0:
                 del self._per_user[execution.user]
-            if self._wake is not None:
-                self._wake.set()
+            self._wake.set()
         if again:  # resumed, and its sandbox ended without the cell: it never began
             await self._rec.transition(execution, Status.QUEUED, isolation=None)
             self._queue.push(execution)
@@ -469,7 +480,7 @@ class CrucibleDispatcher(DispatcherSettings):
             if not self._rec.live:
                 continue
             try:
-                wanted = await self._db(self.storage.cancel_requested, list(self._rec.live))
+                wanted = await self._db(self._store.cancel_requested, list(self._rec.live))
             except StorageError:
                 continue
             for execution_id in wanted:
@@ -485,23 +496,24 @@ class CrucibleDispatcher(DispatcherSettings):
         """Take over what a dead dispatcher left unfinished (see ``recovery.py``): queued
         and never-begun executions are queued here, those whose sandbox is still there are
         followed again, those that began and whose sandbox is gone fail with a reason."""
-        for execution in await self._db(self.storage.unfinished):
+        for execution in await self._db(self._store.unfinished):
             owner = execution.dispatcher_id
             if owner != self.owner and not self.single_dispatcher and owner_alive(owner):
                 continue
-            events = await self._db(self.storage.events, execution.id, -1)
+            events = await self._db(self._store.events, execution.id, -1)
             next_seq = events[-1].seq + 1 if events else 0
             sandbox, problem = None, None
             if execution.status is not Status.QUEUED:
                 sandbox, problem = await self._reattach(execution)
             action = after_restart(execution, sandbox is not None)
             if action is Recovery.RESUME:
+                assert sandbox is not None  # RESUME: its sandbox was found
                 self._resume(execution, sandbox, next_seq, events)
             elif action in (Recovery.ADOPT, Recovery.REQUEUE):
                 fields = {"dispatcher_id": self.owner}
                 if action is Recovery.REQUEUE:
                     fields["status"] = Status.QUEUED
-                await self._db(self.storage.update, execution.id, **fields)
+                await self._db(self._store.update, execution.id, **fields)
                 execution.dispatcher_id = self.owner
                 execution.status = Status.QUEUED
                 self._enqueue(execution, next_seq)
@@ -526,7 +538,7 @@ class CrucibleDispatcher(DispatcherSettings):
                 backend = self.get_backend(name)
                 if type(backend).sweep is not Backend.sweep:
                     await backend.sweep(live)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 -- one backend's failure must not stop the others' sweep
                 self.log.warning("crucible: could not sweep backend %s: %s", name, e)
 
     async def _reattach(self, execution: Execution) -> tuple[Sandbox | None, str | None]:
@@ -534,12 +546,12 @@ class CrucibleDispatcher(DispatcherSettings):
         and why it could not tell (None when it could)."""
         try:
             return await self.get_backend(execution.backend).reattach(execution), None
-        except Exception as e:  # its reason goes on the record: the execution cannot be followed
+        except Exception as e:  # noqa: BLE001 -- its reason goes on the record: the execution cannot be followed
             self.log.warning("crucible: cannot reattach to %s: %s", execution.id, e)
             return None, f"reattaching failed: {getattr(e, 'message', None) or e!r}"
 
     def _resume(
-        self, execution: Execution, sandbox: Sandbox, next_seq: int, stored: list[Event]
+        self, execution: Execution, sandbox: Sandbox, next_seq: int, stored: builtins.list[Event]
     ) -> None:
         """Follow an execution again after a restart; stored output is not repeated."""
         execution.dispatcher_id = self.owner
