@@ -167,7 +167,7 @@ class RemoteAPIHandler(_RemoteMixin, CrucibleAPIHandler):  # type: ignore[misc, 
         )
         try:
             response = await AsyncHTTPClient().fetch(request, raise_error=False)
-        except Exception as e:  # DNS, refused connection, TLS...
+        except Exception as e:  # noqa: BLE001 -- DNS, refused connection, TLS...
             raise self.unreachable(url, e) from None
         if response.code == 599:
             raise self.unreachable(url, response.error)
@@ -219,7 +219,7 @@ class RemoteSocket(_RemoteMixin, _CrucibleSocket, JupyterSocket):  # type: ignor
             if e.code == 599 or e.response is None:
                 raise self.unreachable(url, e) from None
             raise self.relayed(e.code, e.response.body) from None
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- any other failure: the service is unreachable
             raise self.unreachable(url, e) from None
         await super().get(*args, **kwargs)
 
@@ -298,7 +298,7 @@ class RemoteSocket(_RemoteMixin, _CrucibleSocket, JupyterSocket):  # type: ignor
                         f"the crucible service refused the stream again ({e.code})"
                     ) from None
                 last = e
-            except Exception as e:  # refused connection: still down
+            except Exception as e:  # noqa: BLE001 -- refused connection: still down
                 last = e
         raise ConnectionError(
             f"the crucible service's stream {why} and it did not come back within"

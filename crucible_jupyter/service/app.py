@@ -294,7 +294,7 @@ class CrucibleService(Application):
         while not self._shutting_down:
             try:
                 await self.dispatcher.start()
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 -- whatever stops it is reported, then retried
                 self._start_error = str(e)
                 self.log.error(
                     "crucible: the dispatcher could not start (%s); retrying in %g s",
@@ -329,7 +329,7 @@ class CrucibleService(Application):
             return f"the dispatcher has not started yet{why}"
         try:
             await asyncio.wait_for(self.dispatcher.list(limit=1), 5)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- the health answer says what failed, whatever it was
             return f"the database does not answer: {e or type(e).__name__}"
         return None
 

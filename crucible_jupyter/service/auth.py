@@ -176,7 +176,7 @@ class HubIdentity:
                 f" {e.log_message or e.reason or e.status_code}; the hub may be down or"
                 " restarting: retry shortly"
             ) from None
-        except Exception as e:  # an unexpected client failure is still the hub's outage
+        except Exception as e:  # noqa: BLE001 -- an unexpected client failure is still the hub's outage
             raise Unavailable(
                 f"cannot check the token with JupyterHub at {self.hub_auth.api_url}: {e};"
                 " retry shortly"

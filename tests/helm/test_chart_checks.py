@@ -69,7 +69,9 @@ def test_schema_validation_catches_a_bad_object():
     """The validation above can fail: a misspelt field in a rendered object is refused."""
     bad = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
            "spec": {"selectr": {"a": "b"}}}  # fmt: skip
-    assert _validate([bad]) and "selectr" in _validate([bad])[0]
+    errors = _validate([bad])
+    assert errors
+    assert "selectr" in errors[0]
 
 
 def _bad_files() -> list[Path]:

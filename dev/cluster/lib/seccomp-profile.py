@@ -93,5 +93,6 @@ def profile(go: str) -> dict:
 
 
 if __name__ == "__main__":
-    source = open(sys.argv[1]).read()
+    with open(sys.argv[1]) as f:
+        source = f.read()
     print(json.dumps(profile(source), indent=1))
