@@ -150,7 +150,7 @@ class Runner:
             except asyncio.TimeoutError:
                 pump.cancel()
                 self.log.warning("crucible: %s output did not end after kill", run.execution.id)
-        except BaseException:
+        except BaseException:  # cancelled too: stop both, then re-raise
             pump.cancel()
             ended.cancel()
             with contextlib.suppress(BaseException):

@@ -200,7 +200,7 @@ class CrucibleApp(ExtensionApp):
             await asyncio.wait_for(asyncio.shield(task), self.start_timeout)
         except asyncio.TimeoutError:
             raise Unavailable("the crucible dispatcher is still starting; retry shortly") from None
-        except Exception as e:
+        except Exception as e:  # whatever failed the start, the caller gets a 503 saying so
             raise Unavailable(f"the crucible dispatcher could not start: {e}") from e
         return self.dispatcher
 

@@ -435,7 +435,7 @@ class CrucibleKubernetesBackend(Backend):
             configmap = objects.make_configmap(name, req.code, self._runner_source, labels)
             await self.cluster.create_job(job, configmap)
             return self._sandbox(execution, name, isolation)
-        except BaseException:
+        except BaseException:  # cancelled too: release the pod key, then re-raise
             if self.cluster.reflector is not None:
                 self.cluster.reflector.release(key)
             raise

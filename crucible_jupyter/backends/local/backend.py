@@ -548,7 +548,7 @@ class CrucibleLocalBackend(Backend):
             argv = self._sandboxed_runner(base_env(), None, seccomp, report, uid)
             fds = () if seccomp is None else (seccomp,)
             proc = await self._exec(argv, {}, group, report, pass_fds=fds)
-        except Exception:
+        except Exception:  # any failure to start: give back what was taken, then re-raise
             if report is not None:
                 report.close()
             if group is not None:

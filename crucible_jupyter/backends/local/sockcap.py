@@ -164,7 +164,7 @@ class SocketCap:
                 prog = _load(prog_type, attach, insns(self.map_fd), name)
                 fds.append(prog)
                 _bpf(PROG_ATTACH, struct.pack("<IIII", dir_fd, prog, attach, 0))
-        except BaseException:
+        except BaseException:  # interrupted too: close the map, then re-raise
             os.close(self.map_fd)
             raise
         finally:

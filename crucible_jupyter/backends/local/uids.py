@@ -78,7 +78,7 @@ class UidLeases:
             except BlockingIOError:
                 os.close(fd)
                 continue
-            except BaseException:
+            except BaseException:  # anything else: close the lock file, then re-raise
                 os.close(fd)
                 raise
             return Lease(uid, fd)
