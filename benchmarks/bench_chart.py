@@ -1,0 +1,464 @@
+"""The installed chart under load on the dev cluster, beside bare Jobs in the same run.
+
+    eval "$(dev/cluster/cluster env)"
+    flock /tmp/crucible-k8s.lock .venv/bin/python benchmarks/bench_chart.py [--users 20] [--cells-per-user 10]
+
+1. ``helm install`` helm/crucible with ``examples/dev-cluster-values.yaml`` (its own
+   namespaces ``crucible-bench-XXXX`` and ``crucible-bench-XXXX-executions``; image
+   ``localhost/crucible/service:dev`` as loaded on the node), and beside it the hub of
+   ``tests/helm/minihub`` with ``examples/z2jh-values.yaml`` (the service checks every
+   token with that hub, in the cluster, as in production). A control service registered
+   in the hub (``admin:users``, ``tokens``) makes ``--users`` users and their API tokens,
+   as ``tests/helpers/hub.py`` does, plus ``admin`` (crucible's admin scope).
+2. The service is reached with ``kubectl port-forward svc/crucible`` (the chart's
+   NetworkPolicy admits only the hub and user servers; a port-forward enters the pod's
+   own network namespace). All users at once submit ``--cells-per-user`` ``print(1)``
+   cells each with ``backend: kubernetes`` (POST executions with the user's token), each
+   followed on its WebSocket stream to its terminal event: wall time, throughput, p50/p95
+   latency (submit to terminal event). Checks: every cell succeeded printing ``1`` (0
+   lost), nothing queued/starting/running service-wide afterwards (0 stuck, as the admin
+   sees it), each user lists exactly their own cells and gets 404 on another user's.
+3. The reference, same run: as many bare Jobs (``python3 -c 'print(1)'`` on
+   ``localhost/crucible/executor:dev``), created at once through the API in a namespace
+   of their own (no quota, no policy), each watched (one watch on the namespace) until it
+   succeeds: wall time, throughput, p50/p95 (create call to ``succeeded``), lost/stuck.
+   The ratio of the two says what the service adds over the cluster's own floor; the
+   chart's concurrency (``executions.maxConcurrent``) bounds the service, nothing bounds
+   the bare Jobs.
+4. ``helm uninstall`` both releases and delete the namespaces.
+
+Exits 1 if a cell or Job was lost or stuck, or a user saw another's execution. Figures
+are medians of one run on a shared machine; no timing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import requests
+from kubernetes_asyncio import client, config, watch
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.websocket import websocket_connect
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.helm.chart import CHART, EXAMPLES, Helm  # noqa: E402
+from tests.helm.cluster import SCRIPT, Cluster  # noqa: E402
+
+MINIHUB = REPO / "tests" / "helm" / "minihub"
+EXECUTOR = "localhost/crucible/executor:dev"
+UNFINISHED = ("queued", "starting", "running")
+GUARD = 600  # seconds any wait may take before the run gives up (not a timing check)
+
+
+def pct(values: list[float], p: float) -> float:
+    """The ``p``-th percentile (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
+
+
+class PortForward:
+    """``kubectl port-forward TARGET`` in ``namespace`` to a free port on 127.0.0.1."""
+
+    def __init__(self, cluster: Cluster, namespace: str, target: str, port: int) -> None:
+        self.proc = subprocess.Popen(
+            [cluster.kubectl_path, "--kubeconfig", cluster.kubeconfig, "-n", namespace,
+             "port-forward", "--address", "127.0.0.1", target, f":{port}"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        found = re.search(r"127\.0\.0\.1:(\d+)", line)
+        if not found:
+            self.stop()
+            raise RuntimeError(f"kubectl port-forward {target}: {line}")
+        self.url = f"http://127.0.0.1:{found.group(1)}"
+
+    def stop(self) -> None:
+        """Stop kubectl."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def wait_for(what: str, probe: Any, seconds: float = GUARD) -> Any:
+    """Poll ``probe()`` until it returns something true; RuntimeError past ``seconds``."""
+    deadline = time.monotonic() + seconds
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            found = probe()
+        except (requests.RequestException, ValueError) as e:
+            found, last = None, e
+        if found:
+            return found
+        time.sleep(1)
+    raise RuntimeError(f"{what}: not within {seconds:g} s (last error: {last})")
+
+
+def ready_pod(cluster: Cluster, namespace: str, selector: str) -> bool:
+    """Whether a pod matching ``selector`` is ready (and not terminating)."""
+    out = cluster.kubectl("-n", namespace, "get", "pods", "-l", selector, "-o", "json",
+                          check=False).stdout  # fmt: skip
+    for pod in json.loads(out or '{"items": []}')["items"]:
+        conditions = pod.get("status", {}).get("conditions") or []
+        if not pod["metadata"].get("deletionTimestamp") and any(
+            c["type"] == "Ready" and c["status"] == "True" for c in conditions
+        ):
+            return True
+    return False
+
+
+class Install:
+    """Both releases in one namespace (the service's executions in a second one)."""
+
+    def __init__(self, cluster: Cluster, suffix: str) -> None:
+        self.cluster = cluster
+        self.namespace = f"crucible-bench-{suffix}"
+        self.executions = f"{self.namespace}-executions"
+        self.control_token = secrets.token_hex(32)
+
+    def up(self) -> None:
+        """Install the chart and the hub; wait until both pods are ready."""
+        self.cluster.helm(
+            "install", "crucible", str(CHART), "--namespace", self.namespace, "--create-namespace",
+            "-f", str(EXAMPLES / "dev-cluster-values.yaml"),
+            "--set", f"executions.namespace={self.executions}",
+        )  # fmt: skip
+        self.cluster.helm(
+            "install", "jupyterhub", str(MINIHUB), "--namespace", self.namespace,
+            "-f", str(EXAMPLES / "z2jh-values.yaml"),
+            "--set", f"hub.dummyPassword={secrets.token_urlsafe(12)}",
+            "--set", f"hub.services.crucible.url=http://crucible.{self.namespace}.svc:8576",
+            "--set-json", "hub.services.benchcontrol="
+            + json.dumps({"apiToken": self.control_token, "display": False}),
+            "--set-json", "hub.loadRoles.benchcontrol=" + json.dumps(
+                {"scopes": ["admin:users", "tokens"], "services": ["benchcontrol"]}
+            ),
+        )  # fmt: skip
+        for selector in ("component=hub", "component=proxy", "app.kubernetes.io/component=service"):
+            wait_for(f"a ready pod {selector}",
+                     lambda s=selector: ready_pod(self.cluster, self.namespace, s))  # fmt: skip
+
+    def dump(self) -> None:
+        """The namespaces' objects and events, and the service's log (after a failure)."""
+        for ns in (self.namespace, self.executions):
+            print(self.cluster.kubectl("-n", ns, "get", "all,events", check=False).stdout)
+        print(self.cluster.kubectl("-n", self.namespace, "logs", "statefulset/crucible",
+                                   "--tail=60", check=False).stdout)  # fmt: skip
+
+    def down(self) -> None:
+        """Uninstall both releases and delete the namespaces (without waiting for it)."""
+        for release in ("jupyterhub", "crucible"):
+            self.cluster.helm("uninstall", release, "--namespace", self.namespace, "--wait",
+                              "--timeout", "120s", check=False)  # fmt: skip
+        for ns in (self.executions, self.namespace):
+            self.cluster.kubectl("delete", "namespace", ns, "--ignore-not-found", "--wait=false",
+                                 check=False)  # fmt: skip
+
+
+def make_users(hub_api: str, control_token: str, names: list[str]) -> dict[str, str]:
+    """Hub users ``names`` with an API token each: ``{name: token}``."""
+    control = {"Authorization": f"token {control_token}"}
+    r = wait_for(
+        "the hub's API",
+        lambda: (r := requests.post(f"{hub_api}/users", json={"usernames": names},
+                                    headers=control, timeout=60)).status_code in (201, 409) and r,
+    )  # fmt: skip
+    tokens = {}
+    for name in names:
+        r = requests.post(f"{hub_api}/users/{name}/tokens", json={"note": "bench_chart"},
+                          headers=control, timeout=60)  # fmt: skip
+        if r.status_code != 201:
+            raise RuntimeError(f"token for {name}: {r.status_code} {r.text}")
+        tokens[name] = r.json()["token"]
+    return tokens
+
+
+async def run_cell(
+    http: AsyncHTTPClient, api: str, token: str
+) -> tuple[float, dict[str, Any], list[dict[str, Any]]]:
+    """``(seconds from submit to terminal event, execution, events)`` of one print(1) cell."""
+    headers = {"Authorization": f"token {token}", "Content-Type": "application/json"}
+    t0 = time.perf_counter()
+    response = await http.fetch(
+        HTTPRequest(
+            api + "executions", method="POST", headers=headers, request_timeout=GUARD,
+            body=json.dumps({"code": "print(1)", "backend": "kubernetes"}),
+        )
+    )  # fmt: skip
+    execution = json.loads(response.body)
+    url = f"{api.replace('http://', 'ws://', 1)}executions/{execution['id']}/stream"
+    conn = await websocket_connect(
+        HTTPRequest(url, headers=headers, request_timeout=GUARD), ping_interval=None
+    )
+    events = []
+    try:
+        while (message := await asyncio.wait_for(conn.read_message(), GUARD)) is not None:
+            event = json.loads(message)
+            events.append(event)
+            if event.get("type") == "status" and event.get("status") not in UNFINISHED:
+                break
+    finally:
+        conn.close()
+    return time.perf_counter() - t0, execution, events
+
+
+async def through_service(api: str, tokens: dict[str, str], per_user: int) -> dict[str, Any]:
+    """Every user's ``per_user`` cells at once through the service; figures and checks."""
+    users = [name for name in tokens if name != "admin"]
+    for name in users:  # the service learns each token from the hub once (cached after)
+        r = requests.get(f"{api}executions", headers={"Authorization": f"token {tokens[name]}"},
+                         timeout=60)  # fmt: skip
+        if r.status_code != 200:
+            raise RuntimeError(f"{name} cannot list executions: {r.status_code} {r.text}")
+    AsyncHTTPClient.configure(None, max_clients=len(users) * per_user + 10)
+    http = AsyncHTTPClient(force_instance=True)
+    jobs = [(name, i) for i in range(per_user) for name in users]
+    t0 = time.perf_counter()
+    results = await asyncio.gather(
+        *(run_cell(http, api, tokens[name]) for name, _ in jobs), return_exceptions=True
+    )
+    wall = time.perf_counter() - t0
+    http.close()
+
+    latencies, lost = [], []
+    mine: dict[str, set[str]] = {name: set() for name in users}
+    for (name, i), result in zip(jobs, results, strict=True):
+        if isinstance(result, BaseException):
+            lost.append(f"{name} {i}: {result!r}")
+            continue
+        seconds, execution, events = result
+        mine[name].add(execution["id"])
+        latencies.append(seconds)
+        stdout = "".join(e.get("text", "") for e in events if e.get("type") == "stream")
+        if not events or events[-1].get("status") != "succeeded" or stdout != "1\n":
+            lost.append(f"{name} {i}: {events[-1] if events else None} {stdout!r}")
+
+    admin = {"Authorization": f"token {tokens['admin']}"}
+    stuck = 0
+    for status in UNFINISHED:
+        r = requests.get(f"{api}executions", params={"status": status, "limit": 500},
+                         headers=admin, timeout=60)  # fmt: skip
+        stuck += len(r.json()["executions"])
+    r = requests.get(f"{api}executions", params={"limit": 500}, headers=admin, timeout=60)
+    backends = {(e.get("backend"), e.get("isolation")) for e in r.json()["executions"]}
+    leaks = []
+    for k, name in enumerate(users):
+        headers = {"Authorization": f"token {tokens[name]}"}
+        r = requests.get(f"{api}executions", params={"limit": 500}, headers=headers, timeout=60)
+        listed = {e["id"] for e in r.json()["executions"]}
+        if listed != mine[name]:
+            leaks.append(f"{name} lists {len(listed)} ids, has {len(mine[name])}")
+        other = users[(k + 1) % len(users)]
+        for execution_id in sorted(mine[other])[:2]:
+            r = requests.get(f"{api}executions/{execution_id}", headers=headers, timeout=60)
+            if r.status_code != 404:
+                leaks.append(f"{name} got {r.status_code} on {other}'s {execution_id}")
+    return {
+        "cells": len(jobs),
+        "wall_s": wall,
+        "latencies": latencies,
+        "lost": len(lost),
+        "stuck": stuck,
+        "visibility_violations": len(leaks),
+        "backends": sorted(map(str, backends)),
+        "problems": (lost + leaks)[:20],
+    }
+
+
+def bare_job(name: str, run: str) -> dict[str, Any]:
+    """A Job running ``python3 -c 'print(1)'`` on the executor image, labelled ``run``."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": {"bench": run}},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": {"bench": run}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {
+                            "name": "c",
+                            "image": EXECUTOR,
+                            "imagePullPolicy": "Never",
+                            "command": ["python3", "-c", "print(1)"],
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+async def bare_jobs(kubeconfig: str, namespace: str, count: int) -> dict[str, Any]:
+    """``count`` bare Jobs created at once, watched until each succeeds (or fails)."""
+    api = await config.new_client_from_config(config_file=kubeconfig)
+    core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+    await core.create_namespace({"metadata": {"name": namespace}})
+    run = uuid.uuid4().hex[:8]
+    names = [f"bare-{run}-{i:03d}" for i in range(count)]
+    created: dict[str, float] = {}
+    ended: dict[str, tuple[float, str]] = {}
+    try:
+        listing = await batch.list_namespaced_job(namespace, label_selector=f"bench={run}")
+        version = listing.metadata.resource_version
+
+        async def follow() -> None:
+            w = watch.Watch()
+            async with w.stream(batch.list_namespaced_job, namespace, label_selector=f"bench={run}",
+                                resource_version=version, timeout_seconds=GUARD) as stream:  # fmt: skip
+                async for event in stream:
+                    obj = event["raw_object"]
+                    status = obj.get("status") or {}
+                    name = obj["metadata"]["name"]
+                    if name not in ended and (status.get("succeeded") or status.get("failed")):
+                        ended[name] = (
+                            time.perf_counter(),
+                            "succeeded" if status.get("succeeded") else "failed",
+                        )
+                        if len(ended) == count:
+                            return
+
+        watcher = asyncio.ensure_future(follow())
+
+        async def create(name: str) -> None:
+            created[name] = time.perf_counter()
+            await batch.create_namespaced_job(namespace, bare_job(name, run))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(create(n) for n in names))
+        with contextlib.suppress(asyncio.TimeoutError):  # the unfinished ones count as stuck
+            await asyncio.wait_for(watcher, GUARD)
+        wall = max((t for t, _ in ended.values()), default=time.perf_counter()) - t0
+        latencies = [ended[n][0] - created[n] for n in names if n in ended]
+        failed = [n for n, (_, how) in ended.items() if how != "succeeded"]
+        logs_ok = 0
+        pods = await core.list_namespaced_pod(namespace, label_selector=f"bench={run}")
+        for pod in pods.items[:5]:  # a sample: the Jobs printed what they were told to
+            log = await core.read_namespaced_pod_log(pod.metadata.name, namespace)
+            logs_ok += log == "1\n"
+        return {
+            "cells": count,
+            "wall_s": wall,
+            "latencies": latencies,
+            "lost": len(failed),
+            "stuck": count - len(ended),
+            "log_sample": f"{logs_ok}/{min(5, len(pods.items))} pods logged '1'",
+        }
+    finally:
+        await core.delete_namespace(namespace, propagation_policy="Background")
+        await api.close()
+
+
+def summary(figures: dict[str, Any]) -> dict[str, float]:
+    """Wall, throughput and p50/p95 of one side."""
+    lat = figures["latencies"] or [float("nan")]
+    return {
+        "wall_s": figures["wall_s"],
+        "per_s": figures["cells"] / figures["wall_s"],
+        "p50_s": statistics.median(lat),
+        "p95_s": pct(lat, 95),
+    }
+
+
+def main() -> None:
+    """Install, measure both sides, uninstall, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=20, help="users at once (20)")
+    parser.add_argument("--cells-per-user", type=int, default=10, help="print(1) cells each (10)")
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    args = parser.parse_args()
+    env = {**os.environ}
+    kubeconfig = (
+        env.get("CRUCIBLE_CLUSTER_KUBECONFIG")
+        or subprocess.run(
+            [str(SCRIPT), "kubeconfig"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
+    bin_dir = Path(
+        subprocess.run(
+            [str(SCRIPT), "bin-dir"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
+    cluster = Cluster(kubeconfig, bin_dir, Helm(str(bin_dir / "helm")))
+    suffix = uuid.uuid4().hex[:6]
+    install = Install(cluster, suffix)
+    load_before = os.getloadavg()[0]
+    forwards: list[PortForward] = []
+    failed = True
+    try:
+        started = time.monotonic()
+        install.up()
+        installed_s = time.monotonic() - started
+        hub = PortForward(cluster, install.namespace, "svc/hub", 8081)
+        forwards.append(hub)
+        service = PortForward(cluster, install.namespace, "svc/crucible", 8576)
+        forwards.append(service)
+        names = [f"user{i:02d}" for i in range(args.users)] + ["admin"]
+        tokens = make_users(f"{hub.url}/hub/api", install.control_token, names)
+        api = f"{service.url}/services/crucible/api/"
+        crucible = asyncio.run(through_service(api, tokens, args.cells_per_user))
+        bare = asyncio.run(
+            bare_jobs(kubeconfig, f"crucible-bench-{suffix}-bare", args.users * args.cells_per_user)
+        )
+        failed = bool(
+            crucible["lost"] or crucible["stuck"] or crucible["visibility_violations"]
+            or bare["lost"] or bare["stuck"]
+        )  # fmt: skip
+    finally:
+        for forward in forwards:
+            forward.stop()
+        if failed:
+            install.dump()
+        install.down()
+    s, b = summary(crucible), summary(bare)
+    print(
+        f"machine: {os.cpu_count()} CPUs, 1-minute load {load_before:.1f} before,"
+        f" {os.getloadavg()[0]:.1f} after; chart installed and ready in {installed_s:.0f} s"
+    )
+    print(
+        f"{crucible['cells']} print(1) cells from {args.users} users at once"
+        f" (chart: examples/dev-cluster-values.yaml) vs {bare['cells']} bare Jobs at once:"
+    )
+    print(f"{'':22s} {'wall s':>8s} {'cells/s':>8s} {'p50 s':>7s} {'p95 s':>7s} {'lost':>5s}"
+          f" {'stuck':>5s} {'seen by others':>14s}")  # fmt: skip
+    print(f"{'service (REST+WS)':22s} {s['wall_s']:8.1f} {s['per_s']:8.2f} {s['p50_s']:7.2f}"
+          f" {s['p95_s']:7.2f} {crucible['lost']:5d} {crucible['stuck']:5d}"
+          f" {crucible['visibility_violations']:14d}")  # fmt: skip
+    print(f"{'bare Jobs (watched)':22s} {b['wall_s']:8.1f} {b['per_s']:8.2f} {b['p50_s']:7.2f}"
+          f" {b['p95_s']:7.2f} {bare['lost']:5d} {bare['stuck']:5d} {'-':>14s}")  # fmt: skip
+    print(f"{'ratio service/bare':22s} {s['wall_s'] / b['wall_s']:8.2f}"
+          f" {s['per_s'] / b['per_s']:8.2f} {s['p50_s'] / b['p50_s']:7.2f}"
+          f" {s['p95_s'] / b['p95_s']:7.2f}")  # fmt: skip
+    print(
+        f"service executions (backend, isolation): {crucible['backends']}; bare: {bare['log_sample']}"
+    )
+    for problem in crucible["problems"]:
+        print(f"  {problem}")
+    if args.json:
+        print(json.dumps({"service": {**crucible, **s}, "bare": {**bare, **b}}))
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
