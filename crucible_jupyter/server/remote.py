@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
@@ -58,17 +58,23 @@ class Relayed(CrucibleError):
         return dict(self.body)
 
 
-class _RemoteMixin:
+if TYPE_CHECKING:  # what the mixin is mixed into (before it), as the type checker sees it
+    from .base import CrucibleMixin as _Host
+else:
+    _Host = object
+
+
+class _RemoteMixin(_Host):
     """Where the service is, how to reach it, and how its refusals are told."""
 
     def service_url(self, upstream: str = "http") -> str:
         """The service URL of this request's path under the API root, with its query."""
-        app = self.crucible  # type: ignore[attr-defined]
-        rest = self.request.path[len(app.api_root) :].lstrip("/")  # type: ignore[attr-defined]
+        app = self.crucible
+        rest = self.request.path[len(app.api_root) :].lstrip("/")
         url = app.service_api_url + rest
         query = [
             (k, v.decode("utf-8", "replace"))
-            for k, values in self.request.query_arguments.items()  # type: ignore[attr-defined]
+            for k, values in self.request.query_arguments.items()
             if k not in _LOCAL_QUERY
             for v in values
         ]
@@ -80,7 +86,7 @@ class _RemoteMixin:
 
     def auth_headers(self) -> dict[str, str]:
         """The server's hub token, for the service."""
-        token = self.crucible.service_token  # type: ignore[attr-defined]
+        token = self.crucible.service_token
         if not token:
             raise Unavailable(
                 "this server forwards crucible to a service but has no JupyterHub token to"
@@ -90,7 +96,7 @@ class _RemoteMixin:
 
     def unreachable(self, url: str, error: Any) -> Unavailable:
         """The 503 for a service that did not answer."""
-        app = self.crucible  # type: ignore[attr-defined]
+        app = self.crucible
         return Unavailable(
             f"the crucible service at {app.service_url} is unreachable ({error}); it may be"
             " restarting: retry in a moment, and if it stays so ask your JupyterHub"
@@ -100,7 +106,7 @@ class _RemoteMixin:
     def local_paths(self, text: str) -> str:
         """``text`` with the service's API path replaced by this server's (so a message says
         where the caller can send the next request)."""
-        app = self.crucible  # type: ignore[attr-defined]
+        app = self.crucible
         theirs = urlsplit(app.service_api_url).path  # /services/crucible/api/
         return text.replace(theirs, app.api_root + "/") if theirs else text
 
@@ -112,7 +118,7 @@ class _RemoteMixin:
             body = None
         if not isinstance(body, dict) or not isinstance(body.get("message"), str):
             if status in (502, 503, 504):  # a proxy or load balancer's page: nobody behind it
-                return self.unreachable(self.crucible.service_url, f"HTTP {status}")  # type: ignore[attr-defined]
+                return self.unreachable(self.crucible.service_url, f"HTTP {status}")
             body = {}
         body.setdefault("error", "ServiceError")
         body.setdefault("message", f"the crucible service answered {status}")
