@@ -484,3 +484,39 @@ async def test_crucible_pod_deleted_mid_cell(deployed, servers):
     shown = [int(n) for n in re.findall(r"tick (\d+)", text)]
     assert shown == sorted(set(shown)), shown
     assert all(f"tick {i}\n" in recorded for i in shown), (shown, recorded)
+
+
+def _hub_token(deployed: Deployment) -> str:
+    secrets_ = json.loads(
+        deployed.cluster.kubectl("-n", NAMESPACE, "get", "secrets", "-o", "json").stdout
+    )["items"]
+    (secret,) = [s for s in secrets_ if s["metadata"]["name"].endswith("-hub-token")]
+    return json.dumps(secret["data"], sort_keys=True)
+
+
+def test_helm_upgrade_keeps_the_token_and_the_executions(deployed, servers):
+    """`helm upgrade` with a changed value rolls the crucible pod (the config checksum
+    changes): the hub token and alice's recorded executions are there after it."""
+    alice = servers["alice"]
+    name = _marker()
+    code, created, _ = alice.call("POST", "executions", json={"code": "print(7)", "name": name})
+    assert code == 201, created
+    _wait("alice's cell finished", lambda: (e := _find(alice, name)) and e["status"] == "succeeded")
+    token = _hub_token(deployed)
+    pod = deployed.crucible_pod()
+    assert pod
+    deployed.cluster.helm(
+        "upgrade", "crucible", str(CHART), "--namespace", NAMESPACE, "--reuse-values",
+        "--set", "executions.maxConcurrentPerUser=5",
+    )  # fmt: skip
+    _wait(
+        "the upgraded crucible pod ready",
+        lambda: (
+            (new := deployed.crucible_pod()) and new["metadata"]["uid"] != pod["metadata"]["uid"]
+        ),
+    )
+    assert _hub_token(deployed) == token
+    after = _wait("alice's execution listed after the upgrade", lambda: _find(alice, name))
+    assert isinstance(after, dict)
+    assert after["id"] == created["id"]
+    assert after["status"] == "succeeded", after
