@@ -128,6 +128,11 @@ class HubIdentity:
                 + self._browser_hint()
             )
         if by_cookie:
+            # what a browser login opens gets an opaque origin and is never framed: a page
+            # of another user's server (the same origin, without subdomains) that opens it
+            # in a frame or a window cannot read it
+            handler.set_header("Content-Security-Policy", "sandbox; frame-ancestors 'none'")
+            handler.set_header("X-Frame-Options", "DENY")
             self._check_cookie_use(handler)
         model = await self._user_for(token)
         if not model:

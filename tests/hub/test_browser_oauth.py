@@ -51,6 +51,9 @@ def test_a_browser_logs_in_through_the_hub_and_reads_its_own(hub: Hub) -> None:
     assert r.url == url, hops
     assert any("/hub/api/oauth2/authorize" in h for h in hops), hops
     assert any("/services/crucible/oauth_callback" in h for h in hops), hops
+    # an opaque origin, never framed: a same-origin page that opens it cannot read it
+    assert "sandbox" in r.headers["Content-Security-Policy"].split(";")[0], r.headers
+    assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"], r.headers
     listed = {e["id"]: e["user"] for e in json_of(r)["executions"]}
     assert listed[alices["id"]] == "alice"
     assert bobs["id"] not in listed
