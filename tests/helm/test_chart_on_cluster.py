@@ -236,11 +236,26 @@ def _service_account_kubeconfig(cluster: Cluster, rel: Release, path: Path) -> P
     return path
 
 
+@pytest.fixture(scope="module")
+def service_stopped(cluster: Cluster, release: Release) -> Release:
+    """The release with its service scaled to no pod: the one dispatcher of the executions
+    namespace. A service pod starting (after ``helm upgrade`` changed its settings) sweeps
+    every executor Job it does not know, so it would delete a Job another dispatcher runs
+    there (seen: a cell of the test below killed 0.04 s after it began, exit 137)."""
+    cluster.kubectl("-n", release.namespace, "scale", "statefulset", release.name, "--replicas=0")
+    cluster.kubectl(
+        "-n", release.namespace, "wait", "--for=delete", f"pod/{release.name}-0", "--timeout=120s",
+    )  # fmt: skip
+    return release
+
+
 @pytest.mark.parametrize("warm_pods", [0, 1])
-def test_cells_run_with_the_roles_rights_only(cluster, release, tmp_path, warm_pods):
+def test_cells_run_with_the_roles_rights_only(cluster, service_stopped, tmp_path, warm_pods):
     """A dispatcher holding only the service account's token, with the settings the
     chart rendered for the service, runs a cell in the executions namespace (cold Job,
-    or warm pod): the Role grants every call the backend makes."""
+    or warm pod): the Role grants every call the backend makes. It stands in for the
+    service, which is scaled down meanwhile (one dispatcher per executions namespace)."""
+    release = service_stopped
     kubeconfig = _service_account_kubeconfig(cluster, release, tmp_path / "sa.kubeconfig")
     rendered = _config(cluster, release)
     settings = {
