@@ -32,6 +32,11 @@ READY = objects.READY_LINE.encode()
 ENDED = object()  # the container ended while its log was followed
 #: The runner's last frame (as its FrameWriter writes it: keys in this order).
 END_FRAME = re.compile(rb'\{"v":1,"seq":\d+,"t":\d+,"type":"end"')
+#: How often an ended container's log is read whole again while it lacks the end frame
+#: (a runner killed by a signal never writes it), and the pause before the first read
+#: (the n-th waits n times as long).
+WHOLE_READS = 3
+WHOLE_READ_PAUSE = 0.2
 
 
 @dataclass(frozen=True)
@@ -123,13 +128,15 @@ class KubernetesSandbox(Sandbox):
         Once the pod watch shows the container ended, the stream ends there if the runner's
         ``end`` frame (the last line it writes) was read, else the rest is read from the log
         whole (complete then): either way without waiting for the kubelet to end the
-        followed stream, which it does up to seconds later."""
+        followed stream, which it does up to seconds later. A log that ended without the
+        end frame is read whole again (``WHOLE_READS`` times at most, each line once)."""
         await self.ready()
         if not self.started:
             return
         consumed = 0
         follow = True
         saw_end = False
+        whole_reads = 0  # whole reads after the stream ended without the end frame
         reflector = self._reflector()
         while True:
             pod = reflector.pod_for(self.key) or reflector.gone.get(self.key)
@@ -186,9 +193,16 @@ class KubernetesSandbox(Sandbox):
                 return  # being deleted: nothing more will come
             try:
                 await reflector.wait_for(self.key, lambda p: p is None or pods.terminated(p), 5.0)
-                return
             except TimeoutError:
                 continue  # still running: the stream broke early; reopen and skip
+            if saw_end or whole_reads >= WHOLE_READS or reflector.pod_for(self.key) is None:
+                return
+            # ended without the runner's last line: the kubelet may have ended the stream
+            # before the container's log file held all it wrote (seen under 50 concurrent
+            # cells: a cell that succeeded with no output). Read the log whole again.
+            whole_reads += 1
+            follow = False
+            await asyncio.sleep(WHOLE_READ_PAUSE * whole_reads)
 
     async def _next_unless_stopped(self, lines: AsyncIterator, ended: asyncio.Future) -> Any:
         """The next log line; None at its end or once the execution is being stopped;
