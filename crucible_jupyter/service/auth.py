@@ -4,7 +4,8 @@ The promises:
 
 * the caller's name is the one JupyterHub gives for the token (``GET /hub/api/user`` through
   ``jupyterhub.services.auth.HubAuth``, answers cached ``cache_max_age`` seconds), never a
-  value the client sends;
+  value the client sends; a service's token is ``service/NAME``, which no user can be
+  called; a name storage would rewrite (NUL, lone surrogates) is refused (403);
 * no token: 401; a token the hub does not know (expired, revoked, from another hub): 401;
   a token without the service's access scope (``access:services!service=<name>``): 403;
   each with a message saying what to send or whom to ask, naming the service's path;
@@ -34,6 +35,7 @@ from tornado import web
 
 from ..errors import CrucibleError, Forbidden, Unavailable
 from ..server.common import Caller
+from ..storage.values import clean_text
 
 
 class Unauthorized(CrucibleError):
@@ -160,9 +162,22 @@ class HubIdentity:
                 " and, for tokens of user servers, c.Spawner.server_token_scopes)"
             )
         admin = bool(self.admin_scope) and bool(check_scopes({self.admin_scope}, scopes))
-        # users and services have separate name spaces in the hub: keep them apart here
-        owner = name if kind == "user" else f"{kind}:{name}"
-        return Caller(owner, admin=admin)
+        return Caller(self._owner(kind, name), admin=admin)
+
+    def _owner(self, kind: str, name: str) -> str:
+        """The owner name recorded for the hub's ``kind`` ``name``: a user's name as it is;
+        ``service/NAME`` for a service (users and services have separate name spaces in
+        the hub, and JupyterHub refuses '/' in both names, so no user can be called that;
+        ``service:NAME`` could be). Forbidden for a name storage would rewrite (NUL, lone
+        surrogates: two users would share one owner) or an empty one."""
+        owner = name if kind == "user" else f"{kind}/{name}"
+        if not name or clean_text(owner) != owner:
+            raise Forbidden(
+                f"the JupyterHub {kind} name {name[:80]!r} cannot be recorded as the owner of"
+                " executions as it is (it is empty, or holds a NUL byte or a lone surrogate);"
+                " ask your JupyterHub administrator to give it a plain name"
+            )
+        return owner
 
     async def _user_for(self, token: str) -> dict[str, Any] | None:
         try:
