@@ -34,6 +34,7 @@ from tests.helpers.hub import (
     Hub,
     Kernel,
     Service,
+    UserServer,
     stop_process,
     text_of,
     user_server,
@@ -189,7 +190,10 @@ def test_every_route_answers_another_users_id_like_an_unknown_one(hub: Hub, peop
         for method, op in operations.items():
             if method == "parameters":
                 continue
-            params = {p["name"]: p["in"] for p in [*operations.get("parameters", []), *op.get("parameters", [])]}  # fmt: skip
+            params = {
+                p["name"]: p["in"]
+                for p in [*operations.get("parameters", []), *op.get("parameters", [])]
+            }
             if "execution_id" not in params:
                 continue
             where = params["execution_id"]
@@ -465,58 +469,119 @@ def test_revoked_and_expired_tokens_are_401(hub: Hub, people: People) -> None:
 # -- a user server's own token ----------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def victim_server(hub: Hub, people: People) -> Iterator[UserServer]:
+    """victim's user server (remote mode: it forwards to the service with its own token)."""
+    with user_server(hub, "victim") as server:
+        yield server
+
+
 async def test_a_notebook_that_takes_its_servers_token_is_still_only_its_user(
-    hub: Hub, people: People
+    hub: Hub, people: People, victim_server: UserServer
 ) -> None:
     """Code in victim's notebook (a python3 kernel of her server in remote mode) reads her
     server's JupyterHub token: it is victim at the service and nobody else, and her server
     holds no database or cluster credentials."""
-    with user_server(hub, "victim") as server:
-        async with Kernel(server, "python3") as kernel:
-            reply, outputs = await kernel.run(
-                "import json, os\n"
-                "print(json.dumps({'token': os.environ.get('JUPYTERHUB_API_TOKEN'),"
-                " 'env': sorted(os.environ)}))"
-            )
-        assert reply["status"] == "ok", reply
-        leaked = json.loads(text_of(outputs))
-        token, names = leaked["token"], leaked["env"]
-        assert token, leaked
-        for name in names:
-            assert not name.startswith(("KUBE", "CRUCIBLE_DB", "PG")), names
-            assert "DB_URL" not in name, names
-        hub.tokens["victim-server"] = token
-
-        # at the service: victim's own and nothing else, whatever it asks for
-        assert set(ids_listed(hub, "victim-server").values()) == {"victim"}
-        code, body = hub.call("victim-server", "GET", f"executions/{people.mallorys}")
-        assert code == 404, body
-        code, body = hub.call("victim-server", "GET", "executions?user=mallory")
-        assert code == 200, body
-        assert body["executions"] == [], body
-        code, body = hub.call("victim-server", "POST", "executions", json={"code": "1", "user": "mallory"})  # fmt: skip
-        assert code == 400, body
-        # at the hub: no more than the server's scopes (no other user, no admin)
-        r = requests.get(f"{hub.api_url}/user", headers=hub.headers("victim-server"), timeout=30)
-        assert r.status_code == 200, r.text
-        assert r.json()["name"] == "victim", r.text
-        r = requests.get(
-            f"{hub.api_url}/users/mallory", headers=hub.headers("victim-server"), timeout=30
+    server = victim_server
+    async with Kernel(server, "python3") as kernel:
+        reply, outputs = await kernel.run(
+            "import json, os\n"
+            "print(json.dumps({'token': os.environ.get('JUPYTERHUB_API_TOKEN'),"
+            " 'env': sorted(os.environ)}))"
         )
-        assert r.status_code in (403, 404), r.text
+    assert reply["status"] == "ok", reply
+    leaked = json.loads(text_of(outputs))
+    token, names = leaked["token"], leaked["env"]
+    assert token, leaked
+    for name in names:
+        assert not name.startswith(("KUBE", "CRUCIBLE_DB", "PG")), names
+        assert "DB_URL" not in name, names
+    hub.tokens["victim-server"] = token
 
-        # mallory's token at victim's server: refused by the server; victim's own token
-        # through her server reaches only her executions
-        r = requests.get(
-            f"{server.api}executions", headers=hub.headers("mallory"), timeout=60,
-            allow_redirects=False,
-        )  # fmt: skip
-        assert r.status_code in (302, 403), r.text
-        code, body, _ = server.call("GET", f"executions/{people.mallorys}")
-        assert code == 404, body
-        code, body, _ = server.call("GET", "executions?user=mallory")
-        assert code == 200, body
-        assert body["executions"] == [], body
+    # at the service: victim's own and nothing else, whatever it asks for
+    assert set(ids_listed(hub, "victim-server").values()) == {"victim"}
+    code, body = hub.call("victim-server", "GET", f"executions/{people.mallorys}")
+    assert code == 404, body
+    code, body = hub.call("victim-server", "GET", "executions?user=mallory")
+    assert code == 200, body
+    assert body["executions"] == [], body
+    code, body = hub.call(
+        "victim-server", "POST", "executions", json={"code": "1", "user": "mallory"}
+    )
+    assert code == 400, body
+    # at the hub: no more than the server's scopes (no other user, no admin)
+    r = requests.get(f"{hub.api_url}/user", headers=hub.headers("victim-server"), timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["name"] == "victim", r.text
+    r = requests.get(
+        f"{hub.api_url}/users/mallory", headers=hub.headers("victim-server"), timeout=30
+    )
+    assert r.status_code in (403, 404), r.text
+
+    # mallory's token at victim's server: refused by the server; victim's own token
+    # through her server reaches only her executions
+    r = requests.get(
+        f"{server.api}executions",
+        headers=hub.headers("mallory"),
+        timeout=60,
+        allow_redirects=False,
+    )
+    assert r.status_code in (302, 403), r.text
+    code, body, _ = server.call("GET", f"executions/{people.mallorys}")
+    assert code == 404, body
+    code, body, _ = server.call("GET", "executions?user=mallory")
+    assert code == 200, body
+    assert body["executions"] == [], body
+
+
+def test_a_login_to_victims_server_opens_no_cross_origin_socket_or_write(
+    hub: Hub, people: People, victim_server: UserServer
+) -> None:
+    """victim's browser is logged in to her server (the hub's OAuth, as JupyterLab is); a
+    page of another site makes the browser send that cookie to her server's crucible API,
+    which forwards with her server's token: refused before anything is forwarded."""
+    server = victim_server
+    browser = hub_login(hub, "victim")
+    r = browser.get(f"{server.base}lab", headers=HTML, timeout=60)
+    assert r.status_code == 200, r.text[:300]
+    cookie = "; ".join(
+        f"{c.name}={c.value}" for c in browser.cookies if c.path.startswith("/user/victim")
+    )
+    assert "jupyterhub-user-victim=" in cookie, [c.name for c in browser.cookies]
+    evil = {"Cookie": cookie, "Origin": "http://evil.example"}
+    handshake = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+    for path in ("changes", f"executions/{people.running}/stream"):
+        r = requests.get(f"{server.api}{path}", headers={**evil, **handshake}, timeout=60)
+        assert r.status_code == 403, (path, r.status_code, r.text)  # jupyter_server's text
+    before = ids_listed(hub, "victim")
+    for origin in ("http://evil.example", hub.url):
+        for method, path in (
+            ("POST", "executions"),
+            ("POST", f"executions/{people.running}/cancel"),
+            ("DELETE", f"executions/{people.running}"),
+        ):
+            r = requests.request(
+                method,
+                f"{server.api}{path}",
+                json={"code": "print('forged')"},
+                headers={"Cookie": cookie, "Origin": origin},
+                timeout=60,
+            )
+            assert r.status_code in (403, 404), (origin, method, path, r.text)
+    r = requests.get(
+        f"{server.api}executions/{people.finished[0]}",
+        headers={**evil, "Sec-Fetch-Mode": "cors"},
+        timeout=60,
+    )
+    assert 400 <= r.status_code < 500, r.text
+    assert SECRET not in r.text
+    assert ids_listed(hub, "victim") == before
+    assert wait_status(hub, "victim", people.running, {"running"})
 
 
 # -- browsers ----------------------------------------------------------------------------------------
@@ -538,7 +603,9 @@ def test_only_the_services_own_signed_cookie_is_a_login(hub: Hub, people: People
     hub_cookies = "; ".join(f"{c.name}={c.value}" for c in browser.cookies)
     r = requests.get(url, headers={"Cookie": hub_cookies}, timeout=60)
     assert r.status_code == 401, r.text
-    r = requests.get(url, headers={"Cookie": hub_cookies, **HTML}, allow_redirects=False, timeout=60)  # fmt: skip
+    r = requests.get(
+        url, headers={"Cookie": hub_cookies, **HTML}, allow_redirects=False, timeout=60
+    )
     assert r.status_code == 302, r.text
     assert r.headers["Location"].startswith("/services/crucible/login?"), r.headers
 
@@ -563,7 +630,9 @@ def test_only_the_services_own_signed_cookie_is_a_login(hub: Hub, people: People
         r = requests.get(url, headers={"Cookie": cookie}, timeout=60)
         assert r.status_code == 401, (cookie, r.text)
     # mallory's token with victim's cookie: the token decides who it is
-    r = requests.get(url, headers={"Cookie": f"{name}={value}", **hub.headers("mallory")}, timeout=60)  # fmt: skip
+    r = requests.get(
+        url, headers={"Cookie": f"{name}={value}", **hub.headers("mallory")}, timeout=60
+    )
     assert r.status_code == 404, r.text
 
 
@@ -673,7 +742,9 @@ def test_malformed_bodies_are_4xx_with_a_reason_and_store_nothing(hub: Hub, peop
         assert "over the limit" in r.json()["message"], r.text
     assert ids_listed(hub, "mallory") == before
     # a cancel takes no body: one is not read, let alone trusted
-    code, body = hub.call("mallory", "POST", f"executions/{people.mallorys}/cancel", data=b"[" * 1000)  # fmt: skip
+    code, body = hub.call(
+        "mallory", "POST", f"executions/{people.mallorys}/cancel", data=b"[" * 1000
+    )
     assert code == 409, body
 
 
@@ -702,9 +773,11 @@ def test_a_user_named_like_a_service_does_not_see_the_services_executions(
         assert owner.endswith("test-control"), body
         for lookalike in ("service:test-control", owner):
             r = requests.post(
-                f"{hub.api_url}/users", json={"usernames": [lookalike]}, headers=control(hub),
+                f"{hub.api_url}/users",
+                json={"usernames": [lookalike]},
+                headers=control(hub),
                 timeout=30,
-            )  # fmt: skip
+            )
             if r.status_code == 400:  # the hub lets nobody be called that
                 continue
             assert r.status_code in (201, 409), r.text
