@@ -1,11 +1,13 @@
 """The installed chart under load on the dev cluster, beside bare Jobs in the same run.
 
     eval "$(dev/cluster/cluster env)"
-    flock /tmp/crucible-k8s.lock .venv/bin/python benchmarks/bench_chart.py [--users 20] [--cells-per-user 10]
+    flock /tmp/crucible-k8s.lock .venv/bin/python benchmarks/bench_chart.py \
+        [--users 20] [--cells-per-user 10] [--max-concurrent N] [--json]
 
 1. ``helm install`` helm/crucible with ``examples/dev-cluster-values.yaml`` (its own
    namespaces ``crucible-bench-XXXX`` and ``crucible-bench-XXXX-executions``; image
-   ``localhost/crucible/service:dev`` as loaded on the node), and beside it the hub of
+   ``localhost/crucible/service:dev`` as loaded on the node; ``--max-concurrent`` sets
+   ``executions.maxConcurrent``, and with it the quota), and beside it the hub of
    ``tests/helm/minihub`` with ``examples/z2jh-values.yaml`` (the service checks every
    token with that hub, in the cluster, as in production). A control service registered
    in the hub (``admin:users``, ``tokens``) makes ``--users`` users and their API tokens,
@@ -15,7 +17,8 @@
    own network namespace). All users at once submit ``--cells-per-user`` ``print(1)``
    cells each with ``backend: kubernetes`` (POST executions with the user's token), each
    followed on its WebSocket stream to its terminal event: wall time, throughput, p50/p95
-   latency (submit to terminal event). Checks: every cell succeeded printing ``1`` (0
+   latency (submit to terminal event), and the medians of submit to the first
+   ``running`` status and to the first output. Checks: every cell succeeded printing ``1`` (0
    lost), nothing queued/starting/running service-wide afterwards (0 stuck, as the admin
    sees it), each user lists exactly their own cells and gets 404 on another user's.
 3. The reference, same run: as many bare Jobs (``python3 -c 'print(1)'`` on
@@ -24,7 +27,11 @@
    succeeds: wall time, throughput, p50/p95 (create call to ``succeeded``), lost/stuck.
    The ratio of the two says what the service adds over the cluster's own floor; the
    chart's concurrency (``executions.maxConcurrent``) bounds the service, nothing bounds
-   the bare Jobs.
+   the bare Jobs: they request no resources, so the scheduler places all of them at
+   once, while each executor pod requests 0.25 CPU, so a node fits only so many (on the
+   2-core dev node about 7, beside the service).
+   During each side, every 3 s: the 1-minute load, and the peak of pods Running and of
+   pods not scheduled (no node has room) in its namespace.
 4. ``helm uninstall`` both releases and delete the namespaces.
 
 Exits 1 if a cell or Job was lost or stuck, or a user saw another's execution. Figures
@@ -134,8 +141,11 @@ def ready_pod(cluster: Cluster, namespace: str, selector: str) -> bool:
 class Install:
     """Both releases in one namespace (the service's executions in a second one)."""
 
-    def __init__(self, cluster: Cluster, suffix: str) -> None:
+    def __init__(self, cluster: Cluster, suffix: str, max_concurrent: int | None) -> None:
         self.cluster = cluster
+        self.overrides = [] if max_concurrent is None else [
+            "--set", f"executions.maxConcurrent={max_concurrent}"
+        ]  # fmt: skip
         self.namespace = f"crucible-bench-{suffix}"
         self.executions = f"{self.namespace}-executions"
         self.control_token = secrets.token_hex(32)
@@ -145,7 +155,7 @@ class Install:
         self.cluster.helm(
             "install", "crucible", str(CHART), "--namespace", self.namespace, "--create-namespace",
             "-f", str(EXAMPLES / "dev-cluster-values.yaml"),
-            "--set", f"executions.namespace={self.executions}",
+            "--set", f"executions.namespace={self.executions}", *self.overrides,
         )  # fmt: skip
         self.cluster.helm(
             "install", "jupyterhub", str(MINIHUB), "--namespace", self.namespace,
@@ -199,8 +209,13 @@ def make_users(hub_api: str, control_token: str, names: list[str]) -> dict[str, 
 
 async def run_cell(
     http: AsyncHTTPClient, api: str, token: str
-) -> tuple[float, dict[str, Any], list[dict[str, Any]]]:
-    """``(seconds from submit to terminal event, execution, events)`` of one print(1) cell."""
+) -> tuple[dict[str, float], dict[str, Any], list[dict[str, Any]]]:
+    """``(phases, execution, events)`` of one print(1) cell.
+
+    ``phases``: seconds from submit to the first ``running`` status (``running_s``), to
+    the first output (``first_output_s``) and to the terminal event (``end_s``), as the
+    client receives them; a phase never seen is absent.
+    """
     headers = {"Authorization": f"token {token}", "Content-Type": "application/json"}
     t0 = time.perf_counter()
     response = await http.fetch(
@@ -215,15 +230,23 @@ async def run_cell(
         HTTPRequest(url, headers=headers, request_timeout=GUARD), ping_interval=None
     )
     events = []
+    phases: dict[str, float] = {}
     try:
         while (message := await asyncio.wait_for(conn.read_message(), GUARD)) is not None:
+            now = time.perf_counter() - t0
             event = json.loads(message)
             events.append(event)
+            if event.get("type") == "stream":
+                phases.setdefault("first_output_s", now)
+            if event.get("type") == "status" and event.get("status") == "running":
+                phases.setdefault("running_s", now)
             if event.get("type") == "status" and event.get("status") not in UNFINISHED:
+                phases["end_s"] = now
                 break
     finally:
         conn.close()
-    return time.perf_counter() - t0, execution, events
+    phases.setdefault("end_s", time.perf_counter() - t0)  # the stream ended without one
+    return phases, execution, events
 
 
 async def through_service(api: str, tokens: dict[str, str], per_user: int) -> dict[str, Any]:
@@ -245,14 +268,18 @@ async def through_service(api: str, tokens: dict[str, str], per_user: int) -> di
     http.close()
 
     latencies, lost = [], []
+    phases: dict[str, list[float]] = {"running_s": [], "first_output_s": []}
     mine: dict[str, set[str]] = {name: set() for name in users}
     for (name, i), result in zip(jobs, results, strict=True):
         if isinstance(result, BaseException):
             lost.append(f"{name} {i}: {result!r}")
             continue
-        seconds, execution, events = result
+        seen, execution, events = result
         mine[name].add(execution["id"])
-        latencies.append(seconds)
+        latencies.append(seen["end_s"])
+        for phase, values in phases.items():
+            if phase in seen:
+                values.append(seen[phase])
         stdout = "".join(e.get("text", "") for e in events if e.get("type") == "stream")
         if not events or events[-1].get("status") != "succeeded" or stdout != "1\n":
             lost.append(f"{name} {i}: {events[-1] if events else None} {stdout!r}")
@@ -281,12 +308,59 @@ async def through_service(api: str, tokens: dict[str, str], per_user: int) -> di
         "cells": len(jobs),
         "wall_s": wall,
         "latencies": latencies,
+        "phases": phases,
         "lost": len(lost),
         "stuck": stuck,
         "visibility_violations": len(leaks),
         "backends": sorted(map(str, backends)),
         "problems": (lost + leaks)[:20],
     }
+
+
+async def sample(kubeconfig: str, namespace: str, done: asyncio.Event) -> dict[str, float]:
+    """Every 3 s until ``done``: the 1-minute load, and ``namespace``'s pods.
+
+    Returns the load's range and the peaks of pods Running and of pods the scheduler has
+    not placed (``PodScheduled`` false: no node has room for their requests), which says
+    whether the node, not the chart's concurrency, bounded the run.
+    """
+    api = await config.new_client_from_config(config_file=kubeconfig)
+    core = client.CoreV1Api(api)
+    loads, running, unscheduled = [], [0], [0]
+    try:
+        while not done.is_set():
+            loads.append(os.getloadavg()[0])
+            with contextlib.suppress(client.ApiException):  # the namespace may not exist yet
+                raw = await core.list_namespaced_pod(namespace, _preload_content=False)
+                pods = json.loads(await raw.read())["items"]
+                running.append(sum(p["status"].get("phase") == "Running" for p in pods))
+                unscheduled.append(sum(
+                    any(c["type"] == "PodScheduled" and c["status"] == "False"
+                        for c in p["status"].get("conditions") or [])
+                    for p in pods
+                ))  # fmt: skip
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), 3)
+    finally:
+        await api.close()
+    return {
+        "load_min": min(loads, default=float("nan")),
+        "load_max": max(loads, default=float("nan")),
+        "running_max": max(running),
+        "unscheduled_max": max(unscheduled),
+    }
+
+
+async def sampled(kubeconfig: str, namespace: str, work: Any) -> dict[str, Any]:
+    """The figures of awaiting ``work``, with ``sample(namespace)`` taken meanwhile."""
+    done = asyncio.Event()
+    sampler = asyncio.ensure_future(sample(kubeconfig, namespace, done))
+    try:
+        figures = await work
+    finally:
+        done.set()
+        machine = await sampler
+    return {**figures, "sampled": machine}
 
 
 def bare_job(name: str, run: str) -> dict[str, Any]:
@@ -377,14 +451,67 @@ async def bare_jobs(kubeconfig: str, namespace: str, count: int) -> dict[str, An
 
 
 def summary(figures: dict[str, Any]) -> dict[str, float]:
-    """Wall, throughput and p50/p95 of one side."""
+    """Wall, throughput, p50/p95 of latency and the medians of the phases seen, of one side."""
     lat = figures["latencies"] or [float("nan")]
+    phases = {
+        f"{phase[:-2]}_p50_s": statistics.median(values) if values else float("nan")
+        for phase, values in figures.get("phases", {}).items()
+    }
     return {
         "wall_s": figures["wall_s"],
         "per_s": figures["cells"] / figures["wall_s"],
         "p50_s": statistics.median(lat),
         "p95_s": pct(lat, 95),
+        **phases,
     }
+
+
+def report(
+    crucible: dict[str, Any], bare: dict[str, Any], args: argparse.Namespace,
+    load_before: float, installed_s: float,
+) -> None:  # fmt: skip
+    """Print the table of both sides, their ratios and the machine's condition."""
+    s, b = summary(crucible), summary(bare)
+    mc = "8 (dev-cluster values)" if args.max_concurrent is None else str(args.max_concurrent)
+    print(
+        f"machine: {os.cpu_count()} CPUs, 1-minute load {load_before:.1f} before,"
+        f" {os.getloadavg()[0]:.1f} after; chart installed and ready in {installed_s:.0f} s"
+    )
+    print(
+        f"{crucible['cells']} print(1) cells from {args.users} users at once"
+        f" (chart: examples/dev-cluster-values.yaml, executions.maxConcurrent {mc})"
+        f" vs {bare['cells']} bare Jobs at once:"
+    )
+    print(f"{'':20s} {'wall s':>7s} {'cells/s':>7s} {'run p50':>7s} {'out p50':>7s}"
+          f" {'p50 s':>6s} {'p95 s':>6s} {'lost':>4s} {'stuck':>5s} {'leaks':>5s}"
+          f" {'load':>9s} {'pods run':>8s} {'unplaced':>8s}")  # fmt: skip
+    for label, f, x, leaks in (
+        ("service (REST+WS)", crucible, s, str(crucible["visibility_violations"])),
+        ("bare Jobs (watched)", bare, b, "-"),
+    ):
+        m = f["sampled"]
+        print(f"{label:20s} {x['wall_s']:7.1f} {x['per_s']:7.2f}"
+              f" {x.get('running_p50_s', float('nan')):7.2f}"
+              f" {x.get('first_output_p50_s', float('nan')):7.2f}"
+              f" {x['p50_s']:6.2f} {x['p95_s']:6.2f} {f['lost']:4d} {f['stuck']:5d} {leaks:>5s}"
+              f" {m['load_min']:4.1f}-{m['load_max']:<4.1f} {m['running_max']:8d}"
+              f" {m['unscheduled_max']:8d}")  # fmt: skip
+    print(f"{'ratio service/bare':20s} {s['wall_s'] / b['wall_s']:7.2f}"
+          f" {s['per_s'] / b['per_s']:7.2f} {'':7s} {'':7s}"
+          f" {s['p50_s'] / b['p50_s']:6.2f} {s['p95_s'] / b['p95_s']:6.2f}")  # fmt: skip
+    print(
+        "run/out p50: submit to the first 'running' status / the first output (service only;"
+        " a bare Job's output is not followed). load: 1-minute load range during the phase;"
+        " pods run / unplaced: peak pods Running / not scheduled (no room on the node)"
+        " in the phase's namespace (the service's includes its warm pod)."
+    )
+    print(
+        f"service executions (backend, isolation): {crucible['backends']}; bare: {bare['log_sample']}"
+    )
+    for problem in crucible["problems"]:
+        print(f"  {problem}")
+    if args.json:
+        print(json.dumps({"service": {**crucible, **s}, "bare": {**bare, **b}}))
 
 
 def main() -> None:
@@ -392,6 +519,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=20, help="users at once (20)")
     parser.add_argument("--cells-per-user", type=int, default=10, help="print(1) cells each (10)")
+    parser.add_argument(
+        "--max-concurrent", type=int, default=None,
+        help="the chart's executions.maxConcurrent (default: the dev-cluster values' 8)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
     env = {**os.environ}
@@ -408,7 +539,7 @@ def main() -> None:
     )
     cluster = Cluster(kubeconfig, bin_dir, Helm(str(bin_dir / "helm")))
     suffix = uuid.uuid4().hex[:6]
-    install = Install(cluster, suffix)
+    install = Install(cluster, suffix, args.max_concurrent)
     load_before = os.getloadavg()[0]
     forwards: list[PortForward] = []
     failed = True
@@ -423,10 +554,15 @@ def main() -> None:
         names = [f"user{i:02d}" for i in range(args.users)] + ["admin"]
         tokens = make_users(f"{hub.url}/hub/api", install.control_token, names)
         api = f"{service.url}/services/crucible/api/"
-        crucible = asyncio.run(through_service(api, tokens, args.cells_per_user))
+        crucible = asyncio.run(
+            sampled(kubeconfig, install.executions,
+                    through_service(api, tokens, args.cells_per_user))
+        )  # fmt: skip
+        bare_ns = f"crucible-bench-{suffix}-bare"
         bare = asyncio.run(
-            bare_jobs(kubeconfig, f"crucible-bench-{suffix}-bare", args.users * args.cells_per_user)
-        )
+            sampled(kubeconfig, bare_ns,
+                    bare_jobs(kubeconfig, bare_ns, args.users * args.cells_per_user))
+        )  # fmt: skip
         failed = bool(
             crucible["lost"] or crucible["stuck"] or crucible["visibility_violations"]
             or bare["lost"] or bare["stuck"]
@@ -437,32 +573,7 @@ def main() -> None:
         if failed:
             install.dump()
         install.down()
-    s, b = summary(crucible), summary(bare)
-    print(
-        f"machine: {os.cpu_count()} CPUs, 1-minute load {load_before:.1f} before,"
-        f" {os.getloadavg()[0]:.1f} after; chart installed and ready in {installed_s:.0f} s"
-    )
-    print(
-        f"{crucible['cells']} print(1) cells from {args.users} users at once"
-        f" (chart: examples/dev-cluster-values.yaml) vs {bare['cells']} bare Jobs at once:"
-    )
-    print(f"{'':22s} {'wall s':>8s} {'cells/s':>8s} {'p50 s':>7s} {'p95 s':>7s} {'lost':>5s}"
-          f" {'stuck':>5s} {'seen by others':>14s}")  # fmt: skip
-    print(f"{'service (REST+WS)':22s} {s['wall_s']:8.1f} {s['per_s']:8.2f} {s['p50_s']:7.2f}"
-          f" {s['p95_s']:7.2f} {crucible['lost']:5d} {crucible['stuck']:5d}"
-          f" {crucible['visibility_violations']:14d}")  # fmt: skip
-    print(f"{'bare Jobs (watched)':22s} {b['wall_s']:8.1f} {b['per_s']:8.2f} {b['p50_s']:7.2f}"
-          f" {b['p95_s']:7.2f} {bare['lost']:5d} {bare['stuck']:5d} {'-':>14s}")  # fmt: skip
-    print(f"{'ratio service/bare':22s} {s['wall_s'] / b['wall_s']:8.2f}"
-          f" {s['per_s'] / b['per_s']:8.2f} {s['p50_s'] / b['p50_s']:7.2f}"
-          f" {s['p95_s'] / b['p95_s']:7.2f}")  # fmt: skip
-    print(
-        f"service executions (backend, isolation): {crucible['backends']}; bare: {bare['log_sample']}"
-    )
-    for problem in crucible["problems"]:
-        print(f"  {problem}")
-    if args.json:
-        print(json.dumps({"service": {**crucible, **s}, "bare": {**bare, **b}}))
+    report(crucible, bare, args, load_before, installed_s)
     if failed:
         sys.exit(1)
 
