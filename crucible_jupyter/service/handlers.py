@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from jupyterhub.services.auth import HubOAuthCallbackHandler
 from tornado import web
@@ -182,7 +182,9 @@ class LoginHandler(web.RequestHandler):
 
 
 def _is_own_path(url: str, prefix: str) -> bool:
-    """Whether ``url`` is a path under ``prefix`` on this host (no scheme, host or tricks)."""
+    """Whether ``url`` is a path under ``prefix`` on this host (no scheme, host or tricks:
+    no ``.`` or ``..`` segment, even percent-encoded, which the browser would resolve to a
+    path outside ``prefix``, such as the hub's pages or another user's server)."""
     parts = urlsplit(url)
     return (
         not parts.scheme
@@ -190,6 +192,7 @@ def _is_own_path(url: str, prefix: str) -> bool:
         and url.startswith(prefix)
         and "\\" not in url
         and all(ord(c) > 31 for c in url)
+        and not {".", ".."} & set(unquote(parts.path).split("/"))
     )
 
 

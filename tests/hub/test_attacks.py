@@ -636,6 +636,25 @@ def test_only_the_services_own_signed_cookie_is_a_login(hub: Hub, people: People
     assert r.status_code == 404, r.text
 
 
+@pytest.mark.parametrize(
+    "next_url",
+    [
+        "/services/crucible/../../hub/admin",
+        "/services/crucible/%2e%2e/%2E%2E/hub/admin",
+        "/services/crucible/api/../../../user/mallory/lab",
+        "/services/crucible/./../../hub/token",
+        "/services/crucible/../..//evil.example/x",
+    ],
+)
+def test_a_login_never_ends_outside_the_service(hub: Hub, next_url: str) -> None:
+    """The login's ``next`` is a path of this service only: dot segments (which the
+    browser resolves) do not lead to the hub's pages or another user's server."""
+    browser = hub_login(hub, "victim")
+    r = browser.get(f"{hub.service_url}login", params={"next": next_url}, headers=HTML, timeout=60)
+    assert r.status_code == 200, (r.url, r.text[:300])
+    assert r.url == f"{hub.service_url}api/executions", (next_url, r.url)
+
+
 @pytest.mark.parametrize("origin", [None, "http://evil.example", "null", "same"])
 def test_a_login_cookie_opens_no_websocket_from_any_origin(
     hub: Hub, people: People, origin: str | None
