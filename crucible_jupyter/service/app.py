@@ -321,16 +321,21 @@ class CrucibleService(Application):
         return self.dispatcher
 
     async def not_ready_reason(self) -> str | None:
-        """Why the service should get no traffic now, or None when it is ready."""
+        """Why the service should get no traffic now, or None when it is ready. Anyone may
+        ask (the probe needs no token, and the hub's proxy serves it publicly), so the
+        reason names no database, host or error text; those go to the service's log."""
         if self._shutting_down:
             return "shutting down"
         if not self._started.is_set():
-            why = f": {self._start_error}" if self._start_error else ""
+            why = "; the service's log says why" if self._start_error else ""
             return f"the dispatcher has not started yet{why}"
         try:
             await asyncio.wait_for(self.dispatcher.list(limit=1), 5)
         except Exception as e:  # noqa: BLE001 -- the health answer says what failed, whatever it was
-            return f"the database does not answer: {e or type(e).__name__}"
+            self.log.warning(
+                "crucible: not ready: the database does not answer: %s", e or type(e).__name__
+            )
+            return "the database does not answer; the service's log says why"
         return None
 
     async def shutdown(self) -> None:

@@ -16,7 +16,8 @@ Probes, for a kubelet or a load balancer (no token needed, nothing private in th
 * ``{prefix}healthz`` (liveness): 200 while the process serves requests;
 * ``{prefix}readyz`` (readiness): 200 once the dispatcher has started and its database
   answers; 503 with the reason before that, when the database does not answer, and from
-  the moment a shutdown begins.
+  the moment a shutdown begins (a reason that names no database, host or error text: the
+  service's log has those).
 """
 
 from __future__ import annotations

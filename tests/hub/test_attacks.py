@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +32,7 @@ import requests
 
 from crucible_jupyter.storage import encode_cursor
 from tests.helpers.hub import (
+    CRUCIBLE,
     GUARD_SECONDS,
     Hub,
     Kernel,
@@ -40,6 +43,7 @@ from tests.helpers.hub import (
     user_server,
     ws_refusal,
 )
+from tests.helpers.net import free_port
 from tests.hub.test_browser_oauth import HTML, hub_login
 
 pytestmark = pytest.mark.hub
@@ -829,3 +833,45 @@ def test_two_users_whose_names_storage_would_merge_never_share_executions(hub: H
         assert code == 403, body
         assert "cannot be recorded" in body["message"], body
         assert "administrator" in body["message"], body
+
+
+# -- what anyone may ask ---------------------------------------------------------------------------
+
+
+def test_the_public_readiness_probe_names_no_database(hub: Hub, tmp_path: Path) -> None:
+    """``readyz`` needs no token and the hub's proxy serves it to anyone: while the database
+    cannot be reached, it says so without naming the database, its host or its user (the
+    service's log has those, for the operator)."""
+    port = free_port()
+    secret_bits = ("crucible_db_user", "pw-not-shown", "127.0.0.1:1", "crucible_private")
+    env = {
+        **os.environ,
+        "JUPYTERHUB_API_URL": hub.hub_api_direct,
+        "JUPYTERHUB_SERVICE_NAME": "crucible",
+        "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}",
+        "CRUCIBLE_DB_URL": "postgresql+psycopg://crucible_db_user:pw-not-shown@127.0.0.1:1/crucible_private",
+    }
+    log = tmp_path / "service.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(CRUCIBLE), "serve", "--CrucibleDispatcher.enabled_backends=local"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + GUARD_SECONDS
+        while "could not start" not in log.read_text(errors="replace"):  # it tried, and failed
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        r = requests.get(f"http://127.0.0.1:{port}/services/crucible/readyz", timeout=30)
+        assert r.status_code == 503, r.text
+        assert r.json()["ready"] is False, r.text
+        assert "the service's log says why" in r.json()["reason"], r.text
+        for bit in secret_bits:
+            assert bit not in r.text, (bit, r.text)
+        assert "crucible_db_user" in log.read_text(), "the operator's log lost the detail"
+    finally:
+        stop_process(proc, signal.SIGKILL)
