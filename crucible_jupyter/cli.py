@@ -29,6 +29,8 @@ from .terminal import Output, dumps, escape
 
 EXIT_TIMED_OUT = 124
 EXIT_CANCELLED = 130
+#: 128 + SIGPIPE: how a shell reports a command whose output pipe was closed
+EXIT_BROKEN_PIPE = 128 + int(signal.SIGPIPE)
 _TONES = {"succeeded": "ok", "failed": "bad", "timed_out": "bad", "cancelled": "bad"}
 
 
@@ -342,12 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_closed() -> int:
+    """What to do once stdout's reader has gone (``crucible history | head -1``): the Python
+    documentation's recipe. Nothing more is printed (the rest goes to /dev/null, so the flush
+    at exit cannot fail again) and the status is the one a shell shows for a command killed by
+    SIGPIPE."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``crucible`` command."""
     args = build_parser().parse_args(argv)
     started = time.monotonic()
     try:
-        return asyncio.run(args.func(args))
+        code = asyncio.run(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except CrucibleError as e:
         print(f"crucible: {e.message}", file=sys.stderr)
         return 2
