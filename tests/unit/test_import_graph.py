@@ -1,11 +1,16 @@
 """The package has no import circle, counting imports made inside functions too (a lazy
 import that only dodges a circle is still one). TYPE_CHECKING imports are left out: they
-never run."""
+never run. Circles the source cannot show, made by crucible's ``--help-all`` import hook,
+are checked by importing the modules concerned with the hook armed."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import crucible_jupyter
 
@@ -103,3 +108,42 @@ def test_the_checker_finds_a_circle():
     # it can fail: two modules importing each other (lazily) are one circle
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _circles(graph) == [["a", "b", "c"]]
+
+
+def _importing_jupyter_server(modules: dict[str, Path]) -> list[str]:
+    """The package's modules with an import of ``jupyter_server`` (or one of its modules)."""
+    found = []
+    for name, path in sorted(modules.items()):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            if any(n.split(".")[0] == "jupyter_server" for n in names):
+                found.append(name)
+                break
+    return found
+
+
+@pytest.mark.parametrize("module", _importing_jupyter_server(_modules()))
+def test_no_circle_through_the_help_hook(module, tmp_path):
+    """The graph above cannot see one circle: with ``--help-all`` or ``--generate-config`` on
+    the command line, ``crucible_jupyter_help.pth`` arms an import hook so that loading
+    ``jupyter_server.serverapp`` runs ``crucible_jupyter._server_help``. That edge is made by no
+    import statement, and it leaves the package (module -> jupyter_server.serverapp -> hook),
+    so the hook importing ``crucible_jupyter.server.app`` while that very module was importing
+    jupyter_server went unseen ("cannot import name 'crucible_classes' from partially
+    initialized module"). So: each module that imports jupyter_server, imported first thing
+    in a fresh interpreter with the hook armed, loads without a word."""
+    probe = f"import sys, {module}; print('crucible_jupyter._server_help' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "--help-all"],
+        cwd=tmp_path,  # the installed package, as a user's process finds it
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True", "the help hook is not installed: pip install -e ."
+    assert done.stderr == ""

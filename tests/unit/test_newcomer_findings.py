@@ -48,3 +48,32 @@ def test_a_closed_stdout_ends_the_command_quietly(crucible, args):
         os.close(write)
     assert done.stderr == ""  # was: a BrokenPipeError traceback
     assert done.returncode == 128 + signal.SIGPIPE  # was 1; what a shell shows for SIGPIPE
+
+
+# ----- 2. --help-all lists crucible's classes, with no import circle on the way ---------------
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["crucible", "serve"], ["CrucibleService", "CrucibleDispatcher", "CrucibleLocalBackend"]),
+        (["jupyter", "server"], ["CrucibleApp", "CrucibleDispatcher", "CrucibleLocalBackend"]),
+        (["jupyter", "crucible"], ["CrucibleApp", "CrucibleDispatcher", "CrucibleLocalBackend"]),
+    ],
+    ids=["crucible serve", "jupyter server", "jupyter crucible"],
+)
+def test_help_all_lists_the_crucible_classes_and_no_import_error(tmp_path, command, expected):
+    done = subprocess.run(
+        [str(BIN / command[0]), *command[1:], "--help-all"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    # was: "crucible_jupyter: settings not listed here (cannot import name 'crucible_classes'
+    # from partially initialized module 'crucible_jupyter.server.app' ...)"
+    assert "settings not listed here" not in done.stderr
+    assert "partially initialized" not in done.stderr
+    for name in expected:
+        assert f"--{name}." in done.stdout, name
