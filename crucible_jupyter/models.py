@@ -86,7 +86,28 @@ _UNITS = {
     "gb": 10**9,
     "b": 1,
 }
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_SPACES = r"[ \t\n\r\f\v]*"
+_SIZE_NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
+
+
+def _any_case(unit: str) -> str:
+    """``ki`` → ``[Kk][Ii]``: a unit in any case, without a case-insensitive flag (which
+    ECMA-262 patterns in JSON Schema cannot carry)."""
+    return "".join(f"[{c.upper()}{c.lower()}]" for c in unit)
+
+
+#: Every string :func:`parse_bytes` accepts, and only those, as a regular expression that
+#: means the same in Python and ECMA-262 (the OpenAPI document publishes it): a decimal
+#: number, then an optional unit of ``_UNITS`` in any case, spaces allowed around each.
+#: (Whether the size is within an execution's limits is checked after parsing.)
+SIZE_PATTERN = (
+    f"^{_SPACES}{_SIZE_NUMBER}{_SPACES}"
+    f"((?:{'|'.join(_any_case(u) for u in sorted(_UNITS, key=len, reverse=True) if u)})?)"
+    f"{_SPACES}$"
+)
+_SIZE_RE = re.compile(SIZE_PATTERN)
+#: A number and any letters: what a size with an unknown unit looks like (for the message).
+_SIZE_SHAPE_RE = re.compile(f"^{_SPACES}{_SIZE_NUMBER}{_SPACES}([a-zA-Z]*){_SPACES}$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Control characters (C0, DEL, C1) as a regular-expression class body, for a one-line name.
 CONTROL_CHARS = r"\x00-\x1f\x7f-\x9f"
@@ -120,14 +141,13 @@ def parse_bytes(value: Any, *, what: str = "memory") -> int:
     elif isinstance(value, float) and math.isfinite(value):
         n = int(value)
     elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
-        unit = m.group(2).lower()
-        if unit not in _UNITS:
-            raise InvalidRequest(
-                f"{what}: unknown unit {_shown(m.group(2))}; use Ki, Mi, Gi (or K, M, G)",
-                field=what,
-            )
-        size = float(m.group(1)) * _UNITS[unit]
+        size = float(m.group(1)) * _UNITS[m.group(2).lower()]
         n = int(size) if math.isfinite(size) else _MAX_BYTES + 1
+    elif isinstance(value, str) and (m := _SIZE_SHAPE_RE.match(value)):
+        raise InvalidRequest(
+            f"{what}: unknown unit {_shown(m.group(2))}; use Ki, Mi, Gi (or K, M, G)",
+            field=what,
+        )
     else:
         raise InvalidRequest(
             f"{what} must be a size such as '512Mi' or a number of bytes, not {_shown(value)}",

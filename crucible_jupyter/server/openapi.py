@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._version import __version__
-from ..models import CONTROL_CHARS, Limits, Priority, Status
+from ..models import CONTROL_CHARS, SIZE_PATTERN, Limits, Priority, Status, format_bytes
 from ..protocol import TAG_PATTERN
 
 _RESERVED_ENV = "^([Cc][Rr][Uu][Cc][Ii][Bb][Ll][Ee]_|[Ll][Dd]_|[Pp][Yy][Tt][Hh][Oo][Nn])"
@@ -92,7 +92,14 @@ def _request_schema(limits: Limits) -> dict[str, Any]:
     memory = {
         "oneOf": [
             {"type": "integer", "minimum": limits.min_memory, "maximum": limits.max_memory},
-            {"type": "string", "pattern": "^[1-9][0-9]{1,3}Mi$", "description": "e.g. 512Mi, 2Gi"},
+            {
+                "type": "string",
+                "pattern": SIZE_PATTERN,
+                "description": "a size such as 512Mi, 2Gi or 1G: a number and an optional unit"
+                " in any case (Ki, Mi, Gi, Ti: powers of 1024; K, M, G, T, KB, MB, GB: powers"
+                " of 1000; none or B: bytes); refused (400) outside"
+                f" {format_bytes(limits.min_memory)}..{format_bytes(limits.max_memory)}",
+            },
         ]
     }
     backend: dict[str, Any] = {"type": "string", "maxLength": 64, "pattern": _NO_NUL}

@@ -4,13 +4,21 @@ its own; the cells run in the real local sandbox."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
+
+from crucible_jupyter.errors import InvalidRequest
+from crucible_jupyter.models import parse_bytes
+from crucible_jupyter.server.openapi import openapi_document
 
 BIN = Path(sys.executable).parent
 
@@ -77,3 +85,82 @@ def test_help_all_lists_the_crucible_classes_and_no_import_error(tmp_path, comma
     assert "partially initialized" not in done.stderr
     for name in expected:
         assert f"--{name}." in done.stdout, name
+
+
+# ----- 3. the OpenAPI memory pattern is exactly what the server's parser takes ----------------
+
+#: strings the parser takes (the README's and the demo's among them)
+ACCEPTED = [
+    "512Mi", "2Gi", "1G", "1Gi", "256Mi", "16Mi", "8Gi", "1.5Gi", "0.5Gi", "256mi", "1gi",
+    "2GI", "1Ti", "3t", "16MB", "1kb", "1Ki", "1K", "7b", "100", "1048576", " 2Gi ", "512 Mi",
+    "\t1Gi\n", "007Mi",
+]  # fmt: skip
+#: strings it refuses for their form: the pattern must refuse them too
+MALFORMED = [
+    "", " ", "Mi", "1Pi", "1Pib", "2 Gi B", "1 G i", "-1Gi", "+1Gi", "1e9", "1E3Mi", "1,5Gi",
+    ".5Gi", "5.Gi", "1Gi1", "0x10", "1_000", "inf", "nan", "1\u2003Gi", "\uff11Gi", "1Gi\x00",
+    "1\u0663Mi", "lots", "512Mi;", "1MiB", "1GiB",
+]  # fmt: skip
+#: strings of the right form whose size the parser refuses (no pattern can weigh a size; the
+#: description names the range, as minimum/maximum do for a number)
+OUT_OF_RANGE = ["0", "0Mi", "0.0Gi", "99999999999Ti"]
+
+
+def _memory_string_schema() -> dict:
+    doc = openapi_document("/crucible/api/")
+    request = doc["components"]["schemas"]["ExecutionRequest"]["properties"]
+    (schema,) = [s for s in request["memory"]["oneOf"] if s["type"] == "string"]
+    assert request["resources"]["properties"]["memory"] == request["memory"]
+    return schema
+
+
+def _parses(value: str) -> bool:
+    try:
+        parse_bytes(value)
+    except InvalidRequest:
+        return False
+    return True
+
+
+def test_the_size_cases_are_what_the_parser_says():
+    assert all(_parses(v) for v in ACCEPTED), [v for v in ACCEPTED if not _parses(v)]
+    assert not any(_parses(v) for v in MALFORMED + OUT_OF_RANGE)
+
+
+def test_the_memory_pattern_matches_what_the_parser_accepts_and_nothing_else():
+    schema = _memory_string_schema()
+    pattern = schema["pattern"]
+    for example in ("512Mi", "2Gi", "1G"):  # the description's examples (was: only ...Mi)
+        assert example in schema["description"]
+    wrong = [v for v in ACCEPTED if not re.search(pattern, v)]
+    wrong += [v for v in MALFORMED if re.search(pattern, v)]
+    wrong += [v for v in OUT_OF_RANGE if not re.search(pattern, v)]
+    assert wrong == []
+    # and as a JSON Schema validator applies it
+    for value in ACCEPTED:
+        jsonschema.validate(value, schema)
+    for value in MALFORMED:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(value, schema)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node (an ECMA-262 engine) not found")
+def test_the_memory_pattern_means_the_same_in_ecma_262():
+    """OpenAPI patterns are ECMA-262 regular expressions: clients (the Lab extension, any
+    generated client) apply them with JavaScript's RegExp, not Python's re."""
+    pattern = _memory_string_schema()["pattern"]
+    script = (
+        "const [p, vs] = JSON.parse(require('fs').readFileSync(0, 'utf8'));"
+        "console.log(JSON.stringify(vs.map(v => new RegExp(p, 'u').test(v))));"
+    )
+    values = ACCEPTED + MALFORMED + OUT_OF_RANGE
+    done = subprocess.run(
+        ["node", "-e", script],
+        input=json.dumps([pattern, values]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    matched = dict(zip(values, json.loads(done.stdout), strict=True))
+    assert matched == {v: v not in MALFORMED for v in values}
