@@ -24,7 +24,7 @@ from typing import Any
 from .config_files import load_config
 from .errors import CrucibleError
 from .models import Event, Execution, Status, format_bytes
-from .protocol import ENV_CLI_TIMING, ENV_SERVICE_URL, env_flag, env_text
+from .protocol import ENV_CLI_TIMING, ENV_SERVICE_URL, env_flag, env_text, local_user
 from .terminal import Output, dumps, escape
 
 EXIT_TIMED_OUT = 124
@@ -124,7 +124,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     dispatcher = make_dispatcher(args)
     await dispatcher.start()
     try:
-        execution = await dispatcher.submit(request, user=os.environ.get("USER", "local"))
+        execution = await dispatcher.submit(request, user=local_user())
         output.hint = execution.id
         if not args.quiet and not args.json:
             output.line(f"execution {execution.id}")

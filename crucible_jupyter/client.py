@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
-import getpass
 import json
 import os
 import queue
@@ -31,7 +30,13 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from . import errors
 from .errors import CrucibleError, Unavailable
-from .protocol import ENV_SERVER_URL, ENV_TOKEN, KERNEL_TOKEN_HEADER, is_terminal_event
+from .protocol import (
+    ENV_SERVER_URL,
+    ENV_TOKEN,
+    KERNEL_TOKEN_HEADER,
+    is_terminal_event,
+    local_user,
+)
 
 
 class AsyncClient(Protocol):
@@ -230,7 +235,7 @@ class EmbeddedClient:
     """
 
     def __init__(self, *, user: str | None = None, config: Any = None, dispatcher: Any = None):
-        self.user = user or os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
+        self.user = user or local_user()
         self._config = config
         self._dispatcher = dispatcher
         self._started = False

@@ -12,6 +12,7 @@ Copies that cannot import this module are held equal to it by tests
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 from collections.abc import Mapping
@@ -48,6 +49,21 @@ ENV_EXECUTION_ID = "CRUCIBLE_EXECUTION_ID"
 RESERVED_ENV_PREFIXES = ("CRUCIBLE_", "LD_", "PYTHON")
 
 _FALSE = ("0", "false", "no", "off")
+
+
+def local_user() -> str:
+    """The user name this process records executions as when nobody else says who: the
+    JupyterHub user (``JUPYTERHUB_USER``) in a hub's single-user server, else the
+    operating-system user (:func:`getpass.getuser`: ``LOGNAME``, ``USER``, ``LNAME``,
+    ``USERNAME``, then the password database), else ``uid-<uid>`` for a uid with no name.
+    The CLI, the Jupyter server extension and the embedded client all use it, so one person
+    gets one name (one history) whichever of them ran the cell."""
+    if os.environ.get("JUPYTERHUB_USER"):
+        return os.environ["JUPYTERHUB_USER"]
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login variable and no passwd entry for this uid
+        return f"uid-{os.getuid()}"
 
 
 def env_text(

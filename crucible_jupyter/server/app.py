@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
 import os
 import secrets
 from typing import Any
@@ -39,7 +38,7 @@ from ..backends.registry import backend_classes
 from ..dispatcher import Dispatcher
 from ..errors import Unavailable
 from ..output_policy import ENV_TRUSTED_TYPES, trusted_types_from_env
-from ..protocol import ENV_SERVER_URL, ENV_SERVICE_URL, ENV_TOKEN, env_text
+from ..protocol import ENV_SERVER_URL, ENV_SERVICE_URL, ENV_TOKEN, env_text, local_user
 from .identity import KernelTokenIdentity
 
 
@@ -95,7 +94,7 @@ class CrucibleApp(ExtensionApp):
 
     @default("kernel_user")
     def _default_kernel_user(self) -> str:
-        return os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
+        return local_user()
 
     server_url = Unicode(
         help="""URL kernels use to reach this server (CRUCIBLE_SERVER_URL), including the

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -164,3 +165,50 @@ def test_the_memory_pattern_means_the_same_in_ecma_262():
     )
     matched = dict(zip(values, json.loads(done.stdout), strict=True))
     assert matched == {v: v not in MALFORMED for v in values}
+
+
+# ----- 4. the CLI and the server record one person under one name -----------------------------
+
+#: the environment variables getpass.getuser() reads, and JupyterHub's
+LOGIN_VARIABLES = ("LOGNAME", "USER", "LNAME", "USERNAME", "JUPYTERHUB_USER")
+
+
+def _server_kernel_user(env: dict[str, str], cwd: Path) -> str:
+    """The user the Jupyter server extension records kernels' cells as, in ``env``."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from crucible_jupyter.server.app import CrucibleApp; print(CrucibleApp().kernel_user)",
+        ],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def _recorded_user(crucible, env: dict[str, str]) -> str:
+    ran = crucible("run", "-q", "-", input="print(1)", env=env)
+    assert ran.returncode == 0, ran.stderr
+    (record,) = json.loads(crucible("history", "--json", "--limit", "1", env=env).stdout)[
+        "executions"
+    ]
+    return record["user"]
+
+
+def test_without_USER_the_cli_records_the_os_user_as_the_server_does(crucible, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in LOGIN_VARIABLES}
+    os_user = pwd.getpwuid(os.getuid()).pw_name
+    assert _server_kernel_user(env, tmp_path) == os_user
+    assert _recorded_user(crucible, env) == os_user  # was: "local"
+
+
+def test_in_a_hub_user_server_the_cli_records_the_hub_user_as_the_server_does(crucible, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in LOGIN_VARIABLES}
+    env["JUPYTERHUB_USER"] = "ada"
+    assert _server_kernel_user(env, tmp_path) == "ada"
+    assert _recorded_user(crucible, env) == "ada"
