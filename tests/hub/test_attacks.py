@@ -682,12 +682,13 @@ def test_a_login_cookie_opens_no_websocket_from_any_origin(
         f"{hub.service_url}api/executions/{people.running}/cancel", headers=headers, timeout=60
     )
     assert r.status_code == 403, r.text
-    r = requests.get(
-        f"{hub.service_url}api/executions",
-        headers={**headers, "Sec-Fetch-Mode": "cors"},
-        timeout=60,
-    )
-    assert r.status_code == 403, r.text
+    for mode in ("cors", "no-cors", "same-origin"):  # fetch(), <script src>, same-site XHR
+        r = requests.get(
+            f"{hub.service_url}api/executions",
+            headers={**headers, "Sec-Fetch-Mode": mode},
+            timeout=60,
+        )
+        assert r.status_code == 403, (mode, r.text)
     assert wait_status(hub, "victim", people.running, {"running"})
 
 
@@ -769,6 +770,32 @@ def test_malformed_bodies_are_4xx_with_a_reason_and_store_nothing(hub: Hub, peop
         "mallory", "POST", f"executions/{people.mallorys}/cancel", data=b"[" * 1000
     )
     assert code == 409, body
+
+
+def test_a_cell_at_the_service_holds_none_of_the_services_credentials(
+    hub: Hub, people: People
+) -> None:
+    """mallory's cell runs in the service's sandbox: it finds no hub token (the service's
+    own is in the service's environment), no database URL, not the service's database
+    file, and no other process to read them from."""
+    database = hub.db_url.removeprefix("sqlite:///")
+    code = (
+        "import glob, json, os\n"
+        "print(json.dumps({'env': dict(os.environ),"
+        f" 'db': os.path.exists({database!r}),"
+        " 'procs': len(glob.glob('/proc/[0-9]*'))}))\n"
+    )
+    execution_id = submit(hub, "mallory", code)
+    body = wait_status(hub, "mallory", execution_id, {"succeeded", "failed"})
+    assert body["status"] == "succeeded", body
+    out = "".join(e["text"] for e in body["events"] if e["type"] == "stream")
+    seen = json.loads(out)
+    for name, value in seen["env"].items():
+        assert not any(w in name for w in ("TOKEN", "JUPYTERHUB", "DB_URL", "KUBE")), seen
+        assert "sqlite" not in value, seen
+        assert "postgresql" not in value, seen
+    assert seen["db"] is False, seen
+    assert seen["procs"] <= 3, seen  # its own (bubblewrap's init, python, perhaps a shell)
 
 
 # -- names the hub gives ---------------------------------------------------------------------------
