@@ -314,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     hist.add_argument("--user")
     hist.add_argument("--status", choices=[s.value for s in Status])
     hist.add_argument("--tag")
-    hist.add_argument("--limit", type=int, default=20)
+    hist.add_argument(
+        "-n", "--limit", type=int, default=20, metavar="N", help="at most N (default 20)"
+    )
     hist.add_argument("--cursor")
     hist.add_argument("--json", action="store_true")
     hist.set_defaults(func=cmd_history)

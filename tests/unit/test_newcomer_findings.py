@@ -212,3 +212,19 @@ def test_in_a_hub_user_server_the_cli_records_the_hub_user_as_the_server_does(cr
     env["JUPYTERHUB_USER"] = "ada"
     assert _server_kernel_user(env, tmp_path) == "ada"
     assert _recorded_user(crucible, env) == "ada"
+
+
+# ----- 5. `crucible history -n N`, as the magic's `%crucible history -n N` --------------------
+
+
+def test_history_takes_n_as_the_magic_does(crucible):
+    for _ in range(2):
+        assert crucible("run", "-q", "-", input="print(1)").returncode == 0
+    short = crucible("history", "-n", "1", "--json")
+    assert short.returncode == 0, short.stderr  # was 2: "unrecognized arguments: -n 1"
+    page = json.loads(short.stdout)
+    assert len(page["executions"]) == 1
+    assert page["next_cursor"]
+    assert crucible("history", "--limit", "1", "--json").stdout == short.stdout
+    table = crucible("history", "-n", "1").stdout.splitlines()
+    assert len(table) == 3  # header, one execution, "(more: ...)"
