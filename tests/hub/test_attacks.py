@@ -50,6 +50,8 @@ pytestmark = pytest.mark.hub
 
 FOREVER = "print('victim runs', flush=True)\nimport time\nwhile True:\n    time.sleep(0.05)\n"
 SECRET = "secret of victim"
+#: The hub's id of each token :func:`new_token` made (to revoke it).
+TOKEN_IDS: dict[str, str] = {}
 
 
 def control(hub: Hub) -> dict[str, str]:
@@ -80,7 +82,7 @@ def new_token(hub: Hub, user: str, scopes: list[str] | None = None, **extra: Any
     assert r.status_code == 201, r.text
     token = r.json()["token"]
     hub.tokens[token] = token
-    hub.tokens[f"id:{token}"] = r.json()["id"]
+    TOKEN_IDS[token] = r.json()["id"]
     return token
 
 
@@ -447,7 +449,7 @@ def test_revoked_and_expired_tokens_are_401(hub: Hub, people: People) -> None:
     theirs = people.finished[0]
     revoked = new_token(hub, "victim")
     r = requests.delete(
-        f"{hub.api_url}/users/victim/tokens/{hub.tokens[f'id:{revoked}']}",
+        f"{hub.api_url}/users/victim/tokens/{TOKEN_IDS[revoked]}",
         headers=control(hub),
         timeout=30,
     )
@@ -592,9 +594,14 @@ def test_a_login_to_victims_server_opens_no_cross_origin_socket_or_write(
 
 
 def service_cookie(browser: requests.Session) -> tuple[str, str]:
-    """``(name, value)`` of the crucible service's login cookie in ``browser``."""
+    """``(name, value)`` of the crucible service's login cookie in ``browser`` (which
+    scripts cannot read, and which no other path of the hub's origin is sent)."""
     for c in browser.cookies:
         if c.path.startswith("/services/crucible") and not c.name.endswith("oauth-state"):
+            if c.name == "_xsrf":
+                continue
+            assert c.has_nonstandard_attr("HttpOnly"), c
+            assert c.path == "/services/crucible/", c
             return c.name, c.value or ""
     raise AssertionError(f"no service cookie in {[c.name for c in browser.cookies]}")
 
