@@ -235,6 +235,9 @@ ODD_FORMS: dict[str, Callable[[str], str]] = {
 
 @pytest.mark.parametrize("form", list(ODD_FORMS))
 def test_odd_forms_of_another_users_id_reach_nothing(hub: Hub, people: People, form: str) -> None:
+    """An id spelled otherwise (case, spaces, a newline the id pattern's ``$`` would let
+    through, prefixes, encodings, traversal) on every route with an id: mallory gets the
+    refusal an unknown id spelled that way gets, and never victim's execution."""
     spell = ODD_FORMS[form]
     theirs, unknown = people.finished[0], str(uuid.uuid4())
     routes: list[tuple[str, str]] = [
@@ -265,6 +268,8 @@ def test_odd_forms_of_another_users_id_reach_nothing(hub: Hub, people: People, f
 
 
 def test_dot_segments_never_lead_to_another_users_execution(hub: Hub, people: People) -> None:
+    """Paths sent byte for byte with ``.``/``..`` segments (resolved by no client) through
+    the hub's proxy: a 4xx, never victim's record."""
     theirs, mine = people.finished[0], people.mallorys
     for path in (
         f"executions/{mine}/../{theirs}",
@@ -300,6 +305,8 @@ SPOOFED = {
 def test_headers_fields_and_queries_naming_another_user_are_not_taken(
     hub: Hub, people: People
 ) -> None:
+    """Identity claims a proxy might add (X-Forwarded-User and kin), body fields and
+    query parameters naming victim: mallory stays mallory; without a token, 401."""
     theirs = people.finished[0]
     # with mallory's token, headers naming victim change nothing
     r = requests.get(
@@ -380,6 +387,8 @@ def test_list_filters_and_cursors_never_widen_what_a_user_sees(
 
 
 def test_repeated_or_broken_filters_are_400(hub: Hub, people: People) -> None:
+    """A filter given twice, undecodable, with a NUL, misspelled or out of range: 400 with
+    a message, never an unfiltered or another user's list."""
     for query in (
         "user=mallory&user=victim",
         "user=%FF",
@@ -402,6 +411,9 @@ def test_repeated_or_broken_filters_are_400(hub: Hub, people: People) -> None:
 def test_narrow_tokens_open_nothing_and_only_the_unfiltered_admin_scope_is_admin(
     hub: Hub, people: People
 ) -> None:
+    """Tokens the hub made with fewer scopes than their user holds: the admin user's token
+    without the admin scope, or with it filtered to a user or group, is no admin; the admin
+    scope alone, or a token without the access scope, opens nothing (REST and WebSocket)."""
     theirs = people.finished[0]
     access = "access:services!service=crucible"
     # the admin user's token without the admin scope, or with a filtered one: no admin
@@ -446,6 +458,8 @@ def test_narrow_tokens_open_nothing_and_only_the_unfiltered_admin_scope_is_admin
 
 
 def test_revoked_and_expired_tokens_are_401(hub: Hub, people: People) -> None:
+    """A token revoked at the hub, and one past its expiry (neither shown to the service
+    before, so no cached answer): 401 on REST and WebSocket."""
     theirs = people.finished[0]
     revoked = new_token(hub, "victim")
     r = requests.delete(
@@ -607,6 +621,9 @@ def service_cookie(browser: requests.Session) -> tuple[str, str]:
 
 
 def test_only_the_services_own_signed_cookie_is_a_login(hub: Hub, people: People) -> None:
+    """The hub's own login cookie, the service's cookie value under another service's
+    name, a tampered or an unsigned one (a bare token): no login (401); with a token
+    besides the cookie, the token decides who the caller is."""
     theirs = people.finished[0]
     url = f"{hub.service_url}api/executions/{theirs}"
     # a browser logged in to the hub only: the hub's cookie is nothing to the service
@@ -700,6 +717,8 @@ def test_a_login_cookie_opens_no_websocket_from_any_origin(
 
 
 def test_no_cross_origin_reads_are_allowed(hub: Hub, people: People) -> None:
+    """No CORS: no ``Access-Control-*`` header on an answer to another origin, and a
+    preflight is refused, so a page of another site cannot read an answer."""
     evil = {"Origin": "http://evil.example"}
     r = requests.get(
         f"{hub.service_url}api/executions", headers={**hub.headers("mallory"), **evil}, timeout=60
@@ -752,6 +771,9 @@ BAD_BODIES = [
 
 
 def test_malformed_bodies_are_4xx_with_a_reason_and_store_nothing(hub: Hub, people: People) -> None:
+    """Bodies that are not JSON objects, NaN and infinities, huge integers, lone
+    surrogates, NUL bytes, duplicate keys, 100 000 levels of nesting, 9 MiB: each a 4xx
+    with a message; nothing stored."""
     before = ids_listed(hub, "mallory")
     for body in BAD_BODIES:
         r = requests.post(
