@@ -37,11 +37,15 @@
 Exits 1 if a cell or Job was lost or stuck, or a user saw another's execution. Figures
 are medians of one run on a shared machine; no timing is asserted.
 
-Measured 2026-12-05 (2-core machine shared with other test runs, 1-minute load 2 before,
-32 after; service image built at 21:57 from the tree of then; dev-cluster values: 8 cells
-at once, 4 per user, one warm pod): 200 cells, 20 users: wall 139 s, 1.44 cells/s, p50 71 s,
-p95 134 s, 0 lost, 0 stuck, 0 seen by others; 200 bare Jobs: wall 94 s, 2.12 Jobs/s, p50
-73 s, p95 92 s, 0 lost, 0 stuck; service/bare: wall 1.48, p50 0.98, p95 1.45.
+Measured 2026-12-06 (2-core machine shared with other test runs; service image built at
+23:36; dev-cluster values: 4 per user, one warm pod), one run each:
+--max-concurrent 4 (load 2.7-9.0 during the service side): 200 cells, 20 users: wall
+161 s, 1.24 cells/s, p50 87 s, p95 155 s, 0 lost, 0 stuck, 0 seen by others; bare Jobs
+(load up to 38): wall 80 s, p50 63 s, p95 78 s; service/bare: wall 2.02, p50 1.38.
+--max-concurrent 16 (load 4.0-11.3): wall 194 s, p50 79 s, p95 148 s, 13 cells timed out
+(their pods waited for a node: at most 5 executor pods ran, up to 15 were not placed);
+bare Jobs: wall 87 s, p50 65 s, p95 85 s; service/bare: wall 2.23. The session before,
+8 at once (load 2-32): wall 139 s against 94 s for the bare Jobs (1.48).
 """
 
 from __future__ import annotations
