@@ -133,14 +133,21 @@ class CrucibleDispatcher(DispatcherSettings):
         """Accept and start nothing more, and wait up to ``grace`` seconds for what runs to end.
 
         Submissions are refused (Unavailable) from now on; queued executions stay queued in
-        storage, for the next dispatcher to start. Returns how many still run after the
-        grace period (:meth:`stop` then ends them with its reason).
+        storage, for the next dispatcher to start. With ``handover_on_stop``, cells a
+        backend can reattach to are not waited for: :meth:`stop` leaves them running for the
+        next dispatcher. Returns how many still run after the grace period and will be ended
+        (:meth:`stop` ends them with its reason).
         """
         self._draining = True
-        tasks = [r.task for r in self._runs.values() if r.task and not r.task.done()]
+        self._runner.handover = self.handover_on_stop
+        tasks = [
+            r.task
+            for r in self._runs.values()
+            if r.task and not r.task.done() and not self._runner.can_hand_over(r)
+        ]
         if tasks and grace > 0:
             await asyncio.wait(tasks, timeout=grace)
-        return sum(1 for r in self._runs.values() if r.task and not r.task.done())
+        return sum(1 for t in tasks if not t.done())
 
     async def stop(self, reason: str | None = None) -> None:
         """Stop scheduling; fail running executions with a reason; flush; close everything.
@@ -153,6 +160,7 @@ class CrucibleDispatcher(DispatcherSettings):
             return
         if reason:
             self._runner.stop_reason = reason
+        self._runner.handover = self.handover_on_stop
         self._started = False
         self._scheduling = False
         for task in self._loops:  # first: nothing new may start while we wind down

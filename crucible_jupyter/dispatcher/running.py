@@ -79,6 +79,16 @@ class Runner:
         self.log = log
         #: recorded on executions still running when the dispatcher stops
         self.stop_reason = "dispatcher stopped while the cell was running"
+        #: at stop: leave running what a backend can reattach to (``handover_on_stop``)
+        self.handover = False
+
+    def can_hand_over(self, run: Run) -> bool:
+        """Whether ``run``'s sandbox may be left running at stop for the next dispatcher:
+        handover is on, a sandbox exists, and its backend can reattach to it."""
+        if not self.handover or run.sandbox is None:
+            return False
+        backend = self.backend(run.execution.backend)
+        return type(backend).reattach is not Backend.reattach
 
     async def run(self, run: Run) -> bool:
         """Start (or, after a restart, follow again) one execution and record its end.
@@ -121,6 +131,9 @@ class Runner:
                 return True
             await rec.finish(execution, status, reason=reason, exit_code=outcome.exit_code)
         except asyncio.CancelledError:
+            if self.can_hand_over(run):  # its record stays running: the next start follows it
+                self.log.info("crucible: %s left running for the next dispatcher", execution.id)
+                raise
             if run.sandbox is not None:
                 await run.sandbox.kill()
                 with contextlib.suppress(Exception):

@@ -98,6 +98,16 @@ class DispatcherSettings(LoggingConfigurable):
         at start it takes over every unfinished execution, whichever process left it.""",
     ).tag(config=True)
 
+    handover_on_stop = Bool(
+        False,
+        help="""On stop (SIGTERM of `crucible serve`), leave cells running in backends that can
+        reattach (Kubernetes) for the next dispatcher of the same database to follow, instead
+        of waiting for them and then ending them: their Jobs go on, their records stay
+        `running`, and the next start follows each to its real end with its whole output.
+        For a service whose successor starts on the same database (the Helm chart's
+        StatefulSet sets it). Local sandboxes end with their dispatcher either way.""",
+    ).tag(config=True)
+
     max_code_bytes = Integer(1 << 20, help="Largest accepted cell source, in bytes.").tag(
         config=True
     )

@@ -349,7 +349,10 @@ class CrucibleService(Application):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._start_task
         if self._started.is_set():
-            self.log.info("crucible: shutting down; running cells get %g s to finish", grace)
+            self.log.info(
+                "crucible: shutting down; running cells get %g s to finish%s", grace,
+                " (cells on Jobs are handed over)" if self.dispatcher.handover_on_stop else "",
+            )  # fmt: skip
             left = await self.dispatcher.drain(grace)
             if left:
                 self.log.warning("crucible: ending %d cell(s) still running at %g s", left, grace)

@@ -129,3 +129,11 @@ def test_server_config_passthrough_wins(helm):
     config = helm.render(values={"server.config.CrucibleDispatcher.aging_seconds": 5}).config()
     assert config["CrucibleDispatcher"]["aging_seconds"] == 5
     assert config["CrucibleDispatcher"]["max_concurrency"] == 10
+
+
+def test_running_cells_are_handed_to_the_next_pod(helm):
+    # the StatefulSet starts the next pod once this one is gone: cells running on Jobs are
+    # left to it (followed to their end) rather than ended by the stopping pod
+    assert helm.render().config()["CrucibleDispatcher"]["handover_on_stop"] is True
+    off = {"server.config.CrucibleDispatcher.handover_on_stop": False}
+    assert helm.render(values=off).config()["CrucibleDispatcher"]["handover_on_stop"] is False

@@ -237,7 +237,13 @@ class KubernetesSandbox(Sandbox):
 
     async def wait(self) -> Outcome:
         """Wait for the pod's end and read the outcome from its status; delete the Job
-        (in the background: the outcome is known, so it is not kept waiting for that)."""
+        (in the background: the outcome is known, so it is not kept waiting for that).
+
+        Cancelled, it leaves the Job alone: a dispatcher handing its cells over at stop
+        (``handover_on_stop``) leaves them running for the next one, and one ending them
+        kills the sandbox itself. (Deleting the Job here sent the pod SIGTERM, which the
+        runner turns into an interrupt: a handed-over cell ended with KeyboardInterrupt.)"""
+        handed_over = False
         try:
             if self.failure:
                 return Outcome(exit_code=None, reason=self.failure)
@@ -254,10 +260,14 @@ class KubernetesSandbox(Sandbox):
                 return Outcome(exit_code=None)
             memory = format_bytes(self.execution.request.resources.memory)
             return pods.outcome(ended.result(), memory, cancelled=self.cancelled, end=self._end)
+        except asyncio.CancelledError:
+            handed_over = True
+            raise
         finally:
             if self.cluster.reflector is not None:
                 self.cluster.reflector.release(self.key)
-            self.cluster.later(self.cluster.delete(self.name))
+            if not handed_over:
+                self.cluster.later(self.cluster.delete(self.name))
 
     async def interrupt(self) -> None:
         """Delete the Job (background propagation); its pod gets SIGTERM, which the runner

@@ -172,7 +172,8 @@ ephemeral: {{ mul (add $cells $warm) $ephemeral }}
   "max_memory" (int64 $s.maxMemory)
   "default_timeout" (float64 $c.defaultTimeoutSeconds)
   "max_timeout" (float64 $c.maxTimeoutSeconds)
-  "output_limit" (int64 $s.outputLimit) }}
+  "output_limit" (int64 $s.outputLimit)
+  "handover_on_stop" true }}
 {{- if eq .Values.storage.type "sqlite" }}
 {{- $_ := set $dispatcher "db_url" "sqlite:////data/crucible.db" }}
 {{- end }}
