@@ -37,15 +37,17 @@
 Exits 1 if a cell or Job was lost or stuck, or a user saw another's execution. Figures
 are medians of one run on a shared machine; no timing is asserted.
 
-Measured 2026-12-06 (2-core machine shared with other test runs; service image built at
-23:36; dev-cluster values: 4 per user, one warm pod), one run each:
---max-concurrent 4 (load 2.7-9.0 during the service side): 200 cells, 20 users: wall
-161 s, 1.24 cells/s, p50 87 s, p95 155 s, 0 lost, 0 stuck, 0 seen by others; bare Jobs
-(load up to 38): wall 80 s, p50 63 s, p95 78 s; service/bare: wall 2.02, p50 1.38.
---max-concurrent 16 (load 4.0-11.3): wall 194 s, p50 79 s, p95 148 s, 13 cells timed out
-(their pods waited for a node: at most 5 executor pods ran, up to 15 were not placed);
-bare Jobs: wall 87 s, p50 65 s, p95 85 s; service/bare: wall 2.23. The session before,
-8 at once (load 2-32): wall 139 s against 94 s for the bare Jobs (1.48).
+Measured 2026-12-06, one run each (2-core machine shared with other test runs;
+dev-cluster values: 4 per user, one warm pod; 200 cells from 20 users):
+maxConcurrent 8 (the values' own; service image built 00:39; load 1.8-10.2 during the
+service side): wall 125 s, 1.61 cells/s, p50 62 s, p95 119 s, 0 lost, 0 stuck, 0 seen by
+others, 7 executor pods ran at once; bare Jobs (load up to 34): wall 78 s, p50 60 s, p95
+76 s; service/bare: wall 1.61, p50 1.03, p95 1.57.
+--max-concurrent 4 (image of 23:36; load 2.7-9.0): wall 161 s, p50 87 s, p95 155 s, 0
+lost; bare Jobs wall 80 s; service/bare: wall 2.02, p50 1.38.
+--max-concurrent 16 (image of 23:36; load 4.0-11.3): wall 194 s, p50 79 s, p95 148 s, 13
+cells timed out (their pods waited for a node: at most 5 executor pods ran, up to 15 were
+not placed); bare Jobs wall 87 s; service/bare: wall 2.23.
 """
 
 from __future__ import annotations
