@@ -41,7 +41,7 @@ from ..protocol import is_tag
 from ..storage.values import not_found
 
 #: What an execution id looks like (UUIDv7 text); anything else is a 404 without a lookup.
-EXECUTION_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+EXECUTION_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 #: Query parameters every endpoint tolerates: jupyter_server's (and JupyterHub's) credentials.
 _JUPYTER_QUERY = frozenset({"token", "_xsrf"})
 #: Longest integer a request body may hold; no field takes a number anywhere near this long.
@@ -166,7 +166,7 @@ class CrucibleRequestMixin(_Handler):
 
     def execution_id(self, value: str) -> str:
         """``value`` if it looks like an execution id, else NotFound (404)."""
-        if not EXECUTION_ID_RE.match(value):
+        if not EXECUTION_ID_RE.fullmatch(value):
             raise NotFound(f"no execution with id {value[:80]!r}", field="id")
         return value
 
