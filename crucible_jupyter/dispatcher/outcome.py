@@ -20,6 +20,15 @@ REASON_MAX = 500
 NEVER_STARTED = "the sandbox ended without running the cell (its runner never started)"
 
 
+def not_started_reason(timeout: float) -> str:
+    """The reason of a cell whose sandbox did not start within its timeout (a pod waiting
+    for room on a node, or for a quota): it timed out without running."""
+    return (
+        f"timed out after {timeout:g} s waiting for its sandbox to start; the cell never ran"
+        " (the cluster may have no room for it now)"
+    )
+
+
 def decide(
     outcome: Outcome,
     *,

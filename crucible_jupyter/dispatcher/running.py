@@ -22,7 +22,7 @@ from ..models import Execution, Status, format_bytes, now_ms
 from . import frames
 from .channel import Channel
 from .limits import LIMIT_NOTICE, Frame, OutputBudget
-from .outcome import NEVER_STARTED, decide
+from .outcome import NEVER_STARTED, decide, not_started_reason
 from .recording import Recorder
 
 #: What marks frames the pump looks at without parsing them (the runner writes compact JSON
@@ -114,6 +114,12 @@ class Runner:
             except asyncio.TimeoutError:
                 run.timed_out = True
                 await sandbox.kill()
+                if execution.status is not Status.RUNNING:  # it never ran: not "running"
+                    with contextlib.suppress(Exception):  # (releases what the sandbox holds)
+                        await asyncio.wait_for(sandbox.wait(), 5)
+                    why = not_started_reason(execution.request.timeout)
+                    await rec.finish(execution, Status.TIMED_OUT, reason=why)
+                    return False
             if execution.status is not Status.RUNNING:
                 await rec.transition(
                     execution, Status.RUNNING, isolation=sandbox.isolation, started_at=now_ms()
