@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -526,3 +527,21 @@ def start_hub(tmp: Path, service_args: tuple[str, ...] = SERVICE_ARGS) -> Iterat
         stop_process(proc)
         if os.environ.get("CRUCIBLE_HUB_LOG"):
             print(log.read_text()[-20000:])
+
+
+#: Headers of a browser asking for a page.
+HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+
+
+def hub_login(hub: Hub, user: str) -> requests.Session:
+    """A session logged in to the hub as ``user`` through its login form (dummy auth)."""
+    browser = requests.Session()
+    page = browser.get(f"{hub.url}/hub/login", timeout=60)
+    assert page.status_code == 200, page.text[:500]
+    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page.text)
+    form = {"username": user, "password": "any", **({"_xsrf": xsrf.group(1)} if xsrf else {})}
+    # not following the hub's redirect after login: that would spawn the user's server
+    r = browser.post(f"{hub.url}/hub/login", data=form, allow_redirects=False, timeout=60)
+    assert r.status_code == 302, r.text[:500]
+    assert any(c.name.startswith("jupyterhub-hub-login") for c in browser.cookies), r.url
+    return browser

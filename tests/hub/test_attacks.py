@@ -34,17 +34,18 @@ from crucible_jupyter.storage import encode_cursor
 from tests.helpers.hub import (
     CRUCIBLE,
     GUARD_SECONDS,
+    HTML,
     Hub,
     Kernel,
     Service,
     UserServer,
+    hub_login,
     stop_process,
     text_of,
     user_server,
     ws_refusal,
 )
 from tests.helpers.net import free_port
-from tests.hub.test_browser_oauth import HTML, hub_login
 
 pytestmark = pytest.mark.hub
 

@@ -6,31 +6,14 @@ nor one of another user's server, same origin here, can use it)."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pytest
 import requests
 
-from tests.helpers.hub import Hub, ws_refusal
+from tests.helpers.hub import HTML, Hub, hub_login, ws_refusal
 
 pytestmark = pytest.mark.hub
-
-HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
-
-
-def hub_login(hub: Hub, user: str) -> requests.Session:
-    """A session logged in to the hub as ``user`` through its login form (dummy auth)."""
-    browser = requests.Session()
-    page = browser.get(f"{hub.url}/hub/login", timeout=60)
-    assert page.status_code == 200, page.text[:500]
-    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page.text)
-    form = {"username": user, "password": "any", **({"_xsrf": xsrf.group(1)} if xsrf else {})}
-    # not following the hub's redirect after login: that would spawn the user's server
-    r = browser.post(f"{hub.url}/hub/login", data=form, allow_redirects=False, timeout=60)
-    assert r.status_code == 302, r.text[:500]
-    assert any(c.name.startswith("jupyterhub-hub-login") for c in browser.cookies), r.url
-    return browser
 
 
 def json_of(r: requests.Response) -> Any:
