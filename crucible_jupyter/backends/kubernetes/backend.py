@@ -132,7 +132,9 @@ class CrucibleKubernetesBackend(Backend):
         one to collect: after a longer outage the cell is failed "dispatcher restarted".""",
     ).tag(config=True)
     deadline_padding = Integer(
-        15, help="activeDeadlineSeconds = the request's timeout + this (a backstop)."
+        15,
+        help="""A cold Job's activeDeadlineSeconds = 2 x the request's timeout (up to the
+        timeout to start, then the timeout to run) + this: a backstop.""",
     ).tag(config=True)
     unschedulable_timeout = Float(
         60.0, help="Seconds a pod may stay unschedulable before the execution fails."

@@ -115,6 +115,17 @@ def owner_reference(job: dict) -> dict:
     }
 
 
+def job_deadline(timeout: float, padding: int, *, warm: bool = False) -> int:
+    """A Job's ``activeDeadlineSeconds``, the backstop behind the dispatcher's own bounds.
+    It counts from the Job's creation, the wait for a node included: a cell's pod gets up
+    to ``timeout`` to start (the dispatcher then ends the cell as never run) and its cell
+    ``timeout`` to run once started, so a cold Job gets both, plus ``padding``. (With the
+    timeout alone, a pod that waited for room got the deadline's SIGTERM mid-run: its cell
+    failed with KeyboardInterrupt.) A warm pod's claim sets its pod's deadline from its
+    start."""
+    return (1 if warm else 2) * math.ceil(timeout) + padding
+
+
 def make_job(
     *,
     name: str,
@@ -235,7 +246,7 @@ def make_job(
         "metadata": {"name": name, "labels": labels},
         "spec": {
             "backoffLimit": 0,
-            "activeDeadlineSeconds": math.ceil(timeout) + deadline_padding,
+            "activeDeadlineSeconds": job_deadline(timeout, deadline_padding, warm=warm),
             "ttlSecondsAfterFinished": ttl_seconds,
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
