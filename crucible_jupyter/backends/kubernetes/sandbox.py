@@ -181,8 +181,10 @@ class KubernetesSandbox(Sandbox):
                 continue
             finally:
                 ended.cancel()
-                await lines.aclose()
-                resp.release()
+                try:
+                    await lines.aclose()
+                finally:
+                    resp.release()
             if item is ENDED:
                 if saw_end:
                     return  # the runner's last line was read, and the container ended
@@ -213,12 +215,13 @@ class KubernetesSandbox(Sandbox):
         stop = asyncio.ensure_future(self._stopped.wait())
         try:
             done, _ = await asyncio.wait({nxt, stop, ended}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled (a handover, a stop): the read must end first, or
+            await _cancelled(nxt)  # the log's generator cannot close nor its response
+            raise  # be released (seen: "aclose(): asynchronous generator is already running")
         finally:
             stop.cancel()
         if nxt not in done:
-            nxt.cancel()
-            with contextlib.suppress(BaseException):
-                await nxt
+            await _cancelled(nxt)
             return ENDED if ended in done and stop not in done else None
         try:
             return nxt.result()
@@ -251,12 +254,13 @@ class KubernetesSandbox(Sandbox):
             stopped = asyncio.ensure_future(self._stopped.wait())
             try:
                 await asyncio.wait({ended, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:  # cancelled: nothing may be left waiting for the pod
+                await _cancelled(ended)
+                raise
             finally:
                 stopped.cancel()
             if not ended.done():  # stopped on purpose: its exit status adds nothing
-                ended.cancel()
-                with contextlib.suppress(BaseException):
-                    await ended
+                await _cancelled(ended)
                 return Outcome(exit_code=None)
             memory = format_bytes(self.execution.request.resources.memory)
             return pods.outcome(ended.result(), memory, cancelled=self.cancelled, end=self._end)
@@ -282,3 +286,10 @@ class KubernetesSandbox(Sandbox):
         self._stopped.set()
         await self.cluster.delete_pods(self.key, grace=0)
         await self.cluster.delete(self.name, grace=0)
+
+
+async def _cancelled(task: asyncio.Future) -> None:
+    """Cancel ``task`` and wait until it has ended (whatever it ended with)."""
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
