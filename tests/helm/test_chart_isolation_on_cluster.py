@@ -26,7 +26,6 @@ Run holding the shared cluster's lock:
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 
@@ -37,8 +36,8 @@ from crucible_jupyter.backends.kubernetes import CrucibleKubernetesBackend, obje
 from crucible_jupyter.backends.kubernetes.backend import RUNNER
 from crucible_jupyter.models import Resources
 
-from .chart import CHART, EXAMPLES, selector_matches
-from .cluster import Cluster, Release
+from .chart import EXAMPLES, selector_matches
+from .cluster import Cluster, Release, installed
 
 pytestmark = pytest.mark.k8s
 
@@ -95,31 +94,14 @@ print("RESULTS " + json.dumps(results), flush=True)
 
 @pytest.fixture(scope="module")
 def release(cluster: Cluster, request) -> Iterator[Release]:
-    node = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"][0]
-    names = {n for image in node["status"].get("images", []) for n in image.get("names") or []}
-    if not any(n.endswith(SERVICE_IMAGE) for n in names):
-        reason = f"{SERVICE_IMAGE} is not loaded on the node (dev/cluster/cluster images builds it)"
-        if os.environ.get("CRUCIBLE_CLUSTER_REQUIRED") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    cluster.require_image(SERVICE_IMAGE)
     rel = Release()
     values = rel.values(**{"jupyterhub.namespace": rel.executions, "executions.warmPods": 0})
-    cluster.helm(
-        "install", rel.name, str(CHART), "--namespace", rel.namespace, "--create-namespace",
-        "-f", str(EXAMPLES / "dev-cluster-values.yaml"), *values,
+    with installed(
+        cluster, request, rel, "-f", str(EXAMPLES / "dev-cluster-values.yaml"), *values,
         "--wait", "--timeout", "180s",
-    )  # fmt: skip
-    try:
+    ):  # fmt: skip
         yield rel
-    finally:
-        if request.session.testsfailed:
-            for ns in (rel.namespace, rel.executions):
-                print(cluster.kubectl("-n", ns, "get", "all,networkpolicies,events",
-                                      check=False).stdout)  # fmt: skip
-        cluster.helm("uninstall", rel.name, "--namespace", rel.namespace, "--wait", check=False)
-        for ns in (rel.executions, rel.namespace):
-            cluster.kubectl("delete", "namespace", ns, "--ignore-not-found", "--wait=false",
-                            check=False)  # fmt: skip
 
 
 def _get(cluster: Cluster, *args: str) -> dict:

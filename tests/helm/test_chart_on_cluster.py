@@ -28,7 +28,7 @@ from crucible_jupyter.backends.kubernetes import CrucibleKubernetesBackend, obje
 from crucible_jupyter.models import Resources
 
 from .chart import CHART
-from .cluster import Cluster, Release
+from .cluster import Cluster, Release, installed
 
 pytestmark = pytest.mark.k8s
 
@@ -36,21 +36,8 @@ pytestmark = pytest.mark.k8s
 @pytest.fixture(scope="module")
 def release(cluster: Cluster, request) -> Iterator[Release]:
     rel = Release()
-    cluster.helm(
-        "install", rel.name, str(CHART), "--namespace", rel.namespace, "--create-namespace",
-        *rel.values(),
-    )  # fmt: skip
-    try:
+    with installed(cluster, request, rel, *rel.values()):
         yield rel
-    finally:
-        failed = request.session.testsfailed
-        if failed:
-            for ns in (rel.namespace, rel.executions):
-                print(cluster.kubectl("-n", ns, "get", "all,events", check=False).stdout)
-        cluster.helm("uninstall", rel.name, "--namespace", rel.namespace, "--wait", check=False)
-        for ns in (rel.executions, rel.namespace):
-            cluster.kubectl("delete", "namespace", ns, "--ignore-not-found", "--wait=false",
-                            check=False)  # fmt: skip
 
 
 def _token(cluster: Cluster, rel: Release) -> str:

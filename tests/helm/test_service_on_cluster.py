@@ -15,7 +15,6 @@ are printed.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 
@@ -23,8 +22,8 @@ import pytest
 
 from crucible_jupyter.backends.kubernetes import objects
 
-from .chart import CHART, EXAMPLES, selector_matches
-from .cluster import Cluster, Release
+from .chart import EXAMPLES, selector_matches
+from .cluster import Cluster, Release, installed
 
 pytestmark = pytest.mark.k8s
 
@@ -33,31 +32,13 @@ IMAGE = "localhost/crucible/service:dev"
 
 @pytest.fixture(scope="module")
 def service_release(cluster: Cluster, request) -> Iterator[Release]:
-    node = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"][0]
-    names = {n for image in node["status"].get("images", []) for n in image.get("names") or []}
-    if not any(n.endswith(IMAGE) for n in names):
-        reason = f"{IMAGE} is not loaded on the node (dev/cluster/cluster images builds it)"
-        if os.environ.get("CRUCIBLE_CLUSTER_REQUIRED") == "1":
-            pytest.fail(reason)  # dev/test builds it: missing is a failure there
-        pytest.skip(reason)
+    cluster.require_image(IMAGE)
     rel = Release()
-    cluster.helm(
-        "install", rel.name, str(CHART), "--namespace", rel.namespace, "--create-namespace",
-        "-f", str(EXAMPLES / "dev-cluster-values.yaml"), *rel.values(),
+    with installed(
+        cluster, request, rel, "-f", str(EXAMPLES / "dev-cluster-values.yaml"), *rel.values(),
         "--wait", "--timeout", "180s", check=False,
-    )  # fmt: skip
-    try:
+    ):  # fmt: skip
         yield rel
-    finally:
-        if request.session.testsfailed:
-            for ns in (rel.namespace, rel.executions):
-                print(cluster.kubectl("-n", ns, "get", "all,events", check=False).stdout)
-            print(cluster.kubectl("-n", rel.namespace, "logs", "statefulset/crucible", "--tail=80",
-                                  check=False).stdout)  # fmt: skip
-        cluster.helm("uninstall", rel.name, "--namespace", rel.namespace, "--wait", check=False)
-        for ns in (rel.executions, rel.namespace):
-            cluster.kubectl("delete", "namespace", ns, "--ignore-not-found", "--wait=false",
-                            check=False)  # fmt: skip
 
 
 def _wait(what: str, probe, seconds: float = 180) -> object:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.helpers.cluster import Kube
@@ -16,6 +18,22 @@ from tests.helpers.cluster import Kube
 def kubectl(kube: Kube, *args: str, input: str | None = None, check: bool = True) -> str:
     """Run kubectl against the dev cluster; its stdout (AssertionError if it fails and ``check``)."""
     return kube.out(*args, input=input, check=check)
+
+
+@contextlib.contextmanager
+def resource_quota(kube: Kube, namespace: str, name: str, hard: dict[str, str]) -> Iterator[None]:
+    """A ResourceQuota ``name`` with ``hard`` limits in ``namespace`` while the block runs."""
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": name},
+        "spec": {"hard": hard},
+    }
+    kubectl(kube, "-n", namespace, "apply", "-f", "-", input=json.dumps(quota))
+    try:
+        yield
+    finally:
+        kubectl(kube, "-n", namespace, "delete", "resourcequota", name)
 
 
 async def wait_until_job_deleted(

@@ -11,7 +11,13 @@ import pytest
 from crucible_jupyter.errors import InvalidRequest, UnsupportedLanguage
 from crucible_jupyter.models import Status
 from tests.helpers.engine import run_cell, statuses, stream_text
-from tests.helpers.k8s import dispatcher_env, kubectl, run_and_kill_mid_cell, wait_until_job_deleted
+from tests.helpers.k8s import (
+    dispatcher_env,
+    kubectl,
+    resource_quota,
+    run_and_kill_mid_cell,
+    wait_until_job_deleted,
+)
 
 pytestmark = pytest.mark.k8s
 
@@ -282,22 +288,13 @@ async def test_out_of_memory_is_reported(k8s):
 
 
 async def test_resource_quota_refusal_is_a_clear_failure(k8s, kube, namespace):
-    quota = {
-        "apiVersion": "v1",
-        "kind": "ResourceQuota",
-        "metadata": {"name": "small"},
-        "spec": {"hard": {"limits.memory": "300Mi"}},
-    }
-    kubectl(kube, "-n", namespace, "apply", "-f", "-", input=json.dumps(quota))
-    try:
+    with resource_quota(kube, namespace, "small", {"limits.memory": "300Mi"}):
         d = await k8s()
         execution, _ = await run_cell(d, "print(1)", memory="1Gi", timeout=60)
         assert execution.status is Status.FAILED
         assert "resource quota exceeded" in execution.reason, execution.reason
         ok, events = await run_cell(d, "print('fits')", memory="128Mi")
         assert ok.status is Status.SUCCEEDED, ok.reason
-    finally:
-        kubectl(kube, "-n", namespace, "delete", "resourcequota", "small")
 
 
 @pytest.mark.slow

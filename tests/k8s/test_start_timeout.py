@@ -7,23 +7,15 @@ then "timed out after 60 s" 20 ms later, without having run."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 from crucible_jupyter.dispatcher.outcome import not_started_reason
 from crucible_jupyter.models import Status
 from tests.helpers.engine import run_cell, statuses, stream_text
-from tests.helpers.k8s import kubectl, wait_until_job_deleted
+from tests.helpers.k8s import resource_quota, wait_until_job_deleted
 
 
 async def test_a_cell_that_cannot_start_in_time_never_ran(k8s, kube, namespace):
-    quota = {
-        "apiVersion": "v1",
-        "kind": "ResourceQuota",
-        "metadata": {"name": "no-room"},
-        "spec": {"hard": {"limits.memory": "300Mi"}},
-    }
-    kubectl(kube, "-n", namespace, "apply", "-f", "-", input=json.dumps(quota))
-    try:
+    with resource_quota(kube, namespace, "no-room", {"limits.memory": "300Mi"}):
         d = await k8s(quota_policy="wait")
         execution, events = await run_cell(d, "print('ran')", memory="1Gi", timeout=4)
         assert execution.status is Status.TIMED_OUT, execution.reason
@@ -31,8 +23,6 @@ async def test_a_cell_that_cannot_start_in_time_never_ran(k8s, kube, namespace):
         assert "running" not in statuses(events), statuses(events)
         assert not any(e.type == "stream" for e in events)
         await wait_until_job_deleted(kube, namespace, execution.id)
-    finally:
-        kubectl(kube, "-n", namespace, "delete", "resourcequota", "no-room")
 
 
 async def test_a_pod_that_waited_for_room_gets_its_whole_timeout_to_run(k8s, kube, namespace):
@@ -40,14 +30,7 @@ async def test_a_pod_that_waited_for_room_gets_its_whole_timeout_to_run(k8s, kub
     waited for room (here: the quota, held by another cell, then the Job controller's retry)
     still gets its whole timeout once it runs. With a deadline of timeout + padding the
     deadline's SIGTERM ended it mid-run (seen: this test, waiter failed "KeyboardInterrupt")."""
-    quota = {
-        "apiVersion": "v1",
-        "kind": "ResourceQuota",
-        "metadata": {"name": "one-at-a-time"},
-        "spec": {"hard": {"limits.memory": "300Mi"}},
-    }
-    kubectl(kube, "-n", namespace, "apply", "-f", "-", input=json.dumps(quota))
-    try:
+    with resource_quota(kube, namespace, "one-at-a-time", {"limits.memory": "300Mi"}):
         d = await k8s(quota_policy="wait", deadline_padding=0)
         blocker = await d.submit(
             {"code": "import time; time.sleep(8)", "memory": "200Mi", "timeout": 60}
@@ -64,5 +47,3 @@ async def test_a_pod_that_waited_for_room_gets_its_whole_timeout_to_run(k8s, kub
         final = await d.wait(waiter.id)
         assert final.status is Status.SUCCEEDED, final.reason
         assert "whole" in stream_text(await d.events(waiter.id))
-    finally:
-        kubectl(kube, "-n", namespace, "delete", "resourcequota", "one-at-a-time")
