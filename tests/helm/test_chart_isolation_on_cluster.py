@@ -32,7 +32,7 @@ from collections.abc import Iterator
 import pytest
 from traitlets.config import Config
 
-from crucible_jupyter.backends.kubernetes import CrucibleKubernetesBackend, objects
+from crucible_jupyter.backends.kubernetes import CrucibleKubernetesBackend, objects, probes
 from crucible_jupyter.backends.kubernetes.backend import RUNNER
 from crucible_jupyter.models import Resources
 
@@ -238,19 +238,6 @@ def _results(text: str) -> dict | None:
     return None
 
 
-def _stdout(frames: str) -> str:
-    """The cell's stdout, from the runner's frames (one JSON object a line)."""
-    out = []
-    for line in frames.splitlines():
-        try:
-            frame = json.loads(line)
-        except ValueError:
-            continue
-        if frame.get("type") == "stream" and frame.get("name") == "stdout":
-            out.append(frame["text"])
-    return "".join(out)
-
-
 def test_executor_reaches_nothing_a_control_beside_it_reaches_all(cluster, release):
     """Every target refuses the executor and answers the control (the whole table is
     printed, and shown on failure); the namespace's policies select the executor and not
@@ -267,7 +254,10 @@ def test_executor_reaches_nothing_a_control_beside_it_reaches_all(cluster, relea
         role: cluster.kubectl("-n", rel.executions, "logs", pod, check=False).stdout
         for role, pod in pods.items()
     }
-    found = {"executor": _results(_stdout(logs["executor"])), "control": _results(logs["control"])}
+    found = {
+        "executor": probes.find_json(logs["executor"], "RESULTS"),
+        "control": _results(logs["control"]),
+    }
     if None in found.values() or "still running" in phases.values():
         events = cluster.kubectl("-n", rel.executions, "get", "events", check=False).stdout
         described = cluster.kubectl("-n", rel.executions, "describe", "pods", check=False).stdout
